@@ -1,0 +1,131 @@
+"""Configuration: dataclasses are the single source of truth for YAML keys and CLI flags.
+
+Every command has one dataclass config. `parse_config(cls, argv)` builds the command line with transformers'
+`HfArgumentParser` (flags ``--learning_rate`` and ``--learning-rate`` both work, booleans accept
+``--flag``/``--no-flag``), reads an optional ``--config FILE.yaml`` whose keys are the same field names, and lets
+flags override the file. Unknown YAML keys and invalid values are `RlhfkitError`s.
+
+The dataclasses themselves live beside the code that uses them (`rlhfkit.train.rm_config`,
+`rlhfkit.train.ppo_config`, ...), so that each command's knobs are documented where they act; `docs/` lists them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any, Sequence, TypeVar
+
+import yaml
+
+from rlhfkit.errors import RlhfkitError
+
+T = TypeVar("T")
+
+
+def _field_names(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def load_yaml(path: str | Path, cls: type | None = None) -> dict[str, Any]:
+    """Read a YAML mapping of config keys; with `cls`, reject keys that are not fields of `cls`."""
+    p = Path(path)
+    if not p.is_file():
+        raise RlhfkitError(f"{p}: config file not found")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise RlhfkitError(f"{p}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise RlhfkitError(f"{p}: a config file must be a mapping of keys to values, got {type(data).__name__}")
+    if cls is not None:
+        unknown = sorted(set(data) - _field_names(cls))
+        if unknown:
+            raise RlhfkitError(
+                f"{p}: unknown config key(s) {unknown} for {cls.__name__}; valid keys: {sorted(_field_names(cls))}"
+            )
+    return data
+
+
+class _Parser:
+    """HfArgumentParser that raises RlhfkitError instead of exiting on a bad flag."""
+
+    def __init__(self, cls: type, prog: str | None):
+        from transformers import HfArgumentParser
+
+        class P(HfArgumentParser):
+            def error(self, message: str):  # argparse would print usage and sys.exit(2)
+                raise RlhfkitError(f"{self.prog}: {message}")
+
+        self.parser = P(cls, prog=prog, description=(cls.__doc__ or "").strip().split("\n")[0])
+        self.parser.add_argument(
+            "--config", type=str, default=None, help="YAML file whose keys are the flags below; flags override it"
+        )
+
+
+def parse_config(cls: type[T], argv: Sequence[str] | None = None, prog: str | None = None) -> T:
+    """Parse `argv` (default: sys.argv[1:]) into a `cls` instance, with an optional ``--config FILE.yaml``.
+
+    Precedence: dataclass defaults < YAML file < command-line flags. Required fields (no default) may come
+    from either the YAML file or the command line. The instance's ``__post_init__`` validates values.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", type=str, default=None)
+    known, _ = pre.parse_known_args(argv)
+    parser = _Parser(cls, prog).parser
+    if known.config:
+        data = load_yaml(known.config, cls)
+        parser.set_defaults(**data)
+        # A field required by the dataclass but given in the YAML is no longer required on the command line.
+        for action in parser._actions:
+            if action.dest in data:
+                action.required = False
+    try:
+        (cfg,) = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=False)
+    except (ValueError, TypeError) as e:
+        raise RlhfkitError(f"{prog or cls.__name__}: invalid configuration: {e}") from None
+    return cfg
+
+
+def config_from_dict(cls: type[T], data: dict[str, Any], source: str = "config") -> T:
+    """Build a config from a mapping (e.g. a saved run's config.yaml), rejecting unknown keys."""
+    unknown = sorted(set(data) - _field_names(cls))
+    if unknown:
+        raise RlhfkitError(f"{source}: unknown config key(s) {unknown} for {cls.__name__}")
+    try:
+        return cls(**data)
+    except (ValueError, TypeError) as e:
+        raise RlhfkitError(f"{source}: invalid configuration: {e}") from None
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain-data dict of a config (for YAML/JSON dumps)."""
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write the config as YAML (keys = fields), so that ``--config`` can replay the run."""
+    from rlhfkit.utils import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
+    """Validation helper for ``__post_init__``: raise RlhfkitError unless value is one of choices."""
+    if value not in choices:
+        raise RlhfkitError(f"invalid {name}={value!r}; choose one of {list(choices)}")
+
+
+def check_range(name: str, value: float | int | None, lo: float | None = None, hi: float | None = None,
+                lo_open: bool = False, allow_none: bool = False) -> None:
+    """Validation helper: lo <= value <= hi (or lo < value when lo_open)."""
+    if value is None:
+        if allow_none:
+            return
+        raise RlhfkitError(f"{name} is required")
+    if lo is not None and (value <= lo if lo_open else value < lo):
+        raise RlhfkitError(f"invalid {name}={value!r}; must be {'>' if lo_open else '>='} {lo}")
+    if hi is not None and value > hi:
+        raise RlhfkitError(f"invalid {name}={value!r}; must be <= {hi}")

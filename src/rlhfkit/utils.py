@@ -1,0 +1,187 @@
+"""Small shared utilities: atomic writes, metric logging (JSONL + TensorBoard), seeding and RNG state."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import torch
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Atomic writes: a reader (or a resumed run) never sees a half-written file or folder.
+# ----------------------------------------------------------------------------------------------------------
+def atomic_write_text(path: Path | str, text: str) -> None:
+    """Write `text` to `path` through a temporary file in the same folder and `os.replace`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path | str, obj: Any) -> None:
+    """Atomically write `obj` as pretty JSON (non-finite floats become null)."""
+    atomic_write_text(path, json.dumps(to_jsonable(obj), indent=2, allow_nan=False) + "\n")
+
+
+@contextmanager
+def atomic_dir(final: Path | str) -> Iterator[Path]:
+    """Yield a temporary folder beside `final`; on success it replaces `final` in one rename.
+
+    If the body raises (or the process is killed), `final` is untouched and the temporary folder is removed
+    (or left as ``.name.tmp-*``, which readers ignore). An existing `final` is moved aside first and deleted
+    after the rename, so at every instant either the old or the new complete folder exists under a known name.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+    try:
+        yield tmp
+        old = None
+        if final.exists():
+            old = final.parent / f".{final.name}.old-{os.getpid()}"
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ----------------------------------------------------------------------------------------------------------
+# JSON helpers
+# ----------------------------------------------------------------------------------------------------------
+def to_jsonable(obj: Any) -> Any:
+    """Convert tensors / numpy scalars / paths to plain JSON values; NaN and inf become None."""
+    if isinstance(obj, torch.Tensor):
+        obj = obj.detach().cpu().tolist() if obj.numel() != 1 else obj.item()
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def read_jsonl(path: Path | str) -> list[dict]:
+    """Read a JSONL file written by this project (no validation: use rlhfkit.data for user files)."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Metrics: one JSONL line per logging step plus TensorBoard scalars.
+# ----------------------------------------------------------------------------------------------------------
+class MetricsLogger:
+    """Log namespaced scalar metrics (``objective/kl``, ``loss/policy``, ...) to JSONL and TensorBoard.
+
+    `jsonl_path` receives ``{"step": n, **metrics}`` per call. On resume, pass ``resume_step``: lines with a
+    step > resume_step (written after the checkpoint being resumed) are dropped, so the file equals that of
+    an uninterrupted run. Non-main processes should pass ``enabled=False``.
+    """
+
+    def __init__(self, jsonl_path: Path | str, tensorboard_dir: Path | str | None = None,
+                 enabled: bool = True, resume_step: int | None = None):
+        self.enabled = enabled
+        self.jsonl_path = Path(jsonl_path)
+        self._tb = None
+        if not enabled:
+            return
+        self.jsonl_path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            self.jsonl_path.write_text("")
+        elif self.jsonl_path.exists():
+            kept = [r for r in read_jsonl(self.jsonl_path) if r.get("step", 0) <= resume_step]
+            atomic_write_text(self.jsonl_path, "".join(json.dumps(r) + "\n" for r in kept))
+        if tensorboard_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(tensorboard_dir), purge_step=resume_step + 1 if resume_step else None)
+
+    def log(self, step: int, metrics: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, **to_jsonable(dict(metrics))}
+        with open(self.jsonl_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self._tb.add_scalar(k, v, step)
+
+    def log_text(self, tag: str, text: str, step: int) -> None:
+        if self.enabled and self._tb is not None:
+            self._tb.add_text(tag, text, step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.flush()
+            self._tb.close()
+            self._tb = None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Seeding and RNG state (for exact resume)
+# ----------------------------------------------------------------------------------------------------------
+def set_seed(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """Capture the global RNG states (python, numpy, torch CPU and CUDA)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    # Only tensors and plain python values, so that checkpoints load with torch.load(weights_only=True).
+    state = {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore states captured by `rng_state`."""
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def progress(iterable=None, total: int | None = None, desc: str = "", enabled: bool = True, **kw):
+    """A tqdm progress bar (disabled on non-main processes or when `enabled` is False)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, disable=not enabled, dynamic_ncols=True, **kw)
