@@ -83,7 +83,8 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None, prog: str | No
             if action.dest in data:
                 action.required = False
     try:
-        (cfg,) = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=False)
+        # The extra `--config` option comes back as a trailing argparse.Namespace: keep the dataclass only.
+        cfg = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=False)[0]
     except (ValueError, TypeError) as e:
         raise RlhfkitError(f"{prog or cls.__name__}: invalid configuration: {e}") from None
     return cfg

@@ -1,0 +1,70 @@
+"""Atomic writes, metric logging with resume truncation, RNG state round trips."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from rlhfkit.utils import (MetricsLogger, atomic_dir, atomic_write_json, read_jsonl, rng_state, set_rng_state,
+                           to_jsonable)
+
+
+def test_atomic_dir_replaces_whole_folder(tmp_path):
+    final = tmp_path / "model"
+    with atomic_dir(final) as tmp:
+        (tmp / "a.txt").write_text("1")
+    with atomic_dir(final) as tmp:
+        (tmp / "b.txt").write_text("2")
+    assert sorted(p.name for p in final.iterdir()) == ["b.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary left behind
+
+
+def test_atomic_dir_failure_leaves_old_folder(tmp_path):
+    final = tmp_path / "model"
+    with atomic_dir(final) as tmp:
+        (tmp / "a.txt").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(final) as tmp:
+            (tmp / "a.txt").write_text("half")
+            raise RuntimeError("killed mid-write")
+    assert (final / "a.txt").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_json_helpers(tmp_path):
+    obj = {"t": torch.tensor(2.5), "v": torch.tensor([1.0, 2.0]), "n": np.float32(0.5), "bad": float("nan")}
+    assert to_jsonable(obj) == {"t": 2.5, "v": [1.0, 2.0], "n": 0.5, "bad": None}
+    atomic_write_json(tmp_path / "x.json", obj)
+    assert json.loads((tmp_path / "x.json").read_text())["bad"] is None
+
+
+def test_metrics_logger_resume_truncates_later_rows(tmp_path):
+    log = MetricsLogger(tmp_path / "m.jsonl", tmp_path / "tb")
+    for s in range(1, 6):
+        log.log(s, {"loss/policy": s * 0.1, "flag": True})
+    log.close()
+    assert [r["step"] for r in read_jsonl(tmp_path / "m.jsonl")] == [1, 2, 3, 4, 5]
+    log = MetricsLogger(tmp_path / "m.jsonl", tmp_path / "tb", resume_step=3)
+    log.log(4, {"loss/policy": 9.0})
+    log.close()
+    rows = read_jsonl(tmp_path / "m.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[-1]["loss/policy"] == 9.0
+    assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb").iterdir())
+
+
+def test_disabled_logger_writes_nothing(tmp_path):
+    log = MetricsLogger(tmp_path / "m.jsonl", tmp_path / "tb", enabled=False)
+    log.log(1, {"a": 1.0})
+    assert not (tmp_path / "m.jsonl").exists() and not (tmp_path / "tb").exists()
+
+
+def test_rng_state_round_trip_through_weights_only_load(tmp_path):
+    state = rng_state()
+    expected = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    torch.save(state, tmp_path / "rng.pt")
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected
