@@ -1,0 +1,351 @@
+"""Tests of rlhfkit.rollout.sampling: KV-cache correctness, padding invariance, seeds, stops, filters, statistics."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from rlhfkit.errors import RlhfkitError
+from rlhfkit.rollout.sampling import (
+    GenerationConfig,
+    filter_logits,
+    generate_greedy,
+    sample,
+    top_k_filter,
+    top_p_filter,
+)
+
+TOKENIZER_DIR = "/work/shared/bench/smollm2-135m-config/"
+PAD = 0
+
+
+def tiny_llama(vocab_size: int = 64, seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+    """A 2-layer Llama; initializer_range 0.3 makes the next-token distributions peaked (no near-ties)."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=PAD)
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def left_padded(rows: list[list[int]], pad: int = PAD) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[False] * (width - len(r)) + [True] * len(r) for r in rows])
+    return ids, mask
+
+
+PROMPTS = [[5, 17, 33, 9], [40, 8, 12, 60, 21, 7, 30], [11, 3]]
+
+
+def full_forward_logprobs(model, rollout, temperature: float) -> torch.Tensor:
+    """log-softmax(logits / T) of the response tokens from ONE forward pass over [prompt; response]."""
+    ids = torch.cat([rollout.query_ids, rollout.response_ids], dim=1)
+    mask = torch.cat([rollout.query_mask, rollout.response_mask], dim=1).long()
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits
+    P, T = rollout.query_ids.shape[1], rollout.response_ids.shape[1]
+    # the logits at position P-1+t predict response token t
+    logp = torch.log_softmax(logits[:, P - 1:P - 1 + T].double() / temperature, dim=-1)
+    return logp.gather(-1, rollout.response_ids[..., None]).squeeze(-1)
+
+
+# ---------------------------------------------------------------------------------------------- KV cache, padding
+
+
+def test_rollout_logprobs_equal_one_full_forward_and_are_unfiltered():
+    model = tiny_llama(dtype=torch.float64)
+    ids, mask = left_padded(PROMPTS)
+    config = GenerationConfig(max_new_tokens=10, temperature=0.7, top_k=12, top_p=0.9, stop_token_ids=(4, 6, 13),
+                              pad_token_id=PAD)
+    rollout = sample(model, ids, mask, config, torch.Generator().manual_seed(3))
+    expected = full_forward_logprobs(model, rollout, temperature=0.7)
+    m = rollout.response_mask
+    assert m.any(dim=1).all()
+    torch.testing.assert_close(rollout.rollout_logprobs.double()[m], expected[m], rtol=0, atol=1e-6)
+    assert (rollout.rollout_logprobs[~m] == 0).all()
+    # They are the full tempered distribution's log-probs: the renormalised top-k/top-p ones differ.
+    assert rollout.rollout_logprobs.dtype == torch.float32
+    ids_full = torch.cat([ids, rollout.response_ids], dim=1)
+    mask_full = torch.cat([mask, m], dim=1).long()
+    with torch.no_grad():
+        logits = model(input_ids=ids_full, attention_mask=mask_full,
+                       position_ids=(mask_full.cumsum(-1) - 1).clamp(min=0)).logits[:, ids.shape[1] - 1:-1]
+    filtered = torch.log_softmax(filter_logits(logits, 0.7, 12, 0.9), -1).gather(
+        -1, rollout.response_ids[..., None]).squeeze(-1)
+    assert ((filtered[m] - expected[m]).abs() > 1e-3).any()
+
+
+def test_left_padding_does_not_change_greedy_response_or_logprobs():
+    model = tiny_llama()
+    config = GenerationConfig(max_new_tokens=8, temperature=0.0, pad_token_id=PAD)
+    alone = generate_greedy(model, *left_padded([PROMPTS[0]]), config)
+    assert alone.query_mask.all()  # no padding at all
+    batched = generate_greedy(model, *left_padded([PROMPTS[1], PROMPTS[0]]), config)
+    assert batched.query_mask[1].sum() == len(PROMPTS[0]) < batched.query_mask.shape[1]
+    assert torch.equal(batched.response_ids[1], alone.response_ids[0])
+    torch.testing.assert_close(batched.rollout_logprobs[1], alone.rollout_logprobs[0], rtol=0, atol=1e-5)
+
+
+def test_greedy_matches_transformers_generate():
+    model = tiny_llama(seed=1)
+    ids, mask = left_padded(PROMPTS)
+    ours = generate_greedy(model, ids, mask, GenerationConfig(max_new_tokens=7, temperature=0, pad_token_id=PAD))
+    ref = model.generate(input_ids=ids, attention_mask=mask.long(), max_new_tokens=7, do_sample=False,
+                         eos_token_id=None, pad_token_id=PAD)
+    assert torch.equal(ours.response_ids, ref[:, ids.shape[1]:])
+    assert torch.equal(ours.query_ids, ids) and torch.equal(ours.query_mask, mask)
+
+
+# ---------------------------------------------------------------------------------------------- randomness
+
+
+def test_same_seed_same_samples_and_different_seed_different_samples():
+    model = tiny_llama()
+    ids, mask = left_padded(PROMPTS)
+    config = GenerationConfig(max_new_tokens=12, temperature=1.0, pad_token_id=PAD)
+    a = sample(model, ids, mask, config, torch.Generator().manual_seed(7))
+    b = sample(model, ids, mask, config, torch.Generator().manual_seed(7))
+    c = sample(model, ids, mask, config, torch.Generator().manual_seed(8))
+    assert torch.equal(a.response_ids, b.response_ids)
+    assert torch.equal(a.rollout_logprobs, b.rollout_logprobs)
+    assert not torch.equal(a.response_ids, c.response_ids)
+
+
+# ---------------------------------------------------------------------------------------------- stops
+
+
+def test_stop_token_is_last_response_token_and_rest_is_padding():
+    model = tiny_llama(seed=2)
+    ids, mask = left_padded(PROMPTS[:2])
+    base = generate_greedy(model, ids, mask, GenerationConfig(max_new_tokens=10, temperature=0, pad_token_id=PAD))
+    row0, row1 = base.response_ids.tolist()
+    # The first token that row 0 emits for the first time at a step k >= 2 and that row 1 never emits.
+    k = next(k for k in range(2, 10) if row0[k] not in row0[:k] and row0[k] not in row1)
+    stop = row0[k]
+    # pad == stop id (as with SmolLM2, whose pad token is its EOS): the mask still marks the stop token.
+    config = GenerationConfig(max_new_tokens=10, temperature=0, stop_token_ids=(stop,), pad_token_id=stop)
+    r = generate_greedy(model, ids, mask, config)
+    assert r.response_ids.shape == (2, 10)
+    assert r.response_ids[0].tolist() == row0[:k + 1] + [stop] * (10 - k - 1)
+    assert r.response_mask[0].tolist() == [True] * (k + 1) + [False] * (10 - k - 1)
+    assert r.response_ids[1].tolist() == row1 and r.response_mask[1].all()
+    assert r.stopped.tolist() == [True, False]
+    torch.testing.assert_close(r.rollout_logprobs[0, :k + 1], base.rollout_logprobs[0, :k + 1], rtol=0, atol=0)
+    assert (r.rollout_logprobs[0, k + 1:] == 0).all()
+    # When every row has stopped the loop ends: row 0 alone gives exactly k+1 tokens.
+    alone = generate_greedy(model, ids[:1], mask[:1], config)
+    assert alone.response_ids[0].tolist() == row0[:k + 1] and alone.stopped.tolist() == [True]
+
+
+def test_stop_string_truncates_right_after_the_completing_token():
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    model = tiny_llama(vocab_size=len(tokenizer), seed=4)
+    enc = [tokenizer(t)["input_ids"] for t in ("The weather today is", "Hi")]
+    ids, mask = left_padded(enc, pad=tokenizer.pad_token_id)
+    config = GenerationConfig(max_new_tokens=12, temperature=0, pad_token_id=tokenizer.pad_token_id)
+    base = generate_greedy(model, ids, mask, config)
+    row0, row1 = base.response_ids.tolist()
+    text1 = tokenizer.decode(row1)
+
+    # A stop string spanning the boundary between response tokens j-1 and j of row 0: last character of the
+    # text before token j + first character that token j adds. Its first occurrence is completed by token j.
+    def candidate(j: int) -> str | None:
+        prev, text = tokenizer.decode(row0[:j]), tokenizer.decode(row0[:j + 1])
+        if not prev or len(text) <= len(prev) or not text.startswith(prev):
+            return None
+        s = text[len(prev) - 1:len(prev) + 1]
+        ok = s not in prev and s not in text1 and "\ufffd" not in s and s.strip() == s
+        return s if ok else None
+
+    j, stop_string = next((j, s) for j in range(2, 12) if (s := candidate(j)) is not None)
+    config = GenerationConfig(max_new_tokens=12, temperature=0, stop_strings=("never-in-this-text", stop_string),
+                              pad_token_id=tokenizer.pad_token_id)
+    r = generate_greedy(model, ids, mask, config, tokenizer=tokenizer)
+    assert r.response_ids[0, :j + 1].tolist() == row0[:j + 1]
+    assert r.response_mask[0].tolist() == [True] * (j + 1) + [False] * (12 - j - 1)
+    assert (r.response_ids[0, j + 1:] == tokenizer.pad_token_id).all()
+    assert r.response_ids[1].tolist() == row1 and r.response_mask[1].all()
+    assert r.stopped.tolist() == [True, False]
+    with pytest.raises(RlhfkitError, match="needs a tokenizer"):
+        generate_greedy(model, ids, mask, config)
+
+
+# ---------------------------------------------------------------------------------------------- filters
+
+
+def test_top_k_filter_by_hand():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0], [0.5, -1.0, 2.5, 2.0]], dtype=torch.float64)
+    inf = float("-inf")
+    assert top_k_filter(logits, 2).tolist() == [[inf, 3.0, 2.0, inf], [inf, inf, 2.5, 2.0]]
+    assert top_k_filter(logits, 1).tolist() == [[inf, 3.0, inf, inf], [inf, inf, 2.5, inf]]
+    assert torch.equal(top_k_filter(logits, 0), logits) and torch.equal(top_k_filter(logits, None), logits)
+    assert torch.equal(top_k_filter(logits, 4), logits)
+    # ties with the k-th value are kept
+    assert top_k_filter(torch.tensor([1.0, 2.0, 2.0, 0.0]), 2).tolist() == [inf, 2.0, 2.0, inf]
+
+
+def test_top_p_filter_by_hand():
+    # softmax(log p) = p.  Row 0 sorted: 0.5 (id 1), 0.3 (id 2), 0.15 (id 3), 0.05 (id 0); the mass before each
+    # is 0, 0.5, 0.8, 0.95, and a token is kept iff its mass-before < top_p.  Row 1 is a permutation.
+    p = torch.tensor([[0.05, 0.5, 0.3, 0.15], [0.3, 0.15, 0.05, 0.5]], dtype=torch.float64)
+    logits = p.log()
+    kept = {0.01: [[1], [3]], 0.45: [[1], [3]], 0.75: [[1, 2], [0, 3]], 0.9: [[1, 2, 3], [0, 1, 3]],
+            0.99: [[0, 1, 2, 3], [0, 1, 2, 3]]}
+    for top_p, rows in kept.items():
+        out = top_p_filter(logits, top_p)
+        for r, ids in enumerate(rows):
+            assert torch.isfinite(out[r]).nonzero().flatten().tolist() == ids, top_p
+            assert torch.equal(out[r, ids], logits[r, ids])
+    assert torch.equal(top_p_filter(logits, 1.0), logits)
+
+
+def test_filter_logits_tempers_then_top_k_then_nucleus_of_the_renormalised_rest():
+    p = torch.tensor([0.05, 0.5, 0.3, 0.15], dtype=torch.float64)
+    # top-k 2 keeps ids 1, 2 renormalised to 0.625, 0.375; nucleus 0.6: mass before id 2 is 0.625 >= 0.6, so only
+    # id 1 survives (on the un-renormalised probabilities 0.5 < 0.6 would have kept id 2).
+    out = filter_logits(p.log() * 2.0, temperature=2.0, top_k=2, top_p=0.6)
+    assert torch.isfinite(out).nonzero().flatten().tolist() == [1]
+    torch.testing.assert_close(out[1], p.log()[1], rtol=0, atol=1e-15)  # (2·log p)/2
+    assert torch.isfinite(filter_logits(p.log(), 1.0, 2, 0.64)).sum() == 2  # 0.625 < 0.64 keeps id 2
+
+
+def test_top_k_one_and_tiny_top_p_equal_greedy():
+    model = tiny_llama(seed=5)
+    ids, mask = left_padded(PROMPTS)
+    greedy = generate_greedy(model, ids, mask, GenerationConfig(max_new_tokens=9, temperature=0, pad_token_id=PAD))
+    for kwargs in ({"top_k": 1}, {"top_p": 1e-6}):
+        config = GenerationConfig(max_new_tokens=9, temperature=1.0, pad_token_id=PAD, **kwargs)
+        r = sample(model, ids, mask, config, torch.Generator().manual_seed(0))
+        assert torch.equal(r.response_ids, greedy.response_ids), kwargs
+        torch.testing.assert_close(r.rollout_logprobs, greedy.rollout_logprobs, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------- controlled logits
+
+
+class FixedLogitsLM(torch.nn.Module):
+    """A stand-in causal LM whose next-token logits are the same fixed vector at every position."""
+
+    def __init__(self, logits: list[float]):
+        super().__init__()
+        self.row = torch.nn.Parameter(torch.tensor(logits), requires_grad=False)
+        self.config = None
+
+    def forward(self, input_ids, attention_mask, position_ids, past_key_values, use_cache, logits_to_keep):
+        # each row's newest position is its count of real tokens minus one (left padding skipped)
+        assert torch.equal(position_ids[:, -1], attention_mask.sum(-1) - 1)
+        return SimpleNamespace(logits=self.row.expand(input_ids.shape[0], 1, -1), past_key_values=past_key_values)
+
+
+LOGITS = [2.0, 1.0, 0.0, -1.0, -0.5]
+
+
+def test_logprobs_are_tempered_and_unfiltered_by_hand():
+    model = FixedLogitsLM(LOGITS)
+    ids, mask = left_padded([[1, 2], [3]])
+    config = GenerationConfig(max_new_tokens=3, temperature=0.5, top_k=2, pad_token_id=PAD)
+    r = sample(model, ids, mask, config, torch.Generator().manual_seed(0))
+    # log π(v) = l_v/T - log Σ_u exp(l_u/T) with T = 0.5, over all 5 tokens (not the top-2 only).
+    lse = math.log(sum(math.exp(x / 0.5) for x in LOGITS))
+    expected = torch.tensor([[LOGITS[v] / 0.5 - lse for v in row] for row in r.response_ids.tolist()])
+    assert set(r.response_ids.flatten().tolist()) <= {0, 1}
+    torch.testing.assert_close(r.rollout_logprobs, expected.float(), rtol=0, atol=1e-6)
+    # greedy: argmax, log-probs at temperature 1
+    g = generate_greedy(model, ids, mask, GenerationConfig(max_new_tokens=2, temperature=0, pad_token_id=PAD))
+    lse1 = math.log(sum(math.exp(x) for x in LOGITS))
+    assert g.response_ids.tolist() == [[0, 0], [0, 0]]
+    torch.testing.assert_close(g.rollout_logprobs, torch.full((2, 2), 2.0 - lse1), rtol=0, atol=1e-6)
+
+
+def chi_square(counts: torch.Tensor, probs: list[float]) -> float:
+    n = counts.sum().item()
+    return sum((counts[v].item() - n * p) ** 2 / (n * p) for v, p in enumerate(probs) if p > 0)
+
+
+def test_empirical_distribution_matches_tempered_softmax():
+    n = 4000
+    model = FixedLogitsLM(LOGITS)
+    ids, mask = left_padded([[1]] * n)
+
+    def counts(**kwargs) -> torch.Tensor:
+        config = GenerationConfig(max_new_tokens=1, pad_token_id=PAD, **kwargs)
+        r = sample(model, ids, mask, config, torch.Generator().manual_seed(11))
+        return torch.bincount(r.response_ids[:, 0], minlength=len(LOGITS))
+
+    def softmax(xs: list[float]) -> list[float]:
+        z = sum(math.exp(x) for x in xs)
+        return [math.exp(x) / z for x in xs]
+
+    critical = 18.47  # chi-square, 4 degrees of freedom, upper 0.1% point
+    c = counts(temperature=0.8)
+    target = softmax([x / 0.8 for x in LOGITS])
+    assert chi_square(c, target) < critical
+    assert chi_square(c, softmax(LOGITS)) > 5 * critical  # the test can tell T = 0.8 from T = 1
+
+    # T = 1.3, top-k 4 drops id 3 (-1.0); of the rest (renormalised) sorted 0, 1, 2, 4 the nucleus 0.85 keeps
+    # 0, 1, 2 (mass before id 2 is q0 + q1 < 0.85, before id 4 it is >= 0.85); sample from those, renormalised.
+    q = softmax([x / 1.3 for x in LOGITS[:3] + LOGITS[4:]])
+    assert q[0] + q[1] < 0.85 <= q[0] + q[1] + q[2]
+    kept = softmax([x / 1.3 for x in LOGITS[:3]])
+    c = counts(temperature=1.3, top_k=4, top_p=0.85)
+    assert c[3] == 0 and c[4] == 0
+    assert chi_square(c[:3], kept) < 13.82  # 2 degrees of freedom, upper 0.1% point
+
+
+# ---------------------------------------------------------------------------------------------- validation, modes
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"max_new_tokens": 0}, "max_new_tokens"),
+    ({"max_new_tokens": 2.5}, "max_new_tokens"),
+    ({"temperature": -0.1}, "temperature"),
+    ({"temperature": float("nan")}, "temperature"),
+    ({"top_k": -1}, "top_k"),
+    ({"top_p": 0.0}, "top_p"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"stop_token_ids": (2, -1)}, "stop_token_ids"),
+    ({"stop_strings": ("",)}, "stop_strings"),
+    ({"stop_strings": "</s>"}, "stop_strings"),
+    ({"pad_token_id": -3}, "pad_token_id"),
+])
+def test_invalid_config_values_raise(kwargs, field):
+    args = {"max_new_tokens": 4, **kwargs}
+    with pytest.raises(ValueError, match=f"GenerationConfig.{field}"):
+        GenerationConfig(**args)
+    with pytest.raises(RlhfkitError):
+        GenerationConfig(**args)
+
+
+def test_lists_become_tuples_and_bad_prompts_are_refused():
+    config = GenerationConfig(max_new_tokens=2, stop_token_ids=[2, 3], stop_strings=["\n\n"])
+    assert config.stop_token_ids == (2, 3) and config.stop_strings == ("\n\n",)
+    model = tiny_llama()
+    ids, mask = left_padded(PROMPTS[:2])
+    good = GenerationConfig(max_new_tokens=2, pad_token_id=PAD)
+    with pytest.raises(ValueError, match="left-padded"):
+        sample(model, ids, mask.flip(1), good, torch.Generator())
+    with pytest.raises(ValueError, match="torch.Generator"):
+        sample(model, ids, mask, good)
+    with pytest.raises(RlhfkitError, match="pad_token_id"):
+        sample(model, ids, mask, GenerationConfig(max_new_tokens=2), torch.Generator())
+
+
+def test_outputs_are_ordinary_tensors_mode_is_restored_and_autocast_is_used():
+    model = tiny_llama().train()
+    seen = []
+    model.lm_head.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
+    ids, mask = left_padded(PROMPTS)
+    config = GenerationConfig(max_new_tokens=3, temperature=1.0, pad_token_id=PAD)
+    r = sample(model, ids, mask, config, torch.Generator().manual_seed(0), autocast_dtype=torch.bfloat16)
+    assert model.training  # restored after sampling in eval mode
+    assert seen and set(seen) == {torch.bfloat16}
+    assert r.rollout_logprobs.dtype == torch.float32 and torch.isfinite(r.rollout_logprobs).all()
+    # not inference tensors: PPO feeds them to forward passes that build autograd graphs
+    assert not any(t.is_inference() for t in r)
+    assert r.response_ids.dtype == torch.long and r.response_mask.dtype == torch.bool
