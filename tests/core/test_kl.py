@@ -1,0 +1,73 @@
+"""Hand-computed checks of rlhfkit.core.kl (float64)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from rlhfkit.core.kl import KL_ESTIMATORS, full_kl_from_logits, kl_penalty
+
+LN2 = math.log(2)
+# p = (0.5, 0.2), q = (0.25, 0.4): d = log p - log q = (ln 2, -ln 2)
+LOGP = torch.log(torch.tensor([[0.5, 0.2]], dtype=torch.float64))
+LOGQ = torch.log(torch.tensor([[0.25, 0.4]], dtype=torch.float64))
+
+
+@pytest.mark.parametrize(
+    "estimator, expected",
+    [
+        ("kl", [LN2, -LN2]),  # d
+        ("abs", [LN2, LN2]),  # |d|
+        ("mse", [0.5 * LN2**2, 0.5 * LN2**2]),  # ½ d²
+        # k3 = exp(-d) - 1 + d: d = ln 2 -> 1/2 - 1 + ln 2; d = -ln 2 -> 2 - 1 - ln 2
+        ("k3", [LN2 - 0.5, 1 - LN2]),
+    ],
+)
+def test_sample_estimators_by_hand(estimator, expected):
+    out = kl_penalty(LOGP, LOGQ, estimator)
+    assert torch.allclose(out, torch.tensor([expected], dtype=torch.float64), rtol=0, atol=1e-15)
+
+
+def test_full_kl_by_hand():
+    # p = softmax(log(1,2,3)) = (1/6, 1/3, 1/2), q uniform (1/3):
+    # KL = 1/6 ln(1/2) + 1/3 ln 1 + 1/2 ln(3/2)
+    logits = torch.log(torch.tensor([[[1.0, 2.0, 3.0]]], dtype=torch.float64))
+    ref_logits = torch.zeros(1, 1, 3, dtype=torch.float64)
+    dummy = torch.zeros(1, 1, dtype=torch.float64)
+    out = kl_penalty(dummy, dummy, "full", logits=logits, ref_logits=ref_logits)
+    assert out.item() == pytest.approx(-LN2 / 6 + math.log(1.5) / 2, abs=1e-15)
+
+
+def test_full_kl_matches_independent_numpy_with_temperature():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 4, 7, generator=g, dtype=torch.float64) * 2
+    ref_logits = torch.randn(3, 4, 7, generator=g, dtype=torch.float64) * 2
+    for temperature in (1.0, 0.6):
+        a = logits.numpy() / temperature
+        b = ref_logits.numpy() / temperature
+        p = np.exp(a) / np.exp(a).sum(-1, keepdims=True)
+        q = np.exp(b) / np.exp(b).sum(-1, keepdims=True)
+        expected = (p * np.log(p / q)).sum(-1)
+        dummy = torch.zeros(3, 4, dtype=torch.float64)
+        out = kl_penalty(dummy, dummy, "full", logits=logits, ref_logits=ref_logits, temperature=temperature)
+        assert np.allclose(out.numpy(), expected, rtol=0, atol=1e-13)
+        assert torch.allclose(full_kl_from_logits(logits, ref_logits, temperature, chunk_rows=1), out, atol=1e-15)
+
+
+def test_k3_is_nonnegative_and_all_estimators_vanish_when_p_equals_q():
+    g = torch.Generator().manual_seed(2)
+    logp = -torch.rand(6, 5, generator=g, dtype=torch.float64) * 5
+    logq = -torch.rand(6, 5, generator=g, dtype=torch.float64) * 5
+    assert (kl_penalty(logp, logq, "k3") >= 0).all()
+    logits = torch.randn(6, 5, 9, generator=g, dtype=torch.float64)
+    for estimator in KL_ESTIMATORS:
+        out = kl_penalty(logp, logp, estimator, logits=logits, ref_logits=logits)
+        assert torch.allclose(out, torch.zeros_like(out), rtol=0, atol=1e-15), estimator
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="kl, abs, mse, k3, full"):
+        kl_penalty(LOGP, LOGQ, "k2")
+    with pytest.raises(ValueError, match="logits"):
+        kl_penalty(LOGP, LOGQ, "full")
