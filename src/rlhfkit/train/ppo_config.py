@@ -1,0 +1,232 @@
+"""`PPOConfig`: every knob of ``rlhfkit ppo`` (CLI flags and YAML keys are derived from it).
+
+Defaults follow the usual RLHF-PPO settings (Ziegler et al. 2019; Huang et al. 2024, "The N+ implementation
+details of RLHF with PPO"); ``docs/`` explains each one. Validation happens in ``__post_init__`` so that a bad
+value is rejected before anything is loaded or written.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+from rlhfkit.config import check_choice, check_range
+from rlhfkit.errors import RlhfkitError
+
+CRITIC_INITS = ("auto", "reward", "policy")
+SCORE_NORMS = ("none", "whiten", "running")
+MISSING_STOP_MODES = ("replace", "subtract")
+KL_ESTIMATORS = ("kl", "abs", "mse", "k3", "full")
+OVERLONG_POLICIES = ("truncate_prompt_left", "drop", "fail")
+LR_SCHEDULERS = ("constant", "linear", "cosine")
+DEFAULT_ITERATIONS = 100
+
+# Fields that may differ between a run and its ``--resume`` (they do not change the computation of the steps
+# already taken). Every other field must match the checkpoint's config.
+RESUMABLE_CHANGES = ("resume", "overwrite", "iterations", "total_episodes", "save_every", "keep_checkpoints",
+                     "log_every", "sample_table_every", "sample_table_rows")
+
+
+def _help(text: str, **extra) -> dict:
+    return {"help": text, **extra}
+
+
+@dataclass
+class PPOConfig:
+    """PPO fine-tuning of a policy against frozen reward model(s) (rlhfkit ppo)."""
+
+    # -- inputs and output ------------------------------------------------------------------------------
+    policy: str = field(metadata=_help("the SFT policy to start from: an HF folder, a .gguf file, or a folder "
+                                       "holding one .gguf"))
+    reward_model: list[str] = field(metadata=_help(
+        "reward source(s): an rlhfkit reward-model folder, an HF sequence-classification folder, or a rule "
+        "'module:function' (fn(prompts, responses) -> list[float]); several are combined with --reward_weights"))
+    prompts: str = field(metadata=_help("prompt file (.jsonl/.json/.csv/.parquet or a saved dataset) with a "
+                                        "'prompt' or 'messages' field"))
+    output: str = field(metadata=_help("run folder: metrics.jsonl, samples.jsonl, tensorboard/, checkpoints/, and "
+                                       "at the end policy/ and critic/"))
+    reward_weights: Optional[list[float]] = field(default=None, metadata=_help(
+        "one weight per --reward_model (default: 1 each); the score is the weighted sum"))
+    critic_init: str = field(default="auto", metadata=_help(
+        "critic initialisation: 'reward' (the first reward-model folder, its head included), 'policy' (the "
+        "policy's weights plus a new value head) or 'auto' (reward when the first reward source is a model "
+        "folder, else policy)", choices=list(CRITIC_INITS)))
+    max_prompt_length: int = field(default=512, metadata=_help("the most prompt tokens (after the chat template)"))
+    overlong: str = field(default="truncate_prompt_left", metadata=_help(
+        "what to do with longer prompts: keep their end, drop them, or fail", choices=list(OVERLONG_POLICIES)))
+
+    # -- generation ---------------------------------------------------------------------------------------
+    max_new_tokens: int = field(default=64, metadata=_help("the most response tokens per prompt"))
+    temperature: float = field(default=0.7, metadata=_help(
+        "sampling temperature (> 0); log-probs of every later forward pass use the same temperature"))
+    top_k: int = field(default=0, metadata=_help("top-k sampling (0 = off)"))
+    top_p: float = field(default=1.0, metadata=_help("nucleus sampling in (0, 1] (1 = off)"))
+    stop_strings: list[str] = field(default_factory=list, metadata=_help(
+        "a response ends when its text contains one of these strings"))
+    stop_token_ids: list[int] = field(default_factory=list, metadata=_help(
+        "extra stop token ids (the tokenizer's EOS always stops a response)"))
+    rollout_batch_size: int = field(default=16, metadata=_help(
+        "prompts (= episodes) per iteration, over all processes; each process samples its share"))
+    iterations: Optional[int] = field(default=None, metadata=_help(
+        f"PPO iterations (rollout + update); default {DEFAULT_ITERATIONS} unless --total_episodes is given"))
+    total_episodes: Optional[int] = field(default=None, metadata=_help(
+        "alternative to --iterations: iterations = ceil(total_episodes / rollout_batch_size)"))
+
+    # -- scores -------------------------------------------------------------------------------------------
+    missing_stop_penalty: Optional[float] = field(default=None, metadata=_help(
+        "score change for responses that hit max_new_tokens without a stop (None = off); see --missing_stop_mode"))
+    missing_stop_mode: str = field(default="replace", metadata=_help(
+        "'replace': such a response scores --missing_stop_penalty; 'subtract': its score minus the penalty",
+        choices=list(MISSING_STOP_MODES)))
+    score_norm: str = field(default="none", metadata=_help(
+        "score normalisation: none, whiten (batch mean/std) or running (mean/std of every score so far)",
+        choices=list(SCORE_NORMS)))
+    score_clip: Optional[float] = field(default=None, metadata=_help(
+        "clip (normalised) scores to [-score_clip, score_clip] (None = off)"))
+
+    # -- KL penalty ---------------------------------------------------------------------------------------
+    kl_coef: float = field(default=0.05, metadata=_help("β of the per-token KL penalty (initial β if adaptive)"))
+    kl_estimator: str = field(default="kl", metadata=_help(
+        "per-token KL estimator: kl (k1), abs, mse (k2), k3, full (exact over the vocabulary)",
+        choices=list(KL_ESTIMATORS)))
+    adaptive_kl: bool = field(default=False, metadata=_help("adapt β towards --kl_target (Ziegler et al. 2019)"))
+    kl_target: float = field(default=6.0, metadata=_help("target KL (nats per response) of the adaptive controller"))
+    kl_horizon: float = field(default=10000.0, metadata=_help("horizon (episodes) of the adaptive controller"))
+
+    # -- advantages ---------------------------------------------------------------------------------------
+    gamma: float = field(default=1.0, metadata=_help("discount γ"))
+    gae_lambda: float = field(default=0.95, metadata=_help("GAE λ"))
+    whiten_advantages: bool = field(default=True, metadata=_help("whiten advantages over the whole rollout batch"))
+    whiten_rewards: bool = field(default=False, metadata=_help(
+        "scale per-token rewards by their std over the batch (mean kept) before GAE"))
+
+    # -- update -------------------------------------------------------------------------------------------
+    ppo_epochs: int = field(default=4, metadata=_help("passes over each rollout batch"))
+    num_minibatches: int = field(default=1, metadata=_help("optimizer steps per epoch (the batch is split)"))
+    micro_batch_size: int = field(default=4, metadata=_help(
+        "rows per forward/backward pass (gradient accumulation within a minibatch; does not change the result)"))
+    clip_range: float = field(default=0.2, metadata=_help("PPO ratio clip ε"))
+    clip_range_value: Optional[float] = field(default=0.2, metadata=_help(
+        "value clip around the old values (None = unclipped value loss)"))
+    vf_coef: float = field(default=0.1, metadata=_help("value-loss weight"))
+    entropy_coef: float = field(default=0.0, metadata=_help("entropy-bonus weight"))
+    learning_rate: float = field(default=1e-5, metadata=_help("policy learning rate (AdamW)"))
+    critic_learning_rate: Optional[float] = field(default=None, metadata=_help(
+        "critic learning rate (default: --learning_rate)"))
+    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay"))
+    lr_scheduler: str = field(default="constant", metadata=_help(
+        "learning-rate schedule over the iterations", choices=list(LR_SCHEDULERS)))
+    warmup_iterations: int = field(default=0, metadata=_help("linear warm-up iterations of the schedule"))
+    max_grad_norm: Optional[float] = field(default=1.0, metadata=_help(
+        "clip each model's gradient norm to this (None = off)"))
+    target_kl: Optional[float] = field(default=None, metadata=_help(
+        "stop the iteration's update early when a minibatch's approx-KL exceeds this (None = off)"))
+    bf16: bool = field(default=False, metadata=_help("run forward passes under bfloat16 autocast"))
+
+    # -- LoRA ---------------------------------------------------------------------------------------------
+    lora_r: int = field(default=0, metadata=_help(
+        "LoRA rank of the policy (0 = full fine-tuning); the reference is the same weights with adapters off"))
+    lora_alpha: float = field(default=16.0, metadata=_help("LoRA alpha (scale alpha / r)"))
+    lora_target_modules: Optional[list[str]] = field(default=None, metadata=_help(
+        "modules to adapt (default: peft's choice for the architecture)"))
+
+    # -- bookkeeping --------------------------------------------------------------------------------------
+    seed: int = field(default=0, metadata=_help("random seed (sampling streams, shuffling, initialisation)"))
+    save_every: int = field(default=0, metadata=_help("checkpoint every N iterations (0 = only at the end)"))
+    keep_checkpoints: int = field(default=2, metadata=_help("how many checkpoints to keep (0 = all)"))
+    sample_table_every: int = field(default=10, metadata=_help(
+        "write sample responses (prompt, response, score) every N iterations (0 = never)"))
+    sample_table_rows: int = field(default=8, metadata=_help("rows of each sample table"))
+    log_every: int = field(default=1, metadata=_help("write a metrics row every N iterations"))
+    resume: bool = field(default=False, metadata=_help("continue from the latest checkpoint in --output"))
+    overwrite: bool = field(default=False, metadata=_help("replace an existing run in --output"))
+
+    def __post_init__(self) -> None:
+        if isinstance(self.reward_model, str):
+            self.reward_model = [self.reward_model]
+        if not self.reward_model:
+            raise RlhfkitError("reward_model: give at least one reward source")
+        if self.reward_weights is not None:
+            if len(self.reward_weights) != len(self.reward_model):
+                raise RlhfkitError(f"reward_weights: {len(self.reward_weights)} weights for "
+                                   f"{len(self.reward_model)} reward sources; give one weight per source")
+            for w in self.reward_weights:
+                if not math.isfinite(w):
+                    raise RlhfkitError(f"reward_weights: {w} is not a finite number")
+        for name in ("policy", "prompts", "output"):
+            if not getattr(self, name):
+                raise RlhfkitError(f"{name} is required")
+        check_choice("critic_init", self.critic_init, CRITIC_INITS)
+        check_choice("overlong", self.overlong, OVERLONG_POLICIES)
+        check_range("max_prompt_length", self.max_prompt_length, lo=1)
+        check_range("max_new_tokens", self.max_new_tokens, lo=1)
+        check_range("temperature", self.temperature, lo=0, lo_open=True)
+        check_range("top_k", self.top_k, lo=0)
+        check_range("top_p", self.top_p, lo=0, hi=1, lo_open=True)
+        for tok in self.stop_token_ids:
+            check_range("stop_token_ids", tok, lo=0)
+        if any(not s for s in self.stop_strings):
+            raise RlhfkitError("stop_strings: empty strings are not allowed")
+        check_range("rollout_batch_size", self.rollout_batch_size, lo=1)
+        if self.iterations is not None and self.total_episodes is not None:
+            raise RlhfkitError("give either iterations or total_episodes, not both")
+        if self.total_episodes is not None:
+            check_range("total_episodes", self.total_episodes, lo=1)
+        else:
+            check_range("iterations", self.iterations, lo=1, allow_none=True)
+        if self.missing_stop_penalty is not None and not math.isfinite(self.missing_stop_penalty):
+            raise RlhfkitError("missing_stop_penalty must be a finite number")
+        check_choice("missing_stop_mode", self.missing_stop_mode, MISSING_STOP_MODES)
+        check_choice("score_norm", self.score_norm, SCORE_NORMS)
+        if self.score_norm != "none" and self.rollout_batch_size < 2:
+            raise RlhfkitError(f"score_norm={self.score_norm!r} needs rollout_batch_size >= 2")
+        check_range("score_clip", self.score_clip, lo=0, lo_open=True, allow_none=True)
+        check_range("kl_coef", self.kl_coef, lo=0)
+        check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        if self.adaptive_kl:
+            check_range("kl_coef", self.kl_coef, lo=0, lo_open=True)
+            check_range("kl_target", self.kl_target, lo=0, lo_open=True)
+            check_range("kl_horizon", self.kl_horizon, lo=0, lo_open=True)
+        check_range("gamma", self.gamma, lo=0, hi=1)
+        check_range("gae_lambda", self.gae_lambda, lo=0, hi=1)
+        check_range("ppo_epochs", self.ppo_epochs, lo=1)
+        check_range("num_minibatches", self.num_minibatches, lo=1)
+        check_range("micro_batch_size", self.micro_batch_size, lo=1)
+        if self.rollout_batch_size % self.num_minibatches:
+            raise RlhfkitError(f"rollout_batch_size ({self.rollout_batch_size}) must be divisible by "
+                               f"num_minibatches ({self.num_minibatches})")
+        check_range("clip_range", self.clip_range, lo=0, lo_open=True)
+        check_range("clip_range_value", self.clip_range_value, lo=0, lo_open=True, allow_none=True)
+        check_range("vf_coef", self.vf_coef, lo=0)
+        check_range("entropy_coef", self.entropy_coef, lo=0)
+        check_range("learning_rate", self.learning_rate, lo=0, lo_open=True)
+        check_range("critic_learning_rate", self.critic_learning_rate, lo=0, lo_open=True, allow_none=True)
+        check_range("weight_decay", self.weight_decay, lo=0)
+        check_choice("lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
+        check_range("warmup_iterations", self.warmup_iterations, lo=0)
+        check_range("max_grad_norm", self.max_grad_norm, lo=0, lo_open=True, allow_none=True)
+        check_range("target_kl", self.target_kl, lo=0, lo_open=True, allow_none=True)
+        check_range("lora_r", self.lora_r, lo=0)
+        check_range("lora_alpha", self.lora_alpha, lo=0, lo_open=True)
+        for name in ("save_every", "keep_checkpoints", "sample_table_every", "seed"):
+            check_range(name, getattr(self, name), lo=0)
+        check_range("sample_table_rows", self.sample_table_rows, lo=1)
+        check_range("log_every", self.log_every, lo=1)
+        if self.resume and self.overwrite:
+            raise RlhfkitError("resume and overwrite exclude each other")
+
+    @property
+    def num_iterations(self) -> int:
+        """Iterations to run: ``iterations``, or ``ceil(total_episodes / rollout_batch_size)``, or the default."""
+        if self.total_episodes is not None:
+            return -(-self.total_episodes // self.rollout_batch_size)
+        return self.iterations if self.iterations is not None else DEFAULT_ITERATIONS
+
+    @property
+    def policy_learning_rate(self) -> float:
+        return self.learning_rate
+
+    @property
+    def value_learning_rate(self) -> float:
+        return self.critic_learning_rate if self.critic_learning_rate is not None else self.learning_rate

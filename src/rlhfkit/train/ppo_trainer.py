@@ -1,0 +1,352 @@
+"""``rlhfkit ppo``: PPO fine-tuning of a policy against frozen reward source(s).
+
+One iteration, as numbered steps (each a call into ``rollout/``, ``core/`` or ``train/ppo_update.py``):
+
+1. rollout: sample responses to this process's share of the next ``rollout_batch_size`` prompts;
+2. score: reward sources on prompt + response text; missing-stop penalty; normalisation; clipping;
+3. forward passes without gradients over the first epoch's micro-batches: old log-probs (policy), reference
+   log-probs (the initial policy, or the same weights with LoRA adapters off), old values (critic); per-token
+   rewards by `core.rewards.shape_rewards`;
+4. advantages and returns by `core.advantages.gae` (rewards / advantages whitened over the global batch);
+5. update: ppo_epochs × minibatches × micro-batches (`ppo_update.ppo_update`), then the LR schedules step;
+6. statistics (namespaced metrics, see ``docs/``) to ``metrics.jsonl`` + TensorBoard, a sample table every
+   ``sample_table_every`` iterations, and the KL controller update;
+7. a checkpoint every ``save_every`` iterations and after the last one; at the end ``OUTPUT/policy`` (a plain
+   Hugging Face causal LM, LoRA merged) and ``OUTPUT/critic``.
+
+Run several processes with ``accelerate launch --num_processes N -m rlhfkit.cli ppo ...``: each samples its
+share, statistics and token counts are global, gradients are summed (see `ppo_update`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from transformers import get_scheduler
+
+from rlhfkit.config import save_config
+from rlhfkit.core.advantages import gae
+from rlhfkit.core.kl_control import make_kl_controller
+from rlhfkit.core.rewards import RunningMoments, ShapedRewards, clip_scores, missing_stop_penalty, shape_rewards, whiten_scores
+from rlhfkit.data.prompts import load_prompts
+from rlhfkit.data.tokenize import left_pad, tokenize_prompts
+from rlhfkit.errors import RlhfkitError
+from rlhfkit.models.adapters import apply_lora
+from rlhfkit.models.loading import ensure_pad_token, load_causal_lm, load_tokenizer
+from rlhfkit.models.reward import is_reward_model_folder, load_critic
+from rlhfkit.rollout.sampling import GenerationConfig, Rollout, sample
+from rlhfkit.rollout.scoring import load_reward
+from rlhfkit.train import ppo_state
+from rlhfkit.train.checkpoint import checkpoint_step, require_latest_checkpoint
+from rlhfkit.train.ppo_config import PPOConfig
+from rlhfkit.train.ppo_update import (Dist, UpdateBatch, UpdateSettings, draw_plan, global_whiten, mean_stats,
+                                      micro_batches, pad_columns, ppo_update, rollout_forward, rollout_stats)
+from rlhfkit.utils import MetricsLogger, progress, set_seed
+
+CONFIG = PPOConfig
+_SCHEDULERS = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
+
+
+@dataclass
+class IterationResult:
+    """What one iteration produced: the metrics row, the per-minibatch update stats and sample rows."""
+
+    stats: dict[str, float]
+    minibatch_stats: list[dict[str, float]]
+    samples: list[dict[str, Any]]
+
+
+def decode_rows(tokenizer: Any, ids: torch.Tensor, mask: torch.Tensor, skip_special_tokens: bool) -> list[str]:
+    """The text of each row's real tokens."""
+    rows = [ids[b][mask[b].bool()].tolist() for b in range(ids.shape[0])]
+    return tokenizer.batch_decode(rows, skip_special_tokens=skip_special_tokens)
+
+
+class PPOTrainer:
+    """Holds the models, optimizers and state of a PPO run; `train` runs it, `iteration` runs one step of it.
+
+    Construction loads and validates everything and writes nothing, so a bad input fails before the output
+    folder is touched.
+    """
+
+    def __init__(self, cfg: PPOConfig, dist: Dist | None = None) -> None:
+        self.cfg = cfg
+        self.dist = dist or Dist()
+        self.output = Path(cfg.output)
+        self.device = self.dist.device
+        self.autocast_dtype = torch.bfloat16 if cfg.bf16 else None
+        self.num_iterations = cfg.num_iterations
+        world = self.dist.world_size
+        if cfg.rollout_batch_size % world or (cfg.rollout_batch_size // world) % cfg.num_minibatches:
+            raise RlhfkitError(f"rollout_batch_size ({cfg.rollout_batch_size}) must be a multiple of the number of "
+                               f"processes ({world}) × num_minibatches ({cfg.num_minibatches})")
+        self.local_batch_size = cfg.rollout_batch_size // world
+        set_seed(cfg.seed)  # the critic's new value head (critic_init=policy) and LoRA weights
+
+        # data
+        self.tokenizer = ensure_pad_token(load_tokenizer(cfg.policy))
+        prompts = load_prompts(cfg.prompts)
+        self.prompt_ids, report = tokenize_prompts(self.tokenizer, prompts, cfg.max_prompt_length, cfg.overlong)
+        dropped = set(report.dropped_rows)
+        self.prompts = [p for row, p in enumerate(prompts, start=1) if row not in dropped]
+        if not self.prompt_ids:
+            raise RlhfkitError(f"{cfg.prompts}: no prompt is left after tokenising ({report.describe()})")
+
+        # models: policy, reference, critic, reward
+        self.policy = load_causal_lm(cfg.policy).to(self.device)
+        self.reference_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+        if cfg.lora_r > 0:
+            self.policy = apply_lora(self.policy, r=cfg.lora_r, alpha=cfg.lora_alpha,
+                                     target_modules=cfg.lora_target_modules)
+            self.reference = self.policy  # the same weights with the adapters disabled
+            self.reference_context = self.policy.disable_adapter
+        else:
+            self.reference = copy.deepcopy(self.policy).requires_grad_(False)
+        self.policy.eval()
+        self.critic = load_critic(self._critic_source(), tokenizer=self.tokenizer).to(self.device).eval()
+        self.critic.requires_grad_(True)
+        self.reward = load_reward(cfg.reward_model, cfg.reward_weights, self.tokenizer, device=self.device)
+
+        eos = self.tokenizer.eos_token_id
+        stops = ([eos] if eos is not None else []) + [t for t in cfg.stop_token_ids if t != eos]
+        self.generation = GenerationConfig(
+            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None,
+            top_p=cfg.top_p, stop_token_ids=tuple(stops), stop_strings=tuple(cfg.stop_strings),
+            pad_token_id=self.tokenizer.pad_token_id)
+        self.update_settings = UpdateSettings(
+            clip_range=cfg.clip_range, clip_range_value=cfg.clip_range_value, vf_coef=cfg.vf_coef,
+            entropy_coef=cfg.entropy_coef, temperature=cfg.temperature, micro_batch_size=cfg.micro_batch_size,
+            max_grad_norm=cfg.max_grad_norm, target_kl=cfg.target_kl, autocast_dtype=self.autocast_dtype)
+
+        # optimisation state
+        self.policy_optimizer = self._optimizer(self.policy, cfg.learning_rate)
+        self.critic_optimizer = self._optimizer(self.critic, cfg.value_learning_rate)
+        self.policy_scheduler = self._scheduler(self.policy_optimizer)
+        self.critic_scheduler = self._scheduler(self.critic_optimizer)
+        try:
+            self.kl_controller = make_kl_controller(cfg.kl_coef, cfg.adaptive_kl, cfg.kl_target, cfg.kl_horizon)
+        except ValueError as e:
+            raise RlhfkitError(str(e)) from None
+        self.running_scores = RunningMoments()
+        self.sampler = ppo_state.PromptSampler(len(self.prompt_ids), cfg.seed)
+        rank = self.dist.rank
+        self.sampling_generator = ppo_state.make_generator(ppo_state.stream_seed(cfg.seed, "sampling", rank))
+        self.shuffle_generator = ppo_state.make_generator(ppo_state.stream_seed(cfg.seed, "shuffle", rank))
+        self.logger: MetricsLogger | None = None
+
+    # -- construction helpers ----------------------------------------------------------------------------
+    def _critic_source(self) -> str:
+        first = self.cfg.reward_model[0]
+        from_reward = self.cfg.critic_init == "reward" or (
+            self.cfg.critic_init == "auto" and is_reward_model_folder(first))
+        if not from_reward:
+            return self.cfg.policy
+        if not is_reward_model_folder(first):
+            raise RlhfkitError(f"critic_init=reward needs a reward-model folder as the first reward_model, got "
+                               f"{first!r}; use critic_init=policy")
+        return first
+
+    def _optimizer(self, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise RlhfkitError(f"{type(model).__name__} has no trainable parameter")
+        return torch.optim.AdamW(params, lr=lr, weight_decay=self.cfg.weight_decay)
+
+    def _scheduler(self, optimizer: torch.optim.Optimizer) -> Any:
+        return get_scheduler(_SCHEDULERS[self.cfg.lr_scheduler], optimizer,
+                             num_warmup_steps=self.cfg.warmup_iterations, num_training_steps=self.num_iterations)
+
+    # -- step 1: rollout -------------------------------------------------------------------------------
+    def rollout(self) -> tuple[Rollout, list[int]]:
+        """Sample responses to this process's share of the next global prompt batch."""
+        indices = self.sampler.next_batch(self.cfg.rollout_batch_size)
+        rank, n = self.dist.rank, self.local_batch_size
+        local = indices[rank * n:(rank + 1) * n]
+        query_ids, query_mask = left_pad([self.prompt_ids[i] for i in local], self.tokenizer.pad_token_id)
+        rollout = sample(self.policy, query_ids.to(self.device), query_mask.to(self.device), self.generation,
+                         generator=self.sampling_generator, tokenizer=self.tokenizer,
+                         autocast_dtype=self.autocast_dtype)
+        return rollout, local
+
+    # -- step 2: score ---------------------------------------------------------------------------------
+    def raw_scores(self, rollout: Rollout) -> tuple[torch.Tensor, list[str], list[str]]:
+        """The reward sources' scores (B,) of the rows, with the prompt and response texts they read."""
+        prompts = decode_rows(self.tokenizer, rollout.query_ids, rollout.query_mask, skip_special_tokens=False)
+        responses = decode_rows(self.tokenizer, rollout.response_ids, rollout.response_mask, skip_special_tokens=True)
+        scores = self.reward(prompts, responses, rollout.query_ids, rollout.query_mask, rollout.response_ids,
+                             rollout.response_mask)
+        return scores.to(self.device, torch.float32), prompts, responses
+
+    def process_scores(self, raw_scores: torch.Tensor, stopped: torch.Tensor) -> torch.Tensor:
+        """Missing-stop penalty, normalisation (global batch statistics) and clipping."""
+        cfg = self.cfg
+        scores = missing_stop_penalty(raw_scores, stopped, cfg.missing_stop_penalty, cfg.missing_stop_mode)
+        if cfg.score_norm == "whiten":
+            scores = self.dist.local(whiten_scores(self.dist.gather(scores)))
+        elif cfg.score_norm == "running":
+            self.running_scores.update(self.dist.gather(scores))
+            scores = self.running_scores.normalize(scores).to(torch.float32)
+        scores = clip_scores(scores, cfg.score_clip)
+        if not self.dist.all_true(bool(torch.isfinite(scores).all())):
+            raise RlhfkitError("non-finite reward score after normalisation; the iteration was stopped before the "
+                               "update (check the reward sources and score_norm)")
+        return scores
+
+    # -- steps 3-5 -------------------------------------------------------------------------------------
+    def learn(self, rollout: Rollout, raw_scores: torch.Tensor) -> tuple[dict[str, float], list[dict[str, float]]]:
+        """Steps 2 (score processing) to 5 on a given rollout and its raw scores; returns (stats, per-minibatch
+        stats). Public so that a fixed rollout can be injected."""
+        cfg, dist = self.cfg, self.dist
+        times = {}
+        # responses padded to the global longest, so that statistics can gather (B, T) tensors
+        T = dist.max_int(rollout.response_ids.shape[1])
+        response_ids = pad_columns(rollout.response_ids, T, self.tokenizer.pad_token_id)
+        response_mask = pad_columns(rollout.response_mask.bool(), T, False)
+        rollout_logprobs = pad_columns(rollout.rollout_logprobs, T, 0.0)
+        query_ids, query_mask = rollout.query_ids, rollout.query_mask.bool()
+
+        # 2. scores: penalty, normalisation, clipping
+        scores = self.process_scores(raw_scores, rollout.stopped)
+
+        # 3. no-grad forward passes over the first epoch's micro-batches, then the KL-shaped rewards
+        start = time.perf_counter()
+        plan = draw_plan(query_ids.shape[0], cfg.ppo_epochs, cfg.num_minibatches, self.shuffle_generator)
+        groups = [m for rows in plan[0] for m in micro_batches(rows, cfg.micro_batch_size)]
+        fwd = rollout_forward(self.policy, self.reference, self.reference_context, self.critic, query_ids,
+                              query_mask, response_ids, response_mask, groups, cfg.temperature,
+                              self.autocast_dtype, with_logits=cfg.kl_estimator == "full")
+        kl_coef = self.kl_controller.value
+        shaped: ShapedRewards = shape_rewards(scores, fwd.old_logprobs, fwd.ref_logprobs, response_mask, kl_coef,
+                                              cfg.kl_estimator, fwd.logits, fwd.ref_logits, cfg.temperature)
+        times["time/forward"] = time.perf_counter() - start
+
+        # 4. advantages and returns
+        rewards = shaped.rewards
+        if cfg.whiten_rewards:
+            rewards = global_whiten(rewards, response_mask, dist, shift_mean=False)
+        advantages, returns = gae(rewards, fwd.old_values, response_mask, cfg.gamma, cfg.gae_lambda)
+        if cfg.whiten_advantages:
+            advantages = global_whiten(advantages, response_mask, dist)
+
+        # 5. update
+        start = time.perf_counter()
+        lrs = {"train/lr": self.policy_scheduler.get_last_lr()[0],
+               "train/critic_lr": self.critic_scheduler.get_last_lr()[0]}
+        batch = UpdateBatch(query_ids, query_mask, response_ids, response_mask, fwd.old_logprobs, fwd.old_values,
+                            advantages, returns)
+        history = ppo_update(self.policy, self.critic, self.policy_optimizer, self.critic_optimizer, batch, plan,
+                             self.update_settings, dist)
+        self.policy_scheduler.step()
+        self.critic_scheduler.step()
+        times["time/update"] = time.perf_counter() - start
+
+        stats = rollout_stats(dist, raw_scores=raw_scores, scores=scores, shaped=shaped, kl_coef=kl_coef,
+                              old_logprobs=fwd.old_logprobs, rollout_logprobs=rollout_logprobs,
+                              old_values=fwd.old_values, returns=returns, response_mask=response_mask,
+                              stopped=rollout.stopped)
+        stats.update(mean_stats(history))
+        stats.update(lrs)
+        stats.update(times)
+        return stats, history
+
+    # -- one iteration ---------------------------------------------------------------------------------
+    def iteration(self, step: int) -> IterationResult:
+        """Steps 1-6 of iteration ``step`` (1-based); the KL controller is updated at the end."""
+        cfg = self.cfg
+        start = time.perf_counter()
+        rollout, _ = self.rollout()
+        t_rollout = time.perf_counter() - start
+        t0 = time.perf_counter()
+        raw_scores, prompts, responses = self.raw_scores(rollout)
+        t_score = time.perf_counter() - t0
+        stats, history = self.learn(rollout, raw_scores)
+        # 6. statistics and the KL controller
+        self.kl_controller.update(stats["objective/kl"], cfg.rollout_batch_size)
+        elapsed = time.perf_counter() - start
+        tokens = stats["response/length_mean"] * cfg.rollout_batch_size
+        stats.update({"train/episodes": float(step * cfg.rollout_batch_size), "time/rollout": t_rollout,
+                      "time/score": t_score, "time/iteration": elapsed,
+                      "throughput/tokens_per_s": tokens / elapsed,
+                      "throughput/episodes_per_s": cfg.rollout_batch_size / elapsed})
+        samples = []
+        if cfg.sample_table_every and step % cfg.sample_table_every == 0:
+            samples = [{"step": step, "prompt": p, "response": r, "score": float(s), "stopped": bool(st)}
+                       for p, r, s, st in zip(prompts, responses, raw_scores.tolist(), rollout.stopped.tolist())
+                       ][:cfg.sample_table_rows]
+        return IterationResult(stats, history, samples)
+
+    # -- the run -----------------------------------------------------------------------------------------
+    def open_output(self) -> int:
+        """Prepare ``OUTPUT`` for a fresh run or restore the latest checkpoint; returns the first iteration."""
+        cfg, dist = self.cfg, self.dist
+        last = 0
+        if cfg.resume:
+            ckpt = require_latest_checkpoint(self.output)
+            ppo_state.check_resume_config(cfg, ckpt)
+            last = ppo_state.read_checkpoint(self, ckpt)
+            if last != checkpoint_step(ckpt):
+                raise RlhfkitError(f"{ckpt}: its trainer_state.json names iteration {last}")
+        elif dist.is_main:
+            ppo_state.prepare_fresh_output(self.output, cfg.overwrite)
+        dist.barrier()
+        if dist.is_main:
+            self.output.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.output / "config.yaml")
+            if cfg.resume:
+                ppo_state.truncate_jsonl(self.output / "samples.jsonl", last)
+            else:
+                (self.output / "samples.jsonl").write_text("")
+        self.logger = MetricsLogger(self.output / "metrics.jsonl", self.output / "tensorboard",
+                                    enabled=dist.is_main, resume_step=last if cfg.resume else None)
+        return last + 1
+
+    def log(self, step: int, result: IterationResult) -> None:
+        cfg = self.cfg
+        if step % cfg.log_every == 0 or step == self.num_iterations:
+            self.logger.log(step, result.stats)
+        if result.samples and self.dist.is_main:
+            with open(self.output / "samples.jsonl", "a") as f:
+                for row in result.samples:
+                    f.write(json.dumps(row) + "\n")
+            table = "| prompt | response | score |\n|---|---|---|\n" + "\n".join(
+                f"| {_cell(r['prompt'])} | {_cell(r['response'])} | {r['score']:.4g} |" for r in result.samples)
+            self.logger.log_text("samples", table, step)
+
+    def train(self) -> list[IterationResult]:
+        """Run (or continue) the whole training; returns the results of the iterations run now."""
+        first = self.open_output()
+        results = []
+        bar = progress(total=self.num_iterations, initial=first - 1, desc="ppo", enabled=self.dist.is_main)
+        try:
+            for step in range(first, self.num_iterations + 1):
+                result = self.iteration(step)
+                self.log(step, result)
+                results.append(result)
+                bar.update(1)
+                bar.set_postfix(score=f"{result.stats['objective/scores']:.3g}",
+                                kl=f"{result.stats['objective/kl']:.3g}")
+                # 7. checkpoint
+                if (self.cfg.save_every and step % self.cfg.save_every == 0) or step == self.num_iterations:
+                    ppo_state.write_checkpoint(self, step)
+            ppo_state.save_final(self)
+        finally:
+            bar.close()
+            if self.logger is not None:
+                self.logger.close()
+        return results
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def run(cfg: PPOConfig) -> None:
+    """The ``rlhfkit ppo`` command."""
+    PPOTrainer(cfg).train()

@@ -1,0 +1,453 @@
+"""The tensor side of a PPO iteration: process groups, the rollout-time forward passes (step 3) and the update
+loop (step 5). The trainer (`ppo_trainer.py`) calls these with plain tensors, so a test can inject a fixed rollout.
+
+Exactness of the first minibatch
+--------------------------------
+Floating-point results depend on batch composition (padding widths, matmul blocking). The old log-probs are
+therefore computed over exactly the micro-batches that the first epoch's update will use (the epoch-0 plan is
+drawn before the forward passes), with the same trimming (`rollout.forward.trim_batch`), the same model mode
+(eval: dropout off, always) and the same autocast. The first minibatch of the first epoch then has ratio 1 and
+approx-KL 0 exactly.
+
+Data parallel
+-------------
+Each process holds its share of the rollout batch (``B_local = rollout_batch_size / num_processes`` rows, its
+responses padded to the global longest ``T``). Statistics over the batch (score normalisation, reward and
+advantage whitening) are computed on the gathered global batch; the token count that normalises the losses is
+the minibatch's global count. Gradients are summed over processes with one all-reduce per optimizer step
+(not DDP: `policy_forward` calls the decoder and the LM head directly, bypassing a DDP wrapper's forward), and
+since every process's loss is already divided by the global token count the sum is exactly the gradient of the
+whole minibatch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
+
+import torch
+import torch.distributed as torch_dist
+from torch import nn
+
+from rlhfkit.core.logprobs import entropy_from_logits
+from rlhfkit.core.losses import entropy_bonus, explained_variance, ppo_policy_loss, ppo_value_loss
+from rlhfkit.core.masks import masked_mean, masked_sum, masked_var, masked_whiten
+from rlhfkit.core.rewards import ShapedRewards
+from rlhfkit.errors import RlhfkitError
+from rlhfkit.rollout.forward import critic_forward, policy_forward, trim_batch
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Processes
+# ----------------------------------------------------------------------------------------------------------
+class Dist:
+    """The process group of a run (accelerate's ``PartialState``): gather / sum across processes.
+
+    With one process every operation is the identity, so the single-process path runs no collective.
+    """
+
+    def __init__(self) -> None:
+        from accelerate import PartialState
+
+        state = PartialState()
+        self.rank: int = state.process_index
+        self.world_size: int = state.num_processes
+        self.device: torch.device = state.device
+        self.is_main: bool = state.is_main_process
+        self._state = state
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenate every process's ``x`` along dim 0, in rank order (all shapes must be equal)."""
+        if not self.distributed:
+            return x
+        is_bool = x.dtype == torch.bool
+        y = x.to(torch.uint8) if is_bool else x  # gloo has no bool collectives
+        parts = [torch.empty_like(y) for _ in range(self.world_size)]
+        torch_dist.all_gather(parts, y.contiguous())
+        out = torch.cat(parts, dim=0)
+        return out.bool() if is_bool else out
+
+    def local(self, x: torch.Tensor) -> torch.Tensor:
+        """This process's rows of a gathered (global) tensor."""
+        n = x.shape[0] // self.world_size
+        return x[self.rank * n:(self.rank + 1) * n]
+
+    def sum(self, x: torch.Tensor) -> torch.Tensor:
+        """Element-wise sum over processes (a new tensor)."""
+        x = x.clone()
+        if self.distributed:
+            torch_dist.all_reduce(x, op=torch_dist.ReduceOp.SUM)
+        return x
+
+    def max_int(self, n: int) -> int:
+        if not self.distributed:
+            return int(n)
+        t = torch.tensor([int(n)], dtype=torch.long, device=self.device)
+        torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
+        return int(t.item())
+
+    def all_true(self, flag: bool) -> bool:
+        if not self.distributed:
+            return bool(flag)
+        t = torch.tensor([1 if flag else 0], dtype=torch.long, device=self.device)
+        torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MIN)
+        return bool(t.item())
+
+    def gather_object(self, obj: Any) -> list[Any]:
+        if not self.distributed:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        torch_dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        if self.distributed:
+            torch_dist.barrier()
+
+    def sum_grads(self, params: Sequence[nn.Parameter]) -> None:
+        """Replace every gradient by its sum over processes (one flat all-reduce; missing grads count as 0)."""
+        if not self.distributed or not params:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        torch_dist.all_reduce(flat, op=torch_dist.ReduceOp.SUM)
+        offset = 0
+        for p, g in zip(params, grads):
+            n = g.numel()
+            p.grad = flat[offset:offset + n].view_as(p).clone()
+            offset += n
+
+
+def global_whiten(x: torch.Tensor, mask: torch.Tensor, dist: Dist, shift_mean: bool = True) -> torch.Tensor:
+    """`core.masks.masked_whiten` with the statistics of the whole (gathered) batch; returns this process's rows."""
+    return dist.local(masked_whiten(dist.gather(x), dist.gather(mask.bool()), shift_mean=shift_mean))
+
+
+def pad_columns(x: torch.Tensor, width: int, value: float | int | bool) -> torch.Tensor:
+    """Right-pad dim 1 of ``x`` to ``width`` columns with ``value``."""
+    missing = width - x.shape[1]
+    if missing <= 0:
+        return x
+    return torch.cat([x, x.new_full((x.shape[0], missing, *x.shape[2:]), value)], dim=1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The update plan: epochs -> minibatches -> micro-batches (row indices of this process's rows)
+# ----------------------------------------------------------------------------------------------------------
+def draw_plan(num_rows: int, ppo_epochs: int, num_minibatches: int, generator: torch.Generator) -> list[list[list[int]]]:
+    """For each epoch, a fresh permutation of the rows cut into ``num_minibatches`` equal minibatches."""
+    if num_rows % num_minibatches:
+        raise RlhfkitError(f"each process holds {num_rows} rollout rows, not divisible by num_minibatches="
+                           f"{num_minibatches}; make rollout_batch_size a multiple of num_minibatches x processes")
+    size = num_rows // num_minibatches
+    plan = []
+    for _ in range(ppo_epochs):
+        perm = torch.randperm(num_rows, generator=generator).tolist()
+        plan.append([perm[i * size:(i + 1) * size] for i in range(num_minibatches)])
+    return plan
+
+
+def micro_batches(rows: Sequence[int], micro_batch_size: int) -> list[list[int]]:
+    """Consecutive chunks of ``micro_batch_size`` rows (the last may be shorter)."""
+    return [list(rows[i:i + micro_batch_size]) for i in range(0, len(rows), micro_batch_size)]
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    return torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Step 3: rollout-time forward passes
+# ----------------------------------------------------------------------------------------------------------
+class RolloutForward(NamedTuple):
+    """(B, T) old log-probs, reference log-probs and old values; (B, T, V) logits for the ``full`` KL."""
+
+    old_logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    old_values: torch.Tensor
+    logits: torch.Tensor | None
+    ref_logits: torch.Tensor | None
+
+
+def rollout_forward(
+    policy: nn.Module,
+    reference: nn.Module,
+    reference_context: Callable[[], contextlib.AbstractContextManager],
+    critic: nn.Module,
+    query_ids: torch.Tensor,
+    query_mask: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    groups: Iterable[Sequence[int]],
+    temperature: float,
+    autocast_dtype: torch.dtype | None = None,
+    with_logits: bool = False,
+) -> RolloutForward:
+    """Old log-probs (policy), reference log-probs and old values (critic) of every row, no grad.
+
+    ``groups`` are the micro-batches (row indices) of the first epoch, in order; each is trimmed exactly as the
+    update will trim it. ``reference_context()`` wraps the reference pass (e.g. peft's ``disable_adapter``).
+    """
+    B, T = response_ids.shape
+    parts: list[tuple[list[int], Any, Any, Any, Any, Any, Any]] = []
+    with torch.inference_mode():
+        for rows in groups:
+            idx = torch.tensor(rows, dtype=torch.long, device=query_ids.device)
+            tb = trim_batch(query_ids[idx], query_mask[idx], response_ids[idx], response_mask[idx])
+            args = (tb.query_ids, tb.query_mask, tb.response_ids, tb.response_mask)
+            pf = policy_forward(policy, *args, temperature=temperature, with_logits=with_logits,
+                                autocast_dtype=autocast_dtype)
+            with reference_context():
+                rf = policy_forward(reference, *args, temperature=temperature, with_logits=with_logits,
+                                    autocast_dtype=autocast_dtype)
+            values = critic_forward(critic, *args, autocast_dtype=autocast_dtype)
+            logits = (tb.restore(pf.logits), tb.restore(rf.logits)) if with_logits else (None, None)
+            parts.append((rows, tb.restore(pf.logprobs), tb.restore(rf.logprobs), tb.restore(values), *logits))
+    # outside inference mode: fresh normal tensors, usable in autograd-recording ops later
+    device = response_ids.device
+    outputs: list[torch.Tensor | None] = []
+    for k in range(5):
+        first = parts[0][k + 1] if parts else None
+        if first is None:
+            outputs.append(None if k >= 3 else torch.zeros(B, T, device=device))
+            continue
+        full = torch.zeros(B, *first.shape[1:], dtype=first.dtype, device=device)
+        for part in parts:
+            full[torch.tensor(part[0], dtype=torch.long, device=device)] = part[k + 1].clone()
+        outputs.append(full)
+    return RolloutForward(*outputs)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Step 5: the PPO update
+# ----------------------------------------------------------------------------------------------------------
+@dataclass
+class UpdateBatch:
+    """This process's rollout rows with everything the update needs; all (B, P) / (B, T)."""
+
+    query_ids: torch.Tensor
+    query_mask: torch.Tensor
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    old_logprobs: torch.Tensor
+    old_values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+
+@dataclass
+class UpdateSettings:
+    """The knobs of the update loop (a subset of `PPOConfig`)."""
+
+    clip_range: float
+    clip_range_value: float | None
+    vf_coef: float
+    entropy_coef: float
+    temperature: float
+    micro_batch_size: int
+    max_grad_norm: float | None = None
+    target_kl: float | None = None
+    autocast_dtype: torch.dtype | None = None
+
+
+def ppo_total_loss(policy_loss: torch.Tensor, value_loss: torch.Tensor, entropy: torch.Tensor,
+                   vf_coef: float, entropy_coef: float) -> torch.Tensor:
+    """The combined PPO objective to minimise.
+
+    Equation: ``L = L^CLIP + c_1 L^VF - c_2 S`` (policy loss, value loss weighted by ``vf_coef``, entropy bonus
+    weighted by ``entropy_coef``). Source: Schulman et al. 2017, eq. 9 (signs for gradient descent).
+    """
+    return policy_loss + vf_coef * value_loss - entropy_coef * entropy
+
+
+# per-minibatch statistics: token-weighted sums over micro-batches and processes, divided by the token count
+_WEIGHTED = ("policy/approx_kl", "policy/clipfrac", "policy/ratio_mean", "policy/ratio_var", "val/clipfrac",
+             "val/error", "val/value_mean")
+# already divided by the global token count: summing over micro-batches and processes gives the minibatch value
+_SUMMED = ("policy/entropy", "loss/policy", "loss/value", "loss/entropy", "loss/total")
+
+
+def _trainable(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _zero(*optimizers: torch.optim.Optimizer) -> None:
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+
+
+def ppo_update(
+    policy: nn.Module,
+    critic: nn.Module,
+    policy_optimizer: torch.optim.Optimizer,
+    critic_optimizer: torch.optim.Optimizer,
+    batch: UpdateBatch,
+    plan: list[list[list[int]]],
+    settings: UpdateSettings,
+    dist: Dist,
+) -> list[dict[str, float]]:
+    """``ppo_epochs × minibatches × micro-batches`` of clipped-PPO optimisation; returns per-minibatch stats.
+
+    Per minibatch: the global response-token count N is all-reduced; each micro-batch (trimmed) computes
+    ``ppo_total_loss`` with its token losses divided by N and back-propagates (gradient accumulation); gradients
+    are summed over processes, each model's gradient norm is clipped to ``max_grad_norm``, both optimizers step.
+    A non-finite loss or gradient norm raises `RlhfkitError` before any optimizer step (gradients are cleared, so
+    parameters and optimizer states are untouched). With ``target_kl``, a minibatch whose approx-KL exceeds it
+    is not applied (its stats have ``applied = 0``) and the update ends. Both models stay in eval mode (dropout off) so that the update's
+    forward passes match the rollout-time ones. Each stats dict also holds ``epoch`` and ``minibatch``.
+    """
+    policy_params, critic_params = _trainable(policy), _trainable(critic)
+    history: list[dict[str, float]] = []
+    device = batch.response_ids.device
+    for epoch, minibatches in enumerate(plan):
+        for mb_index, rows in enumerate(minibatches):
+            idx_all = torch.tensor(rows, dtype=torch.long, device=device)
+            num_tokens = dist.sum(batch.response_mask[idx_all].sum().to(torch.float64))
+            n_global = float(num_tokens.item())
+            if n_global == 0:
+                raise RlhfkitError("a minibatch holds no response token (all responses empty)")
+            sums = torch.zeros(len(_WEIGHTED) + len(_SUMMED), dtype=torch.float64, device=device)
+            finite = True
+            _zero(policy_optimizer, critic_optimizer)
+            for micro in micro_batches(rows, settings.micro_batch_size):
+                idx = torch.tensor(micro, dtype=torch.long, device=device)
+                tb = trim_batch(batch.query_ids[idx], batch.query_mask[idx], batch.response_ids[idx],
+                                batch.response_mask[idx])
+                args = (tb.query_ids, tb.query_mask, tb.response_ids, tb.response_mask)
+                t = tb.response_end
+                mask = tb.response_mask
+                n_local = int(mask.sum().item())
+                if n_local == 0:
+                    continue
+                with_entropy = settings.entropy_coef > 0
+                out = policy_forward(policy, *args, temperature=settings.temperature, with_entropy=with_entropy,
+                                     with_logits=not with_entropy, autocast_dtype=settings.autocast_dtype)
+                values = critic_forward(critic, *args, autocast_dtype=settings.autocast_dtype)
+                p_loss, p_stats = ppo_policy_loss(out.logprobs, batch.old_logprobs[idx, :t],
+                                                  batch.advantages[idx, :t], mask, settings.clip_range, num_tokens)
+                v_loss, v_stats = ppo_value_loss(values, batch.old_values[idx, :t], batch.returns[idx, :t], mask,
+                                                 settings.clip_range_value, num_tokens)
+                if with_entropy:
+                    entropy = out.entropy
+                else:
+                    with torch.no_grad():
+                        entropy = entropy_from_logits(out.logits.detach(), settings.temperature)
+                ent = entropy_bonus(entropy, mask, num_tokens)
+                loss = ppo_total_loss(p_loss, v_loss, ent, settings.vf_coef, settings.entropy_coef)
+                if not bool(torch.isfinite(loss.detach())):
+                    finite = False
+                    break
+                loss.backward()
+                with torch.no_grad():
+                    # token-weighted stats: mean over the micro-batch × its token count (divided by N below)
+                    weighted = [p_stats.approx_kl, p_stats.clipfrac, p_stats.ratio_mean, p_stats.ratio_var,
+                                v_stats.clipfrac, v_stats.error, v_stats.value_mean]
+                    summed = [ent.detach(), p_loss.detach(), v_loss.detach(), -settings.entropy_coef * ent.detach(),
+                              loss.detach()]
+                    sums += torch.stack([w.double() * n_local for w in weighted] + [s.double() for s in summed])
+            if not dist.all_true(finite):
+                _zero(policy_optimizer, critic_optimizer)
+                raise RlhfkitError(
+                    f"non-finite PPO loss in epoch {epoch + 1}, minibatch {mb_index + 1}: the update was stopped "
+                    f"before the optimizer step; check the reward scores (try score_norm/score_clip), lower the "
+                    f"learning rate, or disable bf16")
+            sums = dist.sum(sums)
+            stats = {name: float(sums[i].item()) / n_global for i, name in enumerate(_WEIGHTED)}
+            stats.update({name: float(sums[len(_WEIGHTED) + i].item()) for i, name in enumerate(_SUMMED)})
+            stats.update({"epoch": epoch, "minibatch": mb_index, "num_tokens": n_global})
+            dist.sum_grads(policy_params)
+            dist.sum_grads(critic_params)
+            max_norm = settings.max_grad_norm if settings.max_grad_norm is not None else math.inf
+            p_norm = float(torch.nn.utils.clip_grad_norm_(policy_params, max_norm)) if policy_params else 0.0
+            v_norm = float(torch.nn.utils.clip_grad_norm_(critic_params, max_norm)) if critic_params else 0.0
+            stats.update({"policy/grad_norm": p_norm, "val/grad_norm": v_norm})
+            if not (math.isfinite(p_norm) and math.isfinite(v_norm)):
+                _zero(policy_optimizer, critic_optimizer)
+                raise RlhfkitError(
+                    f"non-finite gradient norm (policy {p_norm}, critic {v_norm}) in epoch {epoch + 1}, minibatch "
+                    f"{mb_index + 1}: the update was stopped before the optimizer step; lower the learning rate or "
+                    f"disable bf16")
+            history.append(stats)
+            if settings.target_kl is not None and stats["policy/approx_kl"] > settings.target_kl:
+                stats["applied"] = 0.0
+                _zero(policy_optimizer, critic_optimizer)
+                return history
+            stats["applied"] = 1.0
+            policy_optimizer.step()
+            critic_optimizer.step()
+            _zero(policy_optimizer, critic_optimizer)
+    return history
+
+
+_BOOKKEEPING = ("epoch", "minibatch", "num_tokens", "applied")
+
+
+def mean_stats(history: list[dict[str, float]]) -> dict[str, float]:
+    """Mean of each per-minibatch statistic over the update, plus ``train/optimizer_steps`` and
+    ``train/early_stopped``."""
+    keys = [k for k in history[0] if k not in _BOOKKEEPING] if history else []
+    out = {k: sum(h[k] for h in history) / len(history) for k in keys}
+    applied = sum(h["applied"] for h in history)
+    out["train/optimizer_steps"] = float(applied)
+    out["train/early_stopped"] = float(applied < len(history))
+    return out
+
+
+def rollout_stats(
+    dist: Dist,
+    raw_scores: torch.Tensor,
+    scores: torch.Tensor,
+    shaped: ShapedRewards,
+    kl_coef: float,
+    old_logprobs: torch.Tensor,
+    rollout_logprobs: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    response_mask: torch.Tensor,
+    stopped: torch.Tensor,
+) -> dict[str, float]:
+    """Batch statistics of the rollout over all processes (per-sequence sums averaged over the global batch).
+
+    ``objective/kl``: mean Σ_t KL_t; ``objective/non_score_reward``: mean Σ_t -kl_coef KL_t;
+    ``objective/rlhf_reward``: mean Σ_t rewards_t (score + non-score reward); ``objective/scores``: mean raw
+    reward-source score; ``objective/scores_used``: mean score entering the rewards (after penalty,
+    normalisation, clipping); ``objective/entropy``: mean -Σ_t old log-prob (a sample estimate of the sequence
+    entropy); ``val/*`` and ``returns/*`` over the response tokens; ``rollout/logprob_diff``: mean
+    |sampling-time - training-time log-prob| (numerical drift between the KV-cache sampler and the full forward).
+    """
+    mask = dist.gather(response_mask.bool())
+    per_row = torch.stack([
+        masked_sum(shaped.kl, response_mask, dim=1),
+        masked_sum(shaped.non_score_reward, response_mask, dim=1),
+        masked_sum(shaped.rewards, response_mask, dim=1),
+        -masked_sum(old_logprobs, response_mask, dim=1),
+        response_mask.sum(dim=1).to(old_logprobs.dtype),
+        stopped.to(old_logprobs.dtype),
+    ], dim=1).double()
+    rows = dist.gather(per_row).mean(dim=0).tolist()
+    raw, used = dist.gather(raw_scores.double()), dist.gather(scores.double())
+    values, rets = dist.gather(old_values), dist.gather(returns)
+    drift = dist.gather((rollout_logprobs.to(old_logprobs.dtype) - old_logprobs).abs())
+    return {
+        "objective/kl": rows[0],
+        "objective/kl_coef": float(kl_coef),
+        "objective/non_score_reward": rows[1],
+        "objective/rlhf_reward": rows[2],
+        "objective/entropy": rows[3],
+        "objective/scores": float(raw.mean()),
+        "objective/scores_std": float(raw.std()) if raw.numel() > 1 else 0.0,
+        "objective/scores_used": float(used.mean()),
+        "response/length_mean": rows[4],
+        "response/stop_rate": rows[5],
+        "val/mean": float(masked_mean(values, mask)),
+        "val/explained_variance": float(explained_variance(values, rets, mask)),
+        "returns/mean": float(masked_mean(rets, mask)),
+        "returns/var": float(masked_var(rets, mask, unbiased=False)),
+        "rollout/logprob_diff": float(masked_mean(drift, mask)),
+    }

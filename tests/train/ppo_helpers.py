@@ -1,0 +1,66 @@
+"""Shared fixtures of the PPO tests: a tiny Llama SFT folder with a word-level tokenizer, prompt files and rule
+rewards (importable as ``ppo_helpers:function``; tests/train is on sys.path under pytest)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import WhitespaceSplit
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+PAD, EOS, UNK = 0, 1, 2
+VOCAB = 32
+WORDS = [f"w{i}" for i in range(3, VOCAB)]
+TARGET_WORD = "w7"
+TARGET_ID = 7
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {"<pad>": PAD, "<eos>": EOS, "<unk>": UNK, **{w: i for i, w in enumerate(WORDS, start=3)}}
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def make_policy_folder(path: Path, seed: int = 0, vocab: int = VOCAB, hidden: int = 32) -> Path:
+    """A tiny random Llama (float32) + tokenizer saved as an HF folder: the 'SFT model' of the tests."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         pad_token_id=PAD, eos_token_id=EOS, bos_token_id=None, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return path
+
+
+def make_prompts(path: Path, n: int = 16, seed: int = 0) -> Path:
+    """``n`` prompts of 2-5 random words (never the target word), one JSON object per line."""
+    g = torch.Generator().manual_seed(seed)
+    words = [w for w in WORDS if w != TARGET_WORD]
+    rows = []
+    for _ in range(n):
+        length = int(torch.randint(2, 6, (1,), generator=g))
+        idx = torch.randint(0, len(words), (length,), generator=g).tolist()
+        rows.append({"prompt": " ".join(words[i] for i in idx)})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+# ---- rule rewards -------------------------------------------------------------------------------------
+def count_target(prompts: list[str], responses: list[str]) -> list[float]:
+    """How many times the target word appears in the response."""
+    return [float(r.split().count(TARGET_WORD)) for r in responses]
+
+
+def nan_reward(prompts: list[str], responses: list[str]) -> list[float]:
+    return [float("nan")] * len(responses)
+
+
+def length_reward(prompts: list[str], responses: list[str]) -> list[float]:
+    return [float(len(r.split())) / 4.0 for r in responses]
