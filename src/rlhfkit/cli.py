@@ -63,9 +63,21 @@ def _report(argv: list[str]) -> None:
         print(path)
 
 
+def _quiet_libraries() -> None:
+    """Keep the terminal for rlhfkit's own progress bars and messages: no per-load reports from transformers."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - transformers is a hard dependency
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _quiet_libraries()
     try:
         command, rest = _split_command(argv)
         if command == "":
