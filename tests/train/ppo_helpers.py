@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
@@ -64,3 +65,45 @@ def nan_reward(prompts: list[str], responses: list[str]) -> list[float]:
 
 def length_reward(prompts: list[str], responses: list[str]) -> list[float]:
     return [float(len(r.split())) / 4.0 for r in responses]
+
+
+# ---- configs and fixtures -----------------------------------------------------------------------------
+REWARD = "ppo_helpers:count_target"
+TIMING_PREFIXES = ("time/", "throughput/")
+
+
+def make_config(tmp: Path, **overrides):
+    """A small PPOConfig on a tiny policy (built once per tmp folder) and 16 prompts; three extra stop ids make
+    responses of different lengths (so that micro-batches trim differently)."""
+    from rlhfkit.train.ppo_config import PPOConfig
+
+    policy = tmp / "sft"
+    if not policy.exists():
+        make_policy_folder(policy)
+    prompts = tmp / "prompts.jsonl"
+    if not prompts.exists():
+        make_prompts(prompts)
+    kw = dict(policy=str(policy), reward_model=[REWARD], prompts=str(prompts), output=str(tmp / "run"),
+              iterations=2, max_new_tokens=6, temperature=1.0, stop_token_ids=[3, 4, 5], rollout_batch_size=8, ppo_epochs=2,
+              num_minibatches=2, micro_batch_size=2, learning_rate=1e-3, critic_init="policy",
+              sample_table_every=1, sample_table_rows=4)
+    kw.update(overrides)
+    return PPOConfig(**kw)
+
+
+def without_timing(rows: list[dict]) -> list[dict]:
+    """Metric rows without the wall-clock fields (the only ones allowed to differ between equal runs)."""
+    return [{k: v for k, v in r.items() if not k.startswith(TIMING_PREFIXES)} for r in rows]
+
+
+def trainable(model) -> dict:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest, and timing-independently, on one thread (the CI machine's cores are shared)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -55,6 +55,22 @@ _SCHEDULERS = {"constant": "constant_with_warmup", "linear": "linear", "cosine":
 
 
 @dataclass
+class Experience:
+    """A rollout after steps 2-4: the update batch and plan, and what the statistics need."""
+
+    batch: UpdateBatch
+    plan: list[list[list[int]]]
+    ref_logprobs: torch.Tensor
+    rollout_logprobs: torch.Tensor
+    stopped: torch.Tensor
+    raw_scores: torch.Tensor
+    scores: torch.Tensor
+    shaped: ShapedRewards
+    kl_coef: float
+    time_forward: float
+
+
+@dataclass
 class IterationResult:
     """What one iteration produced: the metrics row, the per-minibatch update stats and sample rows."""
 
@@ -199,21 +215,25 @@ class PPOTrainer:
                                "update (check the reward sources and score_norm)")
         return scores
 
-    # -- steps 3-5 -------------------------------------------------------------------------------------
-    def learn(self, rollout: Rollout, raw_scores: torch.Tensor) -> tuple[dict[str, float], list[dict[str, float]]]:
-        """Steps 2 (score processing) to 5 on a given rollout and its raw scores; returns (stats, per-minibatch
-        stats). Public so that a fixed rollout can be injected."""
+    # -- steps 2-4 -------------------------------------------------------------------------------------
+    def prepare(self, rollout: Rollout, raw_scores: torch.Tensor) -> Experience:
+        """Steps 2 (score processing), 3 (no-grad forward passes, shaped rewards) and 4 (advantages) on a rollout
+        and its raw scores. Public so that a test can inject a fixed rollout."""
         cfg, dist = self.cfg, self.dist
-        times = {}
         # responses padded to the global longest, so that statistics can gather (B, T) tensors
         T = dist.max_int(rollout.response_ids.shape[1])
-        response_ids = pad_columns(rollout.response_ids, T, self.tokenizer.pad_token_id)
-        response_mask = pad_columns(rollout.response_mask.bool(), T, False)
-        rollout_logprobs = pad_columns(rollout.rollout_logprobs, T, 0.0)
-        query_ids, query_mask = rollout.query_ids, rollout.query_mask.bool()
+        response_ids = pad_columns(rollout.response_ids, T, self.tokenizer.pad_token_id).to(self.device)
+        response_mask = pad_columns(rollout.response_mask.bool(), T, False).to(self.device)
+        rollout_logprobs = pad_columns(rollout.rollout_logprobs, T, 0.0).to(self.device)
+        # prompts left-padded (as `sample` returns them; an injected rollout may pad them on either side)
+        query_ids, query_mask = left_pad([rollout.query_ids[b][rollout.query_mask[b].bool()].tolist()
+                                          for b in range(rollout.query_ids.shape[0])], self.tokenizer.pad_token_id)
+        query_ids, query_mask = query_ids.to(self.device), query_mask.to(self.device)
+        stopped = rollout.stopped.to(self.device)
+        raw_scores = raw_scores.to(self.device, torch.float32)
 
         # 2. scores: penalty, normalisation, clipping
-        scores = self.process_scores(raw_scores, rollout.stopped)
+        scores = self.process_scores(raw_scores, stopped)
 
         # 3. no-grad forward passes over the first epoch's micro-batches, then the KL-shaped rewards
         start = time.perf_counter()
@@ -223,9 +243,8 @@ class PPOTrainer:
                               query_mask, response_ids, response_mask, groups, cfg.temperature,
                               self.autocast_dtype, with_logits=cfg.kl_estimator == "full")
         kl_coef = self.kl_controller.value
-        shaped: ShapedRewards = shape_rewards(scores, fwd.old_logprobs, fwd.ref_logprobs, response_mask, kl_coef,
-                                              cfg.kl_estimator, fwd.logits, fwd.ref_logits, cfg.temperature)
-        times["time/forward"] = time.perf_counter() - start
+        shaped = shape_rewards(scores, fwd.old_logprobs, fwd.ref_logprobs, response_mask, kl_coef,
+                               cfg.kl_estimator, fwd.logits, fwd.ref_logits, cfg.temperature)
 
         # 4. advantages and returns
         rewards = shaped.rewards
@@ -234,26 +253,36 @@ class PPOTrainer:
         advantages, returns = gae(rewards, fwd.old_values, response_mask, cfg.gamma, cfg.gae_lambda)
         if cfg.whiten_advantages:
             advantages = global_whiten(advantages, response_mask, dist)
-
-        # 5. update
-        start = time.perf_counter()
-        lrs = {"train/lr": self.policy_scheduler.get_last_lr()[0],
-               "train/critic_lr": self.critic_scheduler.get_last_lr()[0]}
         batch = UpdateBatch(query_ids, query_mask, response_ids, response_mask, fwd.old_logprobs, fwd.old_values,
                             advantages, returns)
-        history = ppo_update(self.policy, self.critic, self.policy_optimizer, self.critic_optimizer, batch, plan,
-                             self.update_settings, dist)
+        return Experience(batch, plan, fwd.ref_logprobs, rollout_logprobs, stopped, raw_scores, scores, shaped,
+                          kl_coef, time.perf_counter() - start)
+
+    # -- step 5 ----------------------------------------------------------------------------------------
+    def update(self, exp: Experience) -> list[dict[str, float]]:
+        """The PPO update on a prepared batch, then one step of the learning-rate schedules."""
+        history = ppo_update(self.policy, self.critic, self.policy_optimizer, self.critic_optimizer, exp.batch,
+                             exp.plan, self.update_settings, self.dist)
         self.policy_scheduler.step()
         self.critic_scheduler.step()
-        times["time/update"] = time.perf_counter() - start
+        return history
 
-        stats = rollout_stats(dist, raw_scores=raw_scores, scores=scores, shaped=shaped, kl_coef=kl_coef,
-                              old_logprobs=fwd.old_logprobs, rollout_logprobs=rollout_logprobs,
-                              old_values=fwd.old_values, returns=returns, response_mask=response_mask,
-                              stopped=rollout.stopped)
+    def learn(self, rollout: Rollout, raw_scores: torch.Tensor) -> tuple[dict[str, float], list[dict[str, float]]]:
+        """Steps 2-5 and the rollout statistics; returns (stats, per-minibatch stats)."""
+        exp = self.prepare(rollout, raw_scores)
+        lrs = {"train/lr": self.policy_scheduler.get_last_lr()[0],
+               "train/critic_lr": self.critic_scheduler.get_last_lr()[0]}
+        start = time.perf_counter()
+        history = self.update(exp)
+        t_update = time.perf_counter() - start
+        b = exp.batch
+        stats = rollout_stats(self.dist, raw_scores=exp.raw_scores, scores=exp.scores, shaped=exp.shaped,
+                              kl_coef=exp.kl_coef, old_logprobs=b.old_logprobs, rollout_logprobs=exp.rollout_logprobs,
+                              old_values=b.old_values, returns=b.returns, response_mask=b.response_mask,
+                              stopped=exp.stopped)
         stats.update(mean_stats(history))
         stats.update(lrs)
-        stats.update(times)
+        stats.update({"time/forward": exp.time_forward, "time/update": t_update})
         return stats, history
 
     # -- one iteration ---------------------------------------------------------------------------------

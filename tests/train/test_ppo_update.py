@@ -1,0 +1,239 @@
+"""The PPO update: exactness of the first minibatch, micro-batch invariance, padding invariance, non-finite
+losses/scores stopping before the optimizer, target-KL early stopping."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from ppo_helpers import make_config, make_policy_folder, one_thread, trainable  # noqa: F401  (one_thread: autouse fixture)
+
+from rlhfkit.errors import RlhfkitError
+from rlhfkit.rollout.sampling import Rollout
+from rlhfkit.train.ppo_trainer import PPOTrainer
+from rlhfkit.train.ppo_update import UpdateBatch, UpdateSettings, draw_plan, micro_batches, ppo_update
+
+
+# ------------------------------------------------------------------------------------ exact first minibatch
+def _exactness_trainer(tmp_path, **overrides) -> PPOTrainer:
+    # hidden size 128: big enough that, under bf16 autocast, a different micro-batch grouping changes the
+    # log-probs in the last bits (see the negative control below); 8 rows, 2 minibatches of 4, micro-batches of
+    # 3 (+1): uneven groups with different trims
+    make_policy_folder(tmp_path / "sft", hidden=128)
+    return PPOTrainer(make_config(tmp_path, micro_batch_size=3, ppo_epochs=2, num_minibatches=2, max_new_tokens=16,
+                                  **overrides))
+
+
+@pytest.mark.parametrize("variant", ["float32", "bf16", "lora", "full_kl"])
+def test_first_minibatch_has_ratio_exactly_one_and_approx_kl_exactly_zero(tmp_path, variant):
+    overrides = {"bf16": {"bf16": True}, "lora": {"lora_r": 4, "bf16": True},
+                 "full_kl": {"kl_estimator": "full"}}.get(variant, {})
+    trainer = _exactness_trainer(tmp_path, **overrides)
+    result = trainer.iteration(1)
+    first = result.minibatch_stats[0]
+    assert (first["epoch"], first["minibatch"]) == (0, 0)
+    assert first["policy/approx_kl"] == 0.0
+    assert first["policy/ratio_mean"] == 1.0
+    assert first["policy/ratio_var"] == 0.0
+    assert first["policy/clipfrac"] == 0.0
+    assert first["val/clipfrac"] == 0.0
+    # the reference is the initial policy: exactly no KL at the first rollout
+    assert result.stats["objective/kl"] == 0.0
+    # the later minibatches see an updated policy: the exactness above is not trivial
+    later = result.minibatch_stats[1:]
+    assert len(later) == 3
+    assert all(s["policy/approx_kl"] > 0 for s in later)
+    assert all(s["policy/ratio_mean"] != 1.0 for s in later)
+
+
+def test_negative_control_other_grouping_of_old_logprobs_breaks_exactness(tmp_path, monkeypatch):
+    """Computing the old log-probs one row at a time (instead of over the update's micro-batches) changes them in
+    the last bits under bf16: the exactness above depends on the shared grouping and the test can see it."""
+    import rlhfkit.train.ppo_trainer as ppo_trainer
+
+    original = ppo_trainer.micro_batches
+    monkeypatch.setattr(ppo_trainer, "micro_batches", lambda rows, size: original(rows, 1))
+    trainer = _exactness_trainer(tmp_path, bf16=True)
+    first = trainer.iteration(1).minibatch_stats[0]
+    assert first["policy/approx_kl"] != 0.0 and first["policy/ratio_mean"] != 1.0
+
+
+def test_plan_partitions_the_rows_each_epoch():
+    g = torch.Generator().manual_seed(0)
+    plan = draw_plan(12, ppo_epochs=3, num_minibatches=3, generator=g)
+    assert len(plan) == 3
+    for epoch in plan:
+        assert [len(mb) for mb in epoch] == [4, 4, 4]
+        assert sorted(r for mb in epoch for r in mb) == list(range(12))
+    assert plan[0] != plan[1]  # reshuffled every epoch
+    assert micro_batches([5, 2, 9, 1, 7], 2) == [[5, 2], [9, 1], [7]]
+    with pytest.raises(RlhfkitError, match="divisible"):
+        draw_plan(10, 1, 3, g)
+
+
+# ------------------------------------------------------------------------------------ micro-batch invariance
+def _synthetic_batch(trainer: PPOTrainer, rows: int = 4) -> UpdateBatch:
+    """A rollout of the tiny policy with fixed (float64) old log-probs, values, advantages and returns; the old
+    log-probs are perturbed so that ratios differ from 1 and both clip branches occur."""
+    rollout, _ = trainer.rollout()
+    exp = trainer.prepare(rollout, torch.arange(rollout.query_ids.shape[0], dtype=torch.float32))
+    b = exp.batch
+    g = torch.Generator().manual_seed(1)
+    idx = slice(0, rows)
+    mask = b.response_mask[idx]
+    noise = 0.5 * torch.randn(mask.shape, generator=g, dtype=torch.float64)
+    return UpdateBatch(
+        query_ids=b.query_ids[idx], query_mask=b.query_mask[idx], response_ids=b.response_ids[idx],
+        response_mask=mask,
+        old_logprobs=torch.where(mask, b.old_logprobs[idx].double() + noise, 0.0),
+        old_values=torch.where(mask, torch.randn(mask.shape, generator=g, dtype=torch.float64), 0.0),
+        advantages=torch.where(mask, torch.randn(mask.shape, generator=g, dtype=torch.float64), 0.0),
+        returns=torch.where(mask, torch.randn(mask.shape, generator=g, dtype=torch.float64), 0.0),
+    )
+
+
+def _update_with(trainer, batch, micro_batch_size, rows):
+    policy = copy.deepcopy(trainer.policy).double()
+    critic = copy.deepcopy(trainer.critic).double()
+    # SGD: the new weights are the gradient itself (Adam's first step would hide a gradient scale error)
+    opt_p = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=0.5)
+    opt_c = torch.optim.SGD([p for p in critic.parameters() if p.requires_grad], lr=0.5)
+    settings = UpdateSettings(clip_range=0.2, clip_range_value=0.2, vf_coef=0.1, entropy_coef=0.01,
+                              temperature=trainer.cfg.temperature, micro_batch_size=micro_batch_size,
+                              max_grad_norm=0.5)
+    history = ppo_update(policy, critic, opt_p, opt_c, batch, [[rows]], settings, trainer.dist)
+    return trainable(policy), trainable(critic), history[0]
+
+
+def test_micro_batches_accumulate_to_the_same_update(tmp_path):
+    trainer = PPOTrainer(make_config(tmp_path))
+    batch = _synthetic_batch(trainer)
+    lengths = batch.response_mask.sum(1).tolist()
+    assert len(set(lengths)) > 1, "rows of different lengths: the micro-batches trim differently"
+    rows = [0, 1, 2, 3]
+    p4, c4, s4 = _update_with(trainer, batch, 4, rows)
+    before = trainable(copy.deepcopy(trainer.policy).double())
+    assert max((p4[n] - before[n]).abs().max().item() for n in before) > 1e-4  # the update moved the weights
+    assert 0 < s4["policy/clipfrac"] < 1  # both branches of the clip occur
+    for micro in (2, 1, 3):
+        p, c, s = _update_with(trainer, batch, micro, rows)
+        for n in p4:
+            torch.testing.assert_close(p[n], p4[n], rtol=0, atol=1e-12)
+        for n in c4:
+            torch.testing.assert_close(c[n], c4[n], rtol=0, atol=1e-12)
+        for key in ("loss/policy", "loss/value", "loss/total", "policy/approx_kl", "policy/clipfrac",
+                    "policy/entropy", "val/clipfrac", "policy/grad_norm", "val/grad_norm"):
+            assert s[key] == pytest.approx(s4[key], rel=1e-12, abs=1e-14), key
+
+
+# ------------------------------------------------------------------------------------ padding invariance
+def _pad_prompts(q_ids, q_mask, side: str, extra: int, pad: int):
+    rows = [q_ids[b][q_mask[b]].tolist() for b in range(q_ids.shape[0])]
+    P = max(map(len, rows)) + extra
+    ids = torch.full((len(rows), P), pad)
+    mask = torch.zeros(len(rows), P, dtype=torch.bool)
+    for b, r in enumerate(rows):
+        cols = slice(P - len(r), P) if side == "left" else slice(0, len(r))
+        ids[b, cols] = torch.tensor(r)
+        mask[b, cols] = True
+    return ids, mask
+
+
+@pytest.mark.parametrize("side,extra", [("right", 0), ("left", 3), ("right", 2)])
+def test_prompt_padding_does_not_change_logprobs_values_or_rewards(tmp_path, side, extra):
+    trainer = PPOTrainer(make_config(tmp_path, kl_coef=0.3))
+    for model in (trainer.policy, trainer.reference, trainer.critic):
+        model.double()
+    # a policy different from the reference, so that the KL part of the rewards is not zero
+    with torch.no_grad():
+        for p in trainer.policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    rollout, _ = trainer.rollout()
+    raw = torch.arange(rollout.query_ids.shape[0], dtype=torch.float32)
+    state = trainer.shuffle_generator.get_state()
+    base = trainer.prepare(rollout, raw)
+    ids, mask = _pad_prompts(rollout.query_ids, rollout.query_mask, side, extra, trainer.tokenizer.pad_token_id)
+    assert not torch.equal(mask, rollout.query_mask.bool()) or extra == 0
+    trainer.shuffle_generator.set_state(state)
+    other = trainer.prepare(rollout._replace(query_ids=ids, query_mask=mask), raw)
+    m = base.batch.response_mask
+    assert float(base.shaped.kl[m].abs().max()) > 1e-3
+    for name in ("old_logprobs", "old_values", "advantages", "returns"):
+        torch.testing.assert_close(getattr(other.batch, name), getattr(base.batch, name), rtol=0, atol=1e-10)
+    torch.testing.assert_close(other.ref_logprobs, base.ref_logprobs, rtol=0, atol=1e-10)
+    torch.testing.assert_close(other.shaped.rewards, base.shaped.rewards, rtol=0, atol=1e-10)
+
+
+def test_a_row_gets_the_same_logprobs_whatever_its_batch_neighbours(tmp_path):
+    trainer = PPOTrainer(make_config(tmp_path, num_minibatches=1, micro_batch_size=8))
+    for model in (trainer.policy, trainer.reference, trainer.critic):
+        model.double()
+    rollout, _ = trainer.rollout()
+    raw = torch.zeros(rollout.query_ids.shape[0])
+    full = trainer.prepare(rollout, raw).batch
+    for b in (0, 3):
+        one = Rollout(*(t[b:b + 1] for t in rollout))
+        alone = trainer.prepare(one, raw[b:b + 1]).batch
+        T = alone.response_ids.shape[1]
+        torch.testing.assert_close(alone.old_logprobs[0], full.old_logprobs[b, :T], rtol=0, atol=1e-10)
+        torch.testing.assert_close(alone.old_values[0], full.old_values[b, :T], rtol=0, atol=1e-10)
+
+
+# ------------------------------------------------------------------------------------ non-finite values
+def _state_snapshot(trainer):
+    return (trainable(trainer.policy), trainable(trainer.critic),
+            copy.deepcopy(trainer.policy_optimizer.state_dict()), copy.deepcopy(trainer.critic_optimizer.state_dict()))
+
+
+def _assert_same_state(a, b):
+    for d1, d2 in zip(a[:2], b[:2]):
+        assert d1.keys() == d2.keys()
+        for n in d1:
+            assert torch.equal(d1[n], d2[n]), n
+    for s1, s2 in zip(a[2:], b[2:]):
+        assert s1["state"].keys() == s2["state"].keys()
+        for k in s1["state"]:
+            for field, v in s1["state"][k].items():
+                assert torch.equal(v, s2["state"][k][field]), (k, field)
+
+
+def test_non_finite_loss_raises_before_the_optimizer_step(tmp_path):
+    trainer = PPOTrainer(make_config(tmp_path, ppo_epochs=1, num_minibatches=1, micro_batch_size=2))
+    trainer.iteration(1)  # the optimizers now hold moments, which must not change below
+    rollout, _ = trainer.rollout()
+    raw, _, _ = trainer.raw_scores(rollout)
+    exp = trainer.prepare(rollout, raw)
+    before = _state_snapshot(trainer)
+    assert before[2]["state"], "the optimizer has state"
+    rows = exp.plan[0][0]
+    bad = rows[3]  # in the second micro-batch: the first one has already back-propagated
+    exp.batch.advantages[bad, 0] = float("nan")
+    with pytest.raises(RlhfkitError, match="non-finite PPO loss.*before the optimizer step"):
+        trainer.update(exp)
+    _assert_same_state(before, _state_snapshot(trainer))
+    assert all(p.grad is None for p in trainer.policy.parameters())
+
+
+def test_non_finite_score_raises_before_any_update(tmp_path):
+    trainer = PPOTrainer(make_config(tmp_path, reward_model=["ppo_helpers:nan_reward"]))
+    before = _state_snapshot(trainer)
+    with pytest.raises(RlhfkitError, match="non-finite"):
+        trainer.iteration(1)
+    _assert_same_state(before, _state_snapshot(trainer))
+    assert not trainer.policy_optimizer.state_dict()["state"]
+
+
+# ------------------------------------------------------------------------------------ target KL
+def test_target_kl_stops_the_update_before_applying_the_offending_minibatch(tmp_path):
+    trainer = PPOTrainer(make_config(tmp_path, ppo_epochs=2, num_minibatches=2, target_kl=1e-12))
+    result = trainer.iteration(1)
+    history = result.minibatch_stats
+    # minibatch 1 has approx-KL exactly 0 (applied); minibatch 2 sees the changed policy: over target, not applied
+    assert [h["applied"] for h in history] == [1.0, 0.0]
+    assert history[1]["policy/approx_kl"] > 1e-12
+    assert result.stats["train/optimizer_steps"] == 1.0
+    assert result.stats["train/early_stopped"] == 1.0
+    trainer2 = PPOTrainer(make_config(tmp_path, ppo_epochs=2, num_minibatches=2))
+    full = trainer2.iteration(1)
+    assert full.stats["train/optimizer_steps"] == 4.0 and full.stats["train/early_stopped"] == 0.0
