@@ -1,0 +1,279 @@
+"""``rlhfkit rm eval``: pairwise accuracy, mean margin and calibration of a reward model on preference data.
+
+Definitions (``r_c``, ``r_r`` the scores of the chosen and the rejected response of a pair, ``d = r_c - r_r``):
+
+- **accuracy** = mean over pairs of ``1`` if ``d > 0``, ``½`` if ``d = 0`` (a tie counts as half right: the model
+  has no preference, which is right half the time by symmetry), ``0`` if ``d < 0``;
+- **margin** = mean of ``d``;
+- **calibration**: the model's predicted probability that chosen is preferred is ``p = σ(d)`` (Bradley-Terry);
+  its confidence in its own prediction is ``c = max(p, 1 - p) = σ(|d|)`` in ``[0.5, 1]``. The interval
+  ``[0.5, 1]`` is cut into ``num_bins`` equal-width bins (the last one closed); per bin ``n_b`` pairs,
+  ``acc_b`` their accuracy (as above) and ``conf_b`` their mean confidence; the expected calibration error is
+  ``ECE = Σ_b n_b / N · |acc_b - conf_b|`` (Guo et al. 2017, "On calibration of modern neural networks", eq. 3).
+
+For a PairRM ranker, ``d`` is the symmetric logit ``(logit(c, r) - logit(r, c)) / 2``, so ``p = σ(d)`` is the
+ranker's own symmetric P(chosen better), and the same definitions apply.
+
+:func:`evaluate_reward_model` is the Python entry point (used by the trainer's held-out evaluation and by the
+quickstart); :func:`pairwise_metrics` is the pure metric computation on scores.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from rlhfkit.data.preference import PreferenceExample, load_preferences
+from rlhfkit.data.tokenize import TokenizedPair, TokenizeReport, collate_pairs, tokenize_preferences
+from rlhfkit.errors import RlhfkitError, data_error
+from rlhfkit.models.pairrm import PairRanker, build_input, pad_right
+from rlhfkit.models.reward import METADATA_FILE, RewardModel
+from rlhfkit.train.rm_config import RMEvalConfig
+
+CONFIG = RMEvalConfig
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pure metrics
+# ----------------------------------------------------------------------------------------------------------
+def pairwise_correct(diff: torch.Tensor) -> torch.Tensor:
+    """Per-pair correctness of ``d = r_c - r_r``: 1 if d > 0, ½ if d = 0 (tie), 0 if d < 0. (B,) -> (B,) float."""
+    return (diff > 0).to(torch.float64) + 0.5 * (diff == 0).to(torch.float64)
+
+
+def calibration_bins(diff: torch.Tensor, num_bins: int) -> tuple[list[dict[str, Any]], float]:
+    """Confidence bins and ECE of pairwise predictions (definitions in the module docstring).
+
+    ``diff`` (N,) -> ``(bins, ece)``; each bin is ``{"lo", "hi", "n", "accuracy", "confidence"}`` (accuracy and
+    confidence None for an empty bin). Computed in float64.
+    """
+    d = diff.detach().to(torch.float64).flatten()
+    n_total = d.numel()
+    if n_total == 0:
+        raise ValueError("calibration_bins needs at least one pair")
+    confidence = torch.sigmoid(d.abs())  # max(σ(d), 1 - σ(d)) = σ(|d|) in [0.5, 1)
+    correct = pairwise_correct(d)
+    index = ((confidence - 0.5) * 2 * num_bins).floor().long().clamp(0, num_bins - 1)
+    bins, ece = [], 0.0
+    for b in range(num_bins):
+        members = index == b
+        n = int(members.sum())
+        acc = float(correct[members].mean()) if n else None
+        conf = float(confidence[members].mean()) if n else None
+        if n:
+            ece += n / n_total * abs(acc - conf)
+        bins.append({"lo": 0.5 + 0.5 * b / num_bins, "hi": 0.5 + 0.5 * (b + 1) / num_bins, "n": n,
+                     "accuracy": acc, "confidence": conf})
+    return bins, ece
+
+
+def pairwise_metrics(diff: torch.Tensor, num_bins: int = 10, chosen: torch.Tensor | None = None,
+                     rejected: torch.Tensor | None = None) -> dict[str, Any]:
+    """Accuracy (ties ½), mean margin, ECE and bins of pairwise score differences ``diff = r_c - r_r`` (N,).
+
+    With ``chosen``/``rejected`` scores (N,) also their means. Returns plain Python numbers.
+    """
+    d = diff.detach().to(torch.float64).flatten()
+    bins, ece = calibration_bins(d, num_bins)
+    out: dict[str, Any] = {
+        "n": d.numel(),
+        "accuracy": float(pairwise_correct(d).mean()),
+        "margin": float(d.mean()),
+        "ties": int((d == 0).sum()),
+        "ece": ece,
+        "bins": bins,
+    }
+    if chosen is not None and rejected is not None:
+        out["chosen_mean"] = float(chosen.detach().double().mean())
+        out["rejected_mean"] = float(rejected.detach().double().mean())
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tokenising and scoring pairs (reward models and PairRM rankers)
+# ----------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RankerPair:
+    """A PairRM input in both orders: (prompt, chosen, rejected) and (prompt, rejected, chosen)."""
+
+    ab_ids: list[int]
+    ba_ids: list[int]
+    row: int
+
+
+def tokenize_ranker_pairs(tokenizer: Any, examples: Sequence[PreferenceExample], max_length: int,
+                          overlong: str) -> tuple[list[RankerPair], TokenizeReport]:
+    """PairRM inputs with the over-long policy: truncate (the ranker's symmetric cap), drop, or fail."""
+    items, n_truncated, dropped = [], 0, []
+    for index, ex in enumerate(examples):
+        row = ex.row if ex.row is not None else index + 1
+        ab = build_input(tokenizer, ex.prompt, ex.chosen, ex.rejected)
+        if len(ab) > max_length:
+            if overlong == "fail":
+                raise data_error(None, row, None, f"too long: the ranker input has {len(ab)} tokens > max_length "
+                                                  f"{max_length}; raise max_length or choose another overlong policy")
+            if overlong == "drop":
+                dropped.append(row)
+                continue
+            n_truncated += 1
+            ab = build_input(tokenizer, ex.prompt, ex.chosen, ex.rejected, max_length)
+        ba = build_input(tokenizer, ex.prompt, ex.rejected, ex.chosen, max_length)  # the cap is symmetric in A, B
+        items.append(RankerPair(ab, ba, row))
+    return items, TokenizeReport(len(examples), n_truncated, len(dropped), max_length, overlong, tuple(dropped))
+
+
+def with_source(error: RlhfkitError, source: Any) -> RlhfkitError:
+    """Prefix a data error raised without a file name (tokenisation) with the file."""
+    return RlhfkitError(f"{source}, {error}") if source is not None else error
+
+
+def tokenize_pairs(ranker: bool, tokenizer: Any, examples: Sequence[PreferenceExample], max_length: int,
+                   overlong: str, source: Any = None) -> tuple[list, TokenizeReport]:
+    """``TokenizedPair``s for a reward model, ``RankerPair``s for a PairRM ranker; errors name ``source``."""
+    try:
+        if ranker:
+            return tokenize_ranker_pairs(tokenizer, examples, max_length, overlong)
+        return tokenize_preferences(tokenizer, examples, max_length, overlong)
+    except RlhfkitError as e:
+        raise with_source(e, source) from None
+
+
+def pad_id_of(model: Any) -> int:
+    """The id batches for this model are padded with (never EOS; see ``reward_pad_token_id``)."""
+    rm = model.rm if isinstance(model, PairRanker) else model
+    return rm.pad_token_id if rm.pad_token_id is not None else 0
+
+
+def pair_length(item: Any) -> int:
+    """Padded width an item needs (for length grouping)."""
+    if isinstance(item, RankerPair):
+        return len(item.ab_ids)
+    return max(len(item.chosen_ids), len(item.rejected_ids))
+
+
+def collate_pair_items(items: Sequence[Any], pad_id: int) -> dict[str, Any]:
+    """Batch of 2B rows: chosen-then-rejected (reward model) or (c, r)-then-(r, c) orders (ranker)."""
+    if isinstance(items[0], RankerPair):
+        input_ids, attention_mask = pad_right([p.ab_ids for p in items] + [p.ba_ids for p in items], pad_id)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": None,
+                "margin": None, "first_diff": None}
+    return collate_pairs(items, pad_id)
+
+
+def forward_pairs(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None,
+                                                               Any]:
+    """``(diff (B,), chosen (B,) | None, rejected (B,) | None, raw output)`` for one collated pair batch."""
+    if isinstance(getattr(model, "module", None), PairRanker) or isinstance(model, PairRanker):
+        logits = model(batch["input_ids"], batch["attention_mask"])
+        half = logits.shape[0] // 2
+        return (logits[:half] - logits[half:]) / 2, None, None, logits
+    out = model(batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+    half = out.scores.shape[0] // 2
+    chosen, rejected = out.scores[:half], out.scores[half:]
+    return chosen - rejected, chosen, rejected, out
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+@torch.no_grad()
+def score_pair_items(model: Any, items: Sequence[Any], batch_size: int, bf16: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``(diff, chosen, rejected)`` float32 CPU tensors (N,) in the order of ``items`` (batched by length)."""
+    device = next(model.parameters()).device
+    order = sorted(range(len(items)), key=lambda i: -pair_length(items[i]))
+    diff = torch.empty(len(items))
+    chosen = torch.empty(len(items))
+    rejected = torch.empty(len(items))
+    has_scores = True
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start: start + batch_size]
+            batch = to_device(collate_pair_items([items[i] for i in idx], pad_id_of(model)), device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                d, c, r, _ = forward_pairs(model, batch)
+            diff[idx] = d.float().cpu()
+            if c is None:
+                has_scores = False
+            else:
+                chosen[idx], rejected[idx] = c.float().cpu(), r.float().cpu()
+    finally:
+        model.train(was_training)
+    return diff, (chosen if has_scores else None), (rejected if has_scores else None)
+
+
+def evaluate_reward_model(model: Any, tokenizer: Any, examples: Sequence[PreferenceExample], batch_size: int = 16,
+                          max_length: int = 1024, overlong: str = "truncate_prompt_left", num_bins: int = 10,
+                          bf16: bool = False, source: Any = None) -> dict[str, Any]:
+    """Pairwise metrics of a ``RewardModel`` or ``PairRanker`` on preference examples (module docstring).
+
+    Returns ``{"n", "accuracy", "margin", "ties", "ece", "bins", "chosen_mean", "rejected_mean" (reward models),
+    "n_dropped", "n_truncated"}``. Raises RlhfkitError when no pair is left after the over-long policy.
+    """
+    items, report = tokenize_pairs(isinstance(model, PairRanker), tokenizer, examples, max_length, overlong, source)
+    if not items:
+        raise RlhfkitError(f"{source or 'data'}: no pair left to evaluate ({report.describe()})")
+    diff, chosen, rejected = score_pair_items(model, items, batch_size, bf16)
+    metrics = pairwise_metrics(diff, num_bins, chosen, rejected)
+    metrics.update(n_dropped=report.n_dropped, n_truncated=report.n_truncated)
+    return metrics
+
+
+def load_scoring_model(path: str, trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` from a folder written by ``rlhfkit rm train``: a ``RewardModel`` or a ``PairRanker``."""
+    from rlhfkit.models.loading import load_tokenizer
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise RlhfkitError(f"reward model folder {path!r} not found")
+    meta_path = folder / METADATA_FILE
+    kind = None
+    if meta_path.is_file():
+        try:
+            kind = json.loads(meta_path.read_text()).get("kind")
+        except json.JSONDecodeError as e:
+            raise RlhfkitError(f"{meta_path}: not valid JSON ({e})") from None
+    if kind == "pairrm":
+        model = PairRanker.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        tokenizer = model.tokenizer or load_tokenizer(folder, trust_remote_code=trust_remote_code)
+    else:
+        model = RewardModel.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        tokenizer = load_tokenizer(folder, trust_remote_code=trust_remote_code)
+    return model.eval(), tokenizer
+
+
+def format_table(metrics: dict[str, Any]) -> str:
+    """A short text table of the metrics and the confidence bins."""
+    lines = [f"pairs {metrics['n']}   accuracy {metrics['accuracy']:.4f}   margin {metrics['margin']:+.4f}   "
+             f"ECE {metrics['ece']:.4f}   ties {metrics['ties']}",
+             f"{'confidence':>15} {'n':>6} {'accuracy':>9} {'mean conf':>9}"]
+    for b in metrics["bins"]:
+        acc = "-" if b["accuracy"] is None else f"{b['accuracy']:.4f}"
+        conf = "-" if b["confidence"] is None else f"{b['confidence']:.4f}"
+        lines.append(f"  [{b['lo']:.3f},{b['hi']:.3f}{']' if b['hi'] >= 1 else ')'} {b['n']:>6} {acc:>9} {conf:>9}")
+    return "\n".join(lines)
+
+
+def run(cfg: RMEvalConfig) -> dict[str, Any]:
+    """Load data (validated first), then the model; evaluate; print the table; write JSON if asked."""
+    from rlhfkit.utils import atomic_write_json
+
+    examples = load_preferences(cfg.data)
+    model, tokenizer = load_scoring_model(cfg.model, cfg.trust_remote_code)
+    metrics = evaluate_reward_model(model, tokenizer, examples, cfg.batch_size, cfg.max_length, cfg.overlong,
+                                    cfg.num_bins, cfg.bf16, source=cfg.data)
+    if not math.isfinite(metrics["margin"]):
+        raise RlhfkitError(f"{cfg.model}: the reward model produced non-finite scores")
+    metrics = {"model": str(cfg.model), "data": str(cfg.data), **metrics}
+    print(format_table(metrics))
+    if cfg.output:
+        atomic_write_json(cfg.output, metrics)
+    return metrics

@@ -1,0 +1,321 @@
+"""End-to-end tests of `rlhfkit rm train` on a tiny Llama: learning, every loss, exact accumulation, resume, saving,
+and bad input (exit status 2, a message naming file/row/field, no output folder)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from rm_helpers import GOOD, PAD, VOCAB, make_sft_folder, make_tokenizer, one_thread, pointwise_rows, preference_rows, read_weights, write_jsonl  # noqa: F401,E501
+from transformers import AutoModelForSequenceClassification, BertConfig, BertModel
+
+from rlhfkit.cli import main
+from rlhfkit.config import parse_config
+from rlhfkit.data.pointwise import parse_pointwise
+from rlhfkit.data.preference import parse_preferences
+from rlhfkit.models.reward import RewardModel
+from rlhfkit.train import reward_trainer
+from rlhfkit.train.rm_config import RMTrainConfig
+from rlhfkit.train.rm_eval import evaluate_reward_model, load_scoring_model, pad_id_of
+from rlhfkit.utils import read_jsonl
+
+TIMING_KEYS = ("throughput/tokens_per_s", "time/step")
+
+
+@pytest.fixture(scope="module")
+def sft(tmp_path_factory):
+    return make_sft_folder(tmp_path_factory.mktemp("sft") / "sft")
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("data") / "pairs.jsonl", preference_rows(240, seed=0))
+
+
+def train(sft, data, out, *flags: str) -> int:
+    return main(["rm", "train", "--model", str(sft), "--data", str(data), "--output", str(out), *flags])
+
+
+def metrics(out, drop_timing: bool = True) -> list[dict]:
+    rows = read_jsonl(out / "metrics.jsonl")
+    return [{k: v for k, v in r.items() if not (drop_timing and k in TIMING_KEYS)} for r in rows]
+
+
+def test_learns_a_held_out_preference_rule(sft, pairs, tmp_path):
+    """Chosen responses hold the word 'good', rejected ones 'bad': held-out accuracy must go from chance to >= 95%."""
+    out = tmp_path / "rm"
+    assert train(sft, pairs, out, "--batch_size", "16", "--micro_batch_size", "8", "--learning_rate", "3e-3",
+                 "--eval_fraction", "0.2", "--eval_steps", "1", "--logging_steps", "1") == 0
+    rows = metrics(out)
+    evals = [r for r in rows if "eval/accuracy" in r]
+    assert len(evals) == 12  # 192 training pairs / 16 per step, evaluated after each step
+    assert evals[-1]["eval/accuracy"] >= 0.95
+    assert evals[-1]["eval/margin"] > 1.0
+    assert {"rm/loss", "rm/accuracy", "rm/margin", "rm/chosen_mean", "rm/rejected_mean", "train/lr",
+            "train/grad_norm"} <= set(rows[0])
+    assert set(TIMING_KEYS) <= set(read_jsonl(out / "metrics.jsonl")[0])
+    assert any(p.name.startswith("events.") for p in (out / "tensorboard").iterdir())
+    summary = json.loads((out / "eval_results.json").read_text())
+    assert summary["eval/n"] == 48 and summary["eval/accuracy"] == evals[-1]["eval/accuracy"]
+    # The untrained model (a random head and backbone) is far from the rule; the saved trained model reproduces it.
+    _, held_out, _ = reward_trainer.load_examples(RMTrainConfig(model=str(sft), data=str(pairs), output=str(out),
+                                                                eval_fraction=0.2))
+    assert len(held_out) == 48
+    untrained = RewardModel.from_backbone(sft)
+    rm, tok = load_scoring_model(out)
+    before = evaluate_reward_model(untrained, tok, held_out, batch_size=8)["accuracy"]
+    after = evaluate_reward_model(rm, tok, held_out, batch_size=8)["accuracy"]
+    assert before < 0.8 and after == summary["eval/accuracy"] >= 0.95
+    # Plain transformers loads the folder and scores as rlhfkit does.
+    hf = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    ids = torch.tensor([tok(f"w3 w4 {GOOD} w5")["input_ids"] + [tok.eos_token_id]])
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=ids).logits[:, 0], rm(ids, mask).scores, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("loss, rows, extra", [
+    ("logsigmoid", "pairs", ["--center_rewards_coef", "0.01"]),
+    ("logexp", "pairs", []),
+    ("margin", "margin", []),
+    ("token_level", "pairs", []),
+    ("bce", "label", []),
+    ("ce2", "label", []),
+    ("mse", "score", []),
+    ("multi_objective", "aspects", ["--aspects", "helpful", "harmful", "--aspect_weights", "1.0", "-1.0"]),
+    ("logsigmoid", "pairrm", ["--model_kind", "pairrm"]),
+])
+def test_every_loss_trains_and_lowers_its_loss_on_a_repeated_batch(sft, tmp_path, loss, rows, extra):
+    """One global batch of 8 repeated for 6 epochs (6 steps): the training loss must fall."""
+    if rows in ("pairs", "margin", "pairrm"):
+        data = write_jsonl(tmp_path / "d.jsonl", preference_rows(8, seed=1, margin=rows == "margin"))
+    else:
+        data = write_jsonl(tmp_path / "d.jsonl", pointwise_rows(8, rows, seed=1))
+    out = tmp_path / "out"
+    assert train(sft, data, out, "--loss", loss, "--batch_size", "8", "--micro_batch_size", "4", "--epochs", "6",
+                 "--learning_rate", "3e-3", "--eval_fraction", "0", "--logging_steps", "1", *extra) == 0
+    losses = [r["rm/loss"] for r in metrics(out)]
+    assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < 0.7 * losses[0], losses
+    meta = json.loads((out / "rlhfkit.json").read_text())
+    assert meta["kind"] == ("pairrm" if rows == "pairrm" else "decoder")
+    if loss == "multi_objective":
+        assert meta["aspects"] == {"names": ["helpful", "harmful"], "weights": [1.0, -1.0]}
+    if loss == "ce2":
+        assert meta["aspects"]["names"] == ["bad", "good"]
+
+
+ACCUMULATION_CASES = [("logsigmoid", "pairs"), ("token_level", "pairs"), ("multi_objective", "aspects"),
+                      ("bce", "label"), ("logsigmoid", "pairrm")]
+
+
+@pytest.mark.parametrize("loss, kind", ACCUMULATION_CASES)
+def test_micro_batches_accumulate_to_the_gradient_of_the_whole_batch(sft, loss, kind):
+    """One forward of 8 vs micro-batches of 1+2+5 (different padding): the same gradient, to float rounding.
+
+    multi_objective normalises by the observed (row, aspect) targets of the whole batch, which differ between micro
+    batches (every third row lacks one aspect); weighting micro-batches by their row count would fail here.
+    """
+    from accelerate import Accelerator
+
+    extra = ["--aspects", "helpful", "harmful"] if kind == "aspects" else []
+    if kind == "pairrm":
+        extra = ["--model_kind", "pairrm"]
+    cfg = parse_config(RMTrainConfig, ["--model", str(sft), "--data", "-", "--output", "-", "--loss", loss, *extra])
+    if cfg.pairwise:
+        examples = parse_preferences(preference_rows(8, seed=2))
+    else:
+        examples = parse_pointwise(pointwise_rows(8, kind, seed=2), aspects=cfg.aspects)
+    tokenizer = make_tokenizer()
+    items, _ = reward_trainer.tokenize_examples(cfg, tokenizer, examples, "-")
+    model = reward_trainer.build_model(cfg, "pairrm" if kind == "pairrm" else "decoder", tokenizer).train()
+    objective = (reward_trainer.PairwiseObjective if cfg.pairwise else reward_trainer.PointwiseObjective)(
+        cfg, pad_id_of(model))
+    accelerator = Accelerator(cpu=True)
+
+    def grads(split: list[int]) -> tuple[dict[str, torch.Tensor], list[float]]:
+        model.zero_grad(set_to_none=True)
+        parts, start = [], 0
+        for n in split:
+            parts.append(items[start: start + n])
+            start += n
+        totals = reward_trainer.backward_global_batch(model, objective, parts, objective.weight(items), accelerator,
+                                                      bf16=False)
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, totals.tolist()
+
+    whole, totals_whole = grads([8])
+    split, totals_split = grads([1, 2, 5])
+    assert whole.keys() == split.keys() and len(whole) > 0
+    for name in whole:  # float32 rounding only: 1e-5 of the tensor's largest entry (a weighting error is ~10%+)
+        scale = whole[name].abs().max().item()
+        assert (split[name] - whole[name]).abs().max().item() <= 1e-5 * scale + 1e-9, name
+    assert totals_split == pytest.approx(totals_whole, rel=1e-6)
+    # A micro-batch weighted only by its row count would differ (guard that the case above is not trivial).
+    if kind == "aspects":
+        assert objective.weight(items[:1]) / objective.weight(items) != 1 / 8
+
+
+def test_micro_batch_size_does_not_change_a_cli_run(sft, tmp_path):
+    """End to end: batch 8 in one forward vs micro-batches of 2 give the same metrics (grad_norm exposes any scale
+    error, which Adam itself would hide) and the same weights up to Adam-amplified rounding."""
+    data = write_jsonl(tmp_path / "d.jsonl", preference_rows(16, seed=2))
+    outs = []
+    for micro in ("8", "2"):
+        out = tmp_path / f"m{micro}"
+        assert train(sft, data, out, "--batch_size", "8", "--micro_batch_size", micro, "--learning_rate", "1e-3",
+                     "--eval_fraction", "0", "--logging_steps", "1", "--max_grad_norm", "0.5") == 0
+        outs.append(out)
+    for ra, rb in zip(metrics(outs[0]), metrics(outs[1]), strict=True):
+        assert ra.keys() == rb.keys()
+        for k in ra:
+            assert ra[k] == pytest.approx(rb[k], rel=1e-5, abs=1e-7), k
+    a, b = read_weights(outs[0]), read_weights(outs[1])
+    for k in a:  # each Adam step moves a weight by ~lr = 1e-3; rounding differences stay far below
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=5e-5)
+
+
+@pytest.mark.parametrize("flags", [[], ["--lora_r", "4", "--lora_target_modules", "q_proj", "v_proj"]])
+def test_resume_ends_exactly_like_an_uninterrupted_run(sft, pairs, tmp_path, monkeypatch, flags):
+    common = ["--batch_size", "16", "--micro_batch_size", "8", "--learning_rate", "2e-3", "--epochs", "2",
+              "--eval_fraction", "0.2", "--eval_steps", "5", "--save_steps", "4", "--logging_steps", "3",
+              "--lr_scheduler", "cosine", "--warmup_ratio", "0.1", "--weight_decay", "0.01", *flags]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert train(sft, pairs, full, *common) == 0
+
+    real_save = reward_trainer.save_checkpoint
+
+    def save_then_die(output, step, write, keep_last):
+        path = real_save(output, step, write, keep_last)
+        if step == 16:  # in the second epoch, after a log (15) and an eval (15) window started
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(reward_trainer, "save_checkpoint", save_then_die)
+    assert train(sft, pairs, cut, *common) == 130
+    assert not (cut / "model.safetensors").exists()
+    assert max(r["step"] for r in read_jsonl(cut / "metrics.jsonl")) == 15  # the last row before the crash
+    monkeypatch.setattr(reward_trainer, "save_checkpoint", real_save)
+    assert train(sft, pairs, cut, *common, "--resume") == 0
+
+    assert metrics(cut) == metrics(full)
+    a, b = read_weights(full), read_weights(cut)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert sorted(p.name for p in (cut / "checkpoints").iterdir()) == ["latest", "step-00000016", "step-00000020"]
+
+
+def test_lora_freeze_and_checkpointing_train_and_save_a_merged_model(sft, pairs, tmp_path):
+    out = tmp_path / "lora"
+    assert train(sft, pairs, out, "--lora_r", "4", "--freeze_layers", "1", "--batch_size", "16", "--micro_batch_size",
+                 "16", "--learning_rate", "3e-3", "--eval_fraction", "0.2", "--aggregation", "mean",
+                 "--gradient_checkpointing", "--bf16") == 0
+    rm = RewardModel.from_pretrained(out)  # LoRA merged: a plain HF folder
+    assert rm.aggregation == "mean" and not any("lora" in k for k in read_weights(out))
+    base = read_weights(sft)
+    merged = read_weights(out)
+    # layer 0 was frozen (its LoRA adapters too): its weights are the SFT model's, bit for bit
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(merged[f"model.safetensors:{key}"], base[f"model.safetensors:{key}"])
+    key1 = "model.layers.1.self_attn.q_proj.weight"
+    assert not torch.equal(merged[f"model.safetensors:{key1}"], base[f"model.safetensors:{key1}"])
+
+
+def test_encoder_backbone_is_detected_and_trained(tmp_path, pairs):
+    """model_kind=auto picks the encoder kind for a BERT folder; mean pooling; the head is saved beside it."""
+    torch.manual_seed(0)
+    folder = tmp_path / "bert"
+    BertModel(BertConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=64, pad_token_id=PAD)).save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    out = tmp_path / "out"
+    assert train(folder, pairs, out, "--pooling", "mean", "--batch_size", "16", "--micro_batch_size", "16",
+                 "--learning_rate", "3e-3", "--eval_fraction", "0.2") == 0
+    meta = json.loads((out / "rlhfkit.json").read_text())
+    assert meta["kind"] == "encoder" and meta["pooling"] == "mean" and (out / "reward_head.safetensors").is_file()
+    assert json.loads((out / "eval_results.json").read_text())["eval/accuracy"] >= 0.9
+
+
+def test_freeze_all_layers_trains_only_the_head(sft, pairs, tmp_path):
+    out = tmp_path / "head"
+    assert train(sft, pairs, out, "--freeze_layers", "-1", "--batch_size", "16", "--micro_batch_size", "16",
+                 "--eval_fraction", "0", "--learning_rate", "1e-2") == 0
+    base, trained = read_weights(sft), read_weights(out)
+    changed = [k for k in trained if k.replace("score.weight", "") == k and not torch.equal(trained[k], base[k])]
+    assert changed == [] and "model.safetensors:score.weight" in trained
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Bad input: exit status 2, an actionable message, nothing written
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("flags, needle", [
+    (["--loss", "hinge"], "invalid loss='hinge'"),
+    (["--batch_size", "10", "--micro_batch_size", "4"], "multiple of micro_batch_size"),
+    (["--lr_scheduler", "step"], "lr_scheduler"),
+    (["--eval_fraction", "1.5"], "eval_fraction"),
+    (["--aspects", "a"], "only used with loss=multi_objective"),
+    (["--model_kind", "pairrm", "--loss", "logexp"], "pairrm"),
+    (["--overlong", "cut"], "overlong"),
+])
+def test_bad_config_values_exit_2_and_write_nothing(sft, pairs, tmp_path, capsys, flags, needle):
+    out = tmp_path / "out"
+    assert train(sft, pairs, out, *flags) == 2
+    assert needle in capsys.readouterr().err
+    assert not out.exists()
+
+
+def _bad(tmp_path, rows):
+    return write_jsonl(tmp_path / "bad.jsonl", rows)
+
+
+@pytest.mark.parametrize("case", ["missing_field", "margin_missing", "label_missing", "too_long", "eval_bad"])
+def test_bad_data_exits_2_naming_file_row_and_field(sft, tmp_path, capsys, case):
+    good = preference_rows(40, seed=3)
+    flags: list[str] = []
+    if case == "missing_field":
+        rows = [dict(r) for r in good]
+        del rows[6]["rejected"]
+        data, needle = _bad(tmp_path, rows), ["bad.jsonl", "row 7", "'rejected'"]
+    elif case == "margin_missing":
+        data, needle = _bad(tmp_path, good), ["bad.jsonl", "row 1", "'margin'", "loss=margin"]
+        flags = ["--loss", "margin"]
+    elif case == "label_missing":
+        data, needle = _bad(tmp_path, pointwise_rows(10, "score")), ["bad.jsonl", "row 1", "'label'"]
+        flags = ["--loss", "bce"]
+    elif case == "too_long":
+        rows = [dict(r) for r in good]
+        rows[4]["prompt"] = " ".join(["w3"] * 50)
+        data, needle = _bad(tmp_path, rows), ["bad.jsonl", "row 5", "max_length 32"]
+        flags = ["--max_length", "32", "--overlong", "fail", "--eval_fraction", "0"]
+    else:
+        data = write_jsonl(tmp_path / "train.jsonl", good)
+        rows = [dict(r) for r in good[:5]]
+        rows[2]["chosen"] = "   "
+        eval_path = write_jsonl(tmp_path / "held.jsonl", rows)
+        flags, needle = ["--eval_data", str(eval_path)], ["held.jsonl", "row 3", "'chosen'"]
+    out = tmp_path / "out"
+    assert train(sft, data, out, "--batch_size", "8", *flags) == 2
+    err = capsys.readouterr().err
+    assert all(n in err for n in needle), err
+    assert "Traceback" not in err
+    assert not out.exists()
+
+
+def test_refuses_to_train_into_a_used_folder_without_resume_or_overwrite(sft, pairs, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert train(sft, pairs, out, "--batch_size", "16") == 2
+    assert "already exists" in capsys.readouterr().err
+    assert train(sft, pairs, out, "--batch_size", "16", "--overwrite") == 2  # not an rlhfkit run folder
+    assert (out / "notes.txt").read_text() == "mine"
+    assert train(sft, pairs, tmp_path / "fresh", "--batch_size", "16", "--resume") == 2  # nothing to resume
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_resume_refuses_a_changed_configuration(sft, pairs, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert train(sft, pairs, out, "--batch_size", "16", "--save_steps", "5", "--eval_fraction", "0") == 0
+    assert train(sft, pairs, out, "--batch_size", "16", "--save_steps", "5", "--eval_fraction", "0",
+                 "--learning_rate", "1e-3", "--resume") == 2
+    assert "learning_rate" in capsys.readouterr().err
