@@ -1,0 +1,169 @@
+"""Checkpoints and the final save: exact resume, atomic checkpoints, HF-loadable outputs, output-folder rules."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from ppo_helpers import make_config, one_thread, without_timing  # noqa: F401  (one_thread: autouse fixture)
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from rlhfkit.errors import RlhfkitError
+from rlhfkit.models.reward import RewardModel
+from rlhfkit.rollout.forward import critic_forward, policy_forward
+from rlhfkit.train import ppo_state
+from rlhfkit.train.checkpoint import find_latest_checkpoint
+from rlhfkit.train.ppo_trainer import PPOTrainer
+from rlhfkit.utils import read_jsonl
+
+# every piece of state that resume must restore is exercised: LR schedule, adaptive KL, running score moments,
+# reward whitening, several prompt epochs (16 prompts, 8 per iteration), sampling and shuffling streams
+STATEFUL = dict(iterations=6, save_every=2, lr_scheduler="linear", warmup_iterations=1, adaptive_kl=True,
+                kl_target=0.5, kl_horizon=100.0, score_norm="running", whiten_rewards=True, entropy_coef=0.01)
+
+
+class Crash(Exception):
+    """A simulated kill."""
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update({f"{f.name}:{k}": v for k, v in load_file(str(f)).items()})
+    return out
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys() and wa
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+@pytest.mark.parametrize("lora", [0, 4])
+def test_resume_after_a_crash_reproduces_the_uninterrupted_run(tmp_path, monkeypatch, lora):
+    full = make_config(tmp_path, output=str(tmp_path / "full"), lora_r=lora, **STATEFUL)
+    PPOTrainer(full).train()
+
+    # the same run, killed after logging iteration 5 (the last checkpoint is iteration 4)
+    cfg = make_config(tmp_path, output=str(tmp_path / "crashed"), lora_r=lora, **STATEFUL)
+    original_log = PPOTrainer.log
+
+    def log_then_crash(self, step, result):
+        original_log(self, step, result)
+        if step == 5:
+            raise Crash
+
+    monkeypatch.setattr(PPOTrainer, "log", log_then_crash)
+    with pytest.raises(Crash):
+        PPOTrainer(cfg).train()
+    monkeypatch.setattr(PPOTrainer, "log", original_log)
+    out = Path(cfg.output)
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+    assert find_latest_checkpoint(out).name == "step-00000004"
+    assert not (out / "policy").exists()
+
+    resumed = make_config(tmp_path, output=str(tmp_path / "crashed"), lora_r=lora, resume=True, **STATEFUL)
+    results = PPOTrainer(resumed).train()
+    assert len(results) == 2  # iterations 5 and 6 only
+
+    rows_full = read_jsonl(tmp_path / "full" / "metrics.jsonl")
+    rows_resumed = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in rows_resumed] == [1, 2, 3, 4, 5, 6]
+    assert without_timing(rows_resumed) == without_timing(rows_full)
+    assert rows_full[-1]["objective/kl_coef"] != rows_full[0]["objective/kl_coef"]  # the controller moved
+    assert rows_full[-1]["train/lr"] != rows_full[1]["train/lr"]  # the schedule moved
+    assert read_jsonl(out / "samples.jsonl") == read_jsonl(tmp_path / "full" / "samples.jsonl")
+    for name in ("policy", "critic"):
+        _assert_same_weights(tmp_path / "full" / name, out / name)
+
+
+def test_a_kill_while_writing_a_checkpoint_leaves_the_previous_one_and_resume_works(tmp_path, monkeypatch):
+    cfg = make_config(tmp_path, iterations=4, save_every=2)
+    out = Path(cfg.output)
+    original = ppo_state.save_state
+    calls = {"n": 0}
+
+    def dying_save_state(path, obj):
+        if "step-00000004" in str(Path(path).parent.name) or ".step-00000004" in str(path):
+            calls["n"] += 1
+            if calls["n"] == 2:  # some files of the checkpoint are already written
+                raise Crash
+        original(path, obj)
+
+    monkeypatch.setattr(ppo_state, "save_state", dying_save_state)
+    with pytest.raises(Crash):
+        PPOTrainer(cfg).train()
+    assert calls["n"] == 2
+    root = out / "checkpoints"
+    assert (root / "latest").read_text().strip() == "step-00000002"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000002"]  # no partial folder is left
+    assert find_latest_checkpoint(out).name == "step-00000002"
+    rows_before = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in rows_before] == [1, 2, 3, 4]
+
+    monkeypatch.setattr(ppo_state, "save_state", original)
+    PPOTrainer(make_config(tmp_path, iterations=4, save_every=2, resume=True)).train()
+    rows_after = read_jsonl(out / "metrics.jsonl")
+    assert without_timing(rows_after) == without_timing(rows_before)
+    assert (root / "latest").read_text().strip() == "step-00000004"
+    assert (out / "policy" / "config.json").is_file()
+
+
+def test_checkpoint_keeps_the_newest_ones(tmp_path):
+    cfg = make_config(tmp_path, iterations=5, save_every=1, keep_checkpoints=2, sample_table_every=0)
+    PPOTrainer(cfg).train()
+    root = Path(cfg.output) / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000004", "step-00000005"]
+    state = json.loads((root / "step-00000005" / "trainer_state.json").read_text())
+    assert state["step"] == 5 and state["prompt_sampler"] == {"epoch": 2, "position": 8, "num_prompts": 16}
+
+
+@pytest.mark.parametrize("lora", [0, 4])
+def test_final_policy_and_critic_load_with_transformers(tmp_path, lora):
+    cfg = make_config(tmp_path, lora_r=lora)
+    trainer = PPOTrainer(cfg)
+    trainer.train()
+    out = Path(cfg.output)
+    assert not (out / "policy" / "adapter_config.json").exists()  # LoRA merged: a plain causal LM
+    policy = AutoModelForCausalLM.from_pretrained(out / "policy").eval()
+    rollout, _ = trainer.rollout()
+    args = (rollout.query_ids, rollout.query_mask, rollout.response_ids, rollout.response_mask)
+    with torch.no_grad():
+        expected = policy_forward(trainer.policy, *args, temperature=1.0).logprobs
+        loaded = policy_forward(policy, *args, temperature=1.0).logprobs
+        torch.testing.assert_close(loaded, expected, rtol=0, atol=1e-5)
+        initial = policy_forward(trainer.reference, *args, temperature=1.0,).logprobs \
+            if lora == 0 else None
+    if initial is not None:
+        assert (loaded - initial).abs().max() > 1e-4  # training changed the policy
+    assert AutoModelForSequenceClassification.from_pretrained(out / "critic") is not None
+    critic = RewardModel.from_pretrained(out / "critic")
+    with torch.no_grad():
+        torch.testing.assert_close(critic_forward(critic, *args), critic_forward(trainer.critic, *args),
+                                   rtol=0, atol=1e-6)
+
+
+def test_a_fresh_run_refuses_an_existing_run_folder_unless_overwrite(tmp_path):
+    cfg = make_config(tmp_path)
+    PPOTrainer(cfg).train()
+    metrics = (Path(cfg.output) / "metrics.jsonl").read_text()
+    with pytest.raises(RlhfkitError, match="already holds a run.*--resume"):
+        PPOTrainer(make_config(tmp_path)).train()
+    assert (Path(cfg.output) / "metrics.jsonl").read_text() == metrics
+    PPOTrainer(make_config(tmp_path, overwrite=True, iterations=1)).train()
+    assert [r["step"] for r in read_jsonl(Path(cfg.output) / "metrics.jsonl")] == [1]
+
+
+def test_resume_refuses_a_changed_configuration_or_a_missing_checkpoint(tmp_path):
+    with pytest.raises(RlhfkitError, match="no checkpoint"):
+        PPOTrainer(make_config(tmp_path, resume=True)).train()
+    PPOTrainer(make_config(tmp_path)).train()
+    with pytest.raises(RlhfkitError, match="configuration differs.*kl_coef"):
+        PPOTrainer(make_config(tmp_path, resume=True, kl_coef=0.5)).train()
+    # more iterations is allowed: the run continues from iteration 3
+    results = PPOTrainer(make_config(tmp_path, resume=True, iterations=3)).train()
+    assert len(results) == 1
