@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from matplotlib.image import imread
 
 from rlhfkit.errors import RlhfkitError
@@ -18,6 +19,7 @@ from rlhfkit.quickstart.report import (
     regenerate,
     write_summary,
 )
+from rlhfkit.train.rm_eval import calibration_bins
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PROMPTS = [f"Describe a rainy afternoon number {i}." for i in range(8)]
@@ -45,9 +47,11 @@ def make_run(root: Path) -> Path:
     _write_jsonl(run / "metrics/ppo.jsonl", [
         {"iteration": i, "objective/kl": 0.4 * i, "objective/scores": 0.3 * i, "gold/mean": 0.1 * i - 0.01 * i * i,
          "objective/kl_coef": 0.05 * 0.98 ** i, "loss/policy": 0.01} for i in range(1, 13)])
-    bins = [{"confidence_lo": 0.5 + 0.1 * k, "confidence_hi": 0.6 + 0.1 * k, "count": c, "accuracy": acc,
-             "mean_confidence": 0.55 + 0.1 * k} for k, (c, acc) in enumerate([(40, 0.52), (35, 0.66), (0, 0.0),
-                                                                             (30, 0.83), (25, 0.96)])]
+    # The bins come from the real producer (`rlhfkit rm eval`), so report and evaluator cannot drift apart;
+    # the score differences leave the third of 5 bins empty.
+    diffs = torch.tensor([0.1, -0.2, 0.3, 0.5, -0.6, 0.7, 2.0, 3.0, -2.5, 4.0])
+    bins, _ = calibration_bins(diffs, 5)
+    assert bins[2]["n"] == 0
     (run / "rm_eval.json").write_text(json.dumps({"accuracy": 0.84, "ece": 0.0431, "bins": bins}))
     before, after = _before_after()
     _write_jsonl(run / "eval/before.jsonl", before)

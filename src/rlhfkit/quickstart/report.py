@@ -13,8 +13,9 @@ Run-folder layout (written by the quickstart pipeline; this module reads it and 
                                  objective/kl_coef  the KL coefficient used in that iteration
                                (a repeated iteration, e.g. after a resume, keeps its last row)
       rm_eval.json           * reward model on held-out preference pairs:
-                                 accuracy, ece, bins: [{confidence_lo, confidence_hi, count, accuracy,
-                                 mean_confidence}, ...]   (confidence = σ(score_A − score_B) of the predicted side)
+                                 the JSON of `rlhfkit rm eval` (rlhfkit.train.rm_eval): accuracy, ece, bins:
+                                 [{lo, hi, n, accuracy, confidence}, ...] (confidence = σ(|score_A − score_B|);
+                                 accuracy/confidence are null for an empty bin)
       eval/before.jsonl      * per held-out prompt, the SFT policy: prompt, response, gold, proxy
       eval/after.jsonl       * per held-out prompt, the trained policy: prompt, response, gold, proxy, kl
                                  (optional in both: response_tokens, the response length in tokens)
@@ -51,7 +52,7 @@ CONFIG = "config.yaml"
 REQUIRED_FILES = (PPO_METRICS, RM_EVAL, EVAL_BEFORE, EVAL_AFTER, SUMMARY_JSON)
 PPO_KEYS = ("iteration", "objective/kl", "objective/scores", "gold/mean", "objective/kl_coef")
 RM_EVAL_KEYS = ("accuracy", "ece", "bins")
-BIN_KEYS = ("confidence_lo", "confidence_hi", "count", "accuracy", "mean_confidence")
+BIN_KEYS = ("lo", "hi", "n", "accuracy", "confidence")  # as written by rlhfkit.train.rm_eval
 EVAL_KEYS = ("prompt", "response", "gold", "proxy")
 
 # summary.json key -> label in summary.md, in display order.
@@ -146,6 +147,8 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
     for b in rm_eval["bins"]:
         if not isinstance(b, dict) or any(k not in b for k in BIN_KEYS):
             raise data_error(rm_path, None, "bins", f"every bin needs the keys {BIN_KEYS}, got {b!r}")
+        if b["n"] == 0:  # an empty bin has no accuracy or confidence
+            continue
         bins.append({k: _number(b[k], rm_path, None, f"bins.{k}") for k in BIN_KEYS})
 
     evals = {}
@@ -249,16 +252,16 @@ def _plot_overoptimization(ppo: list[dict], path: Path) -> Path:
 def _plot_calibration(rm_eval: dict, bins: list[dict], path: Path) -> Path:
     fig = Figure(figsize=(5.5, 5.5))
     ax = fig.subplots()
-    lo = min([0.5] + [b["confidence_lo"] for b in bins])
+    lo = min([0.5] + [b["lo"] for b in bins])
     ax.plot([lo, 1.0], [lo, 1.0], ls="--", color="tab:gray", label="perfect calibration")
-    used = [b for b in bins if b["count"] > 0]
+    used = [b for b in bins if b["n"] > 0]
     for b in used:
-        width = b["confidence_hi"] - b["confidence_lo"]
-        ax.bar(b["confidence_lo"], b["accuracy"], width=width, align="edge", color="tab:blue", alpha=0.6,
+        width = b["hi"] - b["lo"]
+        ax.bar(b["lo"], b["accuracy"], width=width, align="edge", color="tab:blue", alpha=0.6,
                edgecolor="black")
-        ax.annotate(f"n={int(b['count'])}", ((b["confidence_lo"] + b["confidence_hi"]) / 2, b["accuracy"]),
+        ax.annotate(f"n={int(b['n'])}", ((b["lo"] + b["hi"]) / 2, b["accuracy"]),
                     ha="center", va="bottom", fontsize=7)
-    ax.plot([b["mean_confidence"] for b in used], [b["accuracy"] for b in used], "o", color="tab:orange",
+    ax.plot([b["confidence"] for b in used], [b["accuracy"] for b in used], "o", color="tab:orange",
             label="bin (mean confidence, accuracy)")
     ax.set_xlim(lo, 1.0)
     ax.set_ylim(0.0, 1.05)
