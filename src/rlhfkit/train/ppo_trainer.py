@@ -14,8 +14,10 @@ One iteration, as numbered steps (each a call into ``rollout/``, ``core/`` or ``
 7. a checkpoint every ``save_every`` iterations and after the last one; at the end ``OUTPUT/policy`` (a plain
    Hugging Face causal LM, LoRA merged) and ``OUTPUT/critic``.
 
-Run several processes with ``accelerate launch --num_processes N -m rlhfkit.cli ppo ...``: each samples its
-share, statistics and token counts are global, gradients are summed (see `ppo_update`).
+Run several processes with ``accelerate launch --multi_gpu --num_processes N -m rlhfkit.cli ppo ...`` (on a
+CPU-only machine too: accelerate then starts N torchrun processes joined by gloo; ``--cpu`` would ask for MPI) or
+``torchrun --nproc_per_node N -m rlhfkit.cli ppo ...``: each process samples its share, statistics and token
+counts are global, gradients are summed (see `ppo_update`).
 """
 
 from __future__ import annotations

@@ -45,13 +45,18 @@ from rlhfkit.rollout.forward import critic_forward, policy_forward, trim_batch
 class Dist:
     """The process group of a run (accelerate's ``PartialState``): gather / sum across processes.
 
-    With one process every operation is the identity, so the single-process path runs no collective.
+    With one process every operation is the identity, so the single-process path runs no collective. Processes
+    come from ``accelerate launch --multi_gpu --num_processes N`` (torchrun underneath; on a machine without a GPU
+    the group is CPU/gloo) or ``torchrun --nproc_per_node N``.
     """
 
     def __init__(self) -> None:
         from accelerate import PartialState
+        from accelerate.utils import parse_flag_from_env
 
-        state = PartialState()
+        # accelerate only builds a CPU (gloo) process group when told to use the CPU
+        cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
+        state = PartialState(cpu=cpu)
         self.rank: int = state.process_index
         self.world_size: int = state.num_processes
         self.device: torch.device = state.device

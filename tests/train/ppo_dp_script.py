@@ -1,0 +1,74 @@
+"""One PPO learning step (steps 2-5) on a fixed global rollout of 8 rows; run with one process (plain python) or
+under ``accelerate launch --num_processes 2``. Each process takes its share of the rows; process 0 writes the new
+weights and the statistics to ``OUT``. Usage: ``ppo_dp_script.py TMP OUT`` (TMP holds sft/ and prompts.jsonl)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from ppo_helpers import make_config, trainable  # noqa: E402
+
+from rlhfkit.rollout.sampling import Rollout  # noqa: E402
+from rlhfkit.train.ppo_trainer import PPOTrainer  # noqa: E402
+
+ROWS = 8
+
+
+def fixed_rollout(pad: int) -> tuple[Rollout, torch.Tensor]:
+    """8 prompts of 2-6 tokens (left-padded) and responses of 1-7 tokens (right-padded), from a fixed seed."""
+    g = torch.Generator().manual_seed(123)
+    q_len = [2, 6, 3, 4, 5, 2, 6, 3]
+    r_len = [7, 1, 4, 7, 3, 6, 2, 5]
+    P, T = max(q_len), max(r_len)
+    query_ids = torch.full((ROWS, P), pad)
+    query_mask = torch.zeros(ROWS, P, dtype=torch.bool)
+    response_ids = torch.full((ROWS, T), pad)
+    response_mask = torch.zeros(ROWS, T, dtype=torch.bool)
+    for b in range(ROWS):
+        query_ids[b, P - q_len[b]:] = torch.randint(3, 32, (q_len[b],), generator=g)
+        query_mask[b, P - q_len[b]:] = True
+        response_ids[b, :r_len[b]] = torch.randint(3, 32, (r_len[b],), generator=g)
+        response_mask[b, :r_len[b]] = True
+    stopped = torch.tensor([False, True, True, False, True, False, True, True])
+    rollout = Rollout(query_ids, query_mask, response_ids, response_mask, torch.zeros(ROWS, T), stopped)
+    raw_scores = torch.randn(ROWS, generator=g)
+    return rollout, raw_scores
+
+
+def main(tmp: Path, out: Path) -> None:
+    torch.set_num_threads(1)
+    cfg = make_config(tmp, output=str(out / "run"), rollout_batch_size=ROWS, ppo_epochs=1, num_minibatches=1,
+                      micro_batch_size=2, score_norm="whiten", whiten_rewards=True, missing_stop_penalty=1.0,
+                      missing_stop_mode="subtract", kl_coef=0.2, entropy_coef=0.01)
+    trainer = PPOTrainer(cfg)
+    # a policy that differs from the reference (same perturbation on every process), so the KL part is not zero
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in trainer.policy.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    # SGD: the new weights show the gradient itself (Adam's first step is blind to a gradient scale error)
+    trainer.policy_optimizer = torch.optim.SGD([p for p in trainer.policy.parameters() if p.requires_grad], lr=0.5)
+    trainer.critic_optimizer = torch.optim.SGD([p for p in trainer.critic.parameters() if p.requires_grad], lr=0.5)
+    trainer.update_settings.max_grad_norm = None
+    rollout, raw_scores = fixed_rollout(trainer.tokenizer.pad_token_id)
+    n, rank = ROWS // trainer.dist.world_size, trainer.dist.rank
+    local = Rollout(*(t[rank * n:(rank + 1) * n] for t in rollout))
+    exp = trainer.prepare(local, raw_scores[rank * n:(rank + 1) * n])
+    history = trainer.update(exp)
+    if trainer.dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_file(trainable(trainer.policy), str(out / "policy.safetensors"))
+        save_file(trainable(trainer.critic), str(out / "critic.safetensors"))
+        (out / "stats.json").write_text(json.dumps({"world_size": trainer.dist.world_size, "update": history[0]}))
+    trainer.dist.barrier()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), Path(sys.argv[2]))

@@ -1,0 +1,133 @@
+"""PPOConfig validation and the ``rlhfkit ppo`` command end to end."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+from ppo_helpers import REWARD, make_policy_folder, make_prompts, one_thread  # noqa: F401  (autouse fixture)
+
+from rlhfkit.cli import main
+from rlhfkit.errors import RlhfkitError
+from rlhfkit.train.ppo_config import DEFAULT_ITERATIONS, PPOConfig
+from rlhfkit.utils import read_jsonl
+
+REQUIRED = dict(policy="p", reward_model=["m:f"], prompts="x.jsonl", output="out")
+
+
+def test_every_field_is_documented():
+    for f in dataclasses.fields(PPOConfig):
+        assert f.metadata.get("help"), f.name
+
+
+def test_iterations_total_episodes_and_defaults():
+    assert PPOConfig(**REQUIRED).num_iterations == DEFAULT_ITERATIONS
+    assert PPOConfig(**REQUIRED, iterations=7).num_iterations == 7
+    # ceil(100 / 16) = 7 iterations cover 100 episodes
+    assert PPOConfig(**REQUIRED, total_episodes=100, rollout_batch_size=16).num_iterations == 7
+    assert PPOConfig(**REQUIRED, total_episodes=96, rollout_batch_size=16).num_iterations == 6
+    cfg = PPOConfig(**REQUIRED, learning_rate=2e-5)
+    assert cfg.value_learning_rate == 2e-5
+    assert PPOConfig(**REQUIRED, critic_learning_rate=1e-4).value_learning_rate == 1e-4
+    assert PPOConfig(**{**REQUIRED, "reward_model": "m:f"}).reward_model == ["m:f"]
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"clip_range": 0.0}, "clip_range"),
+    ({"kl_estimator": "k2"}, "kl_estimator"),
+    ({"score_norm": "zscore"}, "score_norm"),
+    ({"missing_stop_mode": "drop"}, "missing_stop_mode"),
+    ({"critic_init": "random"}, "critic_init"),
+    ({"iterations": 3, "total_episodes": 10}, "either iterations or total_episodes"),
+    ({"iterations": 0}, "iterations"),
+    ({"reward_weights": [1.0, 2.0]}, "one weight per source"),
+    ({"rollout_batch_size": 10, "num_minibatches": 4}, "divisible"),
+    ({"gamma": 1.5}, "gamma"),
+    ({"gae_lambda": -0.1}, "gae_lambda"),
+    ({"top_p": 0.0}, "top_p"),
+    ({"temperature": 0.0}, "temperature"),
+    ({"adaptive_kl": True, "kl_target": 0.0}, "kl_target"),
+    ({"adaptive_kl": True, "kl_coef": 0.0}, "kl_coef"),
+    ({"score_norm": "whiten", "rollout_batch_size": 1, "num_minibatches": 1}, "rollout_batch_size >= 2"),
+    ({"resume": True, "overwrite": True}, "exclude"),
+    ({"lr_scheduler": "step"}, "lr_scheduler"),
+    ({"stop_strings": [""]}, "stop_strings"),
+    ({"log_every": 0}, "log_every"),
+    ({"missing_stop_penalty": float("nan")}, "missing_stop_penalty"),
+])
+def test_invalid_values_are_rejected(bad, match):
+    with pytest.raises(RlhfkitError, match=match):
+        PPOConfig(**{**REQUIRED, **bad})
+
+
+# ------------------------------------------------------------------------------------ the CLI
+def _setup(tmp_path: Path) -> tuple[Path, Path]:
+    policy = make_policy_folder(tmp_path / "sft")
+    prompts = make_prompts(tmp_path / "prompts.jsonl")
+    config = tmp_path / "ppo.yaml"
+    config.write_text(yaml.safe_dump({
+        "policy": str(policy), "reward_model": [REWARD], "prompts": str(prompts), "output": str(tmp_path / "run"),
+        "iterations": 2, "rollout_batch_size": 4, "max_new_tokens": 5, "temperature": 1.0, "ppo_epochs": 2,
+        "num_minibatches": 2, "micro_batch_size": 1, "learning_rate": 1e-3, "critic_init": "policy",
+        "sample_table_every": 1, "save_every": 1,
+    }))
+    return config, tmp_path / "run"
+
+
+def test_cli_runs_ppo_end_to_end_from_a_yaml_config(tmp_path, capsys):
+    config, out = _setup(tmp_path)
+    assert main(["ppo", "--config", str(config), "--kl-coef", "0.1"]) == 0
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2]
+    for key in ("objective/kl", "objective/kl_coef", "objective/scores", "objective/rlhf_reward",
+                "objective/non_score_reward", "objective/entropy", "policy/approx_kl", "policy/clipfrac",
+                "policy/ratio_mean", "policy/ratio_var", "policy/entropy", "loss/policy", "loss/value",
+                "loss/entropy", "val/clipfrac", "val/explained_variance", "val/mean", "returns/mean",
+                "response/length_mean", "response/stop_rate", "train/lr", "time/rollout", "time/forward",
+                "time/update", "time/iteration", "throughput/tokens_per_s"):
+        assert key in rows[0], key
+    assert rows[0]["objective/kl_coef"] == 0.1  # the flag overrides the YAML default
+    samples = read_jsonl(out / "samples.jsonl")
+    assert [s["step"] for s in samples] == [1] * 4 + [2] * 4
+    assert {"prompt", "response", "score", "stopped"} <= samples[0].keys()
+    assert any((out / "tensorboard").iterdir())
+    assert (out / "policy" / "config.json").is_file() and (out / "critic" / "config.json").is_file()
+    assert yaml.safe_load((out / "config.yaml").read_text())["kl_coef"] == 0.1
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step-00000001", "step-00000002"]
+
+    # a second fresh run into the same folder is refused, nothing is touched; --resume continues it
+    before = (out / "metrics.jsonl").read_text()
+    assert main(["ppo", "--config", str(config), "--kl-coef", "0.1"]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (out / "metrics.jsonl").read_text() == before
+    assert main(["ppo", "--config", str(config), "--kl-coef", "0.1", "--resume", "--iterations", "3"]) == 0
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--clip_range", "-1"], "clip_range"),
+    (["--kl_estimator", "nope"], "kl_estimator"),
+    (["--no-such-flag", "1"], "no-such-flag"),
+    (["--prompts", "missing.jsonl"], "missing.jsonl"),
+    (["--reward_model", "no_such_module_xyz:fn"], "no_such_module_xyz"),
+    (["--policy", "/nonexistent/model"], "does not exist"),
+])
+def test_cli_bad_configuration_exits_2_and_writes_nothing(tmp_path, capsys, argv, message):
+    config, out = _setup(tmp_path)
+    assert main(["ppo", "--config", str(config), *argv]) == 2
+    err = capsys.readouterr().err
+    assert "rlhfkit: error:" in err and message in err
+    assert "Traceback" not in err
+    assert not out.exists()
+
+
+def test_cli_unknown_yaml_key_exits_2(tmp_path, capsys):
+    config, out = _setup(tmp_path)
+    data = yaml.safe_load(config.read_text())
+    data["learning_rat"] = 1.0
+    config.write_text(yaml.safe_dump(data))
+    assert main(["ppo", "--config", str(config)]) == 2
+    assert "learning_rat" in capsys.readouterr().err
+    assert not out.exists()

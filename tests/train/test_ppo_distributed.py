@@ -1,0 +1,93 @@
+"""Data parallel: two processes (CPU, gloo) on a global batch compute the same update as one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from ppo_helpers import REWARD, make_config, without_timing
+from safetensors.torch import load_file
+
+from rlhfkit.utils import read_jsonl
+
+HERE = Path(__file__).resolve().parent
+SCRIPT = HERE / "ppo_dp_script.py"
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")])
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", ACCELERATE_USE_CPU="true")
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _launch(num_processes: int, args: list[str], module: bool = False) -> subprocess.CompletedProcess:
+    if num_processes == 1 and not module:
+        cmd = [sys.executable, str(SCRIPT), *args]
+    else:
+        # --multi_gpu = torchrun processes; without a GPU (or with ACCELERATE_USE_CPU) they join a gloo group
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+               str(num_processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(_free_port())]
+        cmd += (["-m", "rlhfkit.cli", *args] if module else [str(SCRIPT), *args])
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_same_update_as_one(tmp_path):
+    import ppo_dp_script
+
+    make_config(tmp_path)  # builds sft/ and prompts.jsonl once, before the processes start
+    ppo_dp_script.main(tmp_path, tmp_path / "one")  # one process: this one
+    _launch(2, [str(tmp_path), str(tmp_path / "two")])
+    one_stats = json.loads((tmp_path / "one" / "stats.json").read_text())
+    two_stats = json.loads((tmp_path / "two" / "stats.json").read_text())
+    assert (one_stats["world_size"], two_stats["world_size"]) == (1, 2)
+    for name in ("policy", "critic"):
+        one = load_file(str(tmp_path / "one" / f"{name}.safetensors"))
+        two = load_file(str(tmp_path / "two" / f"{name}.safetensors"))
+        assert one.keys() == two.keys()
+        for k in one:
+            torch.testing.assert_close(two[k], one[k], rtol=0, atol=2e-6, msg=k)
+    # the update moved the policy by far more than the tolerance, so the comparison above has teeth (the script
+    # perturbs the SFT weights by 0.05 * N(0, 1) before the update; the update adds to that)
+    sft = load_file(str(tmp_path / "sft" / "model.safetensors"))
+    policy = load_file(str(tmp_path / "one" / "policy.safetensors"))
+    assert sft.keys() == policy.keys()
+    assert max((policy[k] - sft[k]).abs().max().item() for k in sft) > 0.1
+    for key in ("loss/policy", "loss/value", "loss/total", "policy/approx_kl", "policy/clipfrac", "policy/entropy",
+                "val/clipfrac", "policy/grad_norm", "val/grad_norm", "num_tokens"):
+        assert two_stats["update"][key] == pytest.approx(one_stats["update"][key], rel=1e-5, abs=1e-7), key
+
+
+@pytest.mark.slow
+def test_two_process_training_run_and_resume_through_the_cli(tmp_path):
+    cfg = make_config(tmp_path)
+    args = ["ppo", "--policy", cfg.policy, "--reward_model", REWARD, "--prompts", cfg.prompts, "--output",
+            str(tmp_path / "run"), "--rollout_batch_size", "8", "--max_new_tokens", "5", "--temperature", "1.0",
+            "--num_minibatches", "2", "--micro_batch_size", "2", "--critic_init", "policy", "--learning_rate", "1e-3",
+            "--score_norm", "whiten", "--save_every", "1"]
+    _launch(2, [*args, "--iterations", "2"], module=True)
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2]
+    assert (tmp_path / "run" / "checkpoints" / "step-00000002" / "rng-rank1.pt").is_file()
+    _launch(2, [*args, "--iterations", "3", "--resume"], module=True)
+    resumed = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert without_timing(resumed[:2]) == without_timing(rows)
+    assert [r["step"] for r in resumed] == [1, 2, 3]
+    assert (tmp_path / "run" / "policy" / "config.json").is_file()
