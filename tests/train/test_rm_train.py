@@ -7,7 +7,8 @@ import json
 
 import pytest
 import torch
-from rm_helpers import GOOD, PAD, VOCAB, make_sft_folder, make_tokenizer, one_thread, pointwise_rows, preference_rows, read_weights, write_jsonl  # noqa: F401,E501
+from rm_helpers import (GOOD, PAD, VOCAB, make_sft_folder, make_tokenizer, one_thread,  # noqa: F401 (autouse)
+                        pointwise_rows, preference_rows, read_weights, write_jsonl)
 from transformers import AutoModelForSequenceClassification, BertConfig, BertModel
 
 from rlhfkit.cli import main

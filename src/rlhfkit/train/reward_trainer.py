@@ -373,7 +373,7 @@ def evaluate(model: Any, objective: Any, items: Sequence[Any], accelerator: Any,
             diffs += out.diff.tolist()
     model.train()
     totals = accelerator.reduce(totals, "sum")
-    if accelerator.num_processes > 1 and diffs is not None:
+    if accelerator.num_processes > 1:
         from accelerate.utils import gather_object
 
         diffs = gather_object(diffs)
@@ -484,8 +484,7 @@ def run(cfg: RMTrainConfig) -> dict[str, float]:
     # 5. Loop: epochs × optimizer steps × micro-batches.
     eval_metrics: dict[str, float] = {}
     last_eval_diffs: list[float] = []
-    window_time, window_tokens, t_window = 0.0, 0.0, time.perf_counter()
-    device = accelerator.device
+    window_tokens, t_window = 0.0, time.perf_counter()
     start_epoch, start_batch = state["epoch"], state["next_batch"]
     for epoch in range(start_epoch, cfg.epochs):
         batches = sampler.batches(epoch)

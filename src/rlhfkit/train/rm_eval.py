@@ -29,7 +29,7 @@ from typing import Any, Sequence
 import torch
 
 from rlhfkit.data.preference import PreferenceExample, load_preferences
-from rlhfkit.data.tokenize import TokenizedPair, TokenizeReport, collate_pairs, tokenize_preferences
+from rlhfkit.data.tokenize import TokenizeReport, collate_pairs, tokenize_preferences
 from rlhfkit.errors import RlhfkitError, data_error
 from rlhfkit.models.pairrm import PairRanker, build_input, pad_right
 from rlhfkit.models.reward import METADATA_FILE, RewardModel

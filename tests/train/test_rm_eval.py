@@ -1,0 +1,149 @@
+"""`rlhfkit rm eval`: accuracy (ties ½), margin, calibration bins and ECE against hand-computed values; the Python
+entry point with a fake reward model of known scores; the CLI end to end (reward model and PairRM folders)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from rm_helpers import (BAD, GOOD, PAD, make_sft_folder, make_tokenizer, one_thread,  # noqa: F401 (autouse)
+                        preference_rows, write_jsonl)
+
+from rlhfkit.cli import main
+from rlhfkit.data.preference import parse_preferences
+from rlhfkit.models.pairrm import PairRanker
+from rlhfkit.models.reward import RewardModel, RewardOutput
+from rlhfkit.train.rm_eval import calibration_bins, evaluate_reward_model, load_scoring_model, pairwise_metrics
+
+# Six pairs with d = r_c - r_r:            2     -1     0 (tie)  0.5    3     -0.2
+DIFFS = [2.0, -1.0, 0.0, 0.5, 3.0, -0.2]
+
+
+def sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def expected_five_bins() -> tuple[list[tuple[int, float | None, float | None]], float]:
+    """By hand, 5 bins of width 0.1 over [0.5, 1]; confidence c = σ(|d|), bin = floor((c - 0.5) · 10):
+    σ(2) = .8808 -> bin 3 (right), σ(1) = .7311 -> bin 2 (wrong), σ(0) = .5 -> bin 0 (tie: ½),
+    σ(.5) = .6225 -> bin 1 (right), σ(3) = .9526 -> bin 4 (right), σ(.2) = .5498 -> bin 0 (wrong).
+    Bin 0 holds the tie and the -0.2 pair: accuracy (½ + 0) / 2, confidence (.5 + σ(.2)) / 2.
+    ECE = Σ_b n_b / 6 · |acc_b - conf_b|."""
+    bins = [(2, 0.25, (0.5 + sigmoid(0.2)) / 2), (1, 1.0, sigmoid(0.5)), (1, 0.0, sigmoid(1.0)),
+            (1, 1.0, sigmoid(2.0)), (1, 1.0, sigmoid(3.0))]
+    ece = sum(n / 6 * abs(acc - conf) for n, acc, conf in bins)
+    return bins, ece
+
+
+def test_calibration_bins_and_ece_match_the_hand_computation():
+    bins, ece = calibration_bins(torch.tensor(DIFFS, dtype=torch.float64), num_bins=5)
+    want, want_ece = expected_five_bins()
+    assert [(b["n"], b["accuracy"]) for b in bins] == [(n, acc) for n, acc, _ in want]
+    for b, (_, _, conf) in zip(bins, want):
+        assert b["confidence"] == pytest.approx(conf, rel=1e-12)
+    assert [b["lo"] for b in bins] == pytest.approx([0.5, 0.6, 0.7, 0.8, 0.9])
+    assert [b["hi"] for b in bins] == pytest.approx([0.6, 0.7, 0.8, 0.9, 1.0])
+    assert ece == pytest.approx(want_ece, rel=1e-12)
+    # The number itself, so that a mistake shared by the code and expected_five_bins cannot hide:
+    # 2/6·|.25 - .524917| + (1 - .622459)/6 + .731059/6 + (1 - .880797)/6 + (1 - .952574)/6
+    # = .091639 + .062923 + .121843 + .019867 + .007904 = .304177
+    assert ece == pytest.approx(0.304177, abs=1e-6)
+
+
+def test_pairwise_metrics_count_ties_as_half_and_leave_empty_bins_empty():
+    m = pairwise_metrics(torch.tensor(DIFFS), num_bins=10)
+    assert m["n"] == 6 and m["ties"] == 1
+    assert m["accuracy"] == pytest.approx(3.5 / 6, rel=1e-12)  # 1 + 0 + ½ + 1 + 1 + 0
+    assert m["margin"] == pytest.approx(4.3 / 6, rel=1e-6)
+    assert sum(b["n"] for b in m["bins"]) == 6
+    empty = [b for b in m["bins"] if b["n"] == 0]
+    assert empty and all(b["accuracy"] is None and b["confidence"] is None for b in empty)
+    # A perfectly confident, always-right model is perfectly calibrated; a confidently wrong one has ECE ~ 1.
+    assert pairwise_metrics(torch.tensor([50.0, 60.0]))["ece"] == pytest.approx(0.0, abs=1e-12)
+    assert pairwise_metrics(torch.tensor([-50.0, -60.0]))["ece"] == pytest.approx(1.0, abs=1e-12)
+
+
+class FakeRM(torch.nn.Module):
+    """Score = sum over response tokens of a fixed value per token: good +1, bad -1, w3 +0.5, w10 +0.2, else 0."""
+
+    pad_token_id = PAD
+
+    def __init__(self, tokenizer):
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(()))
+        vocab = tokenizer.get_vocab()
+        self.values = torch.zeros(len(vocab))
+        for word, v in ((GOOD, 1.0), (BAD, -1.0), ("w3", 0.5), ("w10", 0.2)):
+            self.values[vocab[word]] = v
+
+    def forward(self, input_ids, attention_mask, response_mask=None):
+        token_scores = torch.where(response_mask, self.values[input_ids], 0.0)
+        return RewardOutput(scores=token_scores.sum(dim=1) + 0 * self.dummy, token_scores=token_scores)
+
+
+def test_evaluate_reward_model_on_known_scores_gives_the_hand_computed_metrics():
+    tokenizer = make_tokenizer()
+    # Pairs built to have d = 2, -1, 0, 0.5, 3, -0.2 (prompts of different lengths, so batches are reordered).
+    pairs = [("w5", GOOD, BAD), ("w5 w6 w7", BAD, "w4"), ("w8", "w4", "w5"), ("w9 w9 w9 w9 w9", "w3", "w6"),
+             ("w4 w4", f"{GOOD} {GOOD} w3 w3", "w7"), ("w6", "w8", "w10")]
+    examples = parse_preferences([{"prompt": p, "chosen": c, "rejected": r} for p, c, r in pairs])
+    m = evaluate_reward_model(FakeRM(tokenizer), tokenizer, examples, batch_size=4, num_bins=5)
+    want, want_ece = expected_five_bins()
+    assert m["n"] == 6 and m["ties"] == 1 and m["n_dropped"] == 0
+    assert m["accuracy"] == pytest.approx(3.5 / 6, rel=1e-12)
+    assert m["margin"] == pytest.approx(4.3 / 6, rel=1e-6)
+    assert m["ece"] == pytest.approx(want_ece, rel=1e-6)
+    assert [b["n"] for b in m["bins"]] == [n for n, _, _ in want]
+    assert m["chosen_mean"] == pytest.approx((1 - 1 + 0 + 0.5 + 3 + 0) / 6, rel=1e-6)
+    assert m["rejected_mean"] == pytest.approx((-1 + 0 + 0 + 0 + 0 + 0.2) / 6, rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rmeval")
+    sft = make_sft_folder(root / "sft")
+    tok = make_tokenizer()
+    torch.manual_seed(0)
+    RewardModel.from_backbone(sft).save_pretrained(root / "rm", tokenizer=tok)
+    PairRanker.from_backbone(sft, tokenizer=tok, max_length=64).save_pretrained(root / "pairrm")
+    data = write_jsonl(root / "pairs.jsonl", preference_rows(30, seed=5))
+    return root, data
+
+
+@pytest.mark.parametrize("kind", ["rm", "pairrm"])
+def test_rm_eval_cli_writes_the_metrics_json_and_prints_a_table(folders, tmp_path, capsys, kind):
+    root, data = folders
+    out = tmp_path / "res.json"
+    assert main(["rm", "eval", "--model", str(root / kind), "--data", str(data), "--output", str(out),
+                 "--num_bins", "4", "--batch_size", "7"]) == 0
+    printed = capsys.readouterr().out
+    assert "accuracy" in printed and "ECE" in printed and "[0.875,1.000]" in printed
+    res = json.loads(out.read_text())
+    assert {"accuracy", "margin", "ece", "bins", "n"} <= set(res) and res["n"] == 30 and len(res["bins"]) == 4
+    model, tok = load_scoring_model(root / kind)
+    direct = evaluate_reward_model(model, tok, parse_preferences(preference_rows(30, seed=5)), num_bins=4)
+    for key in ("accuracy", "margin", "ece"):
+        assert res[key] == pytest.approx(direct[key], rel=1e-5, abs=1e-6)
+    if kind == "pairrm":  # the symmetric ranker is exactly antisymmetric in the two orders
+        ranker = model
+        ex = parse_preferences(preference_rows(1, seed=6))[0]
+        p_ab = ranker.prob_a_better(ex.prompt, ex.chosen, ex.rejected)
+        p_ba = ranker.prob_a_better(ex.prompt, ex.rejected, ex.chosen)
+        assert p_ab + p_ba == pytest.approx(1.0, abs=1e-6)
+
+
+def test_rm_eval_bad_input_exits_2_and_writes_nothing(folders, tmp_path, capsys):
+    root, data = folders
+    out = tmp_path / "res.json"
+    assert main(["rm", "eval", "--model", str(tmp_path / "nope"), "--data", str(data), "--output", str(out)]) == 2
+    assert "not found" in capsys.readouterr().err
+    rows = preference_rows(5, seed=1)
+    rows[3]["chosen"] = 7
+    bad = write_jsonl(tmp_path / "bad.jsonl", rows)
+    assert main(["rm", "eval", "--model", str(root / "rm"), "--data", str(bad), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl" in err and "row 4" in err and "'chosen'" in err
+    assert main(["rm", "eval", "--model", str(root / "rm"), "--data", str(data), "--num_bins", "0"]) == 2
+    assert not out.exists()
