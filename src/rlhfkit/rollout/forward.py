@@ -1,0 +1,271 @@
+"""Teacher-forced forward passes over ``[query; response]`` for PPO: policy log-probs and critic values.
+
+Inputs everywhere: ``query_ids``/``query_mask`` (B, P), prompts LEFT-padded; ``response_ids``/``response_mask``
+(B, T), responses RIGHT-padded. The model sees the concatenation (B, L = P + T) with
+``attention_mask = cat(query_mask, response_mask)`` and ``position_ids = max(cumsum(attention_mask) - 1, 0)``
+(:func:`rlhfkit.models.loading.forward_hidden`), so the padding of a row changes nothing on its real tokens.
+
+Alignment: the hidden state at sequence position ``i`` predicts the token at ``i + 1``. Response token ``t``
+sits at position ``P + t``, so it is predicted by position ``P - 1 + t``; the T positions ``P - 1 … P + T - 2``
+are the only ones whose logits PPO needs (the last query token predicts the first response token). The policy
+forward runs the decoder, slices those T hidden states and only then applies the LM head, so the (B, T, V)
+logits are the only vocabulary-sized tensor (the full (B, L, V) one is never built). Models whose causal-LM
+forward transforms the head's output (logit soft-capping or scaling) and DistributedDataParallel-wrapped models
+are instead called whole with ``logits_to_keep`` set to those T positions (same result, same saving).
+The critic's value of the state before response token ``t`` is read at the same position ``P - 1 + t``.
+
+Values at padded response positions: ``logprobs``, ``entropy`` and ``values`` are 0 there; ``logits`` hold
+whatever the model computed (do not read them).
+
+:func:`trim_batch` removes all-padding columns (left of the queries, right of the responses) before a
+micro-batch's forward pass; :meth:`TrimmedBatch.restore` pads a (B, T') result back to (B, T).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from rlhfkit.core.logprobs import entropy_from_logits, logprobs_from_logits, upcast
+from rlhfkit.core.masks import position_ids_from_mask
+from rlhfkit.models.loading import forward_hidden
+
+__all__ = ["PolicyForward", "TrimmedBatch", "critic_forward", "policy_forward", "response_positions", "trim_batch"]
+
+# Config attributes of transformers models whose causal-LM forward transforms the LM head's output
+# (Gemma 2/3 soft-capping, Cohere's logit_scale, Granite's logits_scaling). Applying the LM head by hand would
+# skip the transform, so for these models the full model is called with ``logits_to_keep`` instead.
+_LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0}
+
+
+class PolicyForward(NamedTuple):
+    """Outputs of :func:`policy_forward`.
+
+    Attributes:
+        logprobs: (B, T) float32 (float64 for a float64 model), log π(response token | prefix) at the given
+            temperature; 0 on padding.
+        entropy: (B, T) float32 (float64 for a float64 model) entropy of the tempered distribution, 0 on padding;
+            None unless requested.
+        logits: (B, T, V) raw (untempered) next-token logits in the model's dtype; None unless requested.
+    """
+
+    logprobs: torch.Tensor
+    entropy: torch.Tensor | None
+    logits: torch.Tensor | None
+
+
+def _check_inputs(
+    query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor, response_mask: torch.Tensor
+) -> None:
+    if query_ids.dim() != 2 or response_ids.dim() != 2:
+        raise ValueError(f"query_ids {tuple(query_ids.shape)} and response_ids {tuple(response_ids.shape)} must be 2-D")
+    if query_ids.shape != query_mask.shape or response_ids.shape != response_mask.shape:
+        raise ValueError(
+            f"ids and masks differ in shape: query {tuple(query_ids.shape)} vs {tuple(query_mask.shape)}, "
+            f"response {tuple(response_ids.shape)} vs {tuple(response_mask.shape)}"
+        )
+    if query_ids.shape[0] != response_ids.shape[0]:
+        raise ValueError(f"batch sizes differ: queries {query_ids.shape[0]}, responses {response_ids.shape[0]}")
+    if query_ids.shape[1] < 1:
+        raise ValueError("the query must have at least one column (its last token predicts the first response token)")
+
+
+def _sequence(
+    query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor, response_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` of the concatenated (B, P + T) sequence (mask as bool)."""
+    _check_inputs(query_ids, query_mask, response_ids, response_mask)
+    input_ids = torch.cat([query_ids, response_ids], dim=1)
+    attention_mask = torch.cat([query_mask.bool(), response_mask.bool()], dim=1)
+    return input_ids, attention_mask
+
+
+def response_positions(P: int, T: int) -> slice:
+    """The sequence positions ``P - 1 … P + T - 2`` whose outputs predict (or value the state before) the T
+    response tokens of a (B, P + T) sequence."""
+    return slice(P - 1, P + T - 1)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    return torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model inside DistributedDataParallel and/or peft wrappers, else the model itself."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def _find_decoder(lm: nn.Module) -> nn.Module | None:
+    """The module that returns the last hidden states of a causal LM, or None if it cannot be found."""
+    get_decoder = getattr(lm, "get_decoder", None)
+    decoder = get_decoder() if callable(get_decoder) else None
+    if decoder is None or decoder is lm:
+        for name in ("model", "base_model", "transformer"):
+            candidate = getattr(lm, name, None)
+            if isinstance(candidate, nn.Module) and candidate is not lm:
+                decoder = candidate
+                break
+    return None if decoder is None or decoder is lm else decoder
+
+
+def _has_logit_transform(lm: nn.Module) -> bool:
+    config = getattr(lm, "config", None)
+    if config is None:
+        return False
+    for name, neutral in _LOGIT_TRANSFORMS.items():
+        value = getattr(config, name, neutral)
+        if value is not None and value != neutral:
+            return True
+    return False
+
+
+def _response_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, T: int) -> torch.Tensor:
+    """Next-token logits (B, T, V) at the response-predicting positions, nothing else through the LM head."""
+    P = input_ids.shape[1] - T
+    positions = response_positions(P, T)
+    lm = _unwrap(model)
+    decoder = _find_decoder(lm)
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    # a DistributedDataParallel wrapper must see the forward call (it prepares the gradient all-reduce there)
+    wrapped = isinstance(model, nn.parallel.DistributedDataParallel)
+    if decoder is not None and head is not None and not wrapped and not _has_logit_transform(lm):
+        hidden = forward_hidden(decoder, input_ids, attention_mask)
+        return head(hidden[:, positions])
+    # Fallback (models with a logit transform, DDP-wrapped models, models without a findable decoder/head): the
+    # model applies its own head (and transform) at exactly these positions through ``logits_to_keep``.
+    keep = torch.arange(positions.start, positions.stop, device=input_ids.device)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask.long(),
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+        logits_to_keep=keep,
+    )
+    return out.logits
+
+
+def policy_forward(
+    model: nn.Module,
+    query_ids: torch.Tensor,
+    query_mask: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    with_logits: bool = False,
+    autocast_dtype: torch.dtype | None = None,
+) -> PolicyForward:
+    """Log-probs (and optionally entropy, logits) of the response tokens under a causal LM.
+
+    ``model`` is any transformers causal LM, optionally wrapped by peft (call it inside
+    ``model.disable_adapter()`` for the reference policy). Gradients flow iff the caller has grad enabled.
+    ``temperature`` must be the sampling temperature (see :mod:`rlhfkit.core.logprobs`). ``autocast_dtype``
+    (e.g. ``torch.bfloat16``) runs the model under ``torch.autocast`` on its device type; log-probs and entropy
+    are always computed in float32.
+    Shapes: query (B, P) left-padded, response (B, T) right-padded -> :class:`PolicyForward` of (B, T) tensors.
+    """
+    input_ids, attention_mask = _sequence(query_ids, query_mask, response_ids, response_mask)
+    T = response_ids.shape[1]
+    with _autocast(input_ids.device, autocast_dtype):
+        logits = _response_logits(model, input_ids, attention_mask, T)
+    mask = response_mask.bool()
+    zero = torch.zeros((), dtype=upcast(logits).dtype, device=logits.device)
+    logprobs = torch.where(mask, logprobs_from_logits(logits, response_ids, temperature), zero)
+    entropy = None
+    if with_entropy:
+        entropy = torch.where(mask, entropy_from_logits(logits, temperature), zero)
+    return PolicyForward(logprobs=logprobs, entropy=entropy, logits=logits if with_logits else None)
+
+
+def _token_values(output: Any) -> torch.Tensor:
+    """Per-token values (B, L) from a critic's output: ``.token_scores`` (RewardModel), ``.values`` or a tensor."""
+    for name in ("token_scores", "values"):
+        values = getattr(output, name, None)
+        if isinstance(values, torch.Tensor):
+            return values
+    if isinstance(output, torch.Tensor):
+        return output
+    raise TypeError(f"the critic returned {type(output).__name__}; expected .token_scores, .values or a tensor")
+
+
+def critic_forward(
+    critic: nn.Module,
+    query_ids: torch.Tensor,
+    query_mask: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    autocast_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Values (B, T) float32 (float64 for a float64 critic) of the states before each response token; 0 on padding.
+
+    ``critic(input_ids, attention_mask)`` must return per-token scores (B, L), e.g.
+    :class:`rlhfkit.models.reward.RewardModel` (``.token_scores``); value ``t`` is read at sequence position
+    ``P - 1 + t`` (the last query token values the state before the first response token).
+    """
+    input_ids, attention_mask = _sequence(query_ids, query_mask, response_ids, response_mask)
+    P, T = query_ids.shape[1], response_ids.shape[1]
+    with _autocast(input_ids.device, autocast_dtype):
+        token_values = _token_values(critic(input_ids, attention_mask))
+    if token_values.shape[:2] != input_ids.shape:
+        raise ValueError(
+            f"critic values {tuple(token_values.shape)} do not match the sequence {tuple(input_ids.shape)}")
+    values = upcast(token_values[:, response_positions(P, T)])
+    if values.dim() == 3:  # (B, T, 1) heads
+        values = values.squeeze(-1)
+    return torch.where(response_mask.bool(), values, torch.zeros((), dtype=values.dtype, device=values.device))
+
+
+class TrimmedBatch(NamedTuple):
+    """A micro-batch without all-padding columns (see :func:`trim_batch`).
+
+    ``query_start``: the first kept query column; ``response_end``: one past the last kept response column;
+    ``response_length``: T of the untrimmed batch.
+    """
+
+    query_ids: torch.Tensor
+    query_mask: torch.Tensor
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    query_start: int
+    response_end: int
+    response_length: int
+
+    def restore(self, x: torch.Tensor, value: float = 0.0) -> torch.Tensor:
+        """Pad a (B, T', ...) result of the trimmed batch back to (B, T, ...) with ``value`` on the right."""
+        if x.shape[1] != self.response_end:
+            raise ValueError(f"expected {self.response_end} response columns, got {x.shape[1]}")
+        missing = self.response_length - self.response_end
+        if missing == 0:
+            return x
+        pad = x.new_full((x.shape[0], missing, *x.shape[2:]), value)
+        return torch.cat([x, pad], dim=1)
+
+
+def trim_batch(
+    query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor, response_mask: torch.Tensor
+) -> TrimmedBatch:
+    """Drop the leading query columns that are padding in every row and the trailing response columns that are
+    padding in every row. At least one query column is kept (the last one predicts the first response token);
+    responses may trim to zero columns. Pure indexing: the kept tensors are views of the inputs.
+    """
+    _check_inputs(query_ids, query_mask, response_ids, response_mask)
+    P, T = query_ids.shape[1], response_ids.shape[1]
+    q_used = query_mask.bool().any(dim=0)
+    query_start = int(q_used.nonzero()[0]) if bool(q_used.any()) else P - 1
+    r_used = response_mask.bool().any(dim=0)
+    response_end = int(r_used.nonzero()[-1]) + 1 if bool(r_used.any()) else 0
+    return TrimmedBatch(
+        query_ids=query_ids[:, query_start:],
+        query_mask=query_mask[:, query_start:],
+        response_ids=response_ids[:, :response_end],
+        response_mask=response_mask[:, :response_end],
+        query_start=query_start,
+        response_end=response_end,
+        response_length=T,
+    )
