@@ -147,6 +147,13 @@ def test_final_policy_and_critic_load_with_transformers(tmp_path, lora):
                                    rtol=0, atol=1e-6)
 
 
+def test_no_checkpoint_without_save_every(tmp_path):
+    cfg = make_config(tmp_path)
+    PPOTrainer(cfg).train()
+    assert not (Path(cfg.output) / "checkpoints").exists()
+    assert (Path(cfg.output) / "policy" / "config.json").is_file()
+
+
 def test_a_fresh_run_refuses_an_existing_run_folder_unless_overwrite(tmp_path):
     cfg = make_config(tmp_path)
     PPOTrainer(cfg).train()
@@ -161,9 +168,9 @@ def test_a_fresh_run_refuses_an_existing_run_folder_unless_overwrite(tmp_path):
 def test_resume_refuses_a_changed_configuration_or_a_missing_checkpoint(tmp_path):
     with pytest.raises(RlhfkitError, match="no checkpoint"):
         PPOTrainer(make_config(tmp_path, resume=True)).train()
-    PPOTrainer(make_config(tmp_path)).train()
+    PPOTrainer(make_config(tmp_path, save_every=5)).train()  # 2 iterations: checkpointed after the last
     with pytest.raises(RlhfkitError, match="configuration differs.*kl_coef"):
-        PPOTrainer(make_config(tmp_path, resume=True, kl_coef=0.5)).train()
+        PPOTrainer(make_config(tmp_path, resume=True, save_every=5, kl_coef=0.5)).train()
     # more iterations is allowed: the run continues from iteration 3
-    results = PPOTrainer(make_config(tmp_path, resume=True, iterations=3)).train()
+    results = PPOTrainer(make_config(tmp_path, resume=True, save_every=5, iterations=3)).train()
     assert len(results) == 1

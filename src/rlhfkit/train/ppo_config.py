@@ -133,7 +133,8 @@ class PPOConfig:
 
     # -- bookkeeping --------------------------------------------------------------------------------------
     seed: int = field(default=0, metadata=_help("random seed (sampling streams, shuffling, initialisation)"))
-    save_every: int = field(default=0, metadata=_help("checkpoint every N iterations (0 = only at the end)"))
+    save_every: int = field(default=0, metadata=_help(
+        "checkpoint every N iterations and after the last one, for --resume (0 = no checkpoints)"))
     keep_checkpoints: int = field(default=2, metadata=_help("how many checkpoints to keep (0 = all)"))
     sample_table_every: int = field(default=10, metadata=_help(
         "write sample responses (prompt, response, score) every N iterations (0 = never)"))

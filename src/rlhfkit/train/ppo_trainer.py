@@ -11,7 +11,7 @@ One iteration, as numbered steps (each a call into ``rollout/``, ``core/`` or ``
 5. update: ppo_epochs × minibatches × micro-batches (`ppo_update.ppo_update`), then the LR schedules step;
 6. statistics (namespaced metrics, see ``docs/``) to ``metrics.jsonl`` + TensorBoard, a sample table every
    ``sample_table_every`` iterations, and the KL controller update;
-7. a checkpoint every ``save_every`` iterations and after the last one; at the end ``OUTPUT/policy`` (a plain
+7. a checkpoint every ``save_every`` iterations and after the last one (none with ``save_every=0``); at the end ``OUTPUT/policy`` (a plain
    Hugging Face causal LM, LoRA merged) and ``OUTPUT/critic``.
 
 Run several processes with ``accelerate launch --multi_gpu --num_processes N -m rlhfkit.cli ppo ...`` (on a
@@ -175,7 +175,9 @@ class PPOTrainer:
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise RlhfkitError(f"{type(model).__name__} has no trainable parameter")
-        return torch.optim.AdamW(params, lr=lr, weight_decay=self.cfg.weight_decay)
+        # the fused kernel is ~3x faster than the per-tensor loop on CPU (and exists on CUDA)
+        fused = all(p.dtype.is_floating_point and p.device.type in ("cpu", "cuda") for p in params)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=self.cfg.weight_decay, fused=fused or None)
 
     def _scheduler(self, optimizer: torch.optim.Optimizer) -> Any:
         return get_scheduler(_SCHEDULERS[self.cfg.lr_scheduler], optimizer,
@@ -364,7 +366,8 @@ class PPOTrainer:
                 bar.set_postfix(score=f"{result.stats['objective/scores']:.3g}",
                                 kl=f"{result.stats['objective/kl']:.3g}")
                 # 7. checkpoint
-                if (self.cfg.save_every and step % self.cfg.save_every == 0) or step == self.num_iterations:
+                every = self.cfg.save_every
+                if every and (step % every == 0 or step == self.num_iterations):
                     ppo_state.write_checkpoint(self, step)
             ppo_state.save_final(self)
         finally:
