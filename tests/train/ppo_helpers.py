@@ -84,8 +84,8 @@ def make_config(tmp: Path, **overrides):
     if not prompts.exists():
         make_prompts(prompts)
     kw = dict(policy=str(policy), reward_model=[REWARD], prompts=str(prompts), output=str(tmp / "run"),
-              iterations=2, max_new_tokens=6, temperature=1.0, stop_token_ids=[3, 4, 5], rollout_batch_size=8, ppo_epochs=2,
-              num_minibatches=2, micro_batch_size=2, learning_rate=1e-3, critic_init="policy",
+              iterations=2, max_new_tokens=6, temperature=1.0, stop_token_ids=[3, 4, 5], rollout_batch_size=8,
+              ppo_epochs=2, num_minibatches=2, micro_batch_size=2, learning_rate=1e-3, critic_init="policy",
               sample_table_every=1, sample_table_rows=4)
     kw.update(overrides)
     return PPOConfig(**kw)

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from ppo_helpers import one_thread  # noqa: F401  (autouse: robust timing on shared cores)
 from transformers import AutoModelForCausalLM
 
 from rlhfkit.models.loading import smollm2_gguf_path

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from ppo_helpers import make_config, make_policy_folder, one_thread, trainable  # noqa: F401  (one_thread: autouse fixture)
+from ppo_helpers import make_config, make_policy_folder, one_thread, trainable  # noqa: F401  (autouse fixture)
 
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.rollout.sampling import Rollout

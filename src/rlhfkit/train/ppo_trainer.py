@@ -11,8 +11,8 @@ One iteration, as numbered steps (each a call into ``rollout/``, ``core/`` or ``
 5. update: ppo_epochs × minibatches × micro-batches (`ppo_update.ppo_update`), then the LR schedules step;
 6. statistics (namespaced metrics, see ``docs/``) to ``metrics.jsonl`` + TensorBoard, a sample table every
    ``sample_table_every`` iterations, and the KL controller update;
-7. a checkpoint every ``save_every`` iterations and after the last one (none with ``save_every=0``); at the end ``OUTPUT/policy`` (a plain
-   Hugging Face causal LM, LoRA merged) and ``OUTPUT/critic``.
+7. a checkpoint every ``save_every`` iterations and after the last one (none with ``save_every=0``); at the end
+   ``OUTPUT/policy`` (a plain Hugging Face causal LM, LoRA merged) and ``OUTPUT/critic``.
 
 Run several processes with ``accelerate launch --multi_gpu --num_processes N -m rlhfkit.cli ppo ...`` (on a
 CPU-only machine too: accelerate then starts N torchrun processes joined by gloo; ``--cpu`` would ask for MPI) or
@@ -36,7 +36,8 @@ from transformers import get_scheduler
 from rlhfkit.config import save_config
 from rlhfkit.core.advantages import gae
 from rlhfkit.core.kl_control import make_kl_controller
-from rlhfkit.core.rewards import RunningMoments, ShapedRewards, clip_scores, missing_stop_penalty, shape_rewards, whiten_scores
+from rlhfkit.core.rewards import (RunningMoments, ShapedRewards, clip_scores, missing_stop_penalty, shape_rewards,
+                                  whiten_scores)
 from rlhfkit.data.prompts import load_prompts
 from rlhfkit.data.tokenize import left_pad, tokenize_prompts
 from rlhfkit.errors import RlhfkitError

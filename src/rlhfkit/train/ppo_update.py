@@ -145,7 +145,8 @@ def pad_columns(x: torch.Tensor, width: int, value: float | int | bool) -> torch
 # ----------------------------------------------------------------------------------------------------------
 # The update plan: epochs -> minibatches -> micro-batches (row indices of this process's rows)
 # ----------------------------------------------------------------------------------------------------------
-def draw_plan(num_rows: int, ppo_epochs: int, num_minibatches: int, generator: torch.Generator) -> list[list[list[int]]]:
+def draw_plan(num_rows: int, ppo_epochs: int, num_minibatches: int,
+              generator: torch.Generator) -> list[list[list[int]]]:
     """For each epoch, a fresh permutation of the rows cut into ``num_minibatches`` equal minibatches."""
     if num_rows % num_minibatches:
         raise RlhfkitError(f"each process holds {num_rows} rollout rows, not divisible by num_minibatches="
@@ -161,10 +162,6 @@ def draw_plan(num_rows: int, ppo_epochs: int, num_minibatches: int, generator: t
 def micro_batches(rows: Sequence[int], micro_batch_size: int) -> list[list[int]]:
     """Consecutive chunks of ``micro_batch_size`` rows (the last may be shorter)."""
     return [list(rows[i:i + micro_batch_size]) for i in range(0, len(rows), micro_batch_size)]
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    return torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -287,6 +284,39 @@ def _zero(*optimizers: torch.optim.Optimizer) -> None:
         opt.zero_grad(set_to_none=True)
 
 
+def _micro_batch_loss(policy: nn.Module, critic: nn.Module, batch: UpdateBatch, rows: list[int],
+                      num_tokens: torch.Tensor, settings: UpdateSettings) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The loss of one (trimmed) micro-batch, its token losses divided by the minibatch's global ``num_tokens``,
+    and its statistics (``_WEIGHTED`` × the micro-batch's token count, then ``_SUMMED``); None without tokens."""
+    idx = torch.tensor(rows, dtype=torch.long, device=batch.response_ids.device)
+    tb = trim_batch(batch.query_ids[idx], batch.query_mask[idx], batch.response_ids[idx], batch.response_mask[idx])
+    args, t, mask = (tb.query_ids, tb.query_mask, tb.response_ids, tb.response_mask), tb.response_end, tb.response_mask
+    n_local = int(mask.sum().item())
+    if n_local == 0:
+        return None
+    with_entropy = settings.entropy_coef > 0
+    out = policy_forward(policy, *args, temperature=settings.temperature, with_entropy=with_entropy,
+                         with_logits=not with_entropy, autocast_dtype=settings.autocast_dtype)
+    values = critic_forward(critic, *args, autocast_dtype=settings.autocast_dtype)
+    p_loss, p_stats = ppo_policy_loss(out.logprobs, batch.old_logprobs[idx, :t], batch.advantages[idx, :t], mask,
+                                      settings.clip_range, num_tokens)
+    v_loss, v_stats = ppo_value_loss(values, batch.old_values[idx, :t], batch.returns[idx, :t], mask,
+                                     settings.clip_range_value, num_tokens)
+    if with_entropy:
+        entropy = out.entropy
+    else:  # only for the statistics: no graph
+        with torch.no_grad():
+            entropy = entropy_from_logits(out.logits.detach(), settings.temperature)
+    ent = entropy_bonus(entropy, mask, num_tokens)
+    loss = ppo_total_loss(p_loss, v_loss, ent, settings.vf_coef, settings.entropy_coef)
+    with torch.no_grad():
+        weighted = [p_stats.approx_kl, p_stats.clipfrac, p_stats.ratio_mean, p_stats.ratio_var, v_stats.clipfrac,
+                    v_stats.error, v_stats.value_mean]
+        summed = [ent, p_loss, v_loss, -settings.entropy_coef * ent, loss]
+        stats = torch.stack([w.double() * n_local for w in weighted] + [x.detach().double() for x in summed])
+    return loss, stats
+
+
 def ppo_update(
     policy: nn.Module,
     critic: nn.Module,
@@ -304,8 +334,10 @@ def ppo_update(
     are summed over processes, each model's gradient norm is clipped to ``max_grad_norm``, both optimizers step.
     A non-finite loss or gradient norm raises `RlhfkitError` before any optimizer step (gradients are cleared, so
     parameters and optimizer states are untouched). With ``target_kl``, a minibatch whose approx-KL exceeds it
-    is not applied (its stats have ``applied = 0``) and the update ends. Both models stay in eval mode (dropout off) so that the update's
-    forward passes match the rollout-time ones. Each stats dict also holds ``epoch`` and ``minibatch``.
+    is not applied (its stats have ``applied = 0``) and the update ends. Both models stay in eval mode (dropout
+    off) so that the update's forward passes match the rollout-time ones. Statistics are token-weighted means over
+    the minibatch (``ratio_var`` is the token-weighted mean of the micro-batch variances); each dict also holds
+    ``epoch``, ``minibatch``, ``num_tokens`` and ``applied``.
     """
     policy_params, critic_params = _trainable(policy), _trainable(critic)
     history: list[dict[str, float]] = []
@@ -321,41 +353,15 @@ def ppo_update(
             finite = True
             _zero(policy_optimizer, critic_optimizer)
             for micro in micro_batches(rows, settings.micro_batch_size):
-                idx = torch.tensor(micro, dtype=torch.long, device=device)
-                tb = trim_batch(batch.query_ids[idx], batch.query_mask[idx], batch.response_ids[idx],
-                                batch.response_mask[idx])
-                args = (tb.query_ids, tb.query_mask, tb.response_ids, tb.response_mask)
-                t = tb.response_end
-                mask = tb.response_mask
-                n_local = int(mask.sum().item())
-                if n_local == 0:
+                result = _micro_batch_loss(policy, critic, batch, micro, num_tokens, settings)
+                if result is None:
                     continue
-                with_entropy = settings.entropy_coef > 0
-                out = policy_forward(policy, *args, temperature=settings.temperature, with_entropy=with_entropy,
-                                     with_logits=not with_entropy, autocast_dtype=settings.autocast_dtype)
-                values = critic_forward(critic, *args, autocast_dtype=settings.autocast_dtype)
-                p_loss, p_stats = ppo_policy_loss(out.logprobs, batch.old_logprobs[idx, :t],
-                                                  batch.advantages[idx, :t], mask, settings.clip_range, num_tokens)
-                v_loss, v_stats = ppo_value_loss(values, batch.old_values[idx, :t], batch.returns[idx, :t], mask,
-                                                 settings.clip_range_value, num_tokens)
-                if with_entropy:
-                    entropy = out.entropy
-                else:
-                    with torch.no_grad():
-                        entropy = entropy_from_logits(out.logits.detach(), settings.temperature)
-                ent = entropy_bonus(entropy, mask, num_tokens)
-                loss = ppo_total_loss(p_loss, v_loss, ent, settings.vf_coef, settings.entropy_coef)
+                loss, micro_stats = result
                 if not bool(torch.isfinite(loss.detach())):
                     finite = False
                     break
                 loss.backward()
-                with torch.no_grad():
-                    # token-weighted stats: mean over the micro-batch × its token count (divided by N below)
-                    weighted = [p_stats.approx_kl, p_stats.clipfrac, p_stats.ratio_mean, p_stats.ratio_var,
-                                v_stats.clipfrac, v_stats.error, v_stats.value_mean]
-                    summed = [ent.detach(), p_loss.detach(), v_loss.detach(), -settings.entropy_coef * ent.detach(),
-                              loss.detach()]
-                    sums += torch.stack([w.double() * n_local for w in weighted] + [s.double() for s in summed])
+                sums += micro_stats
             if not dist.all_true(finite):
                 _zero(policy_optimizer, critic_optimizer)
                 raise RlhfkitError(
