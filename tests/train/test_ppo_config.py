@@ -131,3 +131,37 @@ def test_cli_unknown_yaml_key_exits_2(tmp_path, capsys):
     assert main(["ppo", "--config", str(config)]) == 2
     assert "learning_rat" in capsys.readouterr().err
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------ models and logging
+def test_critic_starts_from_the_reward_model_folder_and_lora_shares_the_reference(tmp_path):
+    import torch
+    from ppo_helpers import make_config, make_tokenizer
+
+    from rlhfkit.models.reward import RewardModel
+    from rlhfkit.train.ppo_trainer import PPOTrainer
+
+    make_config(tmp_path)
+    torch.manual_seed(5)
+    rm = RewardModel.from_backbone(tmp_path / "sft")
+    rm.save_pretrained(tmp_path / "rm", make_tokenizer())
+    trainer = PPOTrainer(make_config(tmp_path, reward_model=[str(tmp_path / "rm")], critic_init="auto", lora_r=4))
+    head = trainer.critic.model.score.weight
+    assert torch.equal(head, rm.model.score.weight)  # the RM's trained head, not a fresh one
+    assert trainer.reference is trainer.policy  # LoRA: adapters off = reference, no second copy
+    result = trainer.iteration(1)
+    assert result.stats["objective/kl"] == 0.0
+    assert result.stats["objective/scores_std"] > 0  # scores come from the reward model
+    with pytest.raises(RlhfkitError, match="critic_init=reward needs a reward-model folder"):
+        PPOTrainer(make_config(tmp_path, critic_init="reward"))
+
+
+def test_log_every_writes_every_nth_row_and_the_last(tmp_path):
+    from ppo_helpers import make_config
+
+    from rlhfkit.train.ppo_trainer import PPOTrainer
+
+    cfg = make_config(tmp_path, iterations=5, log_every=2, sample_table_every=3)
+    PPOTrainer(cfg).train()
+    assert [r["step"] for r in read_jsonl(Path(cfg.output) / "metrics.jsonl")] == [2, 4, 5]
+    assert {r["step"] for r in read_jsonl(Path(cfg.output) / "samples.jsonl")} == {3}
