@@ -302,6 +302,17 @@ def test_bad_data_exits_2_naming_file_row_and_field(sft, tmp_path, capsys, case)
     assert not out.exists()
 
 
+def test_skip_invalid_trains_on_the_valid_rows_and_reports_the_others(sft, tmp_path, capsys):
+    rows = preference_rows(40, seed=3)
+    rows[6]["chosen"] = rows[6]["rejected"]
+    data = _bad(tmp_path, rows)
+    out = tmp_path / "out"
+    assert train(sft, data, out, "--batch_size", "8", "--eval_fraction", "0", "--skip_invalid") == 0
+    printed = capsys.readouterr().out
+    assert "skipped 1 invalid row(s)" in printed and "row 7" in printed
+    assert "tokenized 39 examples" in printed
+
+
 def test_refuses_to_train_into_a_used_folder_without_resume_or_overwrite(sft, pairs, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()

@@ -173,7 +173,12 @@ def _check_targets(examples: Sequence[Any], cfg: RMTrainConfig, source: str) -> 
 def load_examples(cfg: RMTrainConfig) -> tuple[list, list, str | None]:
     """Validated training and held-out examples (held-out: --eval_data, else a seeded --eval_fraction split)."""
     if cfg.pairwise:
-        load = load_preferences
+        def load(path: str) -> list:
+            examples = load_preferences(path, skip_invalid=cfg.skip_invalid)
+            if examples.skipped:
+                print(f"skipped {len(examples.skipped)} invalid row(s) of {path}: " + "; ".join(examples.skipped[:5])
+                      + (" ..." if len(examples.skipped) > 5 else ""))
+            return examples
     else:
         load = lambda path: load_pointwise(path, aspects=cfg.aspects if cfg.loss == "multi_objective" else None)  # noqa
     train = list(load(cfg.data))

@@ -28,6 +28,9 @@ _OVERLONG_HELP = (
     "the example, 'fail' stops with an error naming the row. A report of affected rows is printed."
 )
 
+_SKIP_HELP = ("Preference data: skip rows that fail validation (each is reported with file, row and field) instead "
+              "of stopping at the first one. Off by default: bad rows are errors.")
+
 
 def _check_lengths(max_length: int, batch_size: int) -> None:
     check_range("max_length", max_length, 8)
@@ -76,6 +79,7 @@ class RMTrainConfig:
     center_rewards_coef: float = field(default=0.0, metadata={
         "help": "Pairwise losses: weight of the auxiliary loss coef·mean((r_c + r_r)²) that keeps scores centred "
                 "on 0 (Eisenstein et al. 2023). 0 = off."})
+    skip_invalid: bool = field(default=False, metadata={"help": _SKIP_HELP})
     max_length: int = field(default=1024, metadata={"help": "Longest tokenised prompt+response, in tokens."})
     overlong: str = field(default="truncate_prompt_left", metadata={"help": _OVERLONG_HELP})
     epochs: int = field(default=1, metadata={"help": "Passes over the training data."})
@@ -165,6 +169,8 @@ class RMTrainConfig:
                                "leave loss at its default 'logsigmoid' (preference data)")
         if self.loss == "token_level" and self.model_kind == "encoder":
             raise RlhfkitError("loss=token_level needs per-token scores of a decoder model (model_kind=decoder)")
+        if self.skip_invalid and self.loss not in PAIRWISE_LOSSES:
+            raise RlhfkitError("--skip_invalid applies to preference data (pairwise losses) only")
         if self.center_rewards_coef > 0 and self.loss not in PAIRWISE_LOSSES:
             raise RlhfkitError("center_rewards_coef applies to pairwise losses only")
 
@@ -182,6 +188,7 @@ class RMEvalConfig:
     data: str = field(metadata={"help": "Preference data (prompt/chosen/rejected, Anthropic HH or messages)."})
     output: Optional[str] = field(default=None, metadata={
         "help": "Write the metrics as JSON here (accuracy, margin, ece, bins, n, ...); the table is always printed."})
+    skip_invalid: bool = field(default=False, metadata={"help": _SKIP_HELP})
     batch_size: int = field(default=16, metadata={"help": "Pairs per forward pass."})
     max_length: int = field(default=1024, metadata={"help": "Longest tokenised prompt+response, in tokens."})
     overlong: str = field(default="truncate_prompt_left", metadata={"help": _OVERLONG_HELP})

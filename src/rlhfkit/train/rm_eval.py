@@ -266,13 +266,15 @@ def run(cfg: RMEvalConfig) -> dict[str, Any]:
     """Load data (validated first), then the model; evaluate; print the table; write JSON if asked."""
     from rlhfkit.utils import atomic_write_json
 
-    examples = load_preferences(cfg.data)
+    examples = load_preferences(cfg.data, skip_invalid=cfg.skip_invalid)
+    if examples.skipped:
+        print(f"skipped {len(examples.skipped)} invalid row(s): " + "; ".join(examples.skipped[:5]))
     model, tokenizer = load_scoring_model(cfg.model, cfg.trust_remote_code)
     metrics = evaluate_reward_model(model, tokenizer, examples, cfg.batch_size, cfg.max_length, cfg.overlong,
                                     cfg.num_bins, cfg.bf16, source=cfg.data)
     if not math.isfinite(metrics["margin"]):
         raise RlhfkitError(f"{cfg.model}: the reward model produced non-finite scores")
-    metrics = {"model": str(cfg.model), "data": str(cfg.data), **metrics}
+    metrics = {"model": str(cfg.model), "data": str(cfg.data), "n_skipped_invalid": len(examples.skipped), **metrics}
     print(format_table(metrics))
     if cfg.output:
         atomic_write_json(cfg.output, metrics)
