@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rlhfkit.core.losses import entropy_bonus, explained_variance, ppo_policy_loss, ppo_value_loss
+from rlhfkit.core.losses import entropy_bonus, explained_variance, ppo_policy_loss, ppo_total_loss, ppo_value_loss
 
 
 def f64(x):
@@ -136,3 +136,10 @@ def test_micro_batch_gradient_accumulation_is_exact(which):
     # normalising each micro-batch by its own count would be wrong (the reason num_tokens exists)
     naive = sum(torch.autograd.grad(loss_fn(rows, None), param)[0] for rows in (slice(0, 2), slice(2, 4))) / 2
     assert not torch.allclose(naive, full_grad, rtol=0, atol=1e-6)
+
+
+def test_ppo_total_loss_by_hand():
+    # L = L_clip + c1 * L_vf - c2 * S = 0.5 + 0.1 * 2.0 - 0.01 * 3.0 = 0.67
+    out = ppo_total_loss(torch.tensor(0.5, dtype=torch.float64), torch.tensor(2.0, dtype=torch.float64),
+                         torch.tensor(3.0, dtype=torch.float64), vf_coef=0.1, entropy_coef=0.01)
+    assert out.item() == pytest.approx(0.67, abs=1e-15)

@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from ppo_helpers import REWARD, make_policy_folder, make_prompts, one_thread  # noqa: F401  (autouse fixture)
 
@@ -165,3 +166,29 @@ def test_log_every_writes_every_nth_row_and_the_last(tmp_path):
     PPOTrainer(cfg).train()
     assert [r["step"] for r in read_jsonl(Path(cfg.output) / "metrics.jsonl")] == [2, 4, 5]
     assert {r["step"] for r in read_jsonl(Path(cfg.output) / "samples.jsonl")} == {3}
+
+
+def test_monitor_rewards_are_logged_and_never_trained_on(tmp_path):
+    from ppo_helpers import length_reward, make_config, trainable, without_timing
+
+    from rlhfkit.train.ppo_trainer import PPOTrainer
+
+    plain = PPOTrainer(make_config(tmp_path / "a", iterations=2, sample_table_rows=8))
+    plain.train()
+    watched = PPOTrainer(make_config(tmp_path / "b", iterations=2, sample_table_rows=8,
+                                     monitor_rewards=["ppo_helpers:length_reward"]))
+    watched.train()
+    rows_a = read_jsonl(Path(plain.cfg.output) / "metrics.jsonl")
+    rows_b = read_jsonl(Path(watched.cfg.output) / "metrics.jsonl")
+    # the monitor is the mean of length_reward over each iteration's rollouts (all 8 rows are in samples.jsonl)
+    samples = read_jsonl(Path(watched.cfg.output) / "samples.jsonl")
+    for row in rows_b:
+        responses = [s["response"] for s in samples if s["step"] == row["step"]]
+        assert len(responses) == 8
+        expected = sum(length_reward([], responses)) / 8
+        assert row["monitor/length_reward"] == pytest.approx(expected, rel=1e-6)
+    # and it changes nothing else: same metrics and the same trained weights as the run without it
+    assert without_timing([{k: v for k, v in r.items() if not k.startswith("monitor/")} for r in rows_b]) == \
+        without_timing(rows_a)
+    wa, wb = trainable(plain.policy), trainable(watched.policy)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

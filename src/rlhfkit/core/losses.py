@@ -275,3 +275,13 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
         var_residual = masked_var(returns - values, mask, unbiased=False)
         nan = torch.full_like(var_returns, float("nan"))
         return torch.where(var_returns == 0, nan, 1.0 - var_residual / var_returns)
+
+
+def ppo_total_loss(policy_loss: torch.Tensor, value_loss: torch.Tensor, entropy: torch.Tensor,
+                   vf_coef: float, entropy_coef: float) -> torch.Tensor:
+    """The combined PPO objective to minimise.
+
+    Equation: ``L = L^CLIP + c_1 L^VF - c_2 S`` (policy loss, value loss weighted by ``vf_coef``, entropy bonus
+    weighted by ``entropy_coef``). Source: Schulman et al. 2017, eq. 9 (signs for gradient descent).
+    """
+    return policy_loss + vf_coef * value_loss - entropy_coef * entropy

@@ -48,6 +48,10 @@ class PPOConfig:
                                        "at the end policy/ and critic/"))
     reward_weights: Optional[list[float]] = field(default=None, metadata=_help(
         "one weight per --reward_model (default: 1 each); the score is the weighted sum"))
+    monitor_rewards: list[str] = field(default_factory=list, metadata=_help(
+        "extra reward sources (same forms as --reward_model) scored on every rollout batch and logged as "
+        "monitor/<name> (the function's or folder's name), never used for training: e.g. a gold judge beside "
+        "a learned proxy, to watch for reward over-optimisation"))
     critic_init: str = field(default="auto", metadata=_help(
         "critic initialisation: 'reward' (the first reward-model folder, its head included), 'policy' (the "
         "policy's weights plus a new value head) or 'auto' (reward when the first reward source is a model "

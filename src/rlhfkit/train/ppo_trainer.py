@@ -132,6 +132,8 @@ class PPOTrainer:
         self.critic = load_critic(self._critic_source(), tokenizer=self.tokenizer).to(self.device).eval()
         self.critic.requires_grad_(True)
         self.reward = load_reward(cfg.reward_model, cfg.reward_weights, self.tokenizer, device=self.device)
+        self.monitors = {monitor_name(spec): load_reward([spec], None, self.tokenizer, device=self.device)
+                         for spec in cfg.monitor_rewards}
 
         eos = self.tokenizer.eos_token_id
         stops = ([eos] if eos is not None else []) + [t for t in cfg.stop_token_ids if t != eos]
@@ -204,6 +206,15 @@ class PPOTrainer:
         scores = self.reward(prompts, responses, rollout.query_ids, rollout.query_mask, rollout.response_ids,
                              rollout.response_mask)
         return scores.to(self.device, torch.float32), prompts, responses
+
+    def monitor_stats(self, rollout: Rollout, prompts: list[str], responses: list[str]) -> dict[str, float]:
+        """Mean score of each monitor reward over the global rollout batch (logged, never trained on)."""
+        out = {}
+        for name, source in self.monitors.items():
+            scores = source(prompts, responses, rollout.query_ids, rollout.query_mask, rollout.response_ids,
+                            rollout.response_mask).to(self.device, torch.float32)
+            out[f"monitor/{name}"] = float(self.dist.gather(scores).mean())
+        return out
 
     def process_scores(self, raw_scores: torch.Tensor, stopped: torch.Tensor) -> torch.Tensor:
         """Missing-stop penalty, normalisation (global batch statistics) and clipping."""
@@ -301,6 +312,7 @@ class PPOTrainer:
         raw_scores, prompts, responses = self.raw_scores(rollout)
         t_score = time.perf_counter() - t0
         stats, history = self.learn(rollout, raw_scores)
+        stats.update(self.monitor_stats(rollout, prompts, responses))
         # 6. statistics and the KL controller
         self.kl_controller.update(stats["objective/kl"], cfg.rollout_batch_size)
         elapsed = time.perf_counter() - start
@@ -376,6 +388,13 @@ class PPOTrainer:
             if self.logger is not None:
                 self.logger.close()
         return results
+
+
+def monitor_name(spec: str) -> str:
+    """The metric name of a monitor reward: the function's name of ``module:function``, else the folder's name."""
+    if ":" in spec and not Path(spec).expanduser().exists():
+        return spec.rsplit(":", 1)[1]
+    return Path(spec).expanduser().resolve().name
 
 
 def _cell(text: str) -> str:

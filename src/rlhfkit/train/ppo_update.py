@@ -15,7 +15,7 @@ Each process holds its share of the rollout batch (``B_local = rollout_batch_siz
 responses padded to the global longest ``T``). Statistics over the batch (score normalisation, reward and
 advantage whitening) are computed on the gathered global batch; the token count that normalises the losses is
 the minibatch's global count. Gradients are summed over processes with one all-reduce per optimizer step
-(not DDP: `policy_forward` calls the decoder and the LM head directly, bypassing a DDP wrapper's forward), and
+(no DDP wrapper: the policy and critic stay plain modules so that the same code runs with one process), and
 since every process's loss is already divided by the global token count the sum is exactly the gradient of the
 whole minibatch.
 """
@@ -32,7 +32,7 @@ import torch.distributed as torch_dist
 from torch import nn
 
 from rlhfkit.core.logprobs import entropy_from_logits
-from rlhfkit.core.losses import entropy_bonus, explained_variance, ppo_policy_loss, ppo_value_loss
+from rlhfkit.core.losses import entropy_bonus, explained_variance, ppo_policy_loss, ppo_total_loss, ppo_value_loss
 from rlhfkit.core.masks import masked_mean, masked_sum, masked_var, masked_whiten
 from rlhfkit.core.rewards import ShapedRewards
 from rlhfkit.errors import RlhfkitError
@@ -256,16 +256,6 @@ class UpdateSettings:
     max_grad_norm: float | None = None
     target_kl: float | None = None
     autocast_dtype: torch.dtype | None = None
-
-
-def ppo_total_loss(policy_loss: torch.Tensor, value_loss: torch.Tensor, entropy: torch.Tensor,
-                   vf_coef: float, entropy_coef: float) -> torch.Tensor:
-    """The combined PPO objective to minimise.
-
-    Equation: ``L = L^CLIP + c_1 L^VF - c_2 S`` (policy loss, value loss weighted by ``vf_coef``, entropy bonus
-    weighted by ``entropy_coef``). Source: Schulman et al. 2017, eq. 9 (signs for gradient descent).
-    """
-    return policy_loss + vf_coef * value_loss - entropy_coef * entropy
 
 
 # per-minibatch statistics: token-weighted sums over micro-batches and processes, divided by the token count
