@@ -42,7 +42,7 @@ PAGES = ("reward_modeling.md", "ppo.md")
 _KNOBS = re.compile(r"<!-- knobs:(?P<name>\w+) -->\n(?P<body>.*?)<!-- /knobs:(?P=name) -->", re.S)
 _OPEN = re.compile(r"<!-- knobs:(\w+) -->")
 _METRICS = re.compile(r"<!-- metrics -->\n(.*?)<!-- /metrics -->", re.S)
-_ROW_NAMES = re.compile(r"`([A-Za-z0-9_]+/[A-Za-z0-9_*]+)`")
+_ROW_NAMES = re.compile(r"`([A-Za-z0-9_]+/(?:[A-Za-z0-9_]+|<[a-z_]+>))`")  # `ns/name` or `ns/<placeholder>`
 
 
 def config_class(name: str) -> type:
@@ -156,7 +156,8 @@ def update_docs(paths: Iterable[str | Path], check: bool = False) -> list[str]:
 
 
 def documented_metrics(text: str) -> set[str]:
-    """Metric names (``namespace/name``) in the first cell of the table rows inside the page's metrics regions."""
+    """Metric names (``namespace/name``, or ``namespace/<placeholder>`` for a family of names) in the first cell
+    of the table rows inside the page's metrics regions."""
     names: set[str] = set()
     for region in _METRICS.findall(text):
         for line in region.splitlines():
