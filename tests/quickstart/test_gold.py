@@ -143,3 +143,15 @@ def test_load_builtin_prompts_deterministic() -> None:
     assert heldout == [r["prompt"] for r in rows if r["split"] == "heldout"]
     assert not set(train) & set(heldout)
     assert load_builtin_prompts() == (train, heldout)
+
+
+def test_gold_reward_is_a_reward_source_scoring_responses_only():
+    from rlhfkit.quickstart.gold import GoldJudge, gold_reward
+    from rlhfkit.rollout.scoring import FunctionReward
+
+    responses = ["What a wonderful, happy day!", "This is awful and sad."]
+    expected = GoldJudge().score(responses)
+    assert gold_reward(["ignored", "prompts"], responses) == expected
+    source = FunctionReward("rlhfkit.quickstart.gold:gold_reward")
+    scores = source(["p", "q"], responses, None, None, None, None)
+    assert scores.tolist() == pytest.approx(expected, abs=1e-6) and expected[0] > 0.5 > -0.5 > expected[1]

