@@ -192,3 +192,28 @@ def test_monitor_rewards_are_logged_and_never_trained_on(tmp_path):
         without_timing(rows_a)
     wa, wb = trainable(plain.policy), trainable(watched.policy)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_frozen_layers_stay_put_and_upper_layers_train(tmp_path):
+    from ppo_helpers import make_config
+
+    from rlhfkit.train.ppo_trainer import PPOTrainer
+
+    trainer = PPOTrainer(make_config(tmp_path, iterations=2, freeze_layers=1, critic_freeze_layers=2))
+    before_p = {n: p.detach().clone() for n, p in trainer.policy.named_parameters()}
+    before_c = {n: p.detach().clone() for n, p in trainer.critic.named_parameters()}
+    trainer.train()
+    after_p = dict(trainer.policy.named_parameters())
+    after_c = dict(trainer.critic.named_parameters())
+
+    def moved(before, after, key):
+        return {n for n in before if key(n) and not torch.equal(before[n], after[n].detach())}
+
+    # policy: embeddings and block 0 frozen; block 1 trains
+    assert not moved(before_p, after_p, lambda n: "embed_tokens" in n or ".layers.0." in n)
+    assert moved(before_p, after_p, lambda n: ".layers.1." in n)
+    # critic: both blocks and the embeddings frozen, only the final norm and the value head move
+    assert not moved(before_c, after_c, lambda n: "embed_tokens" in n or ".layers." in n)
+    assert moved(before_c, after_c, lambda n: "score" in n)
+    with pytest.raises(RlhfkitError, match="cannot freeze 5 layers"):
+        PPOTrainer(make_config(tmp_path / "b", freeze_layers=5))

@@ -128,6 +128,13 @@ class PPOConfig:
         "stop the iteration's update early when a minibatch's approx-KL exceeds this (None = off)"))
     bf16: bool = field(default=False, metadata=_help("run forward passes under bfloat16 autocast"))
 
+    # -- what trains ------------------------------------------------------------------------------------
+    freeze_layers: int = field(default=0, metadata=_help(
+        "policy: freeze the embeddings (and a tied LM head) and the lowest N transformer blocks; the backward "
+        "pass then stops at block N (cheaper updates, a smaller trainable set)"))
+    critic_freeze_layers: int = field(default=0, metadata=_help(
+        "critic: freeze its embeddings and lowest N transformer blocks (its head and upper blocks train)"))
+
     # -- LoRA ---------------------------------------------------------------------------------------------
     lora_r: int = field(default=0, metadata=_help(
         "LoRA rank of the policy (0 = full fine-tuning); the reference is the same weights with adapters off"))
@@ -213,6 +220,8 @@ class PPOConfig:
         check_range("max_grad_norm", self.max_grad_norm, lo=0, lo_open=True, allow_none=True)
         check_range("target_kl", self.target_kl, lo=0, lo_open=True, allow_none=True)
         check_range("lora_r", self.lora_r, lo=0)
+        check_range("freeze_layers", self.freeze_layers, lo=0)
+        check_range("critic_freeze_layers", self.critic_freeze_layers, lo=0)
         check_range("lora_alpha", self.lora_alpha, lo=0, lo_open=True)
         for name in ("save_every", "keep_checkpoints", "sample_table_every", "seed"):
             check_range(name, getattr(self, name), lo=0)

@@ -41,7 +41,7 @@ from rlhfkit.core.rewards import (RunningMoments, ShapedRewards, clip_scores, mi
 from rlhfkit.data.prompts import load_prompts
 from rlhfkit.data.tokenize import left_pad, tokenize_prompts
 from rlhfkit.errors import RlhfkitError
-from rlhfkit.models.adapters import apply_lora
+from rlhfkit.models.adapters import apply_lora, freeze_lower_layers
 from rlhfkit.models.loading import ensure_pad_token, load_causal_lm, load_tokenizer
 from rlhfkit.models.reward import is_reward_model_folder, load_critic
 from rlhfkit.rollout.sampling import GenerationConfig, Rollout, sample
@@ -128,9 +128,13 @@ class PPOTrainer:
             self.reference_context = self.policy.disable_adapter
         else:
             self.reference = copy.deepcopy(self.policy).requires_grad_(False)
+        if cfg.freeze_layers:
+            freeze_lower_layers(self.policy, cfg.freeze_layers)
         self.policy.eval()
         self.critic = load_critic(self._critic_source(), tokenizer=self.tokenizer).to(self.device).eval()
         self.critic.requires_grad_(True)
+        if cfg.critic_freeze_layers:
+            freeze_lower_layers(self.critic, cfg.critic_freeze_layers)
         self.reward = load_reward(cfg.reward_model, cfg.reward_weights, self.tokenizer, device=self.device)
         self.monitors = {monitor_name(spec): load_reward([spec], None, self.tokenizer, device=self.device)
                          for spec in cfg.monitor_rewards}
