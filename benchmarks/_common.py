@@ -1,8 +1,8 @@
 """Shared helpers of the side-by-side benchmarks (rlhfkit vs Hugging Face TRL 1.9.0).
 
 - :func:`run_measured`: run one side in a fresh subprocess and read its exact peak resident set size from
-  ``os.wait4`` (the kernel's ``ru_maxrss`` of that child, the same number ``resource.getrusage(RUSAGE_SELF)``
-  would report inside it at exit), plus its wall time and output;
+  ``os.wait4`` (the kernel's ``ru_maxrss`` of that child, taken through a small launcher so that the parent's
+  own peak cannot leak into it), plus its wall time and output;
 - :func:`anchor_pairs`: the random preference pairs the TRL anchor script draws, reproduced exactly (same
   generator, same order of draws), so that both sides train on the same token ids;
 - :func:`save_random_causal_lm`: a random-init SmolLM2-architecture causal LM saved once to a folder (the
@@ -59,31 +59,53 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def run_measured(cmd: Sequence[str], timeout: float | None = None, cwd: str | None = None) -> Measured:
-    """Run ``cmd`` in a fresh process; its peak RSS comes from ``os.wait4`` (Linux ``ru_maxrss`` is in KiB).
+# A tiny launcher between the harness and the measured command. Linux starts an exec'd process's peak-RSS
+# record (``ru_maxrss``) at the high-water mark of the memory image it replaced, and ``subprocess`` spawns with
+# vfork, so a command spawned straight from a big parent (a long pytest session, a parent that loaded a model)
+# would inherit that parent's peak. Spawned from this launcher instead, the floor is the launcher's own few
+# MiB; the launcher reads the command's ``ru_maxrss`` with ``wait4`` and its wall time, and writes both as JSON
+# to the file named by its first argument.
+_LAUNCHER = """
+import json, os, sys, time
+report, cmd = sys.argv[1], sys.argv[2:]
+start = time.perf_counter()
+pid = os.posix_spawnp(cmd[0], cmd, os.environ)
+_, status, usage = os.wait4(pid, 0)
+wall = time.perf_counter() - start
+with open(report, "w") as f:
+    json.dump({"status": status, "maxrss_kib": usage.ru_maxrss, "wall_s": wall}, f)
+"""
 
-    ``wait4`` returns the resource usage of exactly that child (and of its own waited-for children), so each
-    side is measured on its own even though one parent runs them one after the other. Output goes to temporary
-    files (no pipe can fill up and stall the child).
+
+def run_measured(cmd: Sequence[str], timeout: float | None = None, cwd: str | None = None) -> Measured:
+    """Run ``cmd`` in a fresh process; report its exit status, wall time, peak RSS (GiB) and output.
+
+    The peak is the kernel's ``ru_maxrss`` of exactly that process (and of its own waited-for children), read
+    with ``os.wait4`` by a small launcher process (see ``_LAUNCHER``: spawned straight from this possibly big
+    process, the command's record would start at this process's peak). Each side is thus measured on its own
+    although one parent runs them one after the other. Output goes to temporary files (no pipe can fill up and
+    stall the child). On ``timeout`` the whole process group is killed and the return code is negative.
     """
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err, \
+            tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "usage.json"
         start = time.perf_counter()
-        proc = subprocess.Popen(list(cmd), stdout=out, stderr=err, env=child_env(), cwd=cwd)
-        deadline = None if timeout is None else start + timeout
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG if deadline else 0)
-            if pid:
-                break
-            if time.perf_counter() > deadline:
-                proc.kill()
-                pid, status, usage = os.wait4(proc.pid, 0)
-                break
-            time.sleep(0.2)
+        proc = subprocess.Popen([sys.executable, "-c", _LAUNCHER, str(report), *cmd], stdout=out, stderr=err,
+                                env=child_env(), cwd=cwd, start_new_session=True)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
         wall = time.perf_counter() - start
-        proc.returncode = os.waitstatus_to_exitcode(status)  # already reaped: keep Popen from waiting again
         out.seek(0)
         err.seek(0)
-        return Measured(proc.returncode, wall, usage.ru_maxrss / 2**20, out.read(), err.read())
+        stdout, stderr = out.read(), err.read()
+        if proc.returncode != 0 or not report.is_file():  # launcher killed (timeout) or could not spawn
+            return Measured(proc.returncode or -9, wall, float("nan"), stdout, stderr)
+        usage = json.loads(report.read_text())
+        return Measured(os.waitstatus_to_exitcode(usage["status"]), usage["wall_s"], usage["maxrss_kib"] / 2**20,
+                        stdout, stderr)
 
 
 def require_ok(m: Measured, what: str) -> None:

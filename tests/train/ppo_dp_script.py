@@ -56,6 +56,8 @@ def main(tmp: Path, out: Path) -> None:
     # SGD: the new weights show the gradient itself (Adam's first step is blind to a gradient scale error)
     trainer.policy_optimizer = torch.optim.SGD([p for p in trainer.policy.parameters() if p.requires_grad], lr=0.5)
     trainer.critic_optimizer = torch.optim.SGD([p for p in trainer.critic.parameters() if p.requires_grad], lr=0.5)
+    trainer.policy_scheduler = torch.optim.lr_scheduler.ConstantLR(trainer.policy_optimizer, factor=1.0)
+    trainer.critic_scheduler = torch.optim.lr_scheduler.ConstantLR(trainer.critic_optimizer, factor=1.0)
     trainer.update_settings.max_grad_norm = None
     rollout, raw_scores = fixed_rollout(trainer.tokenizer.pad_token_id)
     n, rank = ROWS // trainer.dist.world_size, trainer.dist.rank
