@@ -63,29 +63,35 @@ class Preset:
 
     train_prompts: int          # training prompts used (of the built-in train split)
     heldout_prompts: int        # held-out prompts used for RM and policy evaluation
-    responses_per_prompt: int   # samples per training prompt for preference pairs
+    responses_per_prompt: int   # samples per training prompt; every pair of them is labelled
     max_new_tokens: int
     rm_epochs: int
-    rm_freeze_layers: int
+    rm_freeze_layers: int       # lowest blocks of the RM backbone kept frozen
     ppo_iterations: int
     ppo_batch: int              # prompts per PPO iteration
     ppo_epochs: int
+    ppo_minibatches: int
     ppo_micro_batch: int
+    policy_freeze_layers: int
+    critic_freeze_layers: int
     policy_lr: float
     critic_lr: float
     kl_coef: float
 
 
 PRESETS: dict[str, Preset] = {
-    "default": Preset(train_prompts=256, heldout_prompts=72, responses_per_prompt=4, max_new_tokens=40,
-                      rm_epochs=2, rm_freeze_layers=20, ppo_iterations=12, ppo_batch=32, ppo_epochs=2,
-                      ppo_micro_batch=8, policy_lr=3e-5, critic_lr=1e-4, kl_coef=0.02),
-    "fast": Preset(train_prompts=120, heldout_prompts=48, responses_per_prompt=4, max_new_tokens=32,
-                   rm_epochs=2, rm_freeze_layers=24, ppo_iterations=6, ppo_batch=24, ppo_epochs=2,
-                   ppo_micro_batch=8, policy_lr=3e-5, critic_lr=1e-4, kl_coef=0.02),
+    "default": Preset(train_prompts=256, heldout_prompts=77, responses_per_prompt=3, max_new_tokens=32,
+                      rm_epochs=1, rm_freeze_layers=26, ppo_iterations=10, ppo_batch=32, ppo_epochs=2,
+                      ppo_minibatches=2, ppo_micro_batch=8, policy_freeze_layers=16, critic_freeze_layers=26,
+                      policy_lr=4e-5, critic_lr=1e-4, kl_coef=0.02),
+    "fast": Preset(train_prompts=128, heldout_prompts=48, responses_per_prompt=3, max_new_tokens=24,
+                   rm_epochs=1, rm_freeze_layers=26, ppo_iterations=5, ppo_batch=24, ppo_epochs=2,
+                   ppo_minibatches=2, ppo_micro_batch=6, policy_freeze_layers=16, critic_freeze_layers=26,
+                   policy_lr=6e-5, critic_lr=1e-4, kl_coef=0.02),
     "tiny": Preset(train_prompts=6, heldout_prompts=4, responses_per_prompt=2, max_new_tokens=8,
                    rm_epochs=1, rm_freeze_layers=28, ppo_iterations=1, ppo_batch=4, ppo_epochs=1,
-                   ppo_micro_batch=2, policy_lr=1e-5, critic_lr=1e-5, kl_coef=0.05),
+                   ppo_minibatches=1, ppo_micro_batch=2, policy_freeze_layers=26, critic_freeze_layers=28,
+                   policy_lr=1e-5, critic_lr=1e-5, kl_coef=0.05),
 }
 
 CONFIG = QuickstartConfig
@@ -297,7 +303,9 @@ def run(cfg: QuickstartConfig) -> dict[str, Any]:
         policy=sft, reward_model=[str(rm_dir)], prompts=str(out / "data/ppo_prompts.jsonl"), output=str(ppo_dir),
         monitor_rewards=[GOLD_REWARD], max_new_tokens=preset.max_new_tokens, temperature=1.0,
         rollout_batch_size=preset.ppo_batch, iterations=preset.ppo_iterations, ppo_epochs=preset.ppo_epochs,
-        micro_batch_size=preset.ppo_micro_batch, learning_rate=preset.policy_lr,
+        num_minibatches=preset.ppo_minibatches, micro_batch_size=preset.ppo_micro_batch,
+        freeze_layers=preset.policy_freeze_layers, critic_freeze_layers=preset.critic_freeze_layers,
+        learning_rate=preset.policy_lr,
         critic_learning_rate=preset.critic_lr, kl_coef=preset.kl_coef, bf16=BF16, seed=cfg.seed,
         sample_table_every=max(1, preset.ppo_iterations // 3)))
     (out / "metrics").mkdir(exist_ok=True)
