@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from rlhfkit.data import LengthGroupedBatchSampler
+from rlhfkit.data import LengthGroupedBatchSampler, PromptGroupedBatchSampler
 
 
 def lengths(n: int, seed: int = 0) -> list[int]:
@@ -75,3 +75,36 @@ def test_works_as_a_dataloader_batch_sampler():
     sampler = LengthGroupedBatchSampler([1] * 10, 3, seed=0)
     loaded = [b.tolist() for b in DataLoader(data, batch_sampler=sampler)]
     assert loaded == [[data[i] for i in b] for b in sampler.batches(0)]
+
+
+# -- PromptGroupedBatchSampler -------------------------------------------------------------------------------
+def prompt_keys() -> list[str]:
+    # 7 prompts with 1..6 pairs each, interleaved in the file (as a data set of several files might be)
+    sizes = {"a": 6, "b": 3, "c": 1, "d": 6, "e": 2, "f": 3, "g": 4}
+    keys = [k for k, n in sizes.items() for _ in range(n)]
+    return [keys[i] for i in torch.randperm(len(keys), generator=torch.Generator().manual_seed(0)).tolist()]
+
+
+def test_prompt_groups_are_contiguous_and_every_index_appears_once():
+    keys = prompt_keys()
+    sampler = PromptGroupedBatchSampler(keys, 4, seed=1)
+    for epoch in range(3):
+        order = [i for b in sampler.batches(epoch) for i in b]
+        assert sorted(order) == list(range(len(keys)))
+        runs = [keys[order[0]]] + [keys[j] for i, j in zip(order, order[1:]) if keys[i] != keys[j]]
+        assert len(runs) == len(set(keys)) == 7  # each prompt's pairs form one run
+        assert [len(b) for b in sampler.batches(epoch)] == [4] * 6 + [1]
+
+
+def test_prompt_grouped_order_is_seeded_and_reshuffled_per_epoch():
+    keys = prompt_keys()
+    a, b = PromptGroupedBatchSampler(keys, 4, seed=1), PromptGroupedBatchSampler(keys, 4, seed=1)
+    assert a.batches(0) == b.batches(0) and a.batches(0) != a.batches(1)
+    assert a.batches(0) != PromptGroupedBatchSampler(keys, 4, seed=2).batches(0)
+
+
+def test_prompt_grouped_drop_last_and_resume_skip():
+    sampler = PromptGroupedBatchSampler(prompt_keys(), 4, seed=1, drop_last=True)
+    assert len(sampler) == 6 and all(len(b) == 4 for b in sampler.batches(0))
+    sampler.set_epoch(1, skip_batches=2)
+    assert list(sampler) == sampler.batches(1)[2:]

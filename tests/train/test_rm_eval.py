@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from rm_helpers import (BAD, GOOD, PAD, make_sft_folder, make_tokenizer, one_thread,  # noqa: F401 (autouse)
+from rm_helpers import (BAD, EOS, GOOD, PAD, make_sft_folder, make_tokenizer, one_thread,  # noqa: F401 (autouse)
                         preference_rows, write_jsonl)
 
 from rlhfkit.cli import main
@@ -147,3 +147,54 @@ def test_rm_eval_bad_input_exits_2_and_writes_nothing(folders, tmp_path, capsys)
     assert "bad.jsonl" in err and "row 4" in err and "'chosen'" in err
     assert main(["rm", "eval", "--model", str(root / "rm"), "--data", str(data), "--num_bins", "0"]) == 2
     assert not out.exists()
+
+
+@pytest.mark.parametrize("aggregation, aspects", [("last", None), ("mean", None), ("last", ["a", "b"])])
+def test_forward_pairs_runs_each_distinct_sequence_once_with_the_same_outputs_and_gradients(
+        tmp_path, aggregation, aspects):
+    """K responses of a prompt, all pairs: 3 responses → 3 pairs → 6 rows, 3 distinct. The deduplicated forward
+    gives the outputs and the gradient of the plain forward over all 6 rows (to float rounding), and runs the
+    backbone on 3 rows only, trimmed to their own longest length."""
+    from rlhfkit.data.tokenize import TokenizedPair, collate_pairs
+    from rlhfkit.train.rm_eval import forward_pairs
+
+    torch.manual_seed(0)
+    sft = make_sft_folder(tmp_path / "sft")
+    model = RewardModel.from_backbone(str(sft), aggregation=aggregation, num_aspects=len(aspects or [0]),
+                                      aspect_names=aspects).train()
+    prompt, a, b, c = [5, 6, 7], [8, 9, 10, 11, EOS], [12, 13], [14, 15, 16]  # c ends without EOS
+    pair = lambda x, y: TokenizedPair(prompt + x, prompt + y, 3, 3, None, 0)  # noqa: E731
+    items = [pair(a, b), pair(a, c), pair(c, b)]
+    batch = collate_pairs(items, PAD)
+    seen = []
+
+    def record(module, args, kwargs):
+        seen.append(tuple((args[0] if args else kwargs["input_ids"]).shape))
+
+    handle = model.model.get_input_embeddings().register_forward_pre_hook(record, with_kwargs=True)
+
+    def run(dedup: bool):
+        model.zero_grad(set_to_none=True)
+        if dedup:
+            diff, chosen, rejected, out = forward_pairs(model, batch)
+        else:
+            out = model(batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+            chosen, rejected = out.scores[:3], out.scores[3:]
+            diff = chosen - rejected
+        (diff.square().sum() + out.token_scores.square().sum()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return diff.detach(), out, grads
+
+    plain_diff, plain_out, plain_grads = run(False)
+    dedup_diff, dedup_out, dedup_grads = run(True)
+    handle.remove()
+    assert seen == [(6, 8), (3, 8)]  # rows a, c, b once each; the longest distinct row has 3 + 5 tokens
+    torch.testing.assert_close(dedup_diff, plain_diff, rtol=0, atol=1e-6)
+    torch.testing.assert_close(dedup_out.token_scores, plain_out.token_scores.detach(), rtol=0, atol=1e-6)
+    if aspects:
+        torch.testing.assert_close(dedup_out.aspect_token_scores, plain_out.aspect_token_scores.detach(),
+                                   rtol=0, atol=1e-6)
+    assert plain_grads.keys() == dedup_grads.keys() and plain_grads
+    for name, g in plain_grads.items():  # float32 rounding only: 1e-6 of the tensor's largest entry
+        assert (dedup_grads[name] - g).abs().max().item() <= 1e-6 * g.abs().max().item() + 1e-9, name
+    assert abs(plain_diff[0]) > 1e-3  # distinct responses score differently: the comparison has teeth

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from rm_helpers import (GOOD, PAD, VOCAB, make_sft_folder, make_tokenizer, one_thread,  # noqa: F401 (autouse)
+from rm_helpers import (WORDS, GOOD, PAD, VOCAB, make_sft_folder, make_tokenizer, one_thread,  # noqa: F401 (autouse)
                         pointwise_rows, preference_rows, read_weights, write_jsonl)
 from transformers import AutoModelForSequenceClassification, BertConfig, BertModel
 
@@ -74,6 +74,32 @@ def test_learns_a_held_out_preference_rule(sft, pairs, tmp_path):
     mask = torch.ones_like(ids, dtype=torch.bool)
     with torch.no_grad():
         torch.testing.assert_close(hf(input_ids=ids).logits[:, 0], rm(ids, mask).scores, rtol=1e-5, atol=1e-5)
+
+
+def test_group_by_prompt_learns_from_all_pairs_of_k_responses(sft, tmp_path):
+    """K = 4 responses per prompt with 0-3 GOOD words, every pair with a difference labelled (InstructGPT's K-wise
+    comparisons): trained with the prompt's pairs batched together, the model ranks held-out pairs by the rule."""
+    import itertools
+    import random
+
+    rng = random.Random(5)
+    rows = []
+    for _ in range(40):
+        prompt = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 5)))
+        responses = []
+        for goodness in range(4):
+            words = [rng.choice(WORDS) for _ in range(rng.randint(1, 4))] + [GOOD] * goodness
+            rng.shuffle(words)
+            responses.append((goodness, " ".join(words)))
+        for (ga, a), (gb, b) in itertools.combinations(responses, 2):
+            rows.append({"prompt": prompt, "chosen": a if ga > gb else b, "rejected": b if ga > gb else a})
+    data = write_jsonl(tmp_path / "kwise.jsonl", rows[:192])  # 32 prompts × 6 pairs; 8 held-out prompts
+    held = write_jsonl(tmp_path / "held.jsonl", rows[192:])
+    out = tmp_path / "rm"
+    assert train(sft, data, out, "--group_by_prompt", "true", "--eval_data", str(held), "--batch_size", "12",
+                 "--micro_batch_size", "6", "--learning_rate", "3e-3", "--epochs", "3", "--logging_steps", "16") == 0
+    final = json.loads((out / "eval_results.json").read_text())
+    assert final["eval/n"] == 48 and final["eval/accuracy"] >= 0.95
 
 
 @pytest.mark.parametrize("loss, rows, extra", [
@@ -257,6 +283,7 @@ def test_freeze_all_layers_trains_only_the_head(sft, pairs, tmp_path):
     (["--aspects", "a"], "only used with loss=multi_objective"),
     (["--model_kind", "pairrm", "--loss", "logexp"], "pairrm"),
     (["--overlong", "cut"], "overlong"),
+    (["--loss", "bce", "--group_by_prompt", "true"], "group_by_prompt"),
 ])
 def test_bad_config_values_exit_2_and_write_nothing(sft, pairs, tmp_path, capsys, flags, needle):
     out = tmp_path / "out"

@@ -392,3 +392,40 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return max(0, self._num_batches() - self.skip_batches)
+
+
+class PromptGroupedBatchSampler(LengthGroupedBatchSampler):
+    """Batches that keep the examples of one prompt together, deterministic per ``(seed, epoch)``.
+
+    ``keys[i]`` identifies example ``i``'s prompt (its prompt token ids). Per epoch: shuffle the groups (first
+    appearance order, permuted with ``torch.Generator().manual_seed(seed + epoch)``) and, with the same
+    generator, the examples inside each group; concatenate; cut into batches of ``batch_size`` (with
+    ``drop_last`` the one short batch at the end is dropped). A prompt's comparisons thus land in one or two
+    consecutive batches, as InstructGPT trains on all C(K, 2) comparisons of a prompt as one batch element
+    (Ouyang et al. 2022, §3.5): the model sees each response once per batch instead of once per pair, and
+    :func:`rlhfkit.train.rm_eval.forward_pairs` runs each distinct sequence of a micro-batch only once.
+    """
+
+    def __init__(self, keys: Sequence[Any], batch_size: int, seed: int, drop_last: bool = False) -> None:
+        super().__init__([0] * len(keys), batch_size, seed, drop_last, group_size_multiplier=1)
+        groups: dict[Any, list[int]] = {}
+        for i, key in enumerate(keys):
+            groups.setdefault(key, []).append(i)
+        self.groups = list(groups.values())
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        order = []
+        for g in torch.randperm(len(self.groups), generator=generator).tolist():
+            group = self.groups[g]
+            order.extend(group[k] for k in torch.randperm(len(group), generator=generator).tolist())
+        batches = [order[j: j + self.batch_size] for j in range(0, len(order), self.batch_size)]
+        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
+            batches.pop()
+        return batches
+
+
+def prompt_key(item: TokenizedPair) -> tuple[int, ...]:
+    """The prompt's token ids of a tokenised pair (the key of :class:`PromptGroupedBatchSampler`)."""
+    return tuple(item.chosen_ids[:item.chosen_prompt_len])
+

@@ -48,7 +48,13 @@ from rlhfkit.core.losses import (
 )
 from rlhfkit.data.pointwise import load_pointwise
 from rlhfkit.data.preference import load_preferences
-from rlhfkit.data.tokenize import LengthGroupedBatchSampler, collate_points, tokenize_pointwise
+from rlhfkit.data.tokenize import (
+    LengthGroupedBatchSampler,
+    PromptGroupedBatchSampler,
+    collate_points,
+    prompt_key,
+    tokenize_pointwise,
+)
 from rlhfkit.errors import RlhfkitError, data_error
 from rlhfkit.train.checkpoint import load_state, require_latest_checkpoint, save_checkpoint, save_state
 from rlhfkit.train.rm_config import RMTrainConfig
@@ -455,8 +461,13 @@ def run(cfg: RMTrainConfig) -> dict[str, float]:
     model.train()
 
     # 3. Batch plan: a seeded (length-grouped) order of global batches; process `rank` takes batch[rank::n_proc].
-    sampler = LengthGroupedBatchSampler([pair_length_or_len(it) for it in train_items], cfg.batch_size, cfg.seed,
-                                        drop_last=True, group_size_multiplier=50 if cfg.group_by_length else 1)
+    if cfg.group_by_prompt:  # K-wise: a prompt's pairs in one batch, each distinct sequence run once
+        sampler = PromptGroupedBatchSampler([prompt_key(it) for it in train_items], cfg.batch_size, cfg.seed,
+                                            drop_last=True)
+    else:
+        sampler = LengthGroupedBatchSampler([pair_length_or_len(it) for it in train_items], cfg.batch_size,
+                                            cfg.seed, drop_last=True,
+                                            group_size_multiplier=50 if cfg.group_by_length else 1)
 
     # 4. Optimizer (decay on matrices only) and learning-rate schedule.
     params = trainable_parameters(model)
@@ -495,7 +506,9 @@ def run(cfg: RMTrainConfig) -> dict[str, float]:
         batches = sampler.batches(epoch)
         for b in range(start_batch if epoch == start_epoch else 0, len(batches)):
             global_items = [train_items[i] for i in batches[b]]
-            shard = global_items[rank::n_proc]
+            # K-wise batches shard contiguously (a prompt's pairs stay on one process); others interleave
+            shard = (global_items[rank * len(global_items) // n_proc:(rank + 1) * len(global_items) // n_proc]
+                     if cfg.group_by_prompt else global_items[rank::n_proc])
             micro = [shard[i: i + cfg.micro_batch_size] for i in range(0, len(shard), cfg.micro_batch_size)]
             totals = backward_global_batch(model, objective, micro, objective.weight(global_items), accelerator,
                                            cfg.bf16)

@@ -125,6 +125,11 @@ class RMTrainConfig:
         "help": "Recompute activations in the backward pass (less memory, ~30% slower)."})
     group_by_length: bool = field(default=True, metadata={
         "help": "Build batches of similar lengths (less padding, faster); the order is still seeded random."})
+    group_by_prompt: bool = field(default=False, metadata={
+        "help": "Pairwise data with several responses per prompt (all pairs of K responses labelled): keep a "
+                "prompt's pairs in the same batch and run each distinct sequence of a micro-batch once "
+                "(InstructGPT's K-wise batching; an epoch then costs ~K forward passes per prompt instead of "
+                "K(K-1)). Takes precedence over group_by_length."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the model folder."})
 
     def __post_init__(self) -> None:
@@ -173,6 +178,8 @@ class RMTrainConfig:
             raise RlhfkitError("--skip_invalid applies to preference data (pairwise losses) only")
         if self.center_rewards_coef > 0 and self.loss not in PAIRWISE_LOSSES:
             raise RlhfkitError("center_rewards_coef applies to pairwise losses only")
+        if self.group_by_prompt and self.loss not in PAIRWISE_LOSSES:
+            raise RlhfkitError("--group_by_prompt applies to preference data (pairwise losses) only")
 
     @property
     def pairwise(self) -> bool:

@@ -172,10 +172,42 @@ def forward_pairs(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torc
         logits = model(batch["input_ids"], batch["attention_mask"])
         half = logits.shape[0] // 2
         return (logits[:half] - logits[half:]) / 2, None, None, logits
-    out = model(batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+    out = _forward_distinct(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
     half = out.scores.shape[0] // 2
     chosen, rejected = out.scores[:half], out.scores[half:]
     return chosen - rejected, chosen, rejected, out
+
+
+def _forward_distinct(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      response_mask: torch.Tensor) -> Any:
+    """The reward model on a (N, L) batch, each distinct row run once when rows repeat.
+
+    Pairs that share a response (K responses of a prompt, all pairs labelled) repeat rows; the model then runs
+    on the distinct rows only (trimmed to their own longest length) and every output is gathered back to the
+    N rows, so the result (and, through the gather, the gradient) equals that of the full batch. Rows compare
+    on ids and both masks (with pad == EOS, equal ids can still differ in their masks). Batches without
+    repeats take the plain path unchanged.
+    """
+    rows = torch.cat([input_ids, attention_mask.long(), response_mask.long()], dim=1)
+    distinct, inverse = torch.unique(rows, dim=0, return_inverse=True)
+    if distinct.shape[0] == rows.shape[0]:
+        return model(input_ids, attention_mask, response_mask)
+    first = torch.full((distinct.shape[0],), rows.shape[0], dtype=torch.long, device=rows.device)
+    first.scatter_reduce_(0, inverse, torch.arange(rows.shape[0], device=rows.device), reduce="amin")
+    length = int(attention_mask[first].sum(dim=1).max())  # right-padded rows
+    out = model(input_ids[first, :length], attention_mask[first, :length], response_mask[first, :length])
+    pad = input_ids.shape[1] - length
+
+    def back(t: torch.Tensor | None, per_token: bool) -> torch.Tensor | None:
+        if t is None:
+            return None
+        t = t[inverse]
+        if per_token and pad:  # token outputs are 0 at padding (RewardOutput)
+            t = torch.nn.functional.pad(t, (0, 0, 0, pad) if t.dim() == 3 else (0, pad))
+        return t
+
+    return type(out)(back(out.scores, False), back(out.token_scores, True), back(out.aspect_scores, False),
+                     back(out.aspect_token_scores, True))
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
