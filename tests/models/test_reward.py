@@ -250,6 +250,12 @@ def test_critic_values_from_reward_model_folder_or_causal_lm(sft_dir, tokenizer,
         torch.testing.assert_close(critic(ids, mask).token_scores, rm(ids, mask).token_scores, rtol=0, atol=0)
     fresh = load_critic(sft_dir)  # causal LM: new head
     assert fresh.num_aspects == 1 and fresh.kind == "decoder"
+    # a mean-aggregation RM (which needs a response mask for its scores) still serves as a critic: same values
+    mean_rm = RewardModel.from_backbone(sft_dir, aggregation="mean")
+    mean_rm.save_pretrained(tmp_path / "mean", tokenizer=tokenizer)
+    with torch.no_grad():
+        torch.testing.assert_close(load_critic(tmp_path / "mean")(ids, mask).token_scores,
+                                   mean_rm(ids, mask, mask).token_scores, rtol=0, atol=0)
     with torch.no_grad():
         values = fresh(ids, mask).token_scores
     assert values.shape == ids.shape and not torch.equal(values, rm(ids, mask).token_scores)

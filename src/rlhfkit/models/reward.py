@@ -445,5 +445,8 @@ def load_critic(
         critic = RewardModel.from_pretrained(path, **kw)
         if critic.kind != "decoder":
             raise RlhfkitError(f"{path}: a critic needs a decoder (causal) model; this is an {critic.kind} model")
+        # the critic reads per-token values only; the RM's sequence aggregation (mean/sum need a response mask
+        # the critic's callers do not pass) plays no part
+        critic.aggregation = "last"
         return critic
     return RewardModel.from_backbone(path, kind="decoder", aggregation="last", tokenizer=tokenizer, **kw)

@@ -63,10 +63,14 @@ class Preset:
 
     train_prompts: int          # training prompts used (of the built-in train split)
     heldout_prompts: int        # held-out prompts used for RM and policy evaluation
-    responses_per_prompt: int   # samples per training prompt; every pair of them is labelled
+    responses_per_prompt: int   # K samples per training prompt; every pair of them is labelled (K-wise)
+    heldout_responses: int      # samples per held-out prompt; every pair with distinct gold scores is evaluated
     max_new_tokens: int
     rm_epochs: int
     rm_freeze_layers: int       # lowest blocks of the RM backbone kept frozen
+    rm_lr: float
+    rm_batch: int               # pairs per RM step (K-wise: a few prompts' pairs)
+    rm_micro_batch: int
     ppo_iterations: int
     ppo_batch: int              # prompts per PPO iteration
     ppo_epochs: int
@@ -80,18 +84,19 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    "default": Preset(train_prompts=256, heldout_prompts=77, responses_per_prompt=3, max_new_tokens=32,
-                      rm_epochs=1, rm_freeze_layers=26, ppo_iterations=10, ppo_batch=32, ppo_epochs=2,
-                      ppo_minibatches=2, ppo_micro_batch=8, policy_freeze_layers=16, critic_freeze_layers=26,
-                      policy_lr=4e-5, critic_lr=1e-4, kl_coef=0.02),
-    "fast": Preset(train_prompts=128, heldout_prompts=48, responses_per_prompt=3, max_new_tokens=24,
-                   rm_epochs=1, rm_freeze_layers=26, ppo_iterations=5, ppo_batch=24, ppo_epochs=2,
-                   ppo_minibatches=2, ppo_micro_batch=6, policy_freeze_layers=16, critic_freeze_layers=26,
-                   policy_lr=6e-5, critic_lr=1e-4, kl_coef=0.02),
-    "tiny": Preset(train_prompts=6, heldout_prompts=4, responses_per_prompt=2, max_new_tokens=8,
-                   rm_epochs=1, rm_freeze_layers=28, ppo_iterations=1, ppo_batch=4, ppo_epochs=1,
-                   ppo_minibatches=1, ppo_micro_batch=2, policy_freeze_layers=26, critic_freeze_layers=28,
-                   policy_lr=1e-5, critic_lr=1e-5, kl_coef=0.05),
+    "default": Preset(train_prompts=128, heldout_prompts=77, responses_per_prompt=6, heldout_responses=3,
+                      max_new_tokens=32, rm_epochs=2, rm_freeze_layers=26, rm_lr=3e-4, rm_batch=30,
+                      rm_micro_batch=15, ppo_iterations=10, ppo_batch=32, ppo_epochs=2, ppo_minibatches=2,
+                      ppo_micro_batch=8, policy_freeze_layers=16, critic_freeze_layers=26, policy_lr=4e-5,
+                      critic_lr=1e-4, kl_coef=0.02),
+    "fast": Preset(train_prompts=64, heldout_prompts=48, responses_per_prompt=6, heldout_responses=3,
+                   max_new_tokens=24, rm_epochs=1, rm_freeze_layers=26, rm_lr=3e-4, rm_batch=30, rm_micro_batch=15,
+                   ppo_iterations=5, ppo_batch=16, ppo_epochs=2, ppo_minibatches=2, ppo_micro_batch=8,
+                   policy_freeze_layers=16, critic_freeze_layers=26, policy_lr=6e-5, critic_lr=1e-4, kl_coef=0.02),
+    "tiny": Preset(train_prompts=6, heldout_prompts=4, responses_per_prompt=2, heldout_responses=2,
+                   max_new_tokens=8, rm_epochs=1, rm_freeze_layers=28, rm_lr=1e-4, rm_batch=4, rm_micro_batch=2,
+                   ppo_iterations=1, ppo_batch=4, ppo_epochs=1, ppo_minibatches=1, ppo_micro_batch=2,
+                   policy_freeze_layers=26, critic_freeze_layers=28, policy_lr=1e-5, critic_lr=1e-5, kl_coef=0.05),
 }
 
 CONFIG = QuickstartConfig
@@ -254,8 +259,8 @@ def run(cfg: QuickstartConfig) -> dict[str, Any]:
     # 0. The SFT model (converted once from the GGUF wheel into a cached HF folder) and the prompts.
     t0 = time.perf_counter()
     sft = str(hf_folder(cfg.model or smollm2_gguf_path()))
-    train_prompts, heldout_prompts = load_builtin_prompts()
-    train_prompts = train_prompts[:preset.train_prompts]
+    all_train_prompts, heldout_prompts = load_builtin_prompts()
+    train_prompts = all_train_prompts[:preset.train_prompts]  # labelled for the RM; PPO samples from all of them
     heldout_prompts = heldout_prompts[:preset.heldout_prompts]
     tokenizer = ensure_pad_token(load_tokenizer(sft))
     policy0 = load_causal_lm(sft).eval()
@@ -271,22 +276,26 @@ def run(cfg: QuickstartConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     train_resp = sample_responses(policy0, tokenizer, train_prompts, preset.responses_per_prompt,
                                   preset.max_new_tokens, cfg.seed, desc="1/5 sampling for labels")
-    held_resp = sample_responses(policy0, tokenizer, heldout_prompts, 2, preset.max_new_tokens, cfg.seed + 1,
+    held_resp = sample_responses(policy0, tokenizer, heldout_prompts, preset.heldout_responses,
+                                 preset.max_new_tokens, cfg.seed + 1,
                                  desc="1/5 sampling held-out pairs")
     pref_rows, agreement, expected = preference_rows(train_prompts, train_resp, cfg.label_temperature, cfg.seed)
     eval_rows = gold_ordered_pairs(heldout_prompts, held_resp)
     write_jsonl(out / "data/preferences.jsonl", pref_rows)
     write_jsonl(out / "data/heldout_gold_pairs.jsonl", eval_rows)
-    write_jsonl(out / "data/ppo_prompts.jsonl", [{"prompt": user_messages(p)} for p in train_prompts])
+    ppo_prompts = all_train_prompts if cfg.scale != "tiny" else train_prompts
+    write_jsonl(out / "data/ppo_prompts.jsonl", [{"prompt": user_messages(p)} for p in ppo_prompts])
     times["time_labels_s"] = time.perf_counter() - t0
 
     # 2. Reward model: the ordinary `rm train` path, then accuracy/calibration against the noiseless gold order.
     t0 = time.perf_counter()
     rm_dir = out / "models/reward_model"
-    rm_batch = min(16, len(pref_rows))
+    rm_batch = min(preset.rm_batch, len(pref_rows))
+    rm_micro = preset.rm_micro_batch if rm_batch % preset.rm_micro_batch == 0 else rm_batch
     reward_trainer.run(RMTrainConfig(
         model=sft, data=str(out / "data/preferences.jsonl"), output=str(rm_dir), eval_fraction=0.0,
-        epochs=preset.rm_epochs, learning_rate=1e-4, batch_size=rm_batch, micro_batch_size=rm_batch, bf16=BF16,
+        epochs=preset.rm_epochs, learning_rate=preset.rm_lr, batch_size=rm_batch, micro_batch_size=rm_micro,
+        aggregation="mean", group_by_prompt=True, bf16=BF16,
         freeze_layers=preset.rm_freeze_layers, max_length=256, logging_steps=5, seed=cfg.seed,
         warmup_ratio=0.1))
     rm_model, rm_tok = rm_eval.load_scoring_model(str(rm_dir))
