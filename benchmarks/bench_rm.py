@@ -44,6 +44,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                            f"{TINY['iters']})")
     p.add_argument("--batch", type=int, default=None, help=f"pairs per step (default {FULL['batch']}, tiny "
                                                            f"{TINY['batch']})")
+    p.add_argument("--micro-batch", type=int, default=2,
+                   help="rlhfkit's micro-batch: the optimizer step still holds --batch pairs (gradient accumulation, "
+                        "exact: tests/train/test_rm_train.py); 0 = one micro-batch of --batch (TRL's setting)")
     p.add_argument("--anchor", default=C.DEFAULT_ANCHOR, help="the team's TRL anchor script")
     p.add_argument("--config-dir", default=C.DEFAULT_CONFIG_DIR, help="SmolLM2-135M config + tokenizer folder")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
@@ -92,7 +95,7 @@ def child_ours(a: argparse.Namespace) -> None:
     rt.tokenize_examples = pretokenized
     cfg = RMTrainConfig(model=str(work / "model"), data=str(work / "pairs.jsonl"),
                         output=str(work / ("out-bf16" if a.bf16 else "out-fp32")), eval_fraction=0.0,
-                        batch_size=a.batch, micro_batch_size=a.batch, bf16=a.bf16, epochs=1, max_length=1024,
+                        batch_size=a.batch, micro_batch_size=a.micro_batch or a.batch, bf16=a.bf16, epochs=1, max_length=1024,
                         logging_steps=1, group_by_length=True, gradient_checkpointing=False, seed=0,
                         overwrite=True)
     start = time.perf_counter()
@@ -124,7 +127,8 @@ def run_trl(a: argparse.Namespace, bf16: bool) -> dict:
 
 def run_ours(a: argparse.Namespace, bf16: bool, workdir: str) -> dict:
     cmd = [C.python(), __file__, "--child", "ours", "--workdir", workdir, "--config-dir", a.config_dir,
-           "--iters", str(a.iters), "--batch", str(a.batch)] + ["--bf16"] * bf16 + ["--tiny"] * a.tiny
+           "--iters", str(a.iters), "--batch", str(a.batch), "--micro-batch", str(a.micro_batch)
+           ] + ["--bf16"] * bf16 + ["--tiny"] * a.tiny
     m = C.run_measured(cmd, a.timeout)
     C.require_ok(m, "rlhfkit reward trainer")
     r = C.last_json(m.stdout, C.RESULT_PREFIX)
@@ -142,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                                       else ""),
                 "num_labels": 1, "pairs": a.iters * a.batch, "batch_pairs": a.batch, "steps": a.iters,
                 "tokens_per_side": "128-511, ids uniform in [100, V-100), seed 0", "precisions": precisions,
-                "anchor": a.anchor, "tiny": a.tiny}
+                "rlhfkit_micro_batch_pairs": a.micro_batch or a.batch, "anchor": a.anchor, "tiny": a.tiny}
     rows: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="rlhfkit-bench-rm-") as work:
         if a.which in ("both", "ours"):

@@ -31,6 +31,13 @@ def test_quickstart_tiny_real_model_end_to_end(tmp_path, capsys):
     (out / "summary.md").unlink()
     assert main(["report", str(out)]) == 0
     assert (out / "summary.md").is_file()
+    # same seed, same numbers: a second run reproduces every headline number and the PPO metrics (timings aside)
+    again = tmp_path / "again"
+    assert main(["quickstart", "--scale", "tiny", "--output", str(again), "--seed", "3"]) == 0
+    untimed = lambda d: {k: v for k, v in d.items() if not k.startswith(("time", "throughput"))}  # noqa: E731
+    assert untimed(json.loads((again / "summary.json").read_text())) == untimed(summary)
+    rows_again = [json.loads(line) for line in (again / "metrics/ppo.jsonl").read_text().splitlines()]
+    assert [untimed(r) for r in rows_again] == [untimed(r) for r in rows]
 
 
 def test_quickstart_rejects_contradicting_flags(capsys):

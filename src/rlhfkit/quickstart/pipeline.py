@@ -84,14 +84,14 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    "default": Preset(train_prompts=128, heldout_prompts=77, responses_per_prompt=6, heldout_responses=3,
+    "default": Preset(train_prompts=256, heldout_prompts=77, responses_per_prompt=4, heldout_responses=3,
                       max_new_tokens=32, rm_epochs=2, rm_freeze_layers=26, rm_lr=3e-4, rm_batch=30,
                       rm_micro_batch=15, ppo_iterations=10, ppo_batch=32, ppo_epochs=2, ppo_minibatches=2,
-                      ppo_micro_batch=8, policy_freeze_layers=16, critic_freeze_layers=26, policy_lr=4e-5,
+                      ppo_micro_batch=8, policy_freeze_layers=16, critic_freeze_layers=26, policy_lr=6e-5,
                       critic_lr=1e-4, kl_coef=0.02),
     "fast": Preset(train_prompts=64, heldout_prompts=48, responses_per_prompt=6, heldout_responses=3,
                    max_new_tokens=24, rm_epochs=1, rm_freeze_layers=26, rm_lr=3e-4, rm_batch=30, rm_micro_batch=15,
-                   ppo_iterations=5, ppo_batch=16, ppo_epochs=2, ppo_minibatches=2, ppo_micro_batch=8,
+                   ppo_iterations=8, ppo_batch=16, ppo_epochs=2, ppo_minibatches=2, ppo_micro_batch=8,
                    policy_freeze_layers=16, critic_freeze_layers=26, policy_lr=6e-5, critic_lr=1e-4, kl_coef=0.02),
     "tiny": Preset(train_prompts=6, heldout_prompts=4, responses_per_prompt=2, heldout_responses=2,
                    max_new_tokens=8, rm_epochs=1, rm_freeze_layers=28, rm_lr=1e-4, rm_batch=4, rm_micro_batch=2,
