@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                            f"{TINY['iters']})")
     p.add_argument("--batch", type=int, default=None, help=f"pairs per step (default {FULL['batch']}, tiny "
                                                            f"{TINY['batch']})")
-    p.add_argument("--micro-batch", type=int, default=2,
+    p.add_argument("--micro-batch", type=int, default=1,
                    help="rlhfkit's micro-batch: the optimizer step still holds --batch pairs (gradient accumulation, "
                         "exact: tests/train/test_rm_train.py); 0 = one micro-batch of --batch (TRL's setting)")
     p.add_argument("--anchor", default=C.DEFAULT_ANCHOR, help="the team's TRL anchor script")
