@@ -192,10 +192,9 @@ def _forward_distinct(model: Any, input_ids: torch.Tensor, attention_mask: torch
     distinct, inverse = torch.unique(rows, dim=0, return_inverse=True)
     if distinct.shape[0] == rows.shape[0]:
         return model(input_ids, attention_mask, response_mask)
-    first = torch.full((distinct.shape[0],), rows.shape[0], dtype=torch.long, device=rows.device)
-    first.scatter_reduce_(0, inverse, torch.arange(rows.shape[0], device=rows.device), reduce="amin")
-    length = int(attention_mask[first].sum(dim=1).max())  # right-padded rows
-    out = model(input_ids[first, :length], attention_mask[first, :length], response_mask[first, :length])
+    ids, att, resp = distinct.split(input_ids.shape[1], dim=1)  # the distinct rows are the model's inputs
+    length = int(att.sum(dim=1).max())  # right-padded rows
+    out = model(ids[:, :length], att[:, :length].to(attention_mask.dtype), resp[:, :length].to(response_mask.dtype))
     pad = input_ids.shape[1] - length
 
     def back(t: torch.Tensor | None, per_token: bool) -> torch.Tensor | None:
