@@ -14,7 +14,9 @@ from rlhfkit.rollout.sampling import (
     GenerationConfig,
     filter_logits,
     generate_greedy,
+    invert_cdf,
     sample,
+    sample_categorical,
     top_k_filter,
     top_p_filter,
 )
@@ -296,6 +298,40 @@ def test_empirical_distribution_matches_tempered_softmax():
     c = counts(temperature=1.3, top_k=4, top_p=0.85)
     assert c[3] == 0 and c[4] == 0
     assert chi_square(c[:3], kept) < 13.82  # 2 degrees of freedom, upper 0.1% point
+
+
+def test_invert_cdf_by_hand():
+    # unnormalised rows (sums 4 and 2); the draw is the first index whose cumulative mass exceeds u * total, so
+    # zero-probability tokens (ids 1, 3 of row 0; id 4 of row 1) are skipped, also on the CDF's steps
+    probs = torch.tensor([[1.0, 0.0, 2.0, 0.0, 1.0], [0.5, 0.5, 0.5, 0.5, 0.0]])
+    cases = [  # (u row 0, u row 1) -> tokens; row 0's CDF / 4: .25 .25 .75 .75 1; row 1's / 2: .25 .5 .75 1 1
+        ((0.0, 0.0), [0, 0]),
+        ((0.25, 0.5), [2, 2]),       # exactly on a step: the next token with mass
+        ((0.7499, 0.7499), [2, 2]),
+        ((0.75, 0.99999), [4, 3]),
+    ]
+    for u, want in cases:
+        assert invert_cdf(probs, torch.tensor(u)).tolist() == want
+
+
+def test_sample_categorical_uses_one_uniform_per_row_from_the_generator():
+    probs = torch.tensor([[1.0, 0.0, 2.0, 0.0, 1.0], [0.5, 0.5, 0.5, 0.5, 0.0]])
+    u = torch.rand(2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    got = sample_categorical(probs, torch.Generator().manual_seed(3))
+    assert got.dtype == torch.long and got.tolist() == invert_cdf(probs, u).tolist()
+
+
+def test_sample_categorical_frequencies_on_a_large_vocabulary():
+    # a 1000-token distribution with half the tokens at zero mass: empirical frequencies of 20000 draws (20 rows
+    # x 1000 calls) pass a chi-square test on 20 buckets of 25 live tokens, and no dead token is ever drawn
+    torch.manual_seed(0)
+    weights = torch.rand(1000) * (torch.arange(1000) % 2 == 0)
+    g = torch.Generator().manual_seed(5)
+    draws = torch.cat([sample_categorical(weights.expand(20, -1), g) for _ in range(1000)])
+    assert (draws % 2 == 0).all()
+    counts = torch.bincount(draws // 50, minlength=20).double()
+    mass = torch.stack([weights[b * 50:(b + 1) * 50].sum() for b in range(20)]).double()
+    assert chi_square(counts, (mass / mass.sum()).tolist()) < 43.82  # 19 degrees of freedom, upper 0.1% point
 
 
 # ---------------------------------------------------------------------------------------------- validation, modes

@@ -5,8 +5,8 @@ the sampling loop so that positions, stopping and the rollout log-probs are unde
 
 1. one forward pass over the prompt (``position_ids = cumsum(prompt_mask) - 1``, clamped at 0, so a left-padded
    row sees exactly the positions it would see alone), filling a ``transformers.DynamicCache``;
-2. per step: logits of the last position → ``/ temperature`` → top-k → top-p → ``torch.multinomial`` with the
-   caller's ``torch.Generator`` (greedy = argmax); record the log-prob; append the token, extend the attention
+2. per step: logits of the last position → ``/ temperature`` → top-k → top-p → one categorical draw per row
+   by inversion (:func:`sample_categorical`) with the caller's ``torch.Generator`` (greedy = argmax); record the log-prob; append the token, extend the attention
    mask, continue each row's position by one, feed the token with the cache;
 3. a row finishes at its first stop token (kept as its last response token) or when its decoded response first
    contains a stop string (kept up to the token that completes it); afterwards it emits padding. The loop ends
@@ -37,7 +37,9 @@ __all__ = [
     "Rollout",
     "filter_logits",
     "generate_greedy",
+    "invert_cdf",
     "sample",
+    "sample_categorical",
     "top_k_filter",
     "top_p_filter",
 ]
@@ -177,6 +179,28 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None, t
     return top_p_filter(top_k_filter(logits / temperature, top_k), top_p)
 
 
+def invert_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The categorical draw of each row of ``probs`` (B, V) (rows need not be normalised) for uniforms ``u`` (B,).
+
+    With the row's cumulative sums ``C_v = Σ_{i<=v} p_i`` (float64), return the first v with
+    ``C_v > u · C_{V-1}``. For ``u ~ U[0, 1)`` this draws v with probability ``p_v / Σ p`` (exact up to float64
+    rounding of C), and a token with ``p_v = 0`` is never drawn (C does not rise at it). Shapes: (B, V), (B,) ->
+    (B,) long, on ``probs``' device.
+    """
+    cdf = probs.to(dtype=torch.float64).cumsum(dim=-1)
+    target = u.to(device=cdf.device, dtype=torch.float64)[:, None] * cdf[:, -1:]
+    index = torch.searchsorted(cdf, target, right=True).squeeze(-1)
+    return index.clamp_(max=cdf.shape[-1] - 1)
+
+
+def sample_categorical(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One draw per row of ``probs`` (B, V): :func:`invert_cdf` with one float64 uniform per row from ``generator``
+    (drawn on the generator's device). ``torch.multinomial`` instead draws V exponentials per row, single-threaded
+    under a generator: 17% of a CPU sampling step on a 49k vocabulary. Shapes: (B, V) -> (B,) long."""
+    u = torch.rand(probs.shape[0], generator=generator, dtype=torch.float64, device=generator.device)
+    return invert_cdf(probs, u.to(probs.device))
+
+
 def _model_device(model: torch.nn.Module) -> torch.device:
     device = getattr(model, "device", None)
     if isinstance(device, torch.device):
@@ -225,7 +249,7 @@ def sample(
         prompt_ids: (B,P) long, left-padded.
         prompt_mask: (B,P) bool (or 0/1), True on real tokens; every row ends with a real token.
         config: the sampling settings.
-        generator: the random source of ``torch.multinomial``; the same seed gives the same samples. Required
+        generator: the random source of the draws; the same seed gives the same samples. Required
             unless decoding is greedy. If it lives on another device than the model, the draws are made there.
         tokenizer: needed only for ``config.stop_strings`` (and for ``pad_token_id`` when the config has none).
         autocast_dtype: if given (e.g. ``torch.bfloat16``), forward passes run under ``torch.autocast`` on the
@@ -281,8 +305,7 @@ def sample(
                     new = logits.argmax(dim=-1)
                 else:
                     probs = torch.softmax(filter_logits(logits, temperature, config.top_k, config.top_p), dim=-1)
-                    new = torch.multinomial(probs.to(generator.device), 1, generator=generator).squeeze(-1)
-                    new = new.to(device)
+                    new = sample_categorical(probs, generator)
                 # full tempered distribution, before top-k/top-p (see the module docstring)
                 new_logprobs = logprobs_from_logits(logits[:, None, :], new[:, None], temperature,
                                                     chunk_rows=batch).squeeze(1)
