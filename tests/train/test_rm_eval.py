@@ -78,7 +78,7 @@ class FakeRM(torch.nn.Module):
         for word, v in ((GOOD, 1.0), (BAD, -1.0), ("w3", 0.5), ("w10", 0.2)):
             self.values[vocab[word]] = v
 
-    def forward(self, input_ids, attention_mask, response_mask=None):
+    def forward(self, input_ids, attention_mask, response_mask=None, share_prompts=False):
         token_scores = torch.where(response_mask, self.values[input_ids], 0.0)
         return RewardOutput(scores=token_scores.sum(dim=1) + 0 * self.dummy, token_scores=token_scores)
 
@@ -149,12 +149,14 @@ def test_rm_eval_bad_input_exits_2_and_writes_nothing(folders, tmp_path, capsys)
     assert not out.exists()
 
 
+@pytest.mark.parametrize("share_prompts", [False, True])
 @pytest.mark.parametrize("aggregation, aspects", [("last", None), ("mean", None), ("last", ["a", "b"])])
 def test_forward_pairs_runs_each_distinct_sequence_once_with_the_same_outputs_and_gradients(
-        tmp_path, aggregation, aspects):
+        tmp_path, aggregation, aspects, share_prompts):
     """K responses of a prompt, all pairs: 3 responses → 3 pairs → 6 rows, 3 distinct. The deduplicated forward
     gives the outputs and the gradient of the plain forward over all 6 rows (to float rounding), and runs the
-    backbone on 3 rows only, trimmed to their own longest length."""
+    backbone on 3 rows only, trimmed to their own longest length; with shared prompts, on one packed row:
+    the prompt once, then the 3 responses."""
     from rlhfkit.data.tokenize import TokenizedPair, collate_pairs
     from rlhfkit.train.rm_eval import forward_pairs
 
@@ -176,7 +178,7 @@ def test_forward_pairs_runs_each_distinct_sequence_once_with_the_same_outputs_an
     def run(dedup: bool):
         model.zero_grad(set_to_none=True)
         if dedup:
-            diff, chosen, rejected, out = forward_pairs(model, batch)
+            diff, chosen, rejected, out = forward_pairs(model, batch, share_prompts)
         else:
             out = model(batch["input_ids"], batch["attention_mask"], batch["response_mask"])
             chosen, rejected = out.scores[:3], out.scores[3:]
@@ -188,7 +190,8 @@ def test_forward_pairs_runs_each_distinct_sequence_once_with_the_same_outputs_an
     plain_diff, plain_out, plain_grads = run(False)
     dedup_diff, dedup_out, dedup_grads = run(True)
     handle.remove()
-    assert seen == [(6, 8), (3, 8)]  # rows a, c, b once each; the longest distinct row has 3 + 5 tokens
+    # rows a, c, b once each; the longest distinct row has 3 + 5 tokens; packed: 3 + 5 + 3 + 2 tokens in one row
+    assert seen == [(6, 8), (1, 13) if share_prompts else (3, 8)]
     torch.testing.assert_close(dedup_diff, plain_diff, rtol=0, atol=1e-6)
     torch.testing.assert_close(dedup_out.token_scores, plain_out.token_scores.detach(), rtol=0, atol=1e-6)
     if aspects:

@@ -218,12 +218,20 @@ def _use_cache_kwargs(module: nn.Module) -> dict:
     return {"use_cache": False} if config is not None and hasattr(config, "use_cache") else {}
 
 
-def forward_hidden(backbone: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Last hidden states (B, L, H) of a transformer backbone (an ``AutoModel``), positions from the mask."""
+def forward_hidden(backbone: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Last hidden states (B, L, H) of a transformer backbone (an ``AutoModel``).
+
+    ``attention_mask`` is (B, L), positions then come from it; or a custom 4-D bool mask (B, 1, L, L) (True = may
+    attend) with explicit ``position_ids`` (B, L), as packed batches (`rlhfkit.models.packing`) need.
+    """
+    custom = attention_mask.dim() == 4
+    if custom and position_ids is None:
+        raise ValueError("a 4-D attention mask needs explicit position_ids")
     out = backbone(
         input_ids=input_ids,
-        attention_mask=attention_mask.long(),
-        position_ids=position_ids_from_mask(attention_mask),
+        attention_mask=attention_mask.bool() if custom else attention_mask.long(),
+        position_ids=position_ids if position_ids is not None else position_ids_from_mask(attention_mask),
         **_use_cache_kwargs(backbone),
     )
     return out.last_hidden_state

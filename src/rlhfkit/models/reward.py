@@ -47,6 +47,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassificati
 from rlhfkit.core.masks import masked_mean, masked_sum
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.models.loading import forward_hidden, has_tokenizer_files, hf_folder, load_tokenizer
+from rlhfkit.models.packing import shared_prompt_layout
 
 METADATA_FILE = "rlhfkit.json"
 HEAD_FILE = "reward_head.safetensors"
@@ -273,17 +274,36 @@ class RewardModel(nn.Module):
         return unwrap_peft(self.model).config
 
     @property
+    def packs_prompts(self) -> bool:
+        """Whether ``forward(..., share_prompts=True)`` can pack: a decoder whose attention takes a custom 4-D bool
+        mask as-is (SDPA; eager attention would add it as a float bias)."""
+        return self.kind == "decoder" and getattr(self.config, "_attn_implementation", None) == "sdpa"
+
+    @property
     def pad_token_id(self) -> int | None:
         """The id batches for this model are padded with (``config.pad_token_id``); see the module docstring."""
         return self.config.pad_token_id
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor | None = None
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor | None = None,
+        share_prompts: bool = False,
     ) -> RewardOutput:
-        """Scores of a batch: ``input_ids``, ``attention_mask`` (B, L); ``response_mask`` (B, L) for mean/sum."""
+        """Scores of a batch: ``input_ids``, ``attention_mask`` (B, L); ``response_mask`` (B, L) for mean/sum.
+
+        ``share_prompts``: run the prompt of right-padded rows that share it once (`rlhfkit.models.packing`; the
+        prompt is what precedes ``response_mask``). Same outputs up to float rounding; used by a decoder with
+        SDPA attention when a response mask is given, else ignored.
+        """
         attention_mask = attention_mask.bool()
-        hidden = forward_hidden(self._backbone(), input_ids, attention_mask)  # (B, L, H)
-        per_token = self._head()(hidden)  # (B, L, K), computed in the model's dtype (as HF does)
+        layout = None
+        if share_prompts and self.kind == "decoder" and response_mask is not None and self.packs_prompts:
+            layout = shared_prompt_layout(input_ids, attention_mask, response_mask, self.pad_token_id or 0)
+        if layout is None:
+            hidden = forward_hidden(self._backbone(), input_ids, attention_mask)  # (B, L, H)
+            per_token = self._head()(hidden)  # (B, L, K), computed in the model's dtype (as HF does)
+        else:
+            hidden = forward_hidden(self._backbone(), layout.input_ids, layout.attention_mask, layout.position_ids)
+            per_token = layout.unpack(self._head()(hidden))  # back to (B, L, K)
         per_token = per_token.to(torch.promote_types(per_token.dtype, torch.float32))  # bf16 -> fp32 outputs
         per_token = torch.where(attention_mask[..., None], per_token, 0.0)
         if self.aggregation in ("last", "cls"):

@@ -94,6 +94,7 @@ class PairwiseObjective:
     def __init__(self, cfg: RMTrainConfig, pad_id: int):
         self.loss_name = "pairrm" if cfg.model_kind == "pairrm" else cfg.loss
         self.center = cfg.center_rewards_coef
+        self.share_prompts = cfg.share_prompts
         self.pad_id = pad_id
         self.names = ("accuracy", "margin") + (() if self.loss_name == "pairrm" else ("chosen_mean", "rejected_mean"))
 
@@ -104,7 +105,7 @@ class PairwiseObjective:
         return float(len(items))
 
     def step(self, model: Any, batch: dict[str, Any]) -> StepOut:
-        diff, chosen, rejected, out = forward_pairs(model, batch)
+        diff, chosen, rejected, out = forward_pairs(model, batch, self.share_prompts)
         if self.loss_name == "pairrm":  # out = logits of (c, r) rows then (r, c) rows
             half = out.shape[0] // 2
             labels = torch.cat([torch.ones(half), torch.zeros(half)]).to(out.device)

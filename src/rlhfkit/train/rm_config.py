@@ -130,6 +130,10 @@ class RMTrainConfig:
                 "prompt's pairs in the same batch and run each distinct sequence of a micro-batch once "
                 "(InstructGPT's K-wise batching; an epoch then costs ~K forward passes per prompt instead of "
                 "K(K-1)). Takes precedence over group_by_length."})
+    share_prompts: bool = field(default=True, metadata={
+        "help": "Decoder reward models with SDPA attention: pack the rows of a micro-batch that share their prompt "
+                "into one sequence (block-causal mask), so each prompt runs once; same scores and gradients up to "
+                "float rounding. Pairs always share their prompt; K-wise batches K times."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the model folder."})
 
     def __post_init__(self) -> None:
