@@ -43,3 +43,46 @@ def test_quickstart_tiny_real_model_end_to_end(tmp_path, capsys):
 def test_quickstart_rejects_contradicting_flags(capsys):
     assert main(["quickstart", "--fast", "--scale", "tiny"]) == 2
     assert "--fast contradicts" in capsys.readouterr().err
+
+
+def test_evaluate_policy_kl_is_the_summed_log_ratio_of_the_sampled_tokens(monkeypatch):
+    """KL per response = Σ_t (log π − log π_ref) over the response tokens: 0 against the policy itself, and the
+    hand sum from one full forward pass of each model against another model."""
+    import sys
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from rlhfkit.quickstart import pipeline
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "rollout"))
+    from test_sampling import TOKENIZER_DIR, full_forward_logprobs, tiny_llama
+
+    tok = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    tok.pad_token = tok.eos_token
+    policy, other = tiny_llama(len(tok), seed=0), tiny_llama(len(tok), seed=1)
+
+    class Judge:
+        def score(self, texts):
+            return [0.0] * len(texts)
+
+    monkeypatch.setattr(pipeline, "_judge", lambda: Judge())
+    proxy = lambda prompts, texts, *tensors: torch.zeros(len(texts))  # noqa: E731
+    prompts = ["Describe a rainy Monday morning commute.", "Tell me about a garden in early spring."]
+    run = lambda ref: pipeline.evaluate_policy(policy, tok, prompts, proxy, 6, 1.0, seed=4, reference=ref)  # noqa: E731
+    assert [abs(r["kl"]) < 1e-5 for r in run(policy)] == [True, True]
+    rows = run(other)
+    # the same draws again (same seed), scored by one full forward pass of each model in float64
+    from rlhfkit.data.tokenize import left_pad, tokenize_prompts
+    from rlhfkit.rollout.sampling import GenerationConfig, sample
+
+    ids, _ = tokenize_prompts(tok, [pipeline.user_messages(p) for p in prompts], max_prompt_length=256)
+    q, qm = left_pad(ids, tok.pad_token_id)
+    gen = GenerationConfig(max_new_tokens=6, temperature=1.0, stop_token_ids=(tok.eos_token_id,),
+                           pad_token_id=tok.pad_token_id)
+    r = sample(policy, q, qm, gen, torch.Generator().manual_seed(4), tokenizer=tok)
+    want = ((full_forward_logprobs(policy, r, 1.0) - full_forward_logprobs(other, r, 1.0)) * r.response_mask).sum(1)
+    assert [row["response_tokens"] for row in rows] == r.response_mask.sum(1).tolist()
+    assert [row["kl"] for row in rows] == pytest.approx(want.tolist(), abs=1e-4)
+    assert max(abs(k) for k in want.tolist()) > 0.1  # the two models differ: the check has teeth

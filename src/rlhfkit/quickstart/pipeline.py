@@ -84,13 +84,13 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    "default": Preset(train_prompts=256, heldout_prompts=77, responses_per_prompt=4, heldout_responses=3,
-                      max_new_tokens=32, rm_epochs=2, rm_freeze_layers=26, rm_lr=3e-4, rm_batch=30,
-                      rm_micro_batch=15, ppo_iterations=10, ppo_batch=32, ppo_epochs=2, ppo_minibatches=2,
+    "default": Preset(train_prompts=585, heldout_prompts=165, responses_per_prompt=3, heldout_responses=3,
+                      max_new_tokens=32, rm_epochs=1, rm_freeze_layers=26, rm_lr=3e-4, rm_batch=30,
+                      rm_micro_batch=30, ppo_iterations=10, ppo_batch=32, ppo_epochs=2, ppo_minibatches=2,
                       ppo_micro_batch=8, policy_freeze_layers=16, critic_freeze_layers=26, policy_lr=6e-5,
                       critic_lr=1e-4, kl_coef=0.02),
-    "fast": Preset(train_prompts=64, heldout_prompts=48, responses_per_prompt=6, heldout_responses=3,
-                   max_new_tokens=24, rm_epochs=1, rm_freeze_layers=26, rm_lr=3e-4, rm_batch=30, rm_micro_batch=15,
+    "fast": Preset(train_prompts=128, heldout_prompts=64, responses_per_prompt=4, heldout_responses=3,
+                   max_new_tokens=24, rm_epochs=1, rm_freeze_layers=26, rm_lr=3e-4, rm_batch=24, rm_micro_batch=24,
                    ppo_iterations=8, ppo_batch=16, ppo_epochs=2, ppo_minibatches=2, ppo_micro_batch=8,
                    policy_freeze_layers=16, critic_freeze_layers=26, policy_lr=6e-5, critic_lr=1e-4, kl_coef=0.02),
     "tiny": Preset(train_prompts=6, heldout_prompts=4, responses_per_prompt=2, heldout_responses=2,
@@ -116,7 +116,7 @@ def user_messages(prompt: str) -> list[dict[str, str]]:
 
 
 def sample_responses(model, tokenizer, prompts: list[str], n_per_prompt: int, max_new_tokens: int, seed: int,
-                     batch_size: int = 32, temperature: float = 1.0, desc: str = "sampling"
+                     batch_size: int = 64, temperature: float = 1.0, desc: str = "sampling"
                      ) -> list[list[tuple[str, int]]]:
     """``n_per_prompt`` sampled responses per prompt as (text, token count), with the chat template applied."""
     from rlhfkit.data.tokenize import left_pad, tokenize_prompts
@@ -185,7 +185,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def evaluate_policy(policy, tokenizer, prompts: list[str], rm_reward, max_new_tokens: int, temperature: float,
-                    seed: int, reference=None, batch_size: int = 32, desc: str = "evaluating") -> list[dict]:
+                    seed: int, reference=None, batch_size: int = 64, desc: str = "evaluating") -> list[dict]:
     """One sampled response per held-out prompt with its gold score, proxy (RM) score, token count and, with a
     `reference`, its KL to the reference: KL = Σ_t (log π(y_t) − log π_ref(y_t)) over the response tokens (the
     k1 estimator of `rlhfkit.core.kl`, summed), an unbiased estimate of KL(π ‖ π_ref) per response."""
@@ -210,11 +210,10 @@ def evaluate_policy(policy, tokenizer, prompts: list[str], rm_reward, max_new_to
         proxy = rm_reward(prompt_texts, texts, q, qm, r.response_ids, r.response_mask)
         gold = _judge().score(texts)
         kl = None
-        if reference is not None:
+        if reference is not None:  # the sampler's log-probs are the policy's (full tempered distribution)
             with torch.inference_mode():
-                lp = policy_forward(policy, q, qm, r.response_ids, r.response_mask, temperature).logprobs
                 ref = policy_forward(reference, q, qm, r.response_ids, r.response_mask, temperature).logprobs
-            kl = masked_sum(kl_penalty(lp, ref, "kl"), r.response_mask, dim=1)
+            kl = masked_sum(kl_penalty(r.rollout_logprobs, ref, "kl"), r.response_mask, dim=1)
         for b, i in enumerate(idx):
             row = {"prompt": prompts[i], "response": texts[b], "gold": gold[b], "proxy": float(proxy[b]),
                    "response_tokens": int(r.response_mask[b].sum())}
