@@ -80,7 +80,9 @@ def _synthetic_batch(trainer: PPOTrainer, rows: int = 4) -> UpdateBatch:
     exp = trainer.prepare(rollout, torch.arange(rollout.query_ids.shape[0], dtype=torch.float32))
     b = exp.batch
     g = torch.Generator().manual_seed(1)
-    idx = slice(0, rows)
+    # rows spread over the response lengths (shortest, longest and between), so micro-batches trim differently
+    order = torch.argsort(b.response_mask.sum(1), stable=True)
+    idx = order[torch.linspace(0, len(order) - 1, rows).round().long()]
     mask = b.response_mask[idx]
     noise = 0.5 * torch.randn(mask.shape, generator=g, dtype=torch.float64)
     return UpdateBatch(
