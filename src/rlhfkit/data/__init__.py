@@ -32,10 +32,10 @@ from rlhfkit.data.tokenize import (
 )
 
 __all__ = [
-    "ExampleList", "LengthGroupedBatchSampler", "OVERLONG_POLICIES", "PointwiseExample", "PreferenceExample", "PromptGroupedBatchSampler",
-    "SUPPORTED_EXTENSIONS", "TokenizeReport", "TokenizedPair", "TokenizedPoint", "collate_pairs",
-    "collate_points", "encode_prompt", "encode_response", "left_pad", "load_pointwise", "load_preferences",
-    "load_prompts", "parse_pointwise", "parse_preferences", "parse_prompts", "read_rows", "render",
-    "prompt_key", "render_prompt", "render_response", "right_pad", "tokenize_pointwise", "tokenize_preferences",
-    "tokenize_prompts",
+    "ExampleList", "LengthGroupedBatchSampler", "OVERLONG_POLICIES", "PointwiseExample", "PreferenceExample",
+    "PromptGroupedBatchSampler", "SUPPORTED_EXTENSIONS", "TokenizeReport", "TokenizedPair", "TokenizedPoint",
+    "collate_pairs", "collate_points", "encode_prompt", "encode_response", "left_pad", "load_pointwise",
+    "load_preferences", "load_prompts", "parse_pointwise", "parse_preferences", "parse_prompts", "read_rows",
+    "render", "prompt_key", "render_prompt", "render_response", "right_pad", "tokenize_pointwise",
+    "tokenize_preferences", "tokenize_prompts",
 ]

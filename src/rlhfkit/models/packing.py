@@ -84,7 +84,9 @@ def shared_prompt_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     rows_pos: list[list[int]] = []
     rows_seg: list[list[int]] = []
     gather = torch.zeros((n, width), dtype=torch.long)
+    group_of_row = torch.empty(n, dtype=torch.long)
     for g, (prompt, members) in enumerate(groups.items()):
+        group_of_row[members] = g
         p = len(prompt)
         ids, pos, seg = list(prompt), list(range(p)), [0] * p
         gather[members, :p] = torch.arange(p)  # prompt tokens: the packed row's first p positions
@@ -110,9 +112,6 @@ def shared_prompt_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor, 
         packed_ids[g, :k] = torch.tensor(rows_ids[g])
         packed_pos[g, :k] = torch.tensor(rows_pos[g])
         segment[g, :k] = torch.tensor(rows_seg[g])
-    group_of_row = torch.empty(n, dtype=torch.long)
-    for g, members in enumerate(groups.values()):
-        group_of_row[members] = g
     gather += group_of_row[:, None] * packed_len
 
     q_seg, k_seg = segment[:, :, None], segment[:, None, :]

@@ -296,7 +296,7 @@ class RewardModel(nn.Module):
         """
         attention_mask = attention_mask.bool()
         layout = None
-        if share_prompts and self.kind == "decoder" and response_mask is not None and self.packs_prompts:
+        if share_prompts and response_mask is not None and self.packs_prompts:
             layout = shared_prompt_layout(input_ids, attention_mask, response_mask, self.pad_token_id or 0)
         if layout is None:
             hidden = forward_hidden(self._backbone(), input_ids, attention_mask)  # (B, L, H)

@@ -6,8 +6,9 @@ the sampling loop so that positions, stopping and the rollout log-probs are unde
 1. one forward pass over the prompt (``position_ids = cumsum(prompt_mask) - 1``, clamped at 0, so a left-padded
    row sees exactly the positions it would see alone), filling a ``transformers.DynamicCache``;
 2. per step: logits of the last position → ``/ temperature`` → top-k → top-p → one categorical draw per row
-   by inversion (:func:`sample_categorical`) with the caller's ``torch.Generator`` (greedy = argmax); record the log-prob; append the token, extend the attention
-   mask, continue each row's position by one, feed the token with the cache;
+   by inversion (:func:`sample_categorical`) with the caller's ``torch.Generator`` (greedy = argmax); record
+   the log-prob; append the token, extend the attention mask, continue each row's position by one, feed the
+   token with the cache;
 3. a row finishes at its first stop token (kept as its last response token) or when its decoded response first
    contains a stop string (kept up to the token that completes it); afterwards it emits padding. The loop ends
    when every row has finished or ``max_new_tokens`` is reached.
