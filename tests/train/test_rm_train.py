@@ -358,3 +358,34 @@ def test_resume_refuses_a_changed_configuration(sft, pairs, tmp_path, capsys):
     assert train(sft, pairs, out, "--batch_size", "16", "--save_steps", "5", "--eval_fraction", "0",
                  "--learning_rate", "1e-3", "--resume") == 2
     assert "learning_rate" in capsys.readouterr().err
+
+
+def test_share_prompts_flag_reaches_the_model_and_gives_the_same_training(sft, tmp_path, monkeypatch):
+    """`--share_prompts` (default on) packs every micro-batch's shared prompts; `false` packs none; the trained
+    weights agree to float rounding (the packed forward is the same function)."""
+    import rlhfkit.models.reward as reward_module
+
+    calls = []
+    real = reward_module.shared_prompt_layout
+
+    def counting(*args, **kwargs):
+        layout = real(*args, **kwargs)
+        calls.append(layout is not None)
+        return layout
+
+    monkeypatch.setattr(reward_module, "shared_prompt_layout", counting)
+    data = write_jsonl(tmp_path / "d.jsonl", preference_rows(8, seed=1))
+    common = ["--batch_size", "4", "--micro_batch_size", "2", "--epochs", "2", "--learning_rate", "3e-3",
+              "--eval_fraction", "0"]
+    assert train(sft, data, tmp_path / "on", *common) == 0
+    on, calls_on = read_weights(tmp_path / "on"), list(calls)
+    calls.clear()
+    assert train(sft, data, tmp_path / "off", "--share_prompts", "false", *common) == 0
+    assert len(calls_on) == 8 and all(calls_on)  # 2 epochs × 2 steps × 2 micro-batches, each one packed
+    assert calls == []
+    off = read_weights(tmp_path / "off")
+    assert on.keys() == off.keys()
+    for name in on:
+        torch.testing.assert_close(on[name], off[name], rtol=0, atol=1e-5, msg=name)
+    start = read_weights(sft)
+    assert any(not torch.equal(on[n], start[n]) for n in on.keys() & start.keys())  # training moved the weights
