@@ -385,3 +385,44 @@ def test_outputs_are_ordinary_tensors_mode_is_restored_and_autocast_is_used():
     # not inference tensors: PPO feeds them to forward passes that build autograd graphs
     assert not any(t.is_inference() for t in r)
     assert r.response_ids.dtype == torch.long and r.response_mask.dtype == torch.bool
+
+
+# ---------------------------------------------------------------------------------------------- the cache keyword
+
+
+class CacheNamedLM(FixedLogitsLM):
+    """The same stand-in with the current transformers signature (the cache passed as ``cache``)."""
+
+    def __init__(self, logits: list[float]):
+        super().__init__(logits)
+        self.seen: list[object] = []
+
+    def forward(self, input_ids, attention_mask, position_ids, cache, use_cache, logits_to_keep):
+        self.seen.append(cache)
+        return SimpleNamespace(logits=self.row.expand(input_ids.shape[0], 1, -1))
+
+
+def test_the_cache_goes_under_the_name_the_forward_takes():
+    """A forward naming ``cache`` gets the one DynamicCache of the call at every step (a forward naming
+    ``past_key_values``, FixedLogitsLM above, is served by every other test of this module)."""
+    from rlhfkit.rollout.sampling import cache_keyword
+
+    model = CacheNamedLM(LOGITS)
+    assert cache_keyword(model) == "cache" and cache_keyword(FixedLogitsLM(LOGITS)) == "past_key_values"
+    ids, mask = left_padded([[1, 2], [3]])
+    sample(model, ids, mask, GenerationConfig(max_new_tokens=3, temperature=1.0, pad_token_id=PAD),
+           torch.Generator().manual_seed(0))
+    assert len(model.seen) == 3 and all(c is model.seen[0] for c in model.seen) and model.seen[0] is not None
+
+
+def test_sampling_a_real_model_raises_no_deprecation_warning():
+    """transformers 5.24 deprecates ``past_key_values`` (a FutureWarning at every forward): the sampler uses the
+    name the installed release expects, so sampling warns about nothing."""
+    import warnings
+
+    model = tiny_llama()
+    ids, mask = left_padded([[5, 6, 7], [8]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sample(model, ids, mask, GenerationConfig(max_new_tokens=4, temperature=1.0, pad_token_id=PAD),
+               torch.Generator().manual_seed(0))

@@ -23,6 +23,7 @@ model runs in bf16. With greedy decoding (temperature 0) they are taken at tempe
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Sequence
 
@@ -202,6 +203,15 @@ def sample_categorical(probs: torch.Tensor, generator: torch.Generator) -> torch
     return invert_cdf(probs, u.to(probs.device))
 
 
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The keyword under which ``model.forward`` takes its KV cache: ``"cache"`` where the forward names it so
+    (transformers 5.24 renamed ``past_key_values`` to ``cache`` and warns on the old name), else
+    ``"past_key_values"`` (earlier releases). A peft wrapper is looked through to the model it wraps."""
+    get_base = getattr(model, "get_base_model", None)
+    base = get_base() if callable(get_base) else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
 def _model_device(model: torch.nn.Module) -> torch.device:
     device = getattr(model, "device", None)
     if isinstance(device, torch.device):
@@ -244,8 +254,10 @@ def sample(
     """Sample up to ``config.max_new_tokens`` response tokens for each left-padded prompt.
 
     Args:
-        model: a causal LM whose forward takes ``input_ids, attention_mask, position_ids, past_key_values,
-            use_cache, logits_to_keep`` and returns ``.logits`` and ``.past_key_values`` (any HF causal LM).
+        model: a causal LM whose forward takes ``input_ids, attention_mask, position_ids, use_cache,
+            logits_to_keep`` and the KV cache as ``cache`` (transformers >= 5.24) or ``past_key_values`` (older
+            releases; see :func:`cache_keyword`), updates that cache in place and returns ``.logits`` (any HF
+            causal LM).
             It is put in eval mode for the call and its previous mode restored afterwards.
         prompt_ids: (B,P) long, left-padded.
         prompt_mask: (B,P) bool (or 0/1), True on real tokens; every row ends with a real token.
@@ -285,6 +297,7 @@ def sample(
 
     config_obj = getattr(model, "config", None)
     cache = DynamicCache(config=config_obj if isinstance(config_obj, PreTrainedConfig) else None)
+    cache_kwargs = {cache_keyword(model): cache}  # the cache object is updated in place by every forward
     attention_mask = prompt_mask.long()
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     next_position = attention_mask.sum(-1, keepdim=True)  # (B,1): each row continues after its last position
@@ -299,8 +312,7 @@ def sample(
         with torch.inference_mode(), autocast:
             for step in range(max_new):
                 out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            past_key_values=cache, use_cache=True, logits_to_keep=1)
-                cache = out.past_key_values
+                            use_cache=True, logits_to_keep=1, **cache_kwargs)
                 logits = out.logits[:, -1, :].float()  # (B,V), float32 whatever the model's dtype
                 if config.greedy:
                     new = logits.argmax(dim=-1)
