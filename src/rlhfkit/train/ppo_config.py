@@ -140,7 +140,8 @@ class PPOConfig:
         "LoRA rank of the policy (0 = full fine-tuning); the reference is the same weights with adapters off"))
     lora_alpha: float = field(default=16.0, metadata=_help("LoRA alpha (scale alpha / r)"))
     lora_target_modules: Optional[list[str]] = field(default=None, metadata=_help(
-        "modules to adapt (default: peft's choice for the architecture)"))
+        "module names LoRA adapts (default: peft's 'all-linear', every linear layer but the output layer: for "
+        "GPT/Llama/Qwen-style models, all linear layers of the attention and MLP blocks)"))
 
     # -- bookkeeping --------------------------------------------------------------------------------------
     seed: int = field(default=0, metadata=_help("random seed (sampling streams, shuffling, initialisation)"))
