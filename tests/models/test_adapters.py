@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from peft import PeftModel
@@ -38,7 +40,7 @@ def test_lora_on_decoder_reward_model_trains_only_adapters_and_head(sft_dir, mak
     lora = [n for n in names if "lora_" in n]
     head = [n for n in names if "score" in n]
     assert sorted(names) == sorted(lora + head)
-    assert len(lora) == 2 * 2 * 2  # 2 layers x (q_proj, v_proj) x (A, B)
+    assert len(lora) == 2 * 7 * 2  # 2 layers x (q, k, v, o, gate, up, down projections) x (A, B): all-linear
     assert head and all("modules_to_save" in n for n in head)
     with torch.no_grad():  # B = 0 at init: the adapted model scores as before
         torch.testing.assert_close(rm(ids, mask).scores, before, rtol=0, atol=1e-6)
@@ -77,7 +79,8 @@ def test_lora_on_encoder_reward_model_keeps_the_head_trainable(bert_dir):
     names = _trainable(rm)
     assert "head.weight" in names
     assert sorted(n for n in names if n != "head.weight") == sorted(n for n in names if "lora_" in n)
-    assert len(names) == 1 + 2 * 2 * 2  # head + 2 layers x (query, value) x (A, B)
+    # head + 2 layers x (query, key, value, attention output, intermediate, output dense) x (A, B): all-linear
+    assert len(names) == 1 + 2 * 6 * 2
 
 
 def test_lora_on_a_causal_lm_returns_a_peft_model_that_merges(sft_dir, make_batch, tokenizer):
@@ -92,6 +95,34 @@ def test_lora_on_a_causal_lm_returns_a_peft_model_that_merges(sft_dir, make_batc
         merged = merge_lora_for_save(policy)
         assert not isinstance(merged, PeftModel)
         torch.testing.assert_close(causal_lm_logits(merged, ids, mask), adapted, rtol=0, atol=1e-5)
+
+
+PROJECTIONS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+               "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}  # Llama's linear layers but lm_head
+
+
+def _adapted(model: torch.nn.Module) -> set[str]:
+    """Names (without peft's prefix) of the modules holding a LoRA adapter."""
+    return {n.split("base_model.model.", 1)[-1] for n, m in model.named_modules() if hasattr(m, "lora_A")}
+
+
+@pytest.mark.parametrize("targets", [None, ["all-linear"]])  # the API default and the command line's spelling
+def test_default_lora_targets_every_attention_and_mlp_projection_but_not_the_output_layer(sft_dir, targets):
+    from rlhfkit.train.ppo_config import PPOConfig
+    from rlhfkit.train.rm_config import RMTrainConfig
+
+    assert {f.name: f.default for f in dataclasses.fields(PPOConfig)}["lora_target_modules"] is None
+    assert {f.name: f.default for f in dataclasses.fields(RMTrainConfig)}["lora_target_modules"] is None
+    policy = apply_lora(load_causal_lm(sft_dir), r=4, target_modules=targets)
+    adapted = _adapted(policy)
+    assert adapted == {f"model.layers.{i}.{block}.{name}" for i in range(2) for name, block in PROJECTIONS.items()}
+    assert not any("lm_head" in n for n in adapted)
+    assert all("lora_" in n for n in _trainable(policy))  # lm_head and embeddings frozen
+    # the reward model: the same projections; its `score` head is not adapted but trained in full
+    rm = apply_lora(RewardModel.from_backbone(sft_dir), r=4, target_modules=targets)
+    assert {n.rsplit(".", 1)[-1] for n in _adapted(rm.model)} == set(PROJECTIONS) and len(_adapted(rm.model)) == 14
+    head = [n for n in _trainable(rm) if "score" in n]
+    assert head == ["model.base_model.model.score.modules_to_save.default.weight"]
 
 
 def test_freeze_lower_layers_freezes_embeddings_and_first_blocks(sft_dir, bert_dir):

@@ -1,8 +1,10 @@
 """Reward models: aggregation against hand computation, padding invariance, pad == EOS, HF round trip,
-metadata, multi-aspect, encoder pooling, head initialisation, dropout, critic."""
+metadata, multi-aspect, encoder pooling, head initialisation, dropout, critic (zero value head, and refusal of a
+reward model that cannot read the policy's token ids)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -245,7 +247,7 @@ def test_critic_values_from_reward_model_folder_or_causal_lm(sft_dir, tokenizer,
     rm = RewardModel.from_backbone(sft_dir)
     rm.save_pretrained(tmp_path, tokenizer=tokenizer)
     ids, mask = make_batch(LENGTHS, len(tokenizer), pad_id=0)
-    critic = load_critic(tmp_path)
+    critic = load_critic(tmp_path, tokenizer=tokenizer)  # the policy's tokenizer: it reads the policy's ids
     with torch.no_grad():
         torch.testing.assert_close(critic(ids, mask).token_scores, rm(ids, mask).token_scores, rtol=0, atol=0)
     fresh = load_critic(sft_dir)  # causal LM: new head
@@ -259,3 +261,61 @@ def test_critic_values_from_reward_model_folder_or_causal_lm(sft_dir, tokenizer,
     with torch.no_grad():
         values = fresh(ids, mask).token_scores
     assert values.shape == ids.shape and not torch.equal(values, rm(ids, mask).token_scores)
+
+
+def test_a_new_value_head_is_zero_and_reward_heads_stay_random(sft_dir, tokenizer, make_batch):
+    # lm-human-preferences' value head starts at 0 (scale=0): every value is exactly 0 at the first forward, and
+    # the head still gets a gradient (the hidden states), so the critic learns from there
+    torch.manual_seed(0)
+    critic = load_critic(sft_dir, tokenizer=tokenizer)
+    assert not critic.model.score.weight.any()
+    ids, mask = make_batch(LENGTHS, len(tokenizer), pad_id=0)
+    values = critic(ids, mask).token_scores
+    assert torch.equal(values, torch.zeros_like(values))
+    values.square().add(values).sum().backward()  # d/dv (v^2 + v) = 1 at v = 0
+    assert critic.model.score.weight.grad.abs().sum() > 0
+    # the reward head of `rm train` (and a ranker's) keeps its random N(0, 1/(H+1)) start
+    head = RewardModel.from_backbone(sft_dir).model.score.weight
+    assert head.abs().min() > 0 and 0.5 < head.std().item() * math.sqrt(33) < 1.5
+    with pytest.raises(RlhfkitError, match="head initialisation"):
+        RewardModel.from_backbone(sft_dir, head_init="uniform")
+
+
+def _word_tokenizer(n_words: int):
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{f"w{i}": i for i in range(3, 3 + n_words)}}
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def test_critic_refuses_a_reward_model_that_cannot_read_the_policys_ids(sft_dir, bert_dir, llama_config, tokenizer,
+                                                                       tmp_path):
+    from transformers import LlamaForCausalLM
+
+    from rlhfkit.models.reward import critic_problem
+
+    # another vocabulary (a word-level tokenizer of 40 tokens vs SmolLM2's 49,152)
+    small_tok = _word_tokenizer(37)
+    config = copy.deepcopy(llama_config)
+    config.vocab_size = len(small_tok)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "small_lm")
+    RewardModel.from_backbone(tmp_path / "small_lm", tokenizer=small_tok).save_pretrained(tmp_path / "small", small_tok)
+    # the policy's own backbone, saved without tokenizer files: nothing shows which ids it reads
+    RewardModel.from_backbone(sft_dir).save_pretrained(tmp_path / "bare")
+    RewardModel.from_backbone(bert_dir, kind="encoder").save_pretrained(tmp_path / "encoder", tokenizer=tokenizer)
+    cases = {"small": "40 tokens", "bare": "no tokenizer files", "encoder": "encoder"}
+    for name, reason in cases.items():
+        folder = tmp_path / name
+        assert reason in critic_problem(folder, tokenizer)
+        with pytest.raises(RlhfkitError, match=f"{folder}.*{reason}.*critic_init=policy"):
+            load_critic(folder, tokenizer=tokenizer)
+    # the same folders pass with their own tokenizer (or, without one to compare, on their kind alone)
+    assert critic_problem(tmp_path / "small", small_tok) is None
+    assert load_critic(tmp_path / "bare").kind == "decoder"
+    with pytest.raises(RlhfkitError, match="encoder"):
+        load_critic(tmp_path / "encoder")

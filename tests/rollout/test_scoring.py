@@ -12,6 +12,7 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
 from rlhfkit.errors import RlhfkitError
+from rlhfkit.models.loading import same_vocabulary
 from rlhfkit.models.reward import RewardModel, reward_pad_token_id
 from rlhfkit.rollout.scoring import (
     CombinedReward,
@@ -19,7 +20,6 @@ from rlhfkit.rollout.scoring import (
     RMReward,
     check_scores,
     load_reward,
-    same_vocabulary,
 )
 
 TOKENIZER_DIR = "/work/shared/bench/smollm2-135m-config/"

@@ -20,8 +20,9 @@ TARGET_WORD = "w7"
 TARGET_ID = 7
 
 
-def make_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {"<pad>": PAD, "<eos>": EOS, "<unk>": UNK, **{w: i for i, w in enumerate(WORDS, start=3)}}
+def make_tokenizer(words: list[str] = WORDS) -> PreTrainedTokenizerFast:
+    """The policy's word-level tokenizer (other ``words``: another vocabulary with the same special tokens)."""
+    vocab = {"<pad>": PAD, "<eos>": EOS, "<unk>": UNK, **{w: i for i, w in enumerate(words, start=3)}}
     tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
@@ -98,6 +99,15 @@ def without_timing(rows: list[dict]) -> list[dict]:
 
 def trainable(model) -> dict:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def randomize_value_head(critic, seed: int = 0) -> None:
+    """Give a critic started from the policy (value head 0: every value exactly 0) a random head, as a reward
+    model's, so that tests of values and of the critic's gradients see non-trivial numbers."""
+    from rlhfkit.models.reward import init_head_
+
+    torch.manual_seed(seed)
+    init_head_(critic.model.score)
 
 
 @pytest.fixture(autouse=True)

@@ -157,6 +157,54 @@ def test_critic_starts_from_the_reward_model_folder_and_lora_shares_the_referenc
         PPOTrainer(make_config(tmp_path, critic_init="reward"))
 
 
+def _other_reward_model(tmp_path: Path, variant: str) -> Path:
+    """A reward-model folder the critic cannot read the policy's ids with: a smaller vocabulary (16 tokens vs
+    32), the same 32 tokens under other ids (the words in reverse order), or an encoder with the policy's tokens."""
+    from ppo_helpers import WORDS, make_tokenizer
+    from transformers import BertConfig, BertModel
+
+    from rlhfkit.models.reward import RewardModel
+
+    backbone, folder = tmp_path / f"{variant}_backbone", tmp_path / f"{variant}_rm"
+    if variant == "encoder":
+        tok = make_tokenizer()
+        torch.manual_seed(1)
+        config = BertConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, max_position_embeddings=64, pad_token_id=0)
+        BertModel(config).save_pretrained(backbone)
+    else:
+        tok = make_tokenizer(WORDS[:13] if variant == "smaller" else WORDS[::-1])
+        make_policy_folder(backbone, seed=1, vocab=len(tok))
+    RewardModel.from_backbone(backbone, kind="encoder" if variant == "encoder" else "decoder",
+                              tokenizer=tok).save_pretrained(folder, tok)
+    return folder
+
+
+@pytest.mark.parametrize("variant,reason", [("smaller", "16 tokens"), ("permuted", "vocabulary"),
+                                            ("encoder", "encoder")])
+def test_a_reward_model_that_cannot_read_the_policys_ids_is_not_the_critic(tmp_path, caplog, variant, reason):
+    from ppo_helpers import make_config
+
+    from rlhfkit.train.ppo_trainer import PPOTrainer
+
+    make_config(tmp_path)
+    rm = _other_reward_model(tmp_path, variant)
+    # auto: the critic is the policy's weights plus a new (zero) value head, and a warning says why
+    with caplog.at_level("WARNING", logger="rlhfkit.train.ppo_trainer"):
+        trainer = PPOTrainer(make_config(tmp_path, reward_model=[str(rm)], critic_init="auto"))
+    assert str(rm) in caplog.text and reason in caplog.text and "starts from the policy" in caplog.text
+    critic, policy = trainer.critic.model, trainer.policy
+    backbone = critic.model.state_dict()
+    assert backbone.keys() == policy.model.state_dict().keys()
+    assert all(torch.equal(backbone[k], v) for k, v in policy.model.state_dict().items())
+    assert not critic.score.weight.any()
+    trainer.iteration(1)  # the critic reads the policy's ids (a 16-row embedding read by 32 ids would fail)
+    # reward: an error naming the folder and the reason, before anything is written
+    with pytest.raises(RlhfkitError, match=f"{rm}.*{reason}.*critic_init=policy"):
+        PPOTrainer(make_config(tmp_path, reward_model=[str(rm)], critic_init="reward", output=str(tmp_path / "r")))
+    assert not (tmp_path / "r").exists()
+
+
 def test_log_every_writes_every_nth_row_and_the_last(tmp_path):
     from ppo_helpers import make_config
 

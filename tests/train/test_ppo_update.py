@@ -7,7 +7,8 @@ import copy
 
 import pytest
 import torch
-from ppo_helpers import make_config, make_policy_folder, one_thread, trainable  # noqa: F401  (autouse fixture)
+from ppo_helpers import (make_config, make_policy_folder, one_thread,  # noqa: F401  (one_thread: autouse fixture)
+                         randomize_value_head, trainable)
 
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.rollout.sampling import Rollout
@@ -110,6 +111,7 @@ def _update_with(trainer, batch, micro_batch_size, rows):
 
 def test_micro_batches_accumulate_to_the_same_update(tmp_path):
     trainer = PPOTrainer(make_config(tmp_path))
+    randomize_value_head(trainer.critic)  # a zero head would leave the critic's backbone without gradient
     batch = _synthetic_batch(trainer)
     lengths = batch.response_mask.sum(1).tolist()
     assert len(set(lengths)) > 1, "rows of different lengths: the micro-batches trim differently"
@@ -117,6 +119,8 @@ def test_micro_batches_accumulate_to_the_same_update(tmp_path):
     p4, c4, s4 = _update_with(trainer, batch, 4, rows)
     before = trainable(copy.deepcopy(trainer.policy).double())
     assert max((p4[n] - before[n]).abs().max().item() for n in before) > 1e-4  # the update moved the weights
+    before_c = trainable(copy.deepcopy(trainer.critic).double())
+    assert max((c4[n] - before_c[n]).abs().max().item() for n in before_c if "score" not in n) > 1e-6  # backbone
     assert 0 < s4["policy/clipfrac"] < 1  # both branches of the clip occur
     for micro in (2, 1, 3):
         p, c, s = _update_with(trainer, batch, micro, rows)
@@ -145,6 +149,7 @@ def _pad_prompts(q_ids, q_mask, side: str, extra: int, pad: int):
 @pytest.mark.parametrize("side,extra", [("right", 0), ("left", 3), ("right", 2)])
 def test_prompt_padding_does_not_change_logprobs_values_or_rewards(tmp_path, side, extra):
     trainer = PPOTrainer(make_config(tmp_path, kl_coef=0.3))
+    randomize_value_head(trainer.critic)  # values not all 0, so that their invariance means something
     for model in (trainer.policy, trainer.reference, trainer.critic):
         model.double()
     # a policy different from the reference, so that the KL part of the rewards is not zero
@@ -161,6 +166,7 @@ def test_prompt_padding_does_not_change_logprobs_values_or_rewards(tmp_path, sid
     other = trainer.prepare(rollout._replace(query_ids=ids, query_mask=mask), raw)
     m = base.batch.response_mask
     assert float(base.shaped.kl[m].abs().max()) > 1e-3
+    assert float(base.batch.old_values[m].abs().min()) > 0
     for name in ("old_logprobs", "old_values", "advantages", "returns"):
         torch.testing.assert_close(getattr(other.batch, name), getattr(base.batch, name), rtol=0, atol=1e-10)
     torch.testing.assert_close(other.ref_logprobs, base.ref_logprobs, rtol=0, atol=1e-10)
@@ -169,6 +175,7 @@ def test_prompt_padding_does_not_change_logprobs_values_or_rewards(tmp_path, sid
 
 def test_a_row_gets_the_same_logprobs_whatever_its_batch_neighbours(tmp_path):
     trainer = PPOTrainer(make_config(tmp_path, num_minibatches=1, micro_batch_size=8))
+    randomize_value_head(trainer.critic)  # values not all 0
     for model in (trainer.policy, trainer.reference, trainer.critic):
         model.double()
     rollout, _ = trainer.rollout()

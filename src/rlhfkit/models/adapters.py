@@ -16,6 +16,8 @@ from torch import nn
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.models.reward import RewardModel, unwrap_peft
 
+ALL_LINEAR = "all-linear"  # peft's shorthand: every linear layer except the output layer
+
 
 def _host(model: nn.Module) -> RewardModel | None:
     """The RewardModel whose ``.model`` holds the transformer (a PairRanker's ``rm``), or None."""
@@ -40,10 +42,12 @@ def apply_lora(
 ) -> nn.Module:
     """Attach LoRA adapters (rank ``r``, scale ``alpha / r``) and freeze everything else except the reward head.
 
-    ``target_modules=None`` uses peft's default for the architecture (e.g. ``q_proj``, ``v_proj`` for Llama,
-    ``query``, ``value`` for BERT). For a reward model the head stays fully trainable: the decoder kind's
-    ``score`` layer is a peft ``modules_to_save`` entry (never LoRA-wrapped), the encoder kind's head lives outside
-    the peft model. Returns the reward model / ranker itself, or a ``PeftModel`` for a plain transformers model.
+    ``target_modules=None`` (or ``"all-linear"``, also as the one-element list a command line gives) adapts
+    every linear layer except the output layer, peft's ``all-linear``: for a causal LM all linear layers of the
+    attention and MLP blocks (``q/k/v/o_proj``, ``gate/up/down_proj`` for Llama) but not ``lm_head``; for a
+    reward model every linear layer but its head. The head stays fully trainable: the decoder kind's ``score``
+    layer is a peft ``modules_to_save`` entry (never LoRA-wrapped), the encoder kind's head lives outside the peft
+    model. Returns the reward model / ranker itself, or a ``PeftModel`` for a plain transformers model.
     """
     if has_lora(model):
         raise RlhfkitError("LoRA adapters are already attached to this model")
@@ -51,11 +55,14 @@ def apply_lora(
         raise RlhfkitError(f"LoRA rank r must be >= 1, got {r}")
     host = _host(model)
     decoder_rm = host is not None and host.kind == "decoder"
+    targets = list(target_modules) if isinstance(target_modules, (list, tuple)) else target_modules
+    if targets is None or targets == [ALL_LINEAR]:
+        targets = ALL_LINEAR  # peft reads the shorthand only as a string
     config = LoraConfig(
         r=r,
         lora_alpha=alpha,
         lora_dropout=dropout,
-        target_modules=list(target_modules) if isinstance(target_modules, (list, tuple)) else target_modules,
+        target_modules=targets,
         modules_to_save=["score"] if decoder_rm else None,
         exclude_modules=["score"] if decoder_rm else None,
     )

@@ -176,6 +176,14 @@ def has_tokenizer_files(folder: str | os.PathLike) -> bool:
     return any((Path(folder) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
 
 
+def same_vocabulary(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> bool:
+    """True when two tokenizers map the same strings to the same ids and agree on BOS, EOS and UNK (the pad
+    token may differ: a saved reward model pads with its own id). The rule for reading one model's token ids
+    with another model: the reward scorer's id path and the PPO critic (``rlhfkit.models.reward.critic_problem``)."""
+    same_specials = all(getattr(a, k) == getattr(b, k) for k in ("bos_token_id", "eos_token_id", "unk_token_id"))
+    return same_specials and a.get_vocab() == b.get_vocab()
+
+
 def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     """If the tokenizer has no pad token, use EOS as pad (in place; returns the tokenizer).
 

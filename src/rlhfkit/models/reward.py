@@ -14,7 +14,10 @@ Kinds
   Because the head is linear, pooling the head outputs equals the head of the pooled hidden state.
 
 Heads are initialised ``N(0, 1/(H+1))`` (std ``1/sqrt(H+1)``, H the hidden size), the rule of OpenAI's
-lm-human-preferences reward head (Ziegler et al. 2019).
+lm-human-preferences reward head (Ziegler et al. 2019). A new VALUE head (the PPO critic started from a language
+model, :func:`load_critic`) starts at zero instead, so that every value is exactly 0 at the first forward: the
+rule of the same code base for its value head (``lm_human_preferences/language/model.py``: ``fc_layer(...,
+scale=0 if head_name == 'value' else None)``).
 
 Multi-aspect: ``num_aspects = K`` head outputs; ``aspect_weights`` (K,) combine them into the scalar reward,
 ``score = Σ_k w_k · aspect_score_k`` (default weights: 1 for K = 1, 1/K each otherwise).
@@ -46,13 +49,14 @@ from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassificati
 
 from rlhfkit.core.masks import masked_mean, masked_sum
 from rlhfkit.errors import RlhfkitError
-from rlhfkit.models.loading import forward_hidden, has_tokenizer_files, hf_folder, load_tokenizer
+from rlhfkit.models.loading import forward_hidden, has_tokenizer_files, hf_folder, load_tokenizer, same_vocabulary
 from rlhfkit.models.packing import shared_prompt_layout
 
 METADATA_FILE = "rlhfkit.json"
 HEAD_FILE = "reward_head.safetensors"
 FORMAT_VERSION = 1
 AGGREGATIONS = {"decoder": ("last", "mean", "sum"), "encoder": ("cls", "mean")}
+HEAD_INITS = ("normal", "zero")
 
 
 @dataclass
@@ -103,10 +107,16 @@ def disable_dropout(config: PretrainedConfig) -> PretrainedConfig:
     return config
 
 
-def init_head_(head: nn.Linear) -> None:
-    """Initialise a reward head in place: weights ~ N(0, std²) with std = 1/sqrt(H + 1), bias 0."""
+def init_head_(head: nn.Linear, init: str = "normal") -> None:
+    """Initialise a head in place, bias 0: ``normal`` (a reward head): weights ~ N(0, std²) with std =
+    1/sqrt(H + 1); ``zero`` (a value head): weights 0. Both rules are lm-human-preferences' (module docstring)."""
+    if init not in HEAD_INITS:
+        raise RlhfkitError(f"unknown head initialisation {init!r}; expected one of {HEAD_INITS}")
     with torch.no_grad():
-        head.weight.normal_(0.0, 1.0 / math.sqrt(head.in_features + 1))
+        if init == "zero":
+            head.weight.zero_()
+        else:
+            head.weight.normal_(0.0, 1.0 / math.sqrt(head.in_features + 1))
         if head.bias is not None:
             head.bias.zero_()
 
@@ -204,11 +214,13 @@ class RewardModel(nn.Module):
         dtype: torch.dtype = torch.float32,
         attn_implementation: str = "sdpa",
         trust_remote_code: bool = False,
+        head_init: str = "normal",
     ) -> "RewardModel":
         """A new reward model from a language model (HF folder, ``.gguf``, or folder with one ``.gguf``).
 
-        The head is freshly initialised (std 1/sqrt(H+1)); ``aggregation`` defaults to ``last`` (decoder) or
-        ``cls`` (encoder). The pad id comes from ``tokenizer`` (loaded from ``path`` when not given and present).
+        The head is freshly initialised: ``head_init="normal"`` (std 1/sqrt(H+1), a reward head) or ``"zero"``
+        (a value head, see :func:`load_critic`); ``aggregation`` defaults to ``last`` (decoder) or ``cls``
+        (encoder). The pad id comes from ``tokenizer`` (loaded from ``path`` when not given and present).
         """
         if kind not in AGGREGATIONS:
             raise RlhfkitError(f"unknown reward model kind {kind!r}; expected one of {sorted(AGGREGATIONS)}")
@@ -254,7 +266,7 @@ class RewardModel(nn.Module):
                 f"{folder}: the backbone weights do not match a {kind} reward model (missing "
                 f"{sorted(unexpected_missing)[:5]}...); is this the right kind of model?"
             )
-        init_head_(head if head is not None else model.score)
+        init_head_(head if head is not None else model.score, head_init)
         return cls(model, kind, aggregation, names, weights, head=head)
 
     # -- forward -----------------------------------------------------------------------------------------
@@ -452,21 +464,51 @@ def is_reward_model_folder(path: str | os.PathLike) -> bool:
     return any(a.endswith("ForSequenceClassification") for a in archs)
 
 
+def critic_problem(path: str | os.PathLike, tokenizer: Any = None, trust_remote_code: bool = False) -> str | None:
+    """Why the reward-model folder ``path`` cannot be the PPO critic of a policy with ``tokenizer``; None if it can.
+
+    The critic reads the policy's token ids, so the folder must hold a decoder (causal) model whose tokenizer has
+    the policy's vocabulary (:func:`rlhfkit.models.loading.same_vocabulary`, the rule of the reward scorer's id
+    path). A folder without tokenizer files cannot show that, and is refused too. ``tokenizer=None`` checks the
+    kind only.
+    """
+    folder = Path(path)
+    meta = _read_metadata(folder)
+    kind = meta.get("backbone_kind", meta["kind"]) if meta is not None else "decoder"
+    if kind != "decoder":
+        return f"it holds an {kind} model; the critic needs a decoder (causal) model"
+    if tokenizer is None:
+        return None
+    if not has_tokenizer_files(folder):
+        return "it holds no tokenizer files, so nothing shows that it reads the policy's token ids"
+    own = load_tokenizer(folder, trust_remote_code=trust_remote_code)
+    if not same_vocabulary(own, tokenizer):
+        return (f"its tokenizer ({len(own)} tokens) differs from the policy's ({len(tokenizer)} tokens) in its "
+                f"vocabulary or its BOS/EOS/UNK ids, and the critic reads the policy's token ids")
+    return None
+
+
 def load_critic(
     path: str | os.PathLike, tokenizer: Any = None, dtype: torch.dtype = torch.float32,
     attn_implementation: str = "sdpa", trust_remote_code: bool = False,
 ) -> RewardModel:
     """The PPO critic: a decoder reward model whose per-token ``token_scores`` are the values (B, L).
 
-    From a reward-model folder (its trained head) or else from a language model (HF folder / GGUF; new head).
+    From a reward-model folder (its trained head), which must pass :func:`critic_problem` for the policy's
+    ``tokenizer`` (RlhfkitError naming the folder and the reason otherwise; without ``tokenizer`` only its kind is
+    checked); or else from a language model (HF folder / GGUF) plus a new value head initialised to zero, so
+    that every value is exactly 0 at the start (lm-human-preferences' value head; the module docstring).
     """
     kw = dict(dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
     if is_reward_model_folder(path):
+        problem = critic_problem(path, tokenizer, trust_remote_code=trust_remote_code)
+        if problem is not None:
+            raise RlhfkitError(f"the reward model {str(path)!r} cannot be the critic: {problem}; start the critic "
+                               f"from the policy instead (critic_init=policy)")
         critic = RewardModel.from_pretrained(path, **kw)
-        if critic.kind != "decoder":
-            raise RlhfkitError(f"{path}: a critic needs a decoder (causal) model; this is an {critic.kind} model")
         # the critic reads per-token values only; the RM's sequence aggregation (mean/sum need a response mask
         # the critic's callers do not pass) plays no part
         critic.aggregation = "last"
         return critic
-    return RewardModel.from_backbone(path, kind="decoder", aggregation="last", tokenizer=tokenizer, **kw)
+    return RewardModel.from_backbone(path, kind="decoder", aggregation="last", tokenizer=tokenizer,
+                                     head_init="zero", **kw)

@@ -37,7 +37,7 @@ import torch
 
 from rlhfkit.data.tokenize import encode_prompt, fit_prompt, right_pad
 from rlhfkit.errors import RlhfkitError
-from rlhfkit.models.loading import load_tokenizer
+from rlhfkit.models.loading import load_tokenizer, same_vocabulary
 from rlhfkit.models.reward import RewardModel, reward_pad_token_id
 
 __all__ = ["CombinedReward", "FunctionReward", "RMReward", "RewardSource", "check_scores", "load_reward"]
@@ -90,13 +90,6 @@ def check_scores(values: Any, batch_size: int, name: str) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- reward model
-def same_vocabulary(a: Any, b: Any) -> bool:
-    """True when two tokenizers map the same strings to the same ids and agree on BOS, EOS and UNK (the pad
-    token may differ: a saved reward model pads with its own id)."""
-    same_specials = all(getattr(a, k) == getattr(b, k) for k in ("bos_token_id", "eos_token_id", "unk_token_id"))
-    return same_specials and a.get_vocab() == b.get_vocab()
-
-
 def _real(ids: torch.Tensor, mask: torch.Tensor) -> list[int]:
     return ids[mask.bool()].tolist()
 
@@ -107,8 +100,9 @@ class RMReward:
     Input construction, per row, as ONE right-padded sequence ``prompt tokens + response tokens`` (no padding in
     the middle), padded with the reward model's pad id, the score read at the last real token:
 
-    * id path (the RM tokenizer has the policy's vocabulary, see :func:`same_vocabulary`): the query's real ids
-      followed by the response's real ids, exactly as sampled;
+    * id path (the RM tokenizer has the policy's vocabulary, see
+      :func:`rlhfkit.models.loading.same_vocabulary`): the query's real ids followed by the response's real ids,
+      exactly as sampled;
     * text path (otherwise, or ``force_text=True``): the prompt text encoded like reward-model training data
       (:func:`rlhfkit.data.tokenize.encode_prompt`: the tokenizer's BOS, never twice) followed by the response text
       without special tokens; if the response stopped at the policy's EOS, the RM's EOS ends the row (added

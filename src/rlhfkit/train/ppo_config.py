@@ -53,9 +53,10 @@ class PPOConfig:
         "monitor/<name> (the function's or folder's name), never used for training: e.g. a gold judge beside "
         "a learned proxy, to watch for reward over-optimisation"))
     critic_init: str = field(default="auto", metadata=_help(
-        "critic initialisation: 'reward' (the first reward-model folder, its head included), 'policy' (the "
-        "policy's weights plus a new value head) or 'auto' (reward when the first reward source is a model "
-        "folder, else policy)", choices=list(CRITIC_INITS)))
+        "critic initialisation: 'reward' (the first reward-model folder, its head included; it must be a decoder "
+        "whose tokenizer has the policy's vocabulary, since the critic reads the policy's token ids), 'policy' "
+        "(the policy's weights plus a new value head, initialised to zero) or 'auto' (reward when the first "
+        "reward source is such a folder, else policy, with a warning saying why)", choices=list(CRITIC_INITS)))
     max_prompt_length: int = field(default=512, metadata=_help("the most prompt tokens (after the chat template)"))
     overlong: str = field(default="truncate_prompt_left", metadata=_help(
         "what to do with longer prompts: keep their end, drop them, or fail", choices=list(OVERLONG_POLICIES)))
@@ -140,7 +141,8 @@ class PPOConfig:
         "LoRA rank of the policy (0 = full fine-tuning); the reference is the same weights with adapters off"))
     lora_alpha: float = field(default=16.0, metadata=_help("LoRA alpha (scale alpha / r)"))
     lora_target_modules: Optional[list[str]] = field(default=None, metadata=_help(
-        "modules to adapt (default: peft's choice for the architecture)"))
+        "module names LoRA adapts (default: peft's 'all-linear', every linear layer but the output layer: for "
+        "GPT/Llama/Qwen-style models, all linear layers of the attention and MLP blocks)"))
 
     # -- bookkeeping --------------------------------------------------------------------------------------
     seed: int = field(default=0, metadata=_help("random seed (sampling streams, shuffling, initialisation)"))

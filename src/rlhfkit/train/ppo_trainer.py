@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +44,7 @@ from rlhfkit.data.tokenize import left_pad, tokenize_prompts
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.models.adapters import apply_lora, freeze_lower_layers
 from rlhfkit.models.loading import ensure_pad_token, load_causal_lm, load_tokenizer
-from rlhfkit.models.reward import is_reward_model_folder, load_critic
+from rlhfkit.models.reward import critic_problem, is_reward_model_folder, load_critic
 from rlhfkit.rollout.sampling import GenerationConfig, Rollout, sample
 from rlhfkit.rollout.scoring import load_reward
 from rlhfkit.train import ppo_state
@@ -54,6 +55,7 @@ from rlhfkit.train.ppo_update import (Dist, UpdateBatch, UpdateSettings, draw_pl
 from rlhfkit.utils import MetricsLogger, progress, set_seed
 
 CONFIG = PPOConfig
+logger = logging.getLogger(__name__)
 _SCHEDULERS = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
 
 
@@ -107,7 +109,7 @@ class PPOTrainer:
             raise RlhfkitError(f"rollout_batch_size ({cfg.rollout_batch_size}) must be a multiple of the number of "
                                f"processes ({world}) × num_minibatches ({cfg.num_minibatches})")
         self.local_batch_size = cfg.rollout_batch_size // world
-        set_seed(cfg.seed)  # the critic's new value head (critic_init=policy) and LoRA weights
+        set_seed(cfg.seed)  # LoRA weights (a new value head starts at zero: no random draw)
 
         # data
         self.tokenizer = ensure_pad_token(load_tokenizer(cfg.policy))
@@ -168,14 +170,22 @@ class PPOTrainer:
 
     # -- construction helpers ----------------------------------------------------------------------------
     def _critic_source(self) -> str:
-        first = self.cfg.reward_model[0]
-        from_reward = self.cfg.critic_init == "reward" or (
-            self.cfg.critic_init == "auto" and is_reward_model_folder(first))
-        if not from_reward:
+        """The folder the critic starts from: the first reward model (``reward``; ``auto`` when it is a model
+        folder that can read the policy's token ids, see `models.reward.critic_problem`) or the policy. ``auto``
+        falls back to the policy with a warning; ``reward`` leaves the refusal to `load_critic` (an error)."""
+        first, init = self.cfg.reward_model[0], self.cfg.critic_init
+        if init == "policy" or (init == "auto" and not is_reward_model_folder(first)):
             return self.cfg.policy
         if not is_reward_model_folder(first):
             raise RlhfkitError(f"critic_init=reward needs a reward-model folder as the first reward_model, got "
                                f"{first!r}; use critic_init=policy")
+        if init == "auto":
+            problem = critic_problem(first, self.tokenizer)
+            if problem is not None:
+                if self.dist.is_main:
+                    logger.warning("critic_init=auto: the critic starts from the policy (new value head), not from "
+                                   "the reward model %r: %s", first, problem)
+                return self.cfg.policy
         return first
 
     def _optimizer(self, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:

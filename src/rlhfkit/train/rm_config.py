@@ -118,7 +118,9 @@ class RMTrainConfig:
     lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
     lora_target_modules: Optional[list[str]] = field(default=None, metadata={
-        "help": "Module names LoRA adapts (default: all linear layers of the attention and MLP blocks)."})
+        "help": "Module names LoRA adapts (default: peft's 'all-linear', every linear layer but the head, which "
+                "is always trained in full: for GPT/Llama/Qwen/BERT-style models, all linear layers of the "
+                "attention and MLP blocks)."})
     freeze_layers: int = field(default=0, metadata={
         "help": "Freeze the embeddings and the lowest N transformer layers (-1 = all layers: train the head only)."})
     gradient_checkpointing: bool = field(default=False, metadata={
