@@ -1,5 +1,6 @@
 """The docs pages cannot drift from the code: their config tables equal the tables generated from the dataclasses,
-and their metric tables list exactly the metric names the trainers log (collected from tiny real runs)."""
+their metric tables list exactly the metric names the trainers log (collected from tiny real runs), and every code
+name they cite (modules, files, classes, functions) exists."""
 
 from __future__ import annotations
 
@@ -202,3 +203,215 @@ def test_every_table_row_has_the_columns_of_its_header(page):
         cells = len(re.findall(r"(?<!\\)\|", line))
         width = cells if width is None else width
         assert cells == width, f"{page}:{number}: {cells - 1} columns, the table's header has {width - 1}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Code names cited by the docs
+# ----------------------------------------------------------------------------------------------------------
+ROOT = DOCS.parent
+SRC = ROOT / "src" / "rlhfkit"
+DESIGN = ROOT.parent / "shared" / "DESIGN.md"  # the team's design guide, beside the repository when present
+NAME_PAGES = sorted(DOCS.glob("*.md")) + [ROOT / "README.md"] + ([DESIGN] if DESIGN.is_file() else [])
+CONTRACT_PAGE = "architecture.md"  # its bare class names and `function(args)` signatures are rlhfkit's contracts
+# Bare names of other libraries on the contract page, each checked to exist in its library (not allow-listed blind).
+FOREIGN = {"AutoModelForSequenceClassification": "transformers", "DatasetDict": "datasets"}
+PLACEHOLDERS = {"fn"}  # `fn(prompts, responses) -> list[float]`: the user's reward function, not an rlhfkit name
+FILE_SUFFIXES = {"json", "jsonl", "yaml", "yml", "md", "gguf", "png", "gz", "csv", "parquet", "txt", "safetensors",
+                 "pt", "py"}
+NAME = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
+
+
+def _rlhfkit_modules() -> list[str]:
+    import pkgutil
+
+    import rlhfkit
+
+    return ["rlhfkit"] + [m.name for m in pkgutil.walk_packages(rlhfkit.__path__, "rlhfkit.")]
+
+
+def _defined_names() -> set[str]:
+    """Every name rlhfkit's source defines: module-level functions, classes and assignments, and class members."""
+    import ast
+
+    names: set[str] = set()
+
+    def collect(body: list) -> None:
+        for node in body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.add(node.name)
+                if isinstance(node, ast.ClassDef):
+                    collect(node.body)
+            elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+                for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                    names.update(n.id for n in ast.walk(target) if isinstance(n, ast.Name))
+
+    for path in SRC.rglob("*.py"):
+        collect(ast.parse(path.read_text()).body)
+    return names
+
+
+def code_spans(text: str) -> list[tuple[int, str]]:
+    """(line, text) of every inline code span outside fenced blocks (whose commands and diagrams are not names);
+    a span broken over lines is joined (directly after a dot: `core.masks.` + `position_ids_from_mask`)."""
+    text = re.sub(r"^```.*?^```", lambda m: "\n" * m.group().count("\n"), text, flags=re.S | re.M)
+    spans = []
+    for m in re.finditer(r"`([^`]+)`", text):
+        if "\n\n" not in m.group(1):
+            span = re.sub(r"\s*\n\s*", " ", re.sub(r"\.\n\s*", ".", m.group(1))).strip()
+            spans.append((text.count("\n", 0, m.start()) + 1, span))
+    return spans
+
+
+def _signature(span: str) -> tuple[str, bool, str] | None:
+    """`name`, `name(args)` or `name(args) -> result` -> (name, called, result); None for anything else."""
+    m = NAME.match(span)
+    if m is None:
+        return None
+    name, rest, called, result = m.group(), span[m.end():], False, ""
+    if rest.startswith("("):
+        depth = 0
+        for i, c in enumerate(rest):
+            depth += {"(": 1, ")": -1}.get(c, 0)
+            if depth == 0:
+                break
+        if depth:
+            return None
+        rest, called = rest[i + 1:].strip(), True
+        if rest.startswith("->"):
+            rest, result = "", rest[2:]
+    return None if rest else (name, called, result)
+
+
+def _has(obj: object, attr: str) -> bool:
+    return hasattr(obj, attr) or attr in getattr(obj, "__dataclass_fields__", {}) or attr in getattr(
+        obj, "__annotations__", {})
+
+
+def _resolves(obj: object, attrs: list[str]) -> bool:
+    for attr in attrs:
+        if not _has(obj, attr):
+            return False
+        obj = getattr(obj, attr, None)
+    return True
+
+
+class NameChecker:
+    """Resolves the code names a docs page cites against the rlhfkit package (and a few named other libraries).
+
+    Checked: file paths (`train/ppo_update.py`, `src/rlhfkit/`; `*.py` globs), module-qualified names
+    (`core.masks.masked_whiten`, `rlhfkit.models.reward.RewardModel`, `masks.masked_whiten`: the root is rlhfkit or
+    one of its packages or submodules), class-qualified names (`RewardModel.forward`) and, on the contract page,
+    bare class names and constants (`RewardModel`, `KL_ESTIMATORS`), `function(args)` signatures and the class
+    names of their results. Not names: CLI flags, metric names (`objective/kl`), config keys, file names
+    (`config.yaml`), formulas, acronyms (`TRL`), other libraries (`torch`) and dotted names rooted elsewhere
+    (`torch.multinomial`; unprefixed `config.…` is a model's Hugging Face config: rlhfkit's top-level modules are
+    always cited as `rlhfkit.config`).
+    """
+
+    def __init__(self) -> None:
+        import builtins
+
+        self.modules = _rlhfkit_modules()
+        top_level = {m for m in self.modules if m.count(".") == 1 and not (SRC / m.split(".")[1]).is_dir()}
+        self.roots = {"rlhfkit"} | {m.rsplit(".", 1)[1] for m in self.modules if m.count(".") and m not in top_level}
+        self.defined = _defined_names()
+        self.builtins = set(dir(builtins))
+
+    def unresolved(self, page: str, text: str) -> list[str]:
+        return [f"{page}:{line}: `{span}`" for line, span in code_spans(text) if not self.resolves(span, page)]
+
+    def resolves(self, span: str, page: str) -> bool:
+        if re.fullmatch(r"[\w./*-]+", span) and (span.endswith(".py") or span.startswith(("src/", "rlhfkit/"))):
+            return self._path(span)
+        sig = _signature(span)
+        if sig is None:
+            return True  # not a code name: a flag, a metric, a formula, a command line
+        name, called, result = sig
+        parts = name.split(".")
+        contract = page == CONTRACT_PAGE
+        if len(parts) > 1 and parts[-1] in FILE_SUFFIXES:
+            return True  # a file name such as config.yaml
+        if len(parts) > 1 and parts[0] in self.roots:
+            return self._qualified(parts)
+        if len(parts) > 1 and parts[0][0].isupper():
+            return self._class_member(parts)
+        ok = True
+        if contract and len(parts) == 1 and (called or re.fullmatch(r"[A-Z]\w*([a-z]|_)\w*", name)):
+            ok = self._bare(parts[0])
+        if contract and result:
+            ok &= all(self._bare(n) for n in re.findall(r"\b[A-Z]\w*[a-z]\w*", result))
+        return ok
+
+    def _path(self, span: str) -> bool:
+        bases = [ROOT, ROOT / "src", SRC]
+        if any(any(base.glob(span.rstrip("/"))) for base in bases):
+            return True
+        return "/" not in span and any(SRC.rglob(span))  # a module file named by itself, e.g. `masks.py`
+
+    def _qualified(self, parts: list[str]) -> bool:
+        import importlib
+
+        for i in range(len(parts), 0, -1):
+            prefix = ".".join(parts[:i])
+            for module in self.modules:
+                if module == prefix or module.endswith("." + prefix):
+                    if _resolves(importlib.import_module(module), parts[i:]):
+                        return True
+        return False
+
+    def _class_member(self, parts: list[str]) -> bool:
+        import importlib
+
+        if parts[0] in FOREIGN:
+            return _resolves(importlib.import_module(FOREIGN[parts[0]]), parts)
+        return any(_resolves(importlib.import_module(m), parts) for m in self.modules
+                   if parts[0] in vars(importlib.import_module(m)))
+
+    def _bare(self, name: str) -> bool:
+        import importlib
+
+        if name in FOREIGN:
+            return hasattr(importlib.import_module(FOREIGN[name]), name)
+        return name in self.defined or name in PLACEHOLDERS or name in self.builtins
+
+
+@pytest.fixture(scope="module")
+def name_checker():
+    return NameChecker()
+
+
+def test_every_code_name_the_docs_cite_exists(name_checker):
+    assert DOCS / CONTRACT_PAGE in NAME_PAGES
+    missing = [m for path in NAME_PAGES for m in name_checker.unresolved(path.name, path.read_text())]
+    assert not missing, "the docs cite names that do not exist in rlhfkit:\n" + "\n".join(missing)
+
+
+def test_the_name_check_catches_stale_names_and_ignores_what_is_not_a_name(name_checker):
+    page = """
+Stale: `core.masks.no_such_function`, `rlhfkit.models.reward.NoSuchModel`, `train/no_such.py`, `masks.nope`,
+`RewardModel.no_such_method`, `no_such_module.py`, `src/rlhfkit/no_such/`, `core.masks.
+no_such_after_a_break`.
+Contract only: `NoSuchClass`, `NO_SUCH_CONSTANT`, `no_such_function(x, mask=None)`,
+`masked_mean(x) -> NoSuchResult(a, b)`.
+Real: `core.masks.masked_whiten`, `rlhfkit.models.reward.RewardModel`, `train/ppo_update.py`, `masks.py`,
+`RewardModel.forward`, `masked_mean(x, mask, dim=None)`, `rlhfkit.errors.data_error(path, row, field, problem)`,
+`core.masks.
+position_ids_from_mask`, `RewardOutput`, `KL_ESTIMATORS`, `RMTrainConfig.model`, `rlhfkit/train/rm_config.py`,
+`*_config.py`, `AutoModelForSequenceClassification.from_pretrained(folder)`, `DatasetDict`, `fn(prompts, responses) -> list[float]`.
+Not names: `--center_rewards_coef`, `objective/kl`, `train/lr`, `kl_coef`, `config.pad_token_id`, `config.yaml`,
+`torch.multinomial`, `transformers.get_scheduler`, `models/reward_model/`, `1/sqrt(H+1)`, `max(p, 1 − p)`,
+`exp(−d) − 1 + d`, `scores (B,)`, `python -m rlhfkit.docgen`, `None`, `TRL`, `PPO`, `transformers`, `torch`.
+```bash
+rlhfkit rm train --model `core.masks.inside_a_fence`
+```
+"""
+    assert [m.split(": ", 1)[1] for m in name_checker.unresolved(CONTRACT_PAGE, page)] == [
+        "`core.masks.no_such_function`", "`rlhfkit.models.reward.NoSuchModel`", "`train/no_such.py`", "`masks.nope`",
+        "`RewardModel.no_such_method`", "`no_such_module.py`", "`src/rlhfkit/no_such/`",
+        "`core.masks.no_such_after_a_break`", "`NoSuchClass`", "`NO_SUCH_CONSTANT`",
+        "`no_such_function(x, mask=None)`", "`masked_mean(x) -> NoSuchResult(a, b)`"]
+    # elsewhere bare names and signatures are prose (`masked_mean(x)` may be a formula); qualified names still count
+    other = [m.split(": ", 1)[1] for m in name_checker.unresolved("ppo.md", page)]
+    assert other == ["`core.masks.no_such_function`", "`rlhfkit.models.reward.NoSuchModel`", "`train/no_such.py`",
+                     "`masks.nope`", "`RewardModel.no_such_method`", "`no_such_module.py`", "`src/rlhfkit/no_such/`",
+                     "`core.masks.no_such_after_a_break`"]

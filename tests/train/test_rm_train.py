@@ -248,15 +248,21 @@ def test_lora_freeze_and_checkpointing_train_and_save_a_merged_model(sft, pairs,
     assert not torch.equal(merged[f"model.safetensors:{key1}"], base[f"model.safetensors:{key1}"])
 
 
-def test_encoder_backbone_is_detected_and_trained(tmp_path, pairs):
-    """model_kind=auto picks the encoder kind for a BERT folder; mean pooling; the head is saved beside it."""
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory):
+    """A tiny random BERT encoder (no LM head) with the word-level tokenizer."""
     torch.manual_seed(0)
-    folder = tmp_path / "bert"
+    folder = tmp_path_factory.mktemp("bert") / "bert"
     BertModel(BertConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, max_position_embeddings=64, pad_token_id=PAD)).save_pretrained(folder)
     make_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def test_encoder_backbone_is_detected_and_trained(bert, tmp_path, pairs):
+    """model_kind=auto picks the encoder kind for a BERT folder; mean pooling; the head is saved beside it."""
     out = tmp_path / "out"
-    assert train(folder, pairs, out, "--pooling", "mean", "--batch_size", "16", "--micro_batch_size", "16",
+    assert train(bert, pairs, out, "--pooling", "mean", "--batch_size", "16", "--micro_batch_size", "16",
                  "--learning_rate", "3e-3", "--eval_fraction", "0.2") == 0
     meta = json.loads((out / "rlhfkit.json").read_text())
     assert meta["kind"] == "encoder" and meta["pooling"] == "mean" and (out / "reward_head.safetensors").is_file()
@@ -282,14 +288,32 @@ def test_freeze_all_layers_trains_only_the_head(sft, pairs, tmp_path):
     (["--eval_fraction", "1.5"], "eval_fraction"),
     (["--aspects", "a"], "only used with loss=multi_objective"),
     (["--model_kind", "pairrm", "--loss", "logexp"], "pairrm"),
+    (["--model_kind", "pairrm", "--center_rewards_coef", "0.1"], "PairRM outputs the probability"),
     (["--overlong", "cut"], "overlong"),
     (["--loss", "bce", "--group_by_prompt", "true"], "group_by_prompt"),
 ])
 def test_bad_config_values_exit_2_and_write_nothing(sft, pairs, tmp_path, capsys, flags, needle):
     out = tmp_path / "out"
     assert train(sft, pairs, out, *flags) == 2
-    assert needle in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--loss", "token_level"], "loss=token_level needs the causal per-token scores of a decoder model, but "
+                                "model_kind=auto resolved to 'encoder'"),
+    (["--aggregation", "sum"], "--aggregation sum applies to decoder reward models, but model_kind=auto "
+                               "resolved to 'encoder'"),
+])
+def test_settings_an_auto_detected_encoder_cannot_use_exit_2_and_write_nothing(bert, pairs, tmp_path, capsys, flags,
+                                                                              needle):
+    out = tmp_path / "out"
+    out.mkdir()  # an existing empty folder stays empty
+    assert train(bert, pairs, out, "--batch_size", "8", "--micro_batch_size", "8", *flags) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+    assert list(out.iterdir()) == []
 
 
 def _bad(tmp_path, rows):

@@ -226,7 +226,8 @@ def tokenize_examples(cfg: RMTrainConfig, tokenizer: Any, examples: Sequence[Any
 # Step 2: model
 # ----------------------------------------------------------------------------------------------------------
 def resolve_kind(cfg: RMTrainConfig) -> str:
-    """decoder / encoder / pairrm; 'auto' looks at the model's config (encoders: BERT-like model types)."""
+    """decoder / encoder / pairrm; 'auto' looks at the model's config (encoders: BERT-like model types) and then
+    holds the settings to the detected kind's rules (`RMTrainConfig.check_model_kind`)."""
     if cfg.model_kind != "auto":
         return cfg.model_kind
     from transformers import AutoConfig
@@ -235,9 +236,10 @@ def resolve_kind(cfg: RMTrainConfig) -> str:
 
     config = AutoConfig.from_pretrained(hf_folder(cfg.model), trust_remote_code=cfg.trust_remote_code)
     archs = config.architectures or []
-    if config.model_type in ENCODER_MODEL_TYPES or any(a.endswith("ForMaskedLM") for a in archs):
-        return "encoder"
-    return "decoder"
+    encoder = config.model_type in ENCODER_MODEL_TYPES or any(a.endswith("ForMaskedLM") for a in archs)
+    kind = "encoder" if encoder else "decoder"
+    cfg.check_model_kind(kind)
+    return kind
 
 
 def build_model(cfg: RMTrainConfig, kind: str, tokenizer: Any) -> torch.nn.Module:
@@ -437,10 +439,10 @@ def run(cfg: RMTrainConfig) -> dict[str, float]:
                            f"{cfg.micro_batch_size} × {n_proc}")
     out_dir = Path(cfg.output)
     resume_from = check_output(cfg)
+    kind = resolve_kind(cfg)  # 'auto' -> decoder / encoder, checked against the settings before any work
 
     # 1. Data: load and validate everything, split, tokenise (errors name file, row and field).
     train_ex, eval_ex, eval_source = load_examples(cfg)
-    kind = resolve_kind(cfg)
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     train_items, report = tokenize_examples(cfg, tokenizer, train_ex, cfg.data)
     eval_items, eval_report = tokenize_examples(cfg, tokenizer, eval_ex, eval_source) if eval_ex else ([], None)

@@ -175,17 +175,42 @@ class RMTrainConfig:
         if self.aspect_weights is not None and len(self.aspect_weights) != len(self.aspects or []):
             raise RlhfkitError(f"--aspect_weights has {len(self.aspect_weights)} values for "
                                f"{len(self.aspects or [])} aspects")
-        if self.model_kind == "pairrm" and self.loss != "logsigmoid":
-            raise RlhfkitError("model_kind=pairrm is trained with its own BCE on both orders of each pair; "
-                               "leave loss at its default 'logsigmoid' (preference data)")
-        if self.loss == "token_level" and self.model_kind == "encoder":
-            raise RlhfkitError("loss=token_level needs per-token scores of a decoder model (model_kind=decoder)")
         if self.skip_invalid and self.loss not in PAIRWISE_LOSSES:
             raise RlhfkitError("--skip_invalid applies to preference data (pairwise losses) only")
         if self.center_rewards_coef > 0 and self.loss not in PAIRWISE_LOSSES:
             raise RlhfkitError("center_rewards_coef applies to pairwise losses only")
         if self.group_by_prompt and self.loss not in PAIRWISE_LOSSES:
             raise RlhfkitError("--group_by_prompt applies to preference data (pairwise losses) only")
+        if self.model_kind != "auto":
+            self.check_model_kind(self.model_kind)
+
+    def check_model_kind(self, kind: str) -> None:
+        """Reject settings that the reward-model kind (decoder, encoder or pairrm) cannot use.
+
+        Called here for an explicit --model_kind, and by `rm train` once 'auto' is resolved from the model's config
+        (before anything is written), so that an auto-detected encoder is held to the same rules.
+        """
+        which = (f"model_kind={kind}" if kind == self.model_kind
+                 else f"model_kind=auto resolved to {kind!r} for {self.model}")
+        if kind == "pairrm":
+            if self.loss != "logsigmoid":
+                raise RlhfkitError("model_kind=pairrm is trained with its own BCE on both orders of each pair; "
+                                   "leave loss at its default 'logsigmoid' (preference data)")
+            if self.center_rewards_coef > 0:
+                raise RlhfkitError("center_rewards_coef does not apply to model_kind=pairrm: PairRM outputs the "
+                                   "probability that one response beats the other, not per-response rewards to "
+                                   "centre; leave center_rewards_coef at 0")
+        if self.loss == "token_level" and kind != "decoder":
+            raise RlhfkitError(f"loss=token_level needs the causal per-token scores of a decoder model, but {which} "
+                               f"(a bidirectional backbone: each token's output sees the whole sequence); use a "
+                               f"decoder backbone or a sequence-level loss such as logsigmoid")
+        if self.aggregation != "last" and kind != "decoder":
+            raise RlhfkitError(f"--aggregation {self.aggregation} applies to decoder reward models, but {which}"
+                               + (" (PairRM reads the last token)" if kind == "pairrm"
+                                  else "; encoders pool with --pooling cls|mean"))
+        if self.pooling != "cls" and kind != "encoder":
+            raise RlhfkitError(f"--pooling {self.pooling} applies to encoder reward models, but {which}"
+                               + ("" if kind == "pairrm" else "; decoders aggregate with --aggregation last|mean|sum"))
 
     @property
     def pairwise(self) -> bool:
