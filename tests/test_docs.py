@@ -346,6 +346,9 @@ class NameChecker:
         bases = [ROOT, ROOT / "src", SRC]
         if any(any(base.glob(span.rstrip("/"))) for base in bases):
             return True
+        head = span.split("/", 1)[0]
+        if "/" in span and not any((base / head).is_dir() for base in bases):
+            return True  # another project's file (e.g. `lm_human_preferences/language/model.py`), not ours
         return "/" not in span and any(SRC.rglob(span))  # a module file named by itself, e.g. `masks.py`
 
     def _qualified(self, parts: list[str]) -> bool:
