@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 
@@ -14,7 +15,12 @@ from rlhfkit.quickstart.report import PLOT_NAMES, REQUIRED_FILES
 def test_quickstart_tiny_real_model_end_to_end(tmp_path, capsys):
     pytest.importorskip("vaderSentiment")
     out = tmp_path / "run"
-    assert main(["quickstart", "--scale", "tiny", "--output", str(out), "--seed", "3"]) == 0
+    with warnings.catch_warnings(record=True) as caught:  # a quickstart run prints no deprecation warnings
+        warnings.simplefilter("always")
+        assert main(["quickstart", "--scale", "tiny", "--output", str(out), "--seed", "3"]) == 0
+    deprecations = [f"{w.category.__name__}: {w.message} ({w.filename}:{w.lineno})" for w in caught
+                    if issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning, FutureWarning))]
+    assert deprecations == []
     for rel in REQUIRED_FILES:
         assert (out / rel).is_file(), rel
     for name in PLOT_NAMES:
