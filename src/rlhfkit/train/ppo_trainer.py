@@ -288,7 +288,9 @@ class PPOTrainer:
         return history
 
     def learn(self, rollout: Rollout, raw_scores: torch.Tensor) -> tuple[dict[str, float], list[dict[str, float]]]:
-        """Steps 2-5 and the rollout statistics; returns (stats, per-minibatch stats)."""
+        """Steps 2-5, the rollout statistics and the KL controller update (step 6, fed ``objective/kl``: the k1
+        estimate of the sequence KL, whatever ``kl_estimator`` shapes the rewards); returns (stats, per-minibatch
+        stats)."""
         exp = self.prepare(rollout, raw_scores)
         lrs = {"train/lr": self.policy_scheduler.get_last_lr()[0],
                "train/critic_lr": self.critic_scheduler.get_last_lr()[0]}
@@ -297,9 +299,10 @@ class PPOTrainer:
         t_update = time.perf_counter() - start
         b = exp.batch
         stats = rollout_stats(self.dist, raw_scores=exp.raw_scores, scores=exp.scores, shaped=exp.shaped,
-                              kl_coef=exp.kl_coef, old_logprobs=b.old_logprobs, rollout_logprobs=exp.rollout_logprobs,
-                              old_values=b.old_values, returns=b.returns, response_mask=b.response_mask,
-                              stopped=exp.stopped)
+                              kl_coef=exp.kl_coef, old_logprobs=b.old_logprobs, ref_logprobs=exp.ref_logprobs,
+                              rollout_logprobs=exp.rollout_logprobs, old_values=b.old_values, returns=b.returns,
+                              response_mask=b.response_mask, stopped=exp.stopped)
+        self.kl_controller.update(stats["objective/kl"], self.cfg.rollout_batch_size)
         stats.update(mean_stats(history))
         stats.update(lrs)
         stats.update({"time/forward": exp.time_forward, "time/update": t_update})
@@ -307,7 +310,7 @@ class PPOTrainer:
 
     # -- one iteration ---------------------------------------------------------------------------------
     def iteration(self, step: int) -> IterationResult:
-        """Steps 1-6 of iteration ``step`` (1-based); the KL controller is updated at the end."""
+        """Steps 1-6 of iteration ``step`` (1-based); the KL controller is updated after the update."""
         cfg = self.cfg
         start = time.perf_counter()
         rollout, _ = self.rollout()
@@ -317,8 +320,7 @@ class PPOTrainer:
         t_score = time.perf_counter() - t0
         stats, history = self.learn(rollout, raw_scores)
         stats.update(self.monitor_stats(rollout, prompts, responses))
-        # 6. statistics and the KL controller
-        self.kl_controller.update(stats["objective/kl"], cfg.rollout_batch_size)
+        # 6. statistics (the KL controller was updated in `learn`)
         elapsed = time.perf_counter() - start
         tokens = stats["response/length_mean"] * cfg.rollout_batch_size
         stats.update({"train/episodes": float(step * cfg.rollout_batch_size), "time/rollout": t_rollout,
