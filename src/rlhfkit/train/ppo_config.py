@@ -15,7 +15,7 @@ from rlhfkit.config import check_choice, check_range
 from rlhfkit.errors import RlhfkitError
 
 CRITIC_INITS = ("auto", "reward", "policy")
-SCORE_NORMS = ("none", "whiten", "running")
+SCORE_NORMS = ("none", "whiten", "running", "reference")
 MISSING_STOP_MODES = ("replace", "subtract")
 KL_ESTIMATORS = ("kl", "abs", "mse", "k3", "full")
 OVERLONG_POLICIES = ("truncate_prompt_left", "drop", "fail")
@@ -84,8 +84,10 @@ class PPOConfig:
         "'replace': such a response scores --missing_stop_penalty; 'subtract': its score minus the penalty",
         choices=list(MISSING_STOP_MODES)))
     score_norm: str = field(default="none", metadata=_help(
-        "score normalisation: none, whiten (batch mean/std) or running (mean/std of every score so far)",
-        choices=list(SCORE_NORMS)))
+        "score normalisation: none, whiten (batch mean/std), running (mean/std of every score so far) or "
+        "reference (each reward model's stored mean/std of reference outputs, from `rlhfkit score "
+        "--fit_reference`, applied before combination and the missing-stop penalty; every reward source must be "
+        "a reward-model folder so fitted)", choices=list(SCORE_NORMS)))
     score_clip: Optional[float] = field(default=None, metadata=_help(
         "clip (normalised) scores to [-score_clip, score_clip] (None = off)"))
 
@@ -191,7 +193,7 @@ class PPOConfig:
             raise RlhfkitError("missing_stop_penalty must be a finite number")
         check_choice("missing_stop_mode", self.missing_stop_mode, MISSING_STOP_MODES)
         check_choice("score_norm", self.score_norm, SCORE_NORMS)
-        if self.score_norm != "none" and self.rollout_batch_size < 2:
+        if self.score_norm in ("whiten", "running") and self.rollout_batch_size < 2:
             raise RlhfkitError(f"score_norm={self.score_norm!r} needs rollout_batch_size >= 2")
         check_range("score_clip", self.score_clip, lo=0, lo_open=True, allow_none=True)
         check_range("kl_coef", self.kl_coef, lo=0)

@@ -3,7 +3,8 @@
 One iteration, as numbered steps (each a call into ``rollout/``, ``core/`` or ``train/ppo_update.py``):
 
 1. rollout: sample responses to this process's share of the next ``rollout_batch_size`` prompts;
-2. score: reward sources on prompt + response text; missing-stop penalty; normalisation; clipping;
+2. score: reward sources on prompt + response text (with ``score_norm=reference`` each reward model applies its
+   stored statistics first); missing-stop penalty; batch normalisation; clipping;
 3. forward passes without gradients over the first epoch's micro-batches: old log-probs (policy), reference
    log-probs (the initial policy, or the same weights with LoRA adapters off), old values (critic); per-token
    rewards by `core.rewards.shape_rewards`;
@@ -135,7 +136,10 @@ class PPOTrainer:
         self.critic.requires_grad_(True)
         if cfg.critic_freeze_layers:
             freeze_lower_layers(self.critic, cfg.critic_freeze_layers)
-        self.reward = load_reward(cfg.reward_model, cfg.reward_weights, self.tokenizer, device=self.device)
+        # score_norm=reference: each reward model applies its stored statistics before the combination (an
+        # error here for a source without them)
+        self.reward = load_reward(cfg.reward_model, cfg.reward_weights, self.tokenizer, device=self.device,
+                                  normalize=cfg.score_norm == "reference")
         self.monitors = {monitor_name(spec): load_reward([spec], None, self.tokenizer, device=self.device)
                          for spec in cfg.monitor_rewards}
 
@@ -221,7 +225,8 @@ class PPOTrainer:
         return out
 
     def process_scores(self, raw_scores: torch.Tensor, stopped: torch.Tensor) -> torch.Tensor:
-        """Missing-stop penalty, normalisation (global batch statistics) and clipping."""
+        """Missing-stop penalty, normalisation (global batch statistics) and clipping. With ``score_norm=reference``
+        the reward sources already normalised their scores (before the combination and this penalty)."""
         cfg = self.cfg
         scores = missing_stop_penalty(raw_scores, stopped, cfg.missing_stop_penalty, cfg.missing_stop_mode)
         if cfg.score_norm == "whiten":
