@@ -23,9 +23,20 @@ LR_SCHEDULERS = ("constant", "linear", "cosine")
 DEFAULT_ITERATIONS = 100
 
 # Fields that may differ between a run and its ``--resume`` (they do not change the computation of the steps
-# already taken). Every other field must match the checkpoint's config.
+# already taken). Every other field must match the checkpoint's config. The run's length (``iterations`` /
+# ``total_episodes``) may change only with ``lr_scheduler=constant``: linear and cosine spread the schedule over
+# the length, so a new length would change the learning rate of the remaining iterations (`ppo_state.
+# check_resume_config` refuses that).
 RESUMABLE_CHANGES = ("resume", "overwrite", "iterations", "total_episodes", "save_every", "keep_checkpoints",
                      "log_every", "sample_table_every", "sample_table_rows")
+LENGTH_FREE_SCHEDULERS = ("constant",)
+
+
+def run_length(iterations: int | None, total_episodes: int | None, rollout_batch_size: int) -> int:
+    """Iterations of a run: ``iterations``, or ``ceil(total_episodes / rollout_batch_size)``, or the default."""
+    if total_episodes is not None:
+        return -(-total_episodes // rollout_batch_size)
+    return iterations if iterations is not None else DEFAULT_ITERATIONS
 
 
 def _help(text: str, **extra) -> dict:
@@ -153,7 +164,9 @@ class PPOConfig:
         "write sample responses (prompt, response, score) every N iterations (0 = never)"))
     sample_table_rows: int = field(default=8, metadata=_help("rows of each sample table"))
     log_every: int = field(default=1, metadata=_help("write a metrics row every N iterations"))
-    resume: bool = field(default=False, metadata=_help("continue from the latest checkpoint in --output"))
+    resume: bool = field(default=False, metadata=_help(
+        "continue from the latest checkpoint in --output, with the same settings (--iterations / --total_episodes "
+        "may change only with --lr_scheduler constant)"))
     overwrite: bool = field(default=False, metadata=_help("replace an existing run in --output"))
 
     def __post_init__(self) -> None:
@@ -234,10 +247,8 @@ class PPOConfig:
 
     @property
     def num_iterations(self) -> int:
-        """Iterations to run: ``iterations``, or ``ceil(total_episodes / rollout_batch_size)``, or the default."""
-        if self.total_episodes is not None:
-            return -(-self.total_episodes // self.rollout_batch_size)
-        return self.iterations if self.iterations is not None else DEFAULT_ITERATIONS
+        """Iterations to run (`run_length` of ``iterations``, ``total_episodes``, ``rollout_batch_size``)."""
+        return run_length(self.iterations, self.total_episodes, self.rollout_batch_size)
 
     @property
     def policy_learning_rate(self) -> float:
