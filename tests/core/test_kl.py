@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from rlhfkit.core.kl import KL_ESTIMATORS, full_kl_from_logits, kl_penalty
+from rlhfkit.core.kl import KL_ESTIMATORS, full_kl_from_logits, kl_k1, kl_penalty
 
 LN2 = math.log(2)
 # p = (0.5, 0.2), q = (0.25, 0.4): d = log p - log q = (ln 2, -ln 2)
@@ -27,6 +27,11 @@ LOGQ = torch.log(torch.tensor([[0.25, 0.4]], dtype=torch.float64))
 def test_sample_estimators_by_hand(estimator, expected):
     out = kl_penalty(LOGP, LOGQ, estimator)
     assert torch.allclose(out, torch.tensor([expected], dtype=torch.float64), rtol=0, atol=1e-15)
+
+
+def test_k1_is_the_log_ratio_by_hand():
+    # log 0.5 - log 0.25 = ln 2; log 0.2 - log 0.4 = -ln 2 (negative per token: k1 is a signed estimate)
+    assert torch.allclose(kl_k1(LOGP, LOGQ), torch.tensor([[LN2, -LN2]], dtype=torch.float64), rtol=0, atol=1e-15)
 
 
 def test_full_kl_by_hand():

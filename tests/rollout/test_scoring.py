@@ -3,7 +3,6 @@ normalisation, function rewards (happy and error paths), weighted combination an
 
 from __future__ import annotations
 
-import logging
 import math
 from pathlib import Path
 
@@ -127,7 +126,7 @@ def test_plain_hf_sequence_classifier_folder(tokenizer, tmp_path):
             torch.testing.assert_close(scores[b], model(input_ids=ids).logits[0, 0], rtol=0, atol=1e-5)
 
 
-def test_normalization(tokenizer, tmp_path, rm_dir, caplog):
+def test_normalization(tokenizer, tmp_path, rm_dir):
     rm = tiny_reward_model(tokenizer)
     rm.set_normalization(mean=0.25, std=2.0)
     rm.save_pretrained(tmp_path, tokenizer)
@@ -135,10 +134,11 @@ def test_normalization(tokenizer, tmp_path, rm_dir, caplog):
     raw = RMReward(tmp_path, tokenizer)(*batch)
     normalized = RMReward(tmp_path, tokenizer, normalize=True)(*batch)
     torch.testing.assert_close(normalized, (raw - 0.25) / 2.0, rtol=0, atol=1e-6)
-    with caplog.at_level(logging.WARNING, logger="rlhfkit.rollout.scoring"):
-        unnormalized = RMReward(rm_dir, tokenizer, normalize=True)(*batch)
-    assert "no stored normalisation" in caplog.text
-    torch.testing.assert_close(unnormalized, RMReward(rm_dir, tokenizer)(*batch), rtol=0, atol=0)
+    # a model without statistics cannot be normalised: an error at construction that says how to fit them
+    with pytest.raises(RlhfkitError, match="no stored normalisation statistics.*rlhfkit score.*--fit_reference"):
+        RMReward(rm_dir, tokenizer, normalize=True)
+    with pytest.raises(RlhfkitError, match="reward function 'tests.rollout.rule_rewards:count_token' has no stored"):
+        load_reward([str(tmp_path), "tests.rollout.rule_rewards:count_token"], None, tokenizer, normalize=True)
 
 
 def test_max_length_drops_prompt_tokens_from_the_left(tokenizer, rm_dir):

@@ -1,6 +1,6 @@
-"""One PPO learning step (steps 2-5) on a fixed global rollout of 8 rows; run with one process (plain python) or
-under ``accelerate launch --num_processes 2``. Each process takes its share of the rows; process 0 writes the new
-weights and the statistics to ``OUT``. Usage: ``ppo_dp_script.py TMP OUT`` (TMP holds sft/ and prompts.jsonl)."""
+"""One PPO learning step (steps 2-5, the rollout statistics and the KL controller update) on a fixed global
+rollout of 8 rows; run with one process (plain python) or under ``accelerate launch --num_processes 2``. Each
+process takes its share of the rows; process 0 writes the new weights and the statistics to ``OUT``. Usage: ``ppo_dp_script.py TMP OUT`` (TMP holds sft/ and prompts.jsonl)."""
 
 from __future__ import annotations
 
@@ -46,7 +46,8 @@ def main(tmp: Path, out: Path) -> None:
     torch.set_num_threads(1)
     cfg = make_config(tmp, output=str(out / "run"), rollout_batch_size=ROWS, ppo_epochs=1, num_minibatches=1,
                       micro_batch_size=2, score_norm="whiten", whiten_rewards=True, missing_stop_penalty=1.0,
-                      missing_stop_mode="subtract", kl_coef=0.2, entropy_coef=0.01)
+                      missing_stop_mode="subtract", kl_coef=0.2, entropy_coef=0.01, kl_estimator="mse",
+                      adaptive_kl=True, kl_target=0.5, kl_horizon=100.0)
     trainer = PPOTrainer(cfg)
     # a policy that differs from the reference (same perturbation on every process), so the KL part is not zero
     g = torch.Generator().manual_seed(7)
@@ -62,13 +63,13 @@ def main(tmp: Path, out: Path) -> None:
     rollout, raw_scores = fixed_rollout(trainer.tokenizer.pad_token_id)
     n, rank = ROWS // trainer.dist.world_size, trainer.dist.rank
     local = Rollout(*(t[rank * n:(rank + 1) * n] for t in rollout))
-    exp = trainer.prepare(local, raw_scores[rank * n:(rank + 1) * n])
-    history = trainer.update(exp)
+    stats, history = trainer.learn(local, raw_scores[rank * n:(rank + 1) * n])
     if trainer.dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_file(trainable(trainer.policy), str(out / "policy.safetensors"))
         save_file(trainable(trainer.critic), str(out / "critic.safetensors"))
-        (out / "stats.json").write_text(json.dumps({"world_size": trainer.dist.world_size, "update": history[0]}))
+        (out / "stats.json").write_text(json.dumps({"world_size": trainer.dist.world_size, "update": history[0],
+                                                    "rollout": stats, "kl_coef": trainer.kl_controller.value}))
     trainer.dist.barrier()
 
 

@@ -73,6 +73,15 @@ def test_two_processes_give_the_same_update_as_one(tmp_path):
     for key in ("loss/policy", "loss/value", "loss/total", "policy/approx_kl", "policy/clipfrac", "policy/entropy",
                 "val/clipfrac", "policy/grad_norm", "val/grad_norm", "num_tokens"):
         assert two_stats["update"][key] == pytest.approx(one_stats["update"][key], rel=1e-5, abs=1e-7), key
+    # rollout statistics are over the global batch (each process holds 4 of the 8 rows), the KL controller is fed
+    # the global k1 mean (kl_estimator=mse: objective/kl and objective/kl_penalty differ)
+    one_rollout, two_rollout = one_stats["rollout"], two_stats["rollout"]
+    assert one_rollout["objective/kl"] != pytest.approx(one_rollout["objective/kl_penalty"], rel=1e-3)
+    for key in ("objective/kl", "objective/kl_penalty", "objective/non_score_reward", "objective/rlhf_reward",
+                "objective/scores", "objective/scores_used", "response/length_mean", "val/explained_variance"):
+        assert two_rollout[key] == pytest.approx(one_rollout[key], rel=1e-5, abs=1e-7), key
+    assert two_stats["kl_coef"] == pytest.approx(one_stats["kl_coef"], rel=1e-12)
+    assert one_stats["kl_coef"] != 0.2  # the controller moved
 
 
 @pytest.mark.slow

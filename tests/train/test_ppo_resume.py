@@ -174,3 +174,35 @@ def test_resume_refuses_a_changed_configuration_or_a_missing_checkpoint(tmp_path
     # more iterations is allowed: the run continues from iteration 3
     results = PPOTrainer(make_config(tmp_path, resume=True, save_every=5, iterations=3)).train()
     assert len(results) == 1
+
+
+# ------------------------------------------------------------------------------------ a changed run length
+@pytest.mark.parametrize("scheduler,length", [("linear", {"iterations": 4}),
+                                              ("cosine", {"iterations": None, "total_episodes": 32})])
+def test_resume_refuses_a_new_length_under_a_length_dependent_schedule(tmp_path, scheduler, length):
+    # the checkpoint's iterations followed a schedule over 2; rebuilt over 4, iterations 3-4 would follow another
+    # one (linear: iteration 3 at 1/2 of peak), so the run would match neither a 2- nor a 4-iteration run
+    PPOTrainer(make_config(tmp_path, save_every=1, lr_scheduler=scheduler)).train()
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
+    new = "total_episodes=32" if "total_episodes" in length else "iterations=4"
+    with pytest.raises(RlhfkitError, match=rf"from 2 iterations \(iterations=2\) to 4 \({new}\).*"
+                                           rf"lr_scheduler='{scheduler}'"):
+        PPOTrainer(make_config(tmp_path, save_every=1, lr_scheduler=scheduler, resume=True, **length)).train()
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics  # nothing was written
+    # the same length written another way is the same run: 2 iterations = 16 episodes of 8
+    ckpt = find_latest_checkpoint(tmp_path / "run")
+    ppo_state.check_resume_config(make_config(tmp_path, save_every=1, lr_scheduler=scheduler, resume=True,
+                                              iterations=None, total_episodes=16), ckpt)
+
+
+def test_a_constant_schedule_with_warmup_resumed_longer_equals_the_longer_run(tmp_path):
+    """constant_with_warmup does not depend on the run's length: a 2-iteration run resumed to 3 iterations ends
+    exactly as a 3-iteration run, so `--resume` may change the length (docs/ppo.md)."""
+    common = dict(save_every=1, lr_scheduler="constant", warmup_iterations=2, learning_rate=1e-3)
+    PPOTrainer(make_config(tmp_path, output=str(tmp_path / "long"), iterations=3, **common)).train()
+    PPOTrainer(make_config(tmp_path, output=str(tmp_path / "cut"), iterations=2, **common)).train()
+    PPOTrainer(make_config(tmp_path, output=str(tmp_path / "cut"), iterations=3, resume=True, **common)).train()
+    rows_long = read_jsonl(tmp_path / "long" / "metrics.jsonl")
+    assert without_timing(read_jsonl(tmp_path / "cut" / "metrics.jsonl")) == without_timing(rows_long)
+    assert [r["train/lr"] for r in rows_long] == [0.0, 5e-4, 1e-3]  # the warm-up, then the constant peak
+    _assert_same_weights(tmp_path / "long" / "policy", tmp_path / "cut" / "policy")

@@ -246,3 +246,47 @@ def test_target_kl_stops_the_update_before_applying_the_offending_minibatch(tmp_
     trainer2 = PPOTrainer(make_config(tmp_path, ppo_epochs=2, num_minibatches=2))
     full = trainer2.iteration(1)
     assert full.stats["train/optimizer_steps"] == 4.0 and full.stats["train/early_stopped"] == 0.0
+
+
+# ------------------------------------------------------------------------------------ KL metrics and controller
+# A hand-made batch of 2 rows, responses of 3 and 2 tokens; d = old_logp - ref_logp per token (dyadic: exact):
+#   row 0: d = (0.5, -0.25, 1.0)  -> Σ d = 1.25, Σ |d| = 1.75, Σ ½d² = ½(0.25 + 0.0625 + 1) = 0.65625
+#   row 1: d = (0.25, 0.5)        -> Σ d = 0.75, Σ |d| = 0.75, Σ ½d² = ½(0.0625 + 0.25)    = 0.15625
+# means over the 2 responses: k1 = 1.0, abs = 1.25, mse = 0.40625
+HAND_OLD = torch.tensor([[-1.0, -2.0, -0.5], [-0.75, -1.25, 0.0]])
+HAND_REF = torch.tensor([[-1.5, -1.75, -1.5], [-1.0, -1.75, 0.0]])
+HAND_PENALTY = {"abs": 1.25, "mse": 0.40625}
+HAND_K1 = 1.0
+
+
+def _hand_rollout(pad: int) -> Rollout:
+    query_ids = torch.tensor([[5, 6], [pad, 7]])
+    response_ids = torch.tensor([[8, 9, 10], [11, 12, pad]])
+    response_mask = torch.tensor([[True, True, True], [True, True, False]])
+    return Rollout(query_ids, query_ids != pad, response_ids, response_mask, torch.zeros(2, 3),
+                   torch.tensor([True, True]))
+
+
+@pytest.mark.parametrize("estimator", ["mse", "abs"])
+def test_objective_kl_and_the_adaptive_controller_use_k1_whatever_the_penalty_estimator(tmp_path, monkeypatch,
+                                                                                        estimator):
+    import rlhfkit.train.ppo_trainer as ppo_trainer
+    from rlhfkit.train.ppo_update import RolloutForward
+
+    def hand_forward(*args, **kwargs):  # the no-grad forward passes replaced by the hand-made log-probs
+        return RolloutForward(HAND_OLD.clone(), HAND_REF.clone(), torch.zeros(2, 3), None, None)
+
+    monkeypatch.setattr(ppo_trainer, "rollout_forward", hand_forward)
+    trainer = PPOTrainer(make_config(tmp_path, rollout_batch_size=2, num_minibatches=1, micro_batch_size=2,
+                                     ppo_epochs=1, kl_estimator=estimator, kl_coef=0.1, adaptive_kl=True,
+                                     kl_target=1.1, kl_horizon=10.0))
+    stats, _ = trainer.learn(_hand_rollout(trainer.tokenizer.pad_token_id), torch.tensor([0.5, -0.5]))
+    assert stats["objective/kl"] == pytest.approx(HAND_K1, rel=0, abs=1e-12)
+    assert stats["objective/kl_penalty"] == pytest.approx(HAND_PENALTY[estimator], rel=0, abs=1e-12)
+    # the reward is penalised with the estimator: non-score reward = -β Σ KL_t = -0.1 × penalty
+    assert stats["objective/non_score_reward"] == pytest.approx(-0.1 * HAND_PENALTY[estimator], rel=0, abs=1e-7)
+    assert stats["objective/kl_coef"] == 0.1  # the coefficient used, before the controller update
+    # the controller steers the k1 value (nats, like kl_target): e = clip(1.0 / 1.1 - 1, ±0.2) = -1/11 (not
+    # clipped), β = 0.1 (1 + e · B / horizon) = 0.1 (1 - 1/11 · 2/10); fed the penalty instead it would give
+    # 0.1 (1 - 0.2 · 0.2) = 0.096 (mse, clipped) or 0.1 (1 + (1.25/1.1 - 1) · 0.2) ≈ 0.10273 (abs)
+    assert trainer.kl_controller.value == pytest.approx(0.1 * (1 - (1 / 11) * 2 / 10), rel=1e-12)

@@ -384,6 +384,25 @@ def test_resume_refuses_a_changed_configuration(sft, pairs, tmp_path, capsys):
     assert "learning_rate" in capsys.readouterr().err
 
 
+def test_resume_refuses_another_run_length(sft, tmp_path, capsys):
+    """The linear schedule is spread over epochs × steps per epoch: resuming with more epochs, or with a data file
+    that now gives more optimizer steps, would not continue the checkpoint's schedule (nor its batch order)."""
+    data, out = write_jsonl(tmp_path / "pairs.jsonl", preference_rows(64, seed=3)), tmp_path / "out"
+    common = ["--batch_size", "16", "--save_steps", "2", "--eval_fraction", "0", "--lr_scheduler", "linear"]
+    assert train(sft, data, out, *common) == 0  # 64 pairs / 16 = 4 steps; checkpoint at step 2
+    capsys.readouterr()
+    assert train(sft, data, out, *common, "--epochs", "2", "--resume") == 2
+    assert "epochs" in capsys.readouterr().err
+    write_jsonl(data, preference_rows(96, seed=3))  # the same path, now 96 pairs = 6 steps
+    metrics_before = (out / "metrics.jsonl").read_text()
+    assert train(sft, data, out, *common, "--resume") == 2
+    err = capsys.readouterr().err
+    assert "96 training examples and 6 optimizer steps" in err and "64 examples and 4 steps" in err
+    assert (out / "metrics.jsonl").read_text() == metrics_before  # nothing was written
+    write_jsonl(data, preference_rows(64, seed=3))  # the original data: the resume goes through
+    assert train(sft, data, out, *common, "--resume") == 0
+
+
 def test_share_prompts_flag_reaches_the_model_and_gives_the_same_training(sft, tmp_path, monkeypatch):
     """`--share_prompts` (default on) packs every micro-batch's shared prompts; `false` packs none; the trained
     weights agree to float rounding (the packed forward is the same function)."""

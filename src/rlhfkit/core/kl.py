@@ -53,6 +53,18 @@ def full_kl_from_logits(
     return torch.cat(out, dim=0)
 
 
+def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """The k1 estimate of KL(π || π_ref) per sampled token: the log-ratio of the two policies.
+
+    Equation: ``k1_t = log π(y_t) - log π_ref(y_t)``; unbiased for the per-token KL when ``y_t ~ π``, so its sum
+    over a response estimates the sequence KL ``KL(π(·|x) || π_ref(·|x))`` in nats.
+    Shapes: ``logprobs``, ``ref_logprobs`` (B, T) -> (B, T); padding positions are not masked here (callers mask).
+    Source: Schulman 2020, "Approximating KL divergence" (k1); the KL measured by the adaptive controller of
+    Ziegler et al. 2019 §2.2 (lm-human-preferences, TRL's classic PPOTrainer: ``logprobs - ref_logprobs``).
+    """
+    return logprobs - ref_logprobs
+
+
 def kl_penalty(
     logprobs: torch.Tensor,
     ref_logprobs: torch.Tensor,
@@ -78,7 +90,7 @@ def kl_penalty(
         if logits.shape[:-1] != logprobs.shape:
             raise ValueError(f"logits {tuple(logits.shape)} do not match logprobs {tuple(logprobs.shape)}")
         return full_kl_from_logits(logits, ref_logits, temperature)
-    d = logprobs - ref_logprobs
+    d = kl_k1(logprobs, ref_logprobs)
     if estimator == "kl":
         return d
     if estimator == "abs":

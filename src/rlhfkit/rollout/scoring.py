@@ -27,7 +27,6 @@ Sources:
 from __future__ import annotations
 
 import importlib
-import logging
 import math
 import os
 from pathlib import Path
@@ -41,8 +40,6 @@ from rlhfkit.models.loading import load_tokenizer, same_vocabulary
 from rlhfkit.models.reward import RewardModel, reward_pad_token_id
 
 __all__ = ["CombinedReward", "FunctionReward", "RMReward", "RewardSource", "check_scores", "load_reward"]
-
-logger = logging.getLogger(__name__)
 
 
 class RewardSource(Protocol):
@@ -110,8 +107,8 @@ class RMReward:
 
     ``max_length``: when set, longer rows lose prompt tokens from the left (a leading BOS is kept); a response
     alone longer than that keeps its last ``max_length`` tokens. ``normalize=True`` applies the model's stored
-    statistics ``(score - mean) / std`` (``rlhfkit.json``); a model without them is used unnormalised, with a
-    warning.
+    statistics ``(score - mean) / std`` (``rlhfkit.json``, written by ``rlhfkit score --fit_reference``); a model
+    without them is an :class:`RlhfkitError` here, at construction.
     """
 
     def __init__(
@@ -137,9 +134,13 @@ class RMReward:
         pad = self.model.pad_token_id
         self.pad_id = int(pad) if pad is not None else reward_pad_token_id(self.tokenizer)
         self.use_ids = not force_text and same_vocabulary(self.tokenizer, policy_tokenizer)
-        self.normalize = normalize and self.model.normalization is not None
-        if normalize and not self.normalize:
-            logger.warning("%s has no stored normalisation statistics; its scores are used unnormalised", self.name)
+        if normalize and self.model.normalization is None:
+            raise RlhfkitError(
+                f"{self.name} has no stored normalisation statistics, which score normalisation 'reference' "
+                f"applies; fit them once on reference outputs (e.g. the SFT policy's responses) with `rlhfkit score "
+                f"--model {path} --fit_reference REFERENCE.jsonl --data REFERENCE.jsonl --output SCORES.jsonl`, or "
+                f"choose another score normalisation")
+        self.normalize = normalize
 
     # -- building the inputs ------------------------------------------------------------------------------
     def _fit(self, prompt: list[int], response: list[int]) -> tuple[list[int], list[int]]:
@@ -297,7 +298,9 @@ def load_reward(
 ) -> RewardSource:
     """A reward source from specs: ``"module:function"`` (a spec with ':' that is not an existing path) or a
     reward-model folder. One spec without weights gives that source itself; otherwise a :class:`CombinedReward`
-    (weights default to 1 each)."""
+    (weights default to 1 each). ``normalize=True``: every source is a reward model that applies its stored
+    statistics before the combination (:class:`RMReward`); a function, or a model never fitted, is an
+    :class:`RlhfkitError`."""
     specs = list(specs)
     if not specs:
         raise RlhfkitError("no reward given: pass a reward-model folder or a 'module:function'")
@@ -307,6 +310,11 @@ def load_reward(
     sources: list[RewardSource] = []
     for spec in specs:
         if ":" in spec and not Path(spec).expanduser().exists():
+            if normalize:
+                raise RlhfkitError(
+                    f"reward function {spec!r} has no stored normalisation statistics: score normalisation "
+                    f"'reference' applies the statistics that `rlhfkit score --fit_reference` stores in a reward-model "
+                    f"folder, and a function has none; use reward-model folders only, or another score normalisation")
             sources.append(FunctionReward(spec))
             continue
         path = Path(spec).expanduser()

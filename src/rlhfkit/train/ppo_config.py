@@ -15,7 +15,7 @@ from rlhfkit.config import check_choice, check_range
 from rlhfkit.errors import RlhfkitError
 
 CRITIC_INITS = ("auto", "reward", "policy")
-SCORE_NORMS = ("none", "whiten", "running")
+SCORE_NORMS = ("none", "whiten", "running", "reference")
 MISSING_STOP_MODES = ("replace", "subtract")
 KL_ESTIMATORS = ("kl", "abs", "mse", "k3", "full")
 OVERLONG_POLICIES = ("truncate_prompt_left", "drop", "fail")
@@ -23,9 +23,20 @@ LR_SCHEDULERS = ("constant", "linear", "cosine")
 DEFAULT_ITERATIONS = 100
 
 # Fields that may differ between a run and its ``--resume`` (they do not change the computation of the steps
-# already taken). Every other field must match the checkpoint's config.
+# already taken). Every other field must match the checkpoint's config. The run's length (``iterations`` /
+# ``total_episodes``) may change only with ``lr_scheduler=constant``: linear and cosine spread the schedule over
+# the length, so a new length would change the learning rate of the remaining iterations (`ppo_state.
+# check_resume_config` refuses that).
 RESUMABLE_CHANGES = ("resume", "overwrite", "iterations", "total_episodes", "save_every", "keep_checkpoints",
                      "log_every", "sample_table_every", "sample_table_rows")
+LENGTH_FREE_SCHEDULERS = ("constant",)
+
+
+def run_length(iterations: int | None, total_episodes: int | None, rollout_batch_size: int) -> int:
+    """Iterations of a run: ``iterations``, or ``ceil(total_episodes / rollout_batch_size)``, or the default."""
+    if total_episodes is not None:
+        return -(-total_episodes // rollout_batch_size)
+    return iterations if iterations is not None else DEFAULT_ITERATIONS
 
 
 def _help(text: str, **extra) -> dict:
@@ -85,8 +96,10 @@ class PPOConfig:
         "'replace': such a response scores --missing_stop_penalty; 'subtract': its score minus the penalty",
         choices=list(MISSING_STOP_MODES)))
     score_norm: str = field(default="none", metadata=_help(
-        "score normalisation: none, whiten (batch mean/std) or running (mean/std of every score so far)",
-        choices=list(SCORE_NORMS)))
+        "score normalisation: none, whiten (batch mean/std), running (mean/std of every score so far) or "
+        "reference (each reward model's stored mean/std of reference outputs, from `rlhfkit score "
+        "--fit_reference`, applied before combination and the missing-stop penalty; every reward source must be "
+        "a reward-model folder so fitted)", choices=list(SCORE_NORMS)))
     score_clip: Optional[float] = field(default=None, metadata=_help(
         "clip (normalised) scores to [-score_clip, score_clip] (None = off)"))
 
@@ -153,7 +166,9 @@ class PPOConfig:
         "write sample responses (prompt, response, score) every N iterations (0 = never)"))
     sample_table_rows: int = field(default=8, metadata=_help("rows of each sample table"))
     log_every: int = field(default=1, metadata=_help("write a metrics row every N iterations"))
-    resume: bool = field(default=False, metadata=_help("continue from the latest checkpoint in --output"))
+    resume: bool = field(default=False, metadata=_help(
+        "continue from the latest checkpoint in --output, with the same settings (--iterations / --total_episodes "
+        "may change only with --lr_scheduler constant)"))
     overwrite: bool = field(default=False, metadata=_help("replace an existing run in --output"))
 
     def __post_init__(self) -> None:
@@ -193,7 +208,7 @@ class PPOConfig:
             raise RlhfkitError("missing_stop_penalty must be a finite number")
         check_choice("missing_stop_mode", self.missing_stop_mode, MISSING_STOP_MODES)
         check_choice("score_norm", self.score_norm, SCORE_NORMS)
-        if self.score_norm != "none" and self.rollout_batch_size < 2:
+        if self.score_norm in ("whiten", "running") and self.rollout_batch_size < 2:
             raise RlhfkitError(f"score_norm={self.score_norm!r} needs rollout_batch_size >= 2")
         check_range("score_clip", self.score_clip, lo=0, lo_open=True, allow_none=True)
         check_range("kl_coef", self.kl_coef, lo=0)
@@ -234,10 +249,8 @@ class PPOConfig:
 
     @property
     def num_iterations(self) -> int:
-        """Iterations to run: ``iterations``, or ``ceil(total_episodes / rollout_batch_size)``, or the default."""
-        if self.total_episodes is not None:
-            return -(-self.total_episodes // self.rollout_batch_size)
-        return self.iterations if self.iterations is not None else DEFAULT_ITERATIONS
+        """Iterations to run (`run_length` of ``iterations``, ``total_episodes``, ``rollout_batch_size``)."""
+        return run_length(self.iterations, self.total_episodes, self.rollout_batch_size)
 
     @property
     def policy_learning_rate(self) -> float:

@@ -26,7 +26,7 @@ from torch import nn
 from rlhfkit.config import config_to_dict
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.train.checkpoint import load_state, save_checkpoint, save_state
-from rlhfkit.train.ppo_config import RESUMABLE_CHANGES, PPOConfig
+from rlhfkit.train.ppo_config import LENGTH_FREE_SCHEDULERS, RESUMABLE_CHANGES, PPOConfig, run_length
 from rlhfkit.utils import atomic_dir, atomic_write_text, read_jsonl, rng_state, set_rng_state
 
 # Offsets that separate the random streams derived from the one --seed.
@@ -149,7 +149,8 @@ def write_checkpoint(trainer: Any, step: int) -> Path | None:
 
 
 def check_resume_config(cfg: PPOConfig, ckpt: Path) -> None:
-    """Refuse to resume with settings that would change the computation (only `RESUMABLE_CHANGES` may differ)."""
+    """Refuse to resume with settings that would change the computation (only `RESUMABLE_CHANGES` may differ,
+    and the run's length only under a schedule that does not depend on it, `LENGTH_FREE_SCHEDULERS`)."""
     path = ckpt / "config.yaml"
     if not path.is_file():
         raise RlhfkitError(f"{path}: checkpoint file missing (the checkpoint folder is incomplete)")
@@ -160,6 +161,22 @@ def check_resume_config(cfg: PPOConfig, ckpt: Path) -> None:
         detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed[:6])
         raise RlhfkitError(f"--resume: the configuration differs from the checkpoint's ({detail}); resume with "
                            f"the same settings (only {', '.join(RESUMABLE_CHANGES)} may change)")
+    before = run_length(saved.get("iterations"), saved.get("total_episodes"), cfg.rollout_batch_size)
+    if cfg.lr_scheduler not in LENGTH_FREE_SCHEDULERS and before != cfg.num_iterations:
+        raise RlhfkitError(
+            f"--resume: the run's length changed from {before} iterations ({_length_setting(saved)}) to "
+            f"{cfg.num_iterations} ({_length_setting(now)}), but lr_scheduler={cfg.lr_scheduler!r} spreads the "
+            f"learning rate over the run's length, so the remaining iterations would not follow the checkpoint's "
+            f"schedule; resume with {_length_setting(saved)}, or start a run with lr_scheduler='constant' (the only "
+            f"schedule whose length may change on resume)")
+
+
+def _length_setting(config: dict) -> str:
+    """How a saved config sets its length, e.g. ``iterations=10`` (for messages)."""
+    if config.get("total_episodes") is not None:
+        return f"total_episodes={config['total_episodes']}"
+    iterations = config.get("iterations")
+    return f"iterations={iterations}" if iterations is not None else "the default iterations"
 
 
 def read_checkpoint(trainer: Any, ckpt: Path) -> int:

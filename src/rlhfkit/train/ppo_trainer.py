@@ -3,7 +3,8 @@
 One iteration, as numbered steps (each a call into ``rollout/``, ``core/`` or ``train/ppo_update.py``):
 
 1. rollout: sample responses to this process's share of the next ``rollout_batch_size`` prompts;
-2. score: reward sources on prompt + response text; missing-stop penalty; normalisation; clipping;
+2. score: reward sources on prompt + response text (with ``score_norm=reference`` each reward model applies its
+   stored statistics first); missing-stop penalty; batch normalisation; clipping;
 3. forward passes without gradients over the first epoch's micro-batches: old log-probs (policy), reference
    log-probs (the initial policy, or the same weights with LoRA adapters off), old values (critic); per-token
    rewards by `core.rewards.shape_rewards`;
@@ -137,7 +138,10 @@ class PPOTrainer:
         self.critic.requires_grad_(True)
         if cfg.critic_freeze_layers:
             freeze_lower_layers(self.critic, cfg.critic_freeze_layers)
-        self.reward = load_reward(cfg.reward_model, cfg.reward_weights, self.tokenizer, device=self.device)
+        # score_norm=reference: each reward model applies its stored statistics before the combination (an
+        # error here for a source without them)
+        self.reward = load_reward(cfg.reward_model, cfg.reward_weights, self.tokenizer, device=self.device,
+                                  normalize=cfg.score_norm == "reference")
         self.monitors = {monitor_name(spec): load_reward([spec], None, self.tokenizer, device=self.device)
                          for spec in cfg.monitor_rewards}
 
@@ -231,7 +235,8 @@ class PPOTrainer:
         return out
 
     def process_scores(self, raw_scores: torch.Tensor, stopped: torch.Tensor) -> torch.Tensor:
-        """Missing-stop penalty, normalisation (global batch statistics) and clipping."""
+        """Missing-stop penalty, normalisation (global batch statistics) and clipping. With ``score_norm=reference``
+        the reward sources already normalised their scores (before the combination and this penalty)."""
         cfg = self.cfg
         scores = missing_stop_penalty(raw_scores, stopped, cfg.missing_stop_penalty, cfg.missing_stop_mode)
         if cfg.score_norm == "whiten":
@@ -298,7 +303,9 @@ class PPOTrainer:
         return history
 
     def learn(self, rollout: Rollout, raw_scores: torch.Tensor) -> tuple[dict[str, float], list[dict[str, float]]]:
-        """Steps 2-5 and the rollout statistics; returns (stats, per-minibatch stats)."""
+        """Steps 2-5, the rollout statistics and the KL controller update (step 6, fed ``objective/kl``: the k1
+        estimate of the sequence KL, whatever ``kl_estimator`` shapes the rewards); returns (stats, per-minibatch
+        stats)."""
         exp = self.prepare(rollout, raw_scores)
         lrs = {"train/lr": self.policy_scheduler.get_last_lr()[0],
                "train/critic_lr": self.critic_scheduler.get_last_lr()[0]}
@@ -307,9 +314,10 @@ class PPOTrainer:
         t_update = time.perf_counter() - start
         b = exp.batch
         stats = rollout_stats(self.dist, raw_scores=exp.raw_scores, scores=exp.scores, shaped=exp.shaped,
-                              kl_coef=exp.kl_coef, old_logprobs=b.old_logprobs, rollout_logprobs=exp.rollout_logprobs,
-                              old_values=b.old_values, returns=b.returns, response_mask=b.response_mask,
-                              stopped=exp.stopped)
+                              kl_coef=exp.kl_coef, old_logprobs=b.old_logprobs, ref_logprobs=exp.ref_logprobs,
+                              rollout_logprobs=exp.rollout_logprobs, old_values=b.old_values, returns=b.returns,
+                              response_mask=b.response_mask, stopped=exp.stopped)
+        self.kl_controller.update(stats["objective/kl"], self.cfg.rollout_batch_size)
         stats.update(mean_stats(history))
         stats.update(lrs)
         stats.update({"time/forward": exp.time_forward, "time/update": t_update})
@@ -317,7 +325,7 @@ class PPOTrainer:
 
     # -- one iteration ---------------------------------------------------------------------------------
     def iteration(self, step: int) -> IterationResult:
-        """Steps 1-6 of iteration ``step`` (1-based); the KL controller is updated at the end."""
+        """Steps 1-6 of iteration ``step`` (1-based); the KL controller is updated after the update."""
         cfg = self.cfg
         start = time.perf_counter()
         rollout, _ = self.rollout()
@@ -327,8 +335,7 @@ class PPOTrainer:
         t_score = time.perf_counter() - t0
         stats, history = self.learn(rollout, raw_scores)
         stats.update(self.monitor_stats(rollout, prompts, responses))
-        # 6. statistics and the KL controller
-        self.kl_controller.update(stats["objective/kl"], cfg.rollout_batch_size)
+        # 6. statistics (the KL controller was updated in `learn`)
         elapsed = time.perf_counter() - start
         tokens = stats["response/length_mean"] * cfg.rollout_batch_size
         stats.update({"train/episodes": float(step * cfg.rollout_batch_size), "time/rollout": t_rollout,

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
+from rlhfkit.core.kl import kl_k1
 from rlhfkit.core.logprobs import entropy_from_logits
 from rlhfkit.core.losses import entropy_bonus, explained_variance, ppo_policy_loss, ppo_total_loss, ppo_value_loss
 from rlhfkit.core.masks import masked_mean, masked_sum, masked_var, masked_whiten
@@ -407,6 +408,7 @@ def rollout_stats(
     shaped: ShapedRewards,
     kl_coef: float,
     old_logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
     rollout_logprobs: torch.Tensor,
     old_values: torch.Tensor,
     returns: torch.Tensor,
@@ -415,7 +417,9 @@ def rollout_stats(
 ) -> dict[str, float]:
     """Batch statistics of the rollout over all processes (per-sequence sums averaged over the global batch).
 
-    ``objective/kl``: mean Σ_t KL_t; ``objective/non_score_reward``: mean Σ_t -kl_coef KL_t;
+    ``objective/kl``: mean Σ_t k1_t (`core.kl.kl_k1`, old minus reference log-prob: the sequence KL in nats,
+    whatever ``kl_estimator`` shapes the reward; what the adaptive controller steers); ``objective/kl_penalty``:
+    mean Σ_t KL_t of the reward's estimator; ``objective/non_score_reward``: mean Σ_t -kl_coef KL_t;
     ``objective/rlhf_reward``: mean Σ_t rewards_t (score + non-score reward); ``objective/scores``: mean raw
     reward-source score; ``objective/scores_used``: mean score entering the rewards (after penalty,
     normalisation, clipping); ``objective/entropy``: mean -Σ_t old log-prob (a sample estimate of the sequence
@@ -424,6 +428,7 @@ def rollout_stats(
     """
     mask = dist.gather(response_mask.bool())
     per_row = torch.stack([
+        masked_sum(kl_k1(old_logprobs, ref_logprobs), response_mask, dim=1),
         masked_sum(shaped.kl, response_mask, dim=1),
         masked_sum(shaped.non_score_reward, response_mask, dim=1),
         masked_sum(shaped.rewards, response_mask, dim=1),
@@ -437,15 +442,16 @@ def rollout_stats(
     drift = dist.gather((rollout_logprobs.to(old_logprobs.dtype) - old_logprobs).abs())
     return {
         "objective/kl": rows[0],
+        "objective/kl_penalty": rows[1],
         "objective/kl_coef": float(kl_coef),
-        "objective/non_score_reward": rows[1],
-        "objective/rlhf_reward": rows[2],
-        "objective/entropy": rows[3],
+        "objective/non_score_reward": rows[2],
+        "objective/rlhf_reward": rows[3],
+        "objective/entropy": rows[4],
         "objective/scores": float(raw.mean()),
         "objective/scores_std": float(raw.std()) if raw.numel() > 1 else 0.0,
         "objective/scores_used": float(used.mean()),
-        "response/length_mean": rows[4],
-        "response/stop_rate": rows[5],
+        "response/length_mean": rows[5],
+        "response/stop_rate": rows[6],
         "val/mean": float(masked_mean(values, mask)),
         "val/explained_variance": float(explained_variance(values, rets, mask)),
         "returns/mean": float(masked_mean(rets, mask)),

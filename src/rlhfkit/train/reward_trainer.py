@@ -340,6 +340,19 @@ def read_checkpoint(folder: Path, model: torch.nn.Module, optimizer: Any, schedu
     return state
 
 
+def check_resume_length(state: dict, total_steps: int, train_examples: int, data: str) -> None:
+    """Refuse to resume when the run's length or batch order would differ from the checkpoint's: the learning-rate
+    schedule (its warm-up and decay) is spread over ``total_steps`` and the batch order is drawn over the training
+    examples, so another count (the data file changed) would not continue the checkpoint's run. Checkpoints
+    written before these counts were saved are not checked."""
+    steps, examples = state.get("total_steps", total_steps), state.get("train_examples", train_examples)
+    if (steps, examples) != (total_steps, train_examples):
+        raise RlhfkitError(f"--resume: {data} now gives {train_examples} training examples and {total_steps} "
+                           f"optimizer steps, the checkpoint's run had {examples} examples and {steps} steps; the "
+                           f"learning-rate schedule and the batch order depend on both, so resume with the same "
+                           f"training data (or start a new run)")
+
+
 def publish_model(model: torch.nn.Module, tokenizer: Any, out: Path) -> None:
     """save_pretrained into a temporary folder inside `out`, then move the files in (config/metadata last)."""
     tmp = Path(tempfile.mkdtemp(dir=out, prefix=".model.tmp-"))
@@ -482,9 +495,10 @@ def run(cfg: RMTrainConfig) -> dict[str, float]:
                               optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
     n_stats = 3 + len(objective.names)
     state = {"step": 0, "epoch": 0, "next_batch": 0, "window": [0.0] * n_stats, "window_grad_norm": 0.0,
-             "window_steps": 0}
+             "window_steps": 0, "total_steps": total_steps, "train_examples": len(train_items)}
     if resume_from is not None:
         state = read_checkpoint(resume_from, model, optimizer, scheduler)
+        check_resume_length(state, total_steps, len(train_items), cfg.data)
     model = accelerator.prepare(model)
     unwrapped = accelerator.unwrap_model(model)
     trainable = [p for _, p in params]
