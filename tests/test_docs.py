@@ -1,6 +1,7 @@
 """The docs pages cannot drift from the code: their config tables equal the tables generated from the dataclasses,
-their metric tables list exactly the metric names the trainers log (collected from tiny real runs), and every code
-name they cite (modules, files, classes, functions) exists."""
+their metric tables list exactly the metric names the trainers log (collected from tiny real runs), every code
+name they cite (modules, files, classes, functions) exists, and their code snippets run and give what they
+promise."""
 
 from __future__ import annotations
 
@@ -418,3 +419,44 @@ rlhfkit rm train --model `core.masks.inside_a_fence`
     assert other == ["`core.masks.no_such_function`", "`rlhfkit.models.reward.NoSuchModel`", "`train/no_such.py`",
                      "`masks.nope`", "`RewardModel.no_such_method`", "`no_such_module.py`", "`src/rlhfkit/no_such/`",
                      "`core.masks.no_such_after_a_break`"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Code snippets
+# ----------------------------------------------------------------------------------------------------------
+def python_block(page: str, defines: str) -> str:
+    """The one ```python block of a docs page that defines the function ``defines``."""
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", PAGES[page].read_text(), flags=re.S)
+              if f"def {defines}(" in b]
+    assert len(blocks) == 1, f"{page}: expected one python block defining {defines}, found {len(blocks)}"
+    return blocks[0]
+
+
+def test_the_plain_transformers_snippet_reproduces_rlhfkit_score(tmp_path):
+    import rm_helpers
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhfkit.cli import main
+    from rlhfkit.models.reward import RewardModel
+    from rlhfkit.utils import read_jsonl
+
+    namespace: dict = {}
+    exec(compile(python_block("reward_modeling.md", "rlhfkit_scores"), "docs/reward_modeling.md", "exec"), namespace)
+    tokenizer = rm_helpers.make_tokenizer()
+    tokenizer.pad_token = tokenizer.eos_token  # the pitfall the saved pad id avoids (as for SmolLM2)
+    torch.manual_seed(0)
+    rm = RewardModel.from_backbone(rm_helpers.make_sft_folder(tmp_path / "sft"), tokenizer=tokenizer)
+    rm.save_pretrained(tmp_path / "rm", tokenizer=tokenizer)
+    rows = [{"prompt": r["prompt"], "response": r["chosen"]} for r in rm_helpers.preference_rows(6)]
+    data = rm_helpers.write_jsonl(tmp_path / "rows.jsonl", rows)
+    assert main(["score", "--model", str(tmp_path / "rm"), "--data", str(data), "--output", str(tmp_path / "s.jsonl"),
+                 "--batch_size", "4"]) == 0
+    want = torch.tensor([r["score"] for r in read_jsonl(tmp_path / "s.jsonl")])
+    got = torch.tensor(namespace["rlhfkit_scores"](str(tmp_path / "rm"), [r["prompt"] for r in rows],
+                                                   [r["response"] for r in rows]))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    # the negative control: the joined text, without the EOS, is not what rlhfkit scores
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    with torch.no_grad():
+        naive = model(**tokenizer([rows[0]["prompt"] + " " + rows[0]["response"]], return_tensors="pt")).logits
+    assert abs(float(naive[0, 0]) - float(want[0])) > 1e-3

@@ -16,6 +16,7 @@ from rlhfkit.data import (
     TokenizeReport,
     collate_pairs,
     collate_points,
+    encode_for_rm,
     encode_prompt,
     encode_response,
     left_pad,
@@ -97,6 +98,39 @@ def test_encode_prompt_and_response(tok):
     assert encode_response(tok, CHOSEN) == ids(tok, CHOSEN) + [2]
     assert encode_response(tok, CHOSEN, append_eos=False) == ids(tok, CHOSEN)
     assert encode_response(tok, "done<|im_end|>") == ids(tok, "done") + [2]  # already ends with EOS
+
+
+# ---- the rendering rule of reward-model inputs -----------------------------------------------------------
+
+def test_encode_for_rm_rlhfkit_tokenises_apart_and_ends_a_complete_response_with_eos(tok):
+    assert encode_for_rm(tok, PROMPT, CHOSEN) == (ids(tok, PROMPT), ids(tok, CHOSEN) + [2])
+    assert encode_for_rm(tok, PROMPT, CHOSEN, ended=False) == (ids(tok, PROMPT), ids(tok, CHOSEN))
+    answer = [{"role": "assistant", "content": "Yo there"}]
+    assert encode_for_rm(tok, [USER], answer) == (encode_prompt(tok, [USER]), encode_response(tok, answer, [USER]))
+    with pytest.raises(RlhfkitError, match="unknown reward-model convention 'trl'"):
+        encode_for_rm(tok, PROMPT, CHOSEN, convention="trl")
+
+
+def test_encode_for_rm_hf_is_trl_rewardtrainers_text_tokenised_as_one_string(tok):
+    # text rows: TRL 1.9 appends the EOS text to prompt + response and tokenises the whole string
+    p, r = encode_for_rm(tok, PROMPT, CHOSEN, convention="hf")
+    assert p + r == tok(PROMPT + CHOSEN + "<|im_end|>")["input_ids"] and p == ids(tok, PROMPT)
+    assert sum(encode_for_rm(tok, PROMPT, CHOSEN, ended=False, convention="hf"), []) == ids(tok, PROMPT + CHOSEN)
+    assert sum(encode_for_rm(tok, PROMPT, "done<|im_end|>", convention="hf"), []) == ids(tok, PROMPT + "done") + [2]
+    # tokens that merge across the boundary: the prompt part is the common beginning, the joint ids are kept
+    p, r = encode_for_rm(tok, "Hello wor", "ld", ended=False, convention="hf")
+    assert ids(tok, "Hello wor") != ids(tok, "Hello world")[:2]
+    assert p + r == ids(tok, "Hello world") and p == ids(tok, "Hello")
+    # conversations: the template of the whole conversation, as TRL's apply_chat_template(tokenize=True) gives it
+    answer = [{"role": "assistant", "content": "Yo there"}]
+    p, r = encode_for_rm(tok, [USER], answer, convention="hf")
+    assert p + r == tok.apply_chat_template([USER] + answer, tokenize=True, return_dict=True)["input_ids"]
+    assert p == encode_prompt(tok, [USER]) and r[-2:] == [2] + ids(tok, "\n")  # the template's "\n" after EOS
+    # pairs share the prompt ids both sides begin with
+    pair = PreferenceExample("The cat", "s sat", " ran", row=1)
+    (item,), _ = tokenize_preferences(tok, [pair], 64, convention="hf")
+    assert item.chosen_ids == ids(tok, "The cats sat<|im_end|>") and item.rejected_ids == ids(tok, "The cat ran") + [2]
+    assert item.chosen_prompt_len == item.rejected_prompt_len == 1
 
 
 # ---- over-long policies --------------------------------------------------------------------------------

@@ -139,12 +139,13 @@ def test_metadata_round_trip(sft_dir, tokenizer, tmp_path, make_batch):
     assert meta == {
         "format_version": 1, "kind": "decoder", "backbone_kind": "decoder", "aggregation": "last", "pooling": None,
         "aspects": {"names": ["helpful", "harmless"], "weights": [0.25, 0.75]},
-        "normalization": {"mean": 1.5, "std": 2.0}, "pad_token_id": 0,
+        "normalization": {"mean": 1.5, "std": 2.0}, "pad_token_id": 0, "convention": "rlhfkit",
     }
     assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == ["model.safetensors"]
     back = RewardModel.from_pretrained(tmp_path)
     assert (back.kind, back.aggregation, back.aspect_names) == ("decoder", "last", ["helpful", "harmless"])
     assert back.aspect_weights.tolist() == [0.25, 0.75] and back.normalization == {"mean": 1.5, "std": 2.0}
+    assert back.convention == "rlhfkit"
     ids, mask = make_batch(LENGTHS, len(tokenizer), pad_id=0)
     with torch.no_grad():
         a, b = rm(ids, mask), back(ids, mask)
@@ -241,6 +242,32 @@ def test_plain_hf_classifier_folder_loads_and_causal_lm_folder_is_refused(sft_di
         torch.testing.assert_close(back(ids, mask).scores, rm(ids, mask).scores, rtol=0, atol=0)
     with pytest.raises(RlhfkitError, match="from_backbone"):
         RewardModel.from_pretrained(sft_dir)
+
+
+def test_a_foreign_folder_reads_the_last_non_pad_token_as_transformers_does(sft_dir, tokenizer, tmp_path):
+    torch.manual_seed(0)
+    rm = RewardModel.from_backbone(sft_dir)
+    rm.model.config.pad_token_id = tokenizer.eos_token_id  # as TRL's RewardTrainer saves it: pad == EOS
+    rm.model.save_pretrained(tmp_path)  # no rlhfkit.json: another trainer's folder
+    foreign = RewardModel.from_pretrained(tmp_path)
+    assert foreign.convention == "hf" and rm.convention == "rlhfkit"
+    eos = tokenizer.eos_token_id
+    rows = [tokenizer("Hello there")["input_ids"] + [eos], tokenizer("A longer answer, really")["input_ids"] + [eos],
+            tokenizer("two EOS")["input_ids"] + [eos, eos], [eos, eos]]  # the last row: all pad ids
+    L = max(map(len, rows))
+    ids = torch.tensor([r + [eos] * (L - len(r)) for r in rows])  # right-padded with EOS, as TRL's collator pads
+    mask = torch.tensor([[True] * len(r) + [False] * (L - len(r)) for r in rows])
+    hf = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        ours, own_rule = foreign(ids, mask), rm(ids, mask)
+        theirs = hf(input_ids=ids, attention_mask=mask.long()).logits[:, 0]
+    torch.testing.assert_close(ours.scores, theirs, rtol=0, atol=1e-6)
+    for i, n_eos in enumerate([1, 1, 2]):  # the token before the trailing EOS ids; position 0 for an all-pad row
+        assert ours.scores[i] == ours.token_scores[i, len(rows[i]) - n_eos - 1]
+    assert ours.scores[3] == ours.token_scores[3, 0]
+    assert (own_rule.scores[:3] - ours.scores[:3]).abs().min() > 1e-4  # rlhfkit's own rule reads the EOS
+    with pytest.raises(RlhfkitError, match="'hf' convention reads the last non-pad token"):
+        RewardModel(foreign.model, "decoder", "mean", ["score"], [1.0], convention="hf")
 
 
 def test_critic_values_from_reward_model_folder_or_causal_lm(sft_dir, tokenizer, tmp_path, make_batch):

@@ -66,15 +66,15 @@ def policy_batch(tokenizer):
     r_mask = torch.tensor([[True] * len(r) + [False] * (T - len(r)) for r in r_rows])
     prompts = [tokenizer.decode(q) for q in q_rows]
     responses = [tokenizer.decode(r) for r in r_rows]
-    return prompts, responses, q_ids, q_mask, r_ids, r_mask, q_rows, r_rows
+    return prompts, responses, q_ids, q_mask, r_ids, r_mask, torch.tensor(STOPPED), q_rows, r_rows
 
 
 # ---------------------------------------------------------------------------------------------- RMReward
 def test_id_path_scores_each_row_as_its_unpadded_concatenation(tokenizer, rm_dir):
-    prompts, responses, q_ids, q_mask, r_ids, r_mask, q_rows, r_rows = policy_batch(tokenizer)
+    prompts, responses, q_ids, q_mask, r_ids, r_mask, stopped, q_rows, r_rows = policy_batch(tokenizer)
     source = RMReward(rm_dir, tokenizer, batch_size=2)
     assert source.use_ids and source.pad_id == 0
-    scores = source(prompts, responses, q_ids, q_mask, r_ids, r_mask)
+    scores = source(prompts, responses, q_ids, q_mask, r_ids, r_mask, stopped)
     assert scores.shape == (3,) and scores.dtype == torch.float32 and scores.device.type == "cpu"
     rm = RewardModel.from_pretrained(rm_dir)
     with torch.no_grad():
@@ -86,7 +86,7 @@ def test_id_path_scores_each_row_as_its_unpadded_concatenation(tokenizer, rm_dir
     assert not scores.is_inference()  # the trainer may modify the scores in place (e.g. a missing-stop penalty)
     # micro-batching does not change the scores
     torch.testing.assert_close(RMReward(rm_dir, tokenizer, batch_size=16)(prompts, responses, q_ids, q_mask, r_ids,
-                                                                          r_mask), scores, rtol=0, atol=1e-5)
+                                                                          r_mask, stopped), scores, rtol=0, atol=1e-5)
 
 
 def test_text_path_equals_id_path_for_the_same_tokenizer(tokenizer, rm_dir):
@@ -118,8 +118,8 @@ def test_plain_hf_sequence_classifier_folder(tokenizer, tmp_path):
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     assert not (tmp_path / "rlhfkit.json").exists()
-    prompts, responses, q_ids, q_mask, r_ids, r_mask, q_rows, r_rows = policy_batch(tokenizer)
-    scores = RMReward(tmp_path, tokenizer)(prompts, responses, q_ids, q_mask, r_ids, r_mask)
+    prompts, responses, q_ids, q_mask, r_ids, r_mask, stopped, q_rows, r_rows = policy_batch(tokenizer)
+    scores = RMReward(tmp_path, tokenizer)(prompts, responses, q_ids, q_mask, r_ids, r_mask, stopped)
     with torch.no_grad():
         for b in range(3):
             ids = torch.tensor([q_rows[b] + r_rows[b]])
@@ -130,7 +130,7 @@ def test_normalization(tokenizer, tmp_path, rm_dir):
     rm = tiny_reward_model(tokenizer)
     rm.set_normalization(mean=0.25, std=2.0)
     rm.save_pretrained(tmp_path, tokenizer)
-    batch = policy_batch(tokenizer)[:6]
+    batch = policy_batch(tokenizer)[:7]
     raw = RMReward(tmp_path, tokenizer)(*batch)
     normalized = RMReward(tmp_path, tokenizer, normalize=True)(*batch)
     torch.testing.assert_close(normalized, (raw - 0.25) / 2.0, rtol=0, atol=1e-6)
@@ -176,7 +176,7 @@ def test_function_reward_happy_path(importable_tests):
     scores = source(["p"] * 3, RESPONSES, None, None, None, None)
     assert scores.dtype == torch.float32
     torch.testing.assert_close(scores, torch.tensor([2.0, 0.0, 3.0]), rtol=0, atol=0)
-    lengths = FunctionReward("tests.rollout.rule_rewards:response_length")(["p"] * 3, RESPONSES, *[None] * 4)
+    lengths = FunctionReward("tests.rollout.rule_rewards:response_length")(["p"] * 3, RESPONSES, *[None] * 5)
     torch.testing.assert_close(lengths, torch.tensor([float(len(r)) for r in RESPONSES]), rtol=0, atol=0)
 
 
@@ -199,7 +199,7 @@ def test_function_reward_lookup_errors(importable_tests, spec, message):
 def test_function_reward_bad_results_name_the_function(importable_tests, name, message):
     source = FunctionReward(f"tests.rollout.rule_rewards:{name}")
     with pytest.raises(RlhfkitError, match=message) as info:
-        source(["p"] * 3, RESPONSES, *[None] * 4)
+        source(["p"] * 3, RESPONSES, *[None] * 5)
     assert f"tests.rollout.rule_rewards:{name}" in str(info.value)
 
 
@@ -210,13 +210,13 @@ def test_combined_reward_weights_by_hand(importable_tests):
     assert [len(r) for r in RESPONSES] == [30, 4, 39]
     combined = CombinedReward([count, length], [0.5, -0.25])
     # 0.5 * [2, 0, 3] - 0.25 * [30, 4, 39] = [1 - 7.5, 0 - 1, 1.5 - 9.75] = [-6.5, -1, -8.25]
-    torch.testing.assert_close(combined(["p"] * 3, RESPONSES, *[None] * 4), torch.tensor([-6.5, -1.0, -8.25]),
+    torch.testing.assert_close(combined(["p"] * 3, RESPONSES, *[None] * 5), torch.tensor([-6.5, -1.0, -8.25]),
                                rtol=0, atol=0)
     with pytest.raises(RlhfkitError, match="2 reward weights for 1 reward sources"):
         CombinedReward([count], [1.0, 2.0])
     bad = CombinedReward([count, FunctionReward("tests.rollout.rule_rewards:nan_in_second_row")], [1.0, 1.0])
     with pytest.raises(RlhfkitError, match="nan_in_second_row"):
-        bad(["p"] * 3, RESPONSES, *[None] * 4)
+        bad(["p"] * 3, RESPONSES, *[None] * 5)
 
 
 def test_load_reward(importable_tests, tokenizer, rm_dir, tmp_path):
@@ -226,7 +226,7 @@ def test_load_reward(importable_tests, tokenizer, rm_dir, tmp_path):
     assert isinstance(rm, RMReward) and rm.use_ids
     both = load_reward(["tests.rollout.rule_rewards:count_token", str(rm_dir)], [2.0, 1.0], tokenizer)
     assert isinstance(both, CombinedReward) and both.weights == [2.0, 1.0]
-    batch = policy_batch(tokenizer)[:6]
+    batch = policy_batch(tokenizer)[:7]
     torch.testing.assert_close(both(*batch), 2.0 * single(*batch) + rm(*batch), rtol=0, atol=1e-6)
     with pytest.raises(RlhfkitError, match="does not exist"):
         load_reward([str(tmp_path / "missing_rm")], None, tokenizer)

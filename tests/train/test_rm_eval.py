@@ -69,6 +69,7 @@ class FakeRM(torch.nn.Module):
     """Score = sum over response tokens of a fixed value per token: good +1, bad -1, w3 +0.5, w10 +0.2, else 0."""
 
     pad_token_id = PAD
+    convention = "rlhfkit"  # rendered like rlhfkit's own models (prompt and response apart, EOS appended)
 
     def __init__(self, tokenizer):
         super().__init__()

@@ -10,6 +10,7 @@ from rlhfkit.data.preference import ExampleList, PreferenceExample, load_prefere
 from rlhfkit.data.prompts import load_prompts, parse_prompts
 from rlhfkit.data.sources import SUPPORTED_EXTENSIONS, read_rows
 from rlhfkit.data.tokenize import (
+    CONVENTIONS,
     OVERLONG_POLICIES,
     LengthGroupedBatchSampler,
     PromptGroupedBatchSampler,
@@ -18,8 +19,10 @@ from rlhfkit.data.tokenize import (
     TokenizeReport,
     collate_pairs,
     collate_points,
+    encode_for_rm,
     encode_prompt,
     encode_response,
+    end_with_eos,
     left_pad,
     prompt_key,
     render,
@@ -32,10 +35,10 @@ from rlhfkit.data.tokenize import (
 )
 
 __all__ = [
-    "ExampleList", "LengthGroupedBatchSampler", "OVERLONG_POLICIES", "PointwiseExample", "PreferenceExample",
-    "PromptGroupedBatchSampler", "SUPPORTED_EXTENSIONS", "TokenizeReport", "TokenizedPair", "TokenizedPoint",
-    "collate_pairs", "collate_points", "encode_prompt", "encode_response", "left_pad", "load_pointwise",
-    "load_preferences", "load_prompts", "parse_pointwise", "parse_preferences", "parse_prompts", "read_rows",
-    "render", "prompt_key", "render_prompt", "render_response", "right_pad", "tokenize_pointwise",
-    "tokenize_preferences", "tokenize_prompts",
+    "CONVENTIONS", "ExampleList", "LengthGroupedBatchSampler", "OVERLONG_POLICIES", "PointwiseExample",
+    "PreferenceExample", "PromptGroupedBatchSampler", "SUPPORTED_EXTENSIONS", "TokenizeReport", "TokenizedPair",
+    "TokenizedPoint", "collate_pairs", "collate_points", "encode_for_rm", "encode_prompt", "encode_response",
+    "end_with_eos", "left_pad", "load_pointwise", "load_preferences", "load_prompts", "parse_pointwise",
+    "parse_preferences", "parse_prompts", "read_rows", "render", "prompt_key", "render_prompt", "render_response",
+    "right_pad", "tokenize_pointwise", "tokenize_preferences", "tokenize_prompts",
 ]

@@ -9,6 +9,11 @@ prompt/response boundary is exact:
 - the response text (:func:`render_response`) is tokenised without special tokens, and the EOS id is appended
   when ``append_eos`` is set and the response does not already end with it.
 
+:func:`encode_for_rm` is THE rendering rule of reward-model inputs, used by RM training, ``rlhfkit score``,
+``rlhfkit rm eval`` and PPO scoring alike: ``(prompt, response, ended)`` -> ``(prompt ids, response ids)`` under
+the model's :data:`CONVENTIONS` entry (``"rlhfkit"``: the rule above, EOS appended when the response ended;
+``"hf"``, reward models rlhfkit did not write: TRL ``RewardTrainer``'s rendering, see :func:`encode_for_rm`).
+
 Over-long examples follow a policy (:data:`OVERLONG_POLICIES`): ``"truncate_prompt_left"`` removes prompt
 tokens from the left (keeping a leading BOS token) until the sequence fits, and drops the example if even an
 empty prompt does not fit; ``"drop"`` drops it; ``"fail"`` raises. Every tokenize function returns a
@@ -32,6 +37,7 @@ from rlhfkit.data.prompts import Prompt
 from rlhfkit.errors import RlhfkitError, data_error
 
 OVERLONG_POLICIES = ("truncate_prompt_left", "drop", "fail")
+CONVENTIONS = ("rlhfkit", "hf")
 _PLACEHOLDER_PROMPT = [{"role": "user", "content": "Hello"}]
 
 
@@ -97,17 +103,55 @@ def encode_prompt(tokenizer: Any, prompt: Prompt) -> list[int]:
     return list(tokenizer(text, add_special_tokens=add_special)["input_ids"])
 
 
+def end_with_eos(ids: Sequence[int], eos_id: int | None) -> list[int]:
+    """``ids`` with ``eos_id`` appended unless it is already the last id: how a complete (ended) response ends."""
+    if eos_id is None:
+        raise RlhfkitError("the tokenizer has no EOS token, so none can be appended; set append_eos=False")
+    return list(ids) if ids and ids[-1] == eos_id else [*ids, eos_id]
+
+
 def encode_response(tokenizer: Any, response: Response, prompt: Prompt | None = None,
                     append_eos: bool = True) -> list[int]:
     """Token ids of the rendered response, no special tokens added, EOS appended unless already last."""
     ids = list(tokenizer(render_response(tokenizer, response, prompt), add_special_tokens=False)["input_ids"])
-    if append_eos:
-        eos_id = tokenizer.eos_token_id
-        if eos_id is None:
-            raise RlhfkitError("the tokenizer has no EOS token, so none can be appended; set append_eos=False")
-        if not ids or ids[-1] != eos_id:
-            ids.append(eos_id)
-    return ids
+    return end_with_eos(ids, tokenizer.eos_token_id) if append_eos else ids
+
+
+def encode_for_rm(tokenizer: Any, prompt: Prompt, response: Response, ended: bool = True,
+                  convention: str = "rlhfkit") -> tuple[list[int], list[int]]:
+    """``(prompt ids, response ids)`` that a reward model of ``convention`` reads for one row: THE rendering rule
+    of RM training, ``rlhfkit score``, ``rlhfkit rm eval`` and PPO scoring. ``ended``: the response is complete
+    (training data always is; in PPO, a response that stopped at EOS, a stop id or a stop string).
+
+    * ``"rlhfkit"`` (folders written by ``rlhfkit rm train``): :func:`encode_prompt` then :func:`encode_response`,
+      tokenised apart (exact boundary), the EOS id appended when ``ended``.
+    * ``"hf"`` (a reward model rlhfkit did not write, read the way plain transformers reads it): the text of TRL
+      1.9 ``RewardTrainer._prepare_dataset``, tokenised as ONE string. A text response: ``render_prompt(prompt) +
+      response`` (concatenated as they are, no separator), plus the EOS text when ``ended`` and the text does not
+      already end with it; tokenised with the tokenizer's special tokens, except when the text starts with the
+      BOS text (so BOS is never doubled; TRL would double it). Assistant messages: the chat template of the whole
+      conversation (``add_generation_prompt=False``, no EOS added beyond the template's), no special tokens
+      added, as ``apply_chat_template(tokenize=True)`` does. The prompt ids are the longest common prefix of the
+      joint ids and the prompt's own ids, the rest is the response: their concatenation is exactly the joint
+      tokenisation. The score of such a model is read at the last token whose id is not ``config.pad_token_id``
+      (:class:`rlhfkit.models.reward.RewardModel`), as ``*ForSequenceClassification`` reads it.
+    """
+    if convention == "rlhfkit":
+        return encode_prompt(tokenizer, prompt), encode_response(tokenizer, response, prompt, append_eos=ended)
+    if convention != "hf":
+        raise RlhfkitError(f"unknown reward-model convention {convention!r}; expected one of {CONVENTIONS}")
+    if isinstance(response, list):
+        context = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        text, special = _chat(tokenizer, context + list(response), add_generation_prompt=False), False
+    else:
+        text, eos = render_prompt(tokenizer, prompt) + response, tokenizer.eos_token
+        if ended and eos and not text.endswith(eos):
+            text += eos
+        bos = tokenizer.bos_token
+        special = not (bos and text.startswith(bos))
+    ids = list(tokenizer(text, add_special_tokens=special)["input_ids"])
+    split = first_difference(encode_prompt(tokenizer, prompt), ids)
+    return ids[:split], ids[split:]
 
 
 # ---- tokenising with an over-long policy ---------------------------------------------------------------
@@ -194,16 +238,19 @@ def fit_prompt(tokenizer: Any, prompt_ids: list[int], response_len: int, max_len
 
 
 def tokenize_preferences(tokenizer: Any, examples: Sequence[PreferenceExample], max_length: int,
-                         overlong: str = "truncate_prompt_left", append_eos: bool = True
+                         overlong: str = "truncate_prompt_left", append_eos: bool = True, convention: str = "rlhfkit"
                          ) -> tuple[list[TokenizedPair], TokenizeReport]:
-    """Tokenise pairs; both sides share the (possibly truncated) prompt and fit in ``max_length``."""
+    """Tokenise pairs (:func:`encode_for_rm`); both sides share the (possibly truncated) prompt and fit in
+    ``max_length``. Under the ``"hf"`` convention the shared prompt is the common beginning of both sides' ids."""
     _check_policy(max_length, overlong)
     pairs, n_truncated, dropped = [], 0, []
     for index, ex in enumerate(examples):
         row = ex.row if ex.row is not None else index + 1
-        prompt_ids = encode_prompt(tokenizer, ex.prompt)
-        chosen = encode_response(tokenizer, ex.chosen, ex.prompt, append_eos)
-        rejected = encode_response(tokenizer, ex.rejected, ex.prompt, append_eos)
+        chosen_prompt, chosen = encode_for_rm(tokenizer, ex.prompt, ex.chosen, append_eos, convention)
+        rejected_prompt, rejected = encode_for_rm(tokenizer, ex.prompt, ex.rejected, append_eos, convention)
+        shared = first_difference(chosen_prompt, rejected_prompt)  # both sides' prompt ids, except under "hf"
+        prompt_ids = chosen_prompt[:shared]
+        chosen, rejected = chosen_prompt[shared:] + chosen, rejected_prompt[shared:] + rejected
         fitted = fit_prompt(tokenizer, prompt_ids, max(len(chosen), len(rejected)), max_length, overlong, row)
         if fitted is None:
             dropped.append(row)
@@ -215,15 +262,14 @@ def tokenize_preferences(tokenizer: Any, examples: Sequence[PreferenceExample], 
 
 
 def tokenize_pointwise(tokenizer: Any, examples: Sequence[PointwiseExample], max_length: int,
-                       overlong: str = "truncate_prompt_left", append_eos: bool = True
+                       overlong: str = "truncate_prompt_left", append_eos: bool = True, convention: str = "rlhfkit"
                        ) -> tuple[list[TokenizedPoint], TokenizeReport]:
-    """Tokenise pointwise examples (prompt + response in ``max_length``)."""
+    """Tokenise pointwise examples (:func:`encode_for_rm`; prompt + response in ``max_length``)."""
     _check_policy(max_length, overlong)
     points, n_truncated, dropped = [], 0, []
     for index, ex in enumerate(examples):
         row = ex.row if ex.row is not None else index + 1
-        prompt_ids = encode_prompt(tokenizer, ex.prompt)
-        response = encode_response(tokenizer, ex.response, ex.prompt, append_eos)
+        prompt_ids, response = encode_for_rm(tokenizer, ex.prompt, ex.response, append_eos, convention)
         fitted = fit_prompt(tokenizer, prompt_ids, len(response), max_length, overlong, row)
         if fitted is None:
             dropped.append(row)

@@ -30,6 +30,18 @@ Padding and the HF loader: rlhfkit reads the score at the last ``attention_mask`
 pad == EOS and sequences that end with EOS, HF would skip the EOS. The saved ``config.pad_token_id`` is therefore
 :func:`reward_pad_token_id` (distinct from EOS), the saved tokenizer pads with that id, and rlhfkit's reward-model
 collate must pad with it as well; then on a right-padded batch HF and rlhfkit read the same token.
+
+Conventions (``RewardModel.convention``, ``rlhfkit.json`` key ``convention``): how a model's inputs are rendered
+(:func:`rlhfkit.data.tokenize.encode_for_rm`) and which token its score is read at.
+
+* ``"rlhfkit"`` (folders written by rlhfkit): prompt and response tokenised apart, EOS appended to a complete
+  response, score at the last ``attention_mask`` position (above).
+* ``"hf"`` (a folder without ``rlhfkit.json``: a reward model from another trainer, e.g. TRL's
+  ``RewardTrainer``): the text as TRL 1.9 renders it (one string, EOS text appended), score at the last
+  ``attention_mask`` position whose id is not ``config.pad_token_id``, i.e. exactly what
+  ``AutoModelForSequenceClassification`` gives on that text. TRL pads with EOS when the tokenizer has no pad
+  token and stores that as ``config.pad_token_id``; HF then reads the token BEFORE the appended EOS, and so does
+  rlhfkit for such a folder. Decoder models with ``last`` aggregation only.
 """
 
 from __future__ import annotations
@@ -48,6 +60,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, PretrainedConfig
 
 from rlhfkit.core.masks import masked_mean, masked_sum
+from rlhfkit.data.tokenize import CONVENTIONS
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.models.loading import forward_hidden, has_tokenizer_files, hf_folder, load_tokenizer, same_vocabulary
 from rlhfkit.models.packing import shared_prompt_layout
@@ -174,8 +187,14 @@ class RewardModel(nn.Module):
         aspect_weights: Sequence[float] | torch.Tensor,
         head: nn.Linear | None = None,
         normalization: dict | None = None,
+        convention: str = "rlhfkit",
     ) -> None:
         super().__init__()
+        if convention not in CONVENTIONS:
+            raise RlhfkitError(f"unknown reward-model convention {convention!r}; expected one of {CONVENTIONS}")
+        if convention == "hf" and (kind, aggregation) != ("decoder", "last"):
+            raise RlhfkitError(f"the 'hf' convention reads the last non-pad token: it needs a decoder with 'last' "
+                               f"aggregation, not {kind}/{aggregation}")
         if kind not in AGGREGATIONS:
             raise RlhfkitError(f"unknown reward model kind {kind!r}; expected one of {sorted(AGGREGATIONS)}")
         if aggregation not in AGGREGATIONS[kind]:
@@ -198,6 +217,7 @@ class RewardModel(nn.Module):
         self.aspect_names = list(aspect_names)
         self.register_buffer("aspect_weights", weights, persistent=False)
         self.normalization = normalization
+        self.convention = convention
         self.eval()
 
     # -- construction ------------------------------------------------------------------------------------
@@ -319,7 +339,10 @@ class RewardModel(nn.Module):
         per_token = per_token.to(torch.promote_types(per_token.dtype, torch.float32))  # bf16 -> fp32 outputs
         per_token = torch.where(attention_mask[..., None], per_token, 0.0)
         if self.aggregation in ("last", "cls"):
-            idx = last_true_index(attention_mask) if self.aggregation == "last" else first_true_index(attention_mask)
+            readable = attention_mask
+            if self.convention == "hf" and self.pad_token_id is not None:  # HF's "last non-pad token"
+                readable = attention_mask & (input_ids != self.pad_token_id)
+            idx = last_true_index(readable) if self.aggregation == "last" else first_true_index(attention_mask)
             aspect_scores = per_token[torch.arange(per_token.shape[0], device=idx.device), idx]  # (B, K)
         else:
             mask = attention_mask if self.kind == "encoder" else response_mask
@@ -364,6 +387,7 @@ class RewardModel(nn.Module):
             "aspects": {"names": self.aspect_names, "weights": self.aspect_weights.tolist()},
             "normalization": self.normalization,
             "pad_token_id": self.pad_token_id,
+            "convention": self.convention,
         }
 
     def save_pretrained(self, directory: str | os.PathLike, tokenizer: Any = None, _kind_label: str | None = None,
@@ -395,7 +419,8 @@ class RewardModel(nn.Module):
         trust_remote_code: bool = False, _allow_kind: str | None = None,
     ) -> "RewardModel":
         """Restore a reward model saved by :meth:`save_pretrained`, or a plain HF
-        ``*ForSequenceClassification`` folder (taken as decoder / last, one aspect per label)."""
+        ``*ForSequenceClassification`` folder (taken as decoder / last, one aspect per label, ``"hf"`` convention:
+        see the module docstring)."""
         folder = Path(directory)
         if not (folder / "config.json").is_file():
             raise RlhfkitError(f"{str(directory)!r} is not a reward model folder (no config.json)")
@@ -411,7 +436,8 @@ class RewardModel(nn.Module):
             k = config.num_labels
             names = [str(config.id2label.get(i, f"aspect_{i}")) for i in range(k)] if k > 1 else ["score"]
             meta = {"kind": "decoder", "backbone_kind": "decoder", "aggregation": "last",
-                    "aspects": {"names": names, "weights": [1.0 / k] * k}, "normalization": None}
+                    "aspects": {"names": names, "weights": [1.0 / k] * k}, "normalization": None,
+                    "convention": "hf"}
         if meta["kind"] not in ("decoder", "encoder", _allow_kind):
             raise RlhfkitError(f"{folder} holds a {meta['kind']!r} model, not a reward model; load it with the "
                                f"matching class (e.g. rlhfkit.models.pairrm.PairRanker for 'pairrm')")
@@ -442,7 +468,7 @@ class RewardModel(nn.Module):
             raise RlhfkitError(f"{folder}: the head has {out_features} outputs but {METADATA_FILE} names "
                                f"{len(names)} aspects")
         return cls(model, kind, aggregation, names, meta["aspects"]["weights"], head=head,
-                   normalization=meta.get("normalization"))
+                   normalization=meta.get("normalization"), convention=meta.get("convention", "rlhfkit"))
 
 
 def _from_pretrained(auto_cls: Any, folder: Path, kwargs: dict) -> tuple[nn.Module, dict]:

@@ -207,7 +207,7 @@ def evaluate_policy(policy, tokenizer, prompts: list[str], rm_reward, max_new_to
         texts = [tokenizer.decode(r.response_ids[b][r.response_mask[b]].tolist(), skip_special_tokens=True).strip()
                  for b in range(len(idx))]
         prompt_texts = [tokenizer.decode(q[b][qm[b]].tolist()) for b in range(len(idx))]
-        proxy = rm_reward(prompt_texts, texts, q, qm, r.response_ids, r.response_mask)
+        proxy = rm_reward(prompt_texts, texts, q, qm, r.response_ids, r.response_mask, r.stopped)
         gold = _judge().score(texts)
         kl = None
         if reference is not None:  # the sampler's log-probs are the policy's (full tempered distribution)

@@ -2,11 +2,13 @@
 
 A reward source is a callable
 
-    source(prompts, responses, query_ids, query_mask, response_ids, response_mask) -> scores (B,)
+    source(prompts, responses, query_ids, query_mask, response_ids, response_mask, stopped) -> scores (B,)
 
 ``prompts``/``responses`` are the texts of the B rows, decoded by the caller with the POLICY tokenizer (keep
 special tokens when decoding prompts, so chat-template markers survive); the ids are the policy's: queries (B, P)
-left-padded, responses (B, T) right-padded, with boolean masks (True = real token).
+left-padded, responses (B, T) right-padded, with boolean masks (True = real token); ``stopped`` (B,) bool is True
+where the response ended (EOS, an extra stop id or a stop string; ``Rollout.stopped``) and False where it hit
+``max_new_tokens``. Function rewards see only the texts (``fn(prompts, responses)``).
 
 Every source returns ``scores`` as a float32 tensor of shape (B,) **on the CPU** (so that sources on different
 devices combine; the caller moves the scores to the policy device), and raises :class:`RlhfkitError` naming the
@@ -15,8 +17,9 @@ source when a score is not finite.
 Sources:
 
 * :class:`RMReward` — a frozen reward model (an rlhfkit reward-model folder, or any
-  ``AutoModelForSequenceClassification`` folder). When its tokenizer has the policy's vocabulary it reads the
-  policy's ids directly; otherwise it re-tokenises the texts with its own tokenizer.
+  ``AutoModelForSequenceClassification`` folder). An rlhfkit model whose tokenizer has the policy's vocabulary
+  reads the policy's ids directly; otherwise the texts are rendered with its own tokenizer by the rendering rule
+  of RM training (:func:`rlhfkit.data.tokenize.encode_for_rm`, under the model's convention).
 * :class:`FunctionReward` — a Python function ``fn(prompts, responses) -> list[float]``, named
   ``"package.module:function"`` (rule-based rewards, gold judges).
 * :class:`CombinedReward` — a weighted sum of sources.
@@ -34,7 +37,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
-from rlhfkit.data.tokenize import encode_prompt, fit_prompt, right_pad
+from rlhfkit.data.tokenize import encode_for_rm, end_with_eos, fit_prompt, right_pad
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.models.loading import load_tokenizer, same_vocabulary
 from rlhfkit.models.reward import RewardModel, reward_pad_token_id
@@ -55,6 +58,7 @@ class RewardSource(Protocol):
         query_mask: torch.Tensor,
         response_ids: torch.Tensor,
         response_mask: torch.Tensor,
+        stopped: torch.Tensor,
     ) -> torch.Tensor: ...
 
 
@@ -95,15 +99,20 @@ class RMReward:
     """Scores from a frozen reward model (eval mode, no gradients, micro-batches of ``batch_size`` rows).
 
     Input construction, per row, as ONE right-padded sequence ``prompt tokens + response tokens`` (no padding in
-    the middle), padded with the reward model's pad id, the score read at the last real token:
+    the middle), padded with the reward model's pad id, the score read as the model's convention says (the last
+    real token; the last non-pad token for a folder rlhfkit did not write). A response that ENDED (``stopped``:
+    EOS, an extra stop id or a stop string) is rendered as RM training renders a complete response, ended by the
+    RM's EOS; one that hit ``max_new_tokens`` is scored as it is, without an EOS (as TRL's PPO trainer and
+    Huang et al. 2024 do; ``--missing_stop_penalty`` is the way to penalise it, since the RM never saw an
+    unfinished response in training):
 
-    * id path (the RM tokenizer has the policy's vocabulary, see
-      :func:`rlhfkit.models.loading.same_vocabulary`): the query's real ids followed by the response's real ids,
-      exactly as sampled;
-    * text path (otherwise, or ``force_text=True``): the prompt text encoded like reward-model training data
-      (:func:`rlhfkit.data.tokenize.encode_prompt`: the tokenizer's BOS, never twice) followed by the response text
-      without special tokens; if the response stopped at the policy's EOS, the RM's EOS ends the row (added
-      unless the text already produced it), as in reward-model training (``append_eos``).
+    * id path (an rlhfkit-convention RM whose tokenizer has the policy's vocabulary, see
+      :func:`rlhfkit.models.loading.same_vocabulary`): the query's real ids followed by the response's real ids, exactly as sampled, plus
+      the EOS id when the response ended and its last id is not EOS already
+      (:func:`rlhfkit.data.tokenize.end_with_eos`);
+    * text path (otherwise, or ``force_text=True``): the texts through
+      :func:`rlhfkit.data.tokenize.encode_for_rm` with ``ended = stopped``, the rule of RM training,
+      ``rlhfkit score`` and ``rlhfkit rm eval``.
 
     ``max_length``: when set, longer rows lose prompt tokens from the left (a leading BOS is kept); a response
     alone longer than that keeps its last ``max_length`` tokens. ``normalize=True`` applies the model's stored
@@ -133,7 +142,9 @@ class RMReward:
         self.max_length = max_length
         pad = self.model.pad_token_id
         self.pad_id = int(pad) if pad is not None else reward_pad_token_id(self.tokenizer)
-        self.use_ids = not force_text and same_vocabulary(self.tokenizer, policy_tokenizer)
+        self.convention = self.model.convention
+        self.use_ids = (not force_text and self.convention == "rlhfkit"
+                        and same_vocabulary(self.tokenizer, policy_tokenizer))
         if normalize and self.model.normalization is None:
             raise RlhfkitError(
                 f"{self.name} has no stored normalisation statistics, which score normalisation 'reference' "
@@ -149,14 +160,6 @@ class RMReward:
         fitted = fit_prompt(self.tokenizer, prompt, len(response), self.max_length, "truncate_prompt_left", row=0)
         return (fitted, response) if fitted is not None else ([], response[-self.max_length:])
 
-    def _text_row(self, prompt: str, response: str, stopped: bool) -> tuple[list[int], list[int]]:
-        prompt_ids = encode_prompt(self.tokenizer, prompt)
-        response_ids = list(self.tokenizer(response, add_special_tokens=False)["input_ids"])
-        eos = self.tokenizer.eos_token_id
-        if stopped and eos is not None and (not response_ids or response_ids[-1] != eos):
-            response_ids.append(eos)
-        return prompt_ids, response_ids
-
     def rows(
         self,
         prompts: Sequence[str],
@@ -165,18 +168,23 @@ class RMReward:
         query_mask: torch.Tensor,
         response_ids: torch.Tensor,
         response_mask: torch.Tensor,
+        stopped: torch.Tensor,
     ) -> list[tuple[list[int], list[int]]]:
         """The (prompt ids, response ids) the reward model reads for each row (see the class docstring)."""
         query_ids, query_mask = query_ids.cpu(), query_mask.cpu()
         response_ids, response_mask = response_ids.cpu(), response_mask.cpu()
-        policy_eos = self.policy_tokenizer.eos_token_id
+        ended = [bool(e) for e in stopped.reshape(-1).tolist()]
+        if len(ended) != query_ids.shape[0]:
+            raise ValueError(f"stopped has {len(ended)} rows for a batch of {query_ids.shape[0]}")
         out = []
         for b in range(query_ids.shape[0]):
-            response = _real(response_ids[b], response_mask[b])
             if self.use_ids:
+                response = _real(response_ids[b], response_mask[b])
+                if ended[b]:
+                    response = end_with_eos(response, self.tokenizer.eos_token_id)
                 row = (_real(query_ids[b], query_mask[b]), response)
             else:
-                row = self._text_row(prompts[b], responses[b], bool(response) and response[-1] == policy_eos)
+                row = encode_for_rm(self.tokenizer, prompts[b], responses[b], ended[b], self.convention)
             out.append(self._fit(*row))
         return out
 
@@ -189,11 +197,12 @@ class RMReward:
         query_mask: torch.Tensor,
         response_ids: torch.Tensor,
         response_mask: torch.Tensor,
+        stopped: torch.Tensor,
     ) -> torch.Tensor:
         B = query_ids.shape[0]
         if len(prompts) != B or len(responses) != B:
             raise ValueError(f"{len(prompts)} prompts and {len(responses)} responses for a batch of {B}")
-        rows = self.rows(prompts, responses, query_ids, query_mask, response_ids, response_mask)
+        rows = self.rows(prompts, responses, query_ids, query_mask, response_ids, response_mask, stopped)
         scores = []
         for start in range(0, B, self.batch_size):
             chunk = rows[start:start + self.batch_size]
@@ -250,6 +259,7 @@ class FunctionReward:
         query_mask: torch.Tensor | None = None,
         response_ids: torch.Tensor | None = None,
         response_mask: torch.Tensor | None = None,
+        stopped: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return check_scores(self.fn(list(prompts), list(responses)), len(responses), self.name)
 
@@ -278,11 +288,12 @@ class CombinedReward:
         query_mask: torch.Tensor,
         response_ids: torch.Tensor,
         response_mask: torch.Tensor,
+        stopped: torch.Tensor,
     ) -> torch.Tensor:
         total = torch.zeros(len(responses), dtype=torch.float32)
         for source, weight in zip(self.sources, self.weights):
-            scores = check_scores(source(prompts, responses, query_ids, query_mask, response_ids, response_mask),
-                                  len(responses), source.name)
+            scores = check_scores(source(prompts, responses, query_ids, query_mask, response_ids, response_mask,
+                                         stopped), len(responses), source.name)
             total = total + weight * scores
         return check_scores(total, len(responses), self.name)
 

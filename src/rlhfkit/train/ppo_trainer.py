@@ -222,7 +222,7 @@ class PPOTrainer:
         prompts = decode_rows(self.tokenizer, rollout.query_ids, rollout.query_mask, skip_special_tokens=False)
         responses = decode_rows(self.tokenizer, rollout.response_ids, rollout.response_mask, skip_special_tokens=True)
         scores = self.reward(prompts, responses, rollout.query_ids, rollout.query_mask, rollout.response_ids,
-                             rollout.response_mask)
+                             rollout.response_mask, rollout.stopped)
         return scores.to(self.device, torch.float32), prompts, responses
 
     def monitor_stats(self, rollout: Rollout, prompts: list[str], responses: list[str]) -> dict[str, float]:
@@ -230,7 +230,7 @@ class PPOTrainer:
         out = {}
         for name, source in self.monitors.items():
             scores = source(prompts, responses, rollout.query_ids, rollout.query_mask, rollout.response_ids,
-                            rollout.response_mask).to(self.device, torch.float32)
+                            rollout.response_mask, rollout.stopped).to(self.device, torch.float32)
             out[f"monitor/{name}"] = float(self.dist.gather(scores).mean())
         return out
 

@@ -133,12 +133,13 @@ def with_source(error: RlhfkitError, source: Any) -> RlhfkitError:
 
 
 def tokenize_pairs(ranker: bool, tokenizer: Any, examples: Sequence[PreferenceExample], max_length: int,
-                   overlong: str, source: Any = None) -> tuple[list, TokenizeReport]:
-    """``TokenizedPair``s for a reward model, ``RankerPair``s for a PairRM ranker; errors name ``source``."""
+                   overlong: str, source: Any = None, convention: str = "rlhfkit") -> tuple[list, TokenizeReport]:
+    """``TokenizedPair``s for a reward model (rendered under its ``convention``), ``RankerPair``s for a PairRM
+    ranker; errors name ``source``."""
     try:
         if ranker:
             return tokenize_ranker_pairs(tokenizer, examples, max_length, overlong)
-        return tokenize_preferences(tokenizer, examples, max_length, overlong)
+        return tokenize_preferences(tokenizer, examples, max_length, overlong, convention=convention)
     except RlhfkitError as e:
         raise with_source(e, source) from None
 
@@ -254,7 +255,9 @@ def evaluate_reward_model(model: Any, tokenizer: Any, examples: Sequence[Prefere
     Returns ``{"n", "accuracy", "margin", "ties", "ece", "bins", "chosen_mean", "rejected_mean" (reward models),
     "n_dropped", "n_truncated"}``. Raises RlhfkitError when no pair is left after the over-long policy.
     """
-    items, report = tokenize_pairs(isinstance(model, PairRanker), tokenizer, examples, max_length, overlong, source)
+    ranker = isinstance(model, PairRanker)
+    items, report = tokenize_pairs(ranker, tokenizer, examples, max_length, overlong, source,
+                                   convention="rlhfkit" if ranker else model.convention)
     if not items:
         raise RlhfkitError(f"{source or 'data'}: no pair left to evaluate ({report.describe()})")
     diff, chosen, rejected = score_pair_items(model, items, batch_size, bf16)

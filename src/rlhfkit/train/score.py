@@ -55,7 +55,7 @@ def score_examples(model: RewardModel, tokenizer: Any, examples: Sequence[Pointw
                    ) -> tuple[list[float | None], Any]:
     """Raw scores in the order of ``examples`` (None for a row dropped as over-long), and the tokenise report."""
     try:
-        points, report = tokenize_pointwise(tokenizer, examples, max_length, overlong)
+        points, report = tokenize_pointwise(tokenizer, examples, max_length, overlong, convention=model.convention)
     except RlhfkitError as e:
         raise with_source(e, source) from None
     scores: list[float | None] = [None] * len(examples)
