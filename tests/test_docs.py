@@ -215,8 +215,10 @@ DESIGN = ROOT.parent / "shared" / "DESIGN.md"  # the team's design guide, beside
 NAME_PAGES = sorted(DOCS.glob("*.md")) + [ROOT / "README.md"] + ([DESIGN] if DESIGN.is_file() else [])
 CONTRACT_PAGE = "architecture.md"  # its bare class names and `function(args)` signatures are rlhfkit's contracts
 # Bare names of other libraries on the contract page, each checked to exist in its library (not allow-listed blind).
-FOREIGN = {"AutoModelForSequenceClassification": "transformers", "DatasetDict": "datasets"}
-PLACEHOLDERS = {"fn"}  # `fn(prompts, responses) -> list[float]`: the user's reward function, not an rlhfkit name
+FOREIGN = {"AutoModelForSequenceClassification": "transformers", "DatasetDict": "datasets",
+           "GenericForSequenceClassification": "transformers.modeling_layers"}
+# `fn(prompts, responses) -> list[float]`: the user's reward function; `source(prompts, ...)`: any reward source
+PLACEHOLDERS = {"fn", "source"}
 FILE_SUFFIXES = {"json", "jsonl", "yaml", "yml", "md", "gguf", "png", "gz", "csv", "parquet", "txt", "safetensors",
                  "pt", "py"}
 NAME = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
@@ -248,6 +250,19 @@ def _defined_names() -> set[str]:
 
     for path in SRC.rglob("*.py"):
         collect(ast.parse(path.read_text()).body)
+    return names
+
+
+def _instance_attributes(class_name: str) -> set[str]:
+    """The names a class of rlhfkit's source assigns as ``self.<name> = ...`` in its own methods."""
+    import ast
+
+    names: set[str] = set()
+    for path in SRC.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and node.name == class_name:
+                names.update(t.attr for t in ast.walk(node) if isinstance(t, ast.Attribute)
+                             and isinstance(t.ctx, ast.Store) and isinstance(t.value, ast.Name) and t.value.id == "self")
     return names
 
 
@@ -368,8 +383,10 @@ class NameChecker:
 
         if parts[0] in FOREIGN:
             return _resolves(importlib.import_module(FOREIGN[parts[0]]), parts)
-        return any(_resolves(importlib.import_module(m), parts) for m in self.modules
-                   if parts[0] in vars(importlib.import_module(m)))
+        if any(_resolves(importlib.import_module(m), parts) for m in self.modules
+               if parts[0] in vars(importlib.import_module(m))):
+            return True
+        return len(parts) == 2 and parts[1] in _instance_attributes(parts[0])  # e.g. `RewardModel.convention`
 
     def _bare(self, name: str) -> bool:
         import importlib
@@ -397,7 +414,7 @@ Stale: `core.masks.no_such_function`, `rlhfkit.models.reward.NoSuchModel`, `trai
 no_such_after_a_break`.
 Contract only: `NoSuchClass`, `NO_SUCH_CONSTANT`, `no_such_function(x, mask=None)`,
 `masked_mean(x) -> NoSuchResult(a, b)`.
-Real: `core.masks.masked_whiten`, `rlhfkit.models.reward.RewardModel`, `train/ppo_update.py`, `masks.py`,
+Real: `core.masks.masked_whiten`, `RewardModel.convention`, `rlhfkit.models.reward.RewardModel`, `train/ppo_update.py`, `masks.py`,
 `RewardModel.forward`, `masked_mean(x, mask, dim=None)`, `rlhfkit.errors.data_error(path, row, field, problem)`,
 `core.masks.
 position_ids_from_mask`, `RewardOutput`, `KL_ESTIMATORS`, `RMTrainConfig.model`, `rlhfkit/train/rm_config.py`,
