@@ -73,3 +73,33 @@ def test_yaml_not_a_mapping(tmp_path):
         parse_config(Demo, ["--config", str(y)])
     with pytest.raises(RlhfkitError, match="not found"):
         parse_config(Demo, ["--config", str(tmp_path / "missing.yaml")])
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("model: m\nlearning_rate: 1e-4\nepochs: '3'\n", {"learning_rate": 1e-4, "epochs": 3}),  # texts convert as flags do
+    ("model: m\naspects: helpful\n", {"aspects": ["helpful"]}),  # one value for a list field: a one-item list
+    ("model: m\naspects: [a, b]\nbf16: true\n", {"aspects": ["a", "b"], "bf16": True}),
+])
+def test_yaml_values_that_fit_their_fields(tmp_path, text, expected):
+    y = tmp_path / "c.yaml"
+    y.write_text(text)
+    cfg = parse_config(Demo, ["--config", str(y)])
+    assert {k: getattr(cfg, k) for k in expected} == expected
+
+
+@pytest.mark.parametrize("line, message", [
+    ("epochs: [1, 2]", "field 'epochs': expected an integer, got a list [1, 2]"),
+    ("epochs: 2.5", "field 'epochs': expected an integer, got a float 2.5"),
+    ("learning_rate: {a: 1}", "field 'learning_rate': expected a number, got a dict {'a': 1}"),
+    ("bf16: 1", "field 'bf16': expected true or false, got an int 1"),
+    ("model: 7", "field 'model': expected a text, got an int 7"),
+    ("model: null", "field 'model': expected a text, got null"),
+    ("aspects: {a: 1}", "field 'aspects': expected a list of texts, got a dict {'a': 1}"),
+    ("aspects: [a, 3]", "field 'aspects': expected a list of texts, got a list ['a', 3]"),
+])
+def test_yaml_value_of_the_wrong_type_names_file_and_field(tmp_path, line, message):
+    y = tmp_path / "c.yaml"
+    y.write_text(f"model: m\n{line}\n" if not line.startswith("model") else line + "\n")
+    with pytest.raises(RlhfkitError) as info:
+        parse_config(Demo, ["--config", str(y)])
+    assert str(info.value) == f"{y}, {message}"

@@ -14,12 +14,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import typing
 from pathlib import Path
 from typing import Any, Sequence, TypeVar
 
 import yaml
 
-from rlhfkit.errors import RlhfkitError
+from rlhfkit.errors import RlhfkitError, data_error
 
 T = TypeVar("T")
 
@@ -28,8 +29,62 @@ def _field_names(cls: type) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
 
 
+_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a text"}
+_PLURALS = {bool: "booleans", int: "integers", float: "numbers", str: "texts"}
+
+
+def _fits(value: Any, annotation: Any, converted: bool = True) -> bool:
+    """True when a YAML value can be a value of the field type ``annotation``. A text fits a number or a boolean
+    field too (``converted``): the flag parser converts it as it converts a flag (YAML reads ``1e-4`` as a text),
+    and rejects it when it does not convert. Items of a list are not converted."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if type(None) in typing.get_args(annotation):  # Optional[X]
+        return value is None or _fits(value, args[0], converted)
+    if typing.get_origin(annotation) is list:
+        return isinstance(value, list) and all(_fits(v, args[0], converted=False) for v in value)
+    if annotation not in _KINDS or isinstance(value, str) and (converted or annotation is str):
+        return True
+    if isinstance(value, bool):
+        return annotation is bool
+    return isinstance(value, int) and annotation in (int, float) or isinstance(value, float) and annotation is float
+
+
+def _kind(annotation: Any) -> str:
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if type(None) in typing.get_args(annotation):
+        return _kind(args[0])
+    if typing.get_origin(annotation) is list:
+        return f"a list of {_PLURALS.get(args[0], 'values')}"
+    return _KINDS.get(annotation, "another value")
+
+
+def _is_list(annotation: Any) -> bool:
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return typing.get_origin(args[0] if type(None) in typing.get_args(annotation) else annotation) is list
+
+
+def check_types(cls: type, data: dict[str, Any], source: Any) -> dict[str, Any]:
+    """``data`` with a single value for a list field taken as a one-item list (``stop_strings: "###"``); a value
+    whose type cannot be its field's (a list for a number, a mapping for a list, ...) is an error naming the file
+    and the field."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for key, value in data.items():
+        if key in hints:
+            given = value
+            if _is_list(hints[key]) and isinstance(value, (str, int, float)):
+                value = [value]
+            if not _fits(value, hints[key]):
+                name = type(given).__name__
+                got = "null" if given is None else f"{'an' if name[0] in 'aeiou' else 'a'} {name} {given!r}"
+                raise data_error(source, None, key, f"expected {_kind(hints[key])}, got {got}")
+        out[key] = value
+    return out
+
+
 def load_yaml(path: str | Path, cls: type | None = None) -> dict[str, Any]:
-    """Read a YAML mapping of config keys; with `cls`, reject keys that are not fields of `cls`."""
+    """Read a YAML mapping of config keys; with `cls`, reject keys that are not fields of `cls` and values of the
+    wrong type (see `check_types`)."""
     p = Path(path)
     if not p.is_file():
         raise RlhfkitError(f"{p}: config file not found")
@@ -45,6 +100,7 @@ def load_yaml(path: str | Path, cls: type | None = None) -> dict[str, Any]:
             raise RlhfkitError(
                 f"{p}: unknown config key(s) {unknown} for {cls.__name__}; valid keys: {sorted(_field_names(cls))}"
             )
+        data = check_types(cls, data, p)
     return data
 
 

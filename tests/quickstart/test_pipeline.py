@@ -51,6 +51,24 @@ def test_quickstart_rejects_contradicting_flags(capsys):
     assert "--fast contradicts" in capsys.readouterr().err
 
 
+def test_the_output_folder_is_replaced_only_when_it_holds_a_quickstart_run(tmp_path):
+    from rlhfkit.config import save_config
+    from rlhfkit.errors import RlhfkitError
+    from rlhfkit.quickstart.pipeline import QuickstartConfig, check_output
+
+    check_output(tmp_path / "new")  # nothing there yet
+    (tmp_path / "empty").mkdir()
+    check_output(tmp_path / "empty")
+    run = tmp_path / "run"
+    (run / "data").mkdir(parents=True)
+    save_config(QuickstartConfig(output=str(run), scale="tiny"), run / "config.yaml")  # as a previous run left it
+    check_output(run)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "config.yaml").write_text("model: my_own\n")  # someone else's config
+    with pytest.raises(RlhfkitError, match="does not look like a quickstart run folder"):
+        check_output(tmp_path / "mine")
+
+
 def test_evaluate_policy_kl_is_the_summed_log_ratio_of_the_sampled_tokens(monkeypatch):
     """KL per response = Σ_t (log π − log π_ref) over the response tokens: 0 against the policy itself, and the
     hand sum from one full forward pass of each model against another model."""

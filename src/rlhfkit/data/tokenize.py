@@ -216,17 +216,18 @@ def _check_policy(max_length: int, overlong: str) -> None:
 
 
 def fit_prompt(tokenizer: Any, prompt_ids: list[int], response_len: int, max_length: int, overlong: str,
-               row: int) -> list[int] | None:
+               row: int, source: Any = None) -> list[int] | None:
     """The prompt ids to use so that ``len(prompt) + response_len <= max_length``, or None to drop.
 
-    ``truncate_prompt_left`` keeps a leading BOS token and the END of the prompt; ``fail`` raises naming the row.
+    ``truncate_prompt_left`` keeps a leading BOS token and the END of the prompt; ``fail`` raises naming the row
+    (and the file ``source``, when given).
     """
     if len(prompt_ids) + response_len <= max_length:
         return prompt_ids
     if overlong == "fail":
-        raise data_error(None, row, None, f"too long: {len(prompt_ids)} prompt + {response_len} response tokens "
-                                          f"> max_length {max_length}; raise max_length or choose "
-                                          "overlong='truncate_prompt_left' or 'drop'")
+        raise data_error(source, row, None, f"too long: {len(prompt_ids)} prompt + {response_len} response tokens "
+                                            f"> max_length {max_length}; raise max_length or choose "
+                                            "overlong='truncate_prompt_left' or 'drop'")
     if overlong == "drop":
         return None
     bos = tokenizer.bos_token_id
@@ -284,13 +285,14 @@ def tokenize_pointwise(tokenizer: Any, examples: Sequence[PointwiseExample], max
 
 
 def tokenize_prompts(tokenizer: Any, prompts: Sequence[Prompt], max_prompt_length: int,
-                     overlong: str = "truncate_prompt_left") -> tuple[list[list[int]], TokenizeReport]:
-    """Tokenise PPO prompts to at most ``max_prompt_length`` ids each."""
+                     overlong: str = "truncate_prompt_left", source: Any = None
+                     ) -> tuple[list[list[int]], TokenizeReport]:
+    """Tokenise PPO prompts to at most ``max_prompt_length`` ids each; errors name the file ``source``."""
     _check_policy(max_prompt_length, overlong)
     out, n_truncated, dropped = [], 0, []
     for index, prompt in enumerate(prompts):
         ids = encode_prompt(tokenizer, prompt)
-        fitted = fit_prompt(tokenizer, ids, 0, max_prompt_length, overlong, index + 1)
+        fitted = fit_prompt(tokenizer, ids, 0, max_prompt_length, overlong, index + 1, source)
         if fitted is None:
             dropped.append(index + 1)
             continue

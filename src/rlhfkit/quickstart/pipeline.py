@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 from rlhfkit.config import check_choice, check_range, save_config
 from rlhfkit.errors import RlhfkitError
@@ -38,7 +39,8 @@ GOLD_REWARD = "rlhfkit.quickstart.gold:gold_reward"
 class QuickstartConfig:
     """Run the whole RLHF pipeline offline on SmolLM2-135M-Instruct with a simulated human labeler."""
 
-    output: str = field(default="runs/quickstart", metadata={"help": "run folder (replaced if it exists)"})
+    output: str = field(default="runs/quickstart", metadata={
+        "help": "run folder; a previous quickstart run in it is replaced, any other non-empty folder is refused"})
     fast: bool = field(default=False, metadata={"help": "the same pipeline at a smaller scale (about 5 minutes)"})
     seed: int = field(default=0, metadata={"help": "seed of every random choice; same seed, same numbers"})
     scale: str = field(default="", metadata={
@@ -180,6 +182,26 @@ def gold_ordered_pairs(prompts: list[str], responses: list[list[tuple[str, int]]
     return rows
 
 
+def check_output(out: Path) -> None:
+    """The run folder is replaced: refuse a file, and a non-empty folder that holds no quickstart run (whose
+    ``config.yaml`` has the keys of `QuickstartConfig`), so that a mistyped --output never deletes other files."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise RlhfkitError(f"--output {out} is a file, not a run folder; choose another --output")
+    if not any(out.iterdir()):
+        return
+    try:
+        saved = yaml.safe_load((out / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        saved = None
+    fields = {f.name for f in dataclasses.fields(QuickstartConfig)}
+    if not (isinstance(saved, dict) and "scale" in saved and set(saved) <= fields):
+        raise RlhfkitError(f"--output {out} holds other files and does not look like a quickstart run folder (no "
+                           f"config.yaml written by `rlhfkit quickstart`); refusing to replace it: choose another "
+                           f"--output")
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
@@ -250,6 +272,7 @@ def run(cfg: QuickstartConfig) -> dict[str, Any]:
 
     preset = PRESETS[cfg.scale]
     out = Path(cfg.output)
+    check_output(out)  # before anything is loaded
     times: dict[str, float] = {}
     t_start = time.perf_counter()
     set_seed(cfg.seed)

@@ -117,14 +117,18 @@ def _read_jsonl(path: Path, keys: tuple[str, ...]) -> list[dict]:
 def _number(value: Any, path: Path, row: int | None, field: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise data_error(path, row, field, f"expected a number, got {value!r}")
+    if not math.isfinite(value):  # the run writes non-finite values as null: NaN or inf here is a corrupt file
+        raise data_error(path, row, field, f"must be a finite number, got {value}")
     return float(value)
 
 
 def load_run(run_dir: str | Path) -> dict[str, Any]:
     """Read and validate every input of the report; raises ``RlhfkitError`` naming a missing/bad file."""
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
+    if not run_dir.exists():
         raise RlhfkitError(f"run folder {run_dir} does not exist")
+    if not run_dir.is_dir():
+        raise RlhfkitError(f"{run_dir} is not a folder; give the run folder of `rlhfkit quickstart` (--output)")
     paths = {rel: _require(run_dir, rel) for rel in REQUIRED_FILES}
 
     ppo_path = paths[PPO_METRICS]

@@ -32,6 +32,7 @@ from __future__ import annotations
 import importlib
 import math
 import os
+import traceback
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
@@ -221,6 +222,13 @@ class RMReward:
 
 
 # ---------------------------------------------------------------------------------------------- functions
+def user_exception(error: BaseException) -> str:
+    """``"ValueError: text (at file.py:12, in fn)"``: a user function's exception and the line that raised it."""
+    frames = traceback.extract_tb(error.__traceback__)
+    where = f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno}, in {frames[-1].name})" if frames else ""
+    return f"{type(error).__name__}: {error}{where}"
+
+
 def import_function(spec: str) -> Callable[..., Any]:
     """The callable named by ``"package.module:function"`` (RlhfkitError with a hint when it cannot be found)."""
     module_name, sep, attr = spec.partition(":")
@@ -233,6 +241,9 @@ def import_function(spec: str) -> Callable[..., Any]:
             f"reward function {spec!r}: cannot import module {module_name!r} ({e}); make it importable (install "
             f"it, or run from the folder that holds it / add that folder to PYTHONPATH)"
         ) from e
+    except Exception as e:  # noqa: BLE001 - the user's module failed while importing: show its own error
+        raise RlhfkitError(f"reward function {spec!r}: importing module {module_name!r} raised "
+                           f"{user_exception(e)}") from e
     fn = module
     for part in attr.split("."):
         if not hasattr(fn, part):
@@ -261,7 +272,11 @@ class FunctionReward:
         response_mask: torch.Tensor | None = None,
         stopped: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return check_scores(self.fn(list(prompts), list(responses)), len(responses), self.name)
+        try:
+            values = self.fn(list(prompts), list(responses))
+        except Exception as e:  # noqa: BLE001 - the user's function failed: show its own error, not a traceback
+            raise RlhfkitError(f"{self.name} raised {user_exception(e)}") from e
+        return check_scores(values, len(responses), self.name)
 
 
 # ---------------------------------------------------------------------------------------------- combination

@@ -214,13 +214,18 @@ RUN_FILES = ("metrics.jsonl", "samples.jsonl")
 RUN_DIRS = ("checkpoints", "tensorboard", "policy", "critic")
 
 
-def prepare_fresh_output(output: Path, overwrite: bool) -> None:
-    """Refuse to mix a new run into a previous one; with ``overwrite``, remove the previous run's files."""
+def check_fresh_output(output: Path, overwrite: bool) -> list[str]:
+    """Refuse to mix a new run into a previous one; returns the previous run's files (``overwrite`` replaces them)."""
     existing = [name for name in RUN_FILES + RUN_DIRS if (output / name).exists()]
     if existing and not overwrite:
         raise RlhfkitError(f"{output} already holds a run ({', '.join(existing)}); pass --resume to continue it, "
                            f"--overwrite to replace it, or choose another --output")
-    for name in existing:
+    return existing
+
+
+def prepare_fresh_output(output: Path, overwrite: bool) -> None:
+    """`check_fresh_output`, then remove the previous run's files."""
+    for name in check_fresh_output(output, overwrite):
         target = output / name
         shutil.rmtree(target) if target.is_dir() else target.unlink()
 

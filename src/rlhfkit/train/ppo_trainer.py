@@ -115,7 +115,8 @@ class PPOTrainer:
         # data
         self.tokenizer = ensure_pad_token(load_tokenizer(cfg.policy))
         prompts = load_prompts(cfg.prompts)
-        self.prompt_ids, report = tokenize_prompts(self.tokenizer, prompts, cfg.max_prompt_length, cfg.overlong)
+        self.prompt_ids, report = tokenize_prompts(self.tokenizer, prompts, cfg.max_prompt_length, cfg.overlong,
+                                                   source=cfg.prompts)
         dropped = set(report.dropped_rows)
         self.prompts = [p for row, p in enumerate(prompts, start=1) if row not in dropped]
         if not self.prompt_ids:
@@ -387,13 +388,22 @@ class PPOTrainer:
             self.logger.log_text("samples", table, step)
 
     def train(self) -> list[IterationResult]:
-        """Run (or continue) the whole training; returns the results of the iterations run now."""
+        """Run (or continue) the whole training; returns the results of the iterations run now.
+
+        A fresh run checks its output folder, then runs iteration 1 before it writes anything: a reward source
+        that fails on the first rollout leaves the folder (and a previous run that --overwrite would replace) as
+        it was."""
+        pending = None
+        if not self.cfg.resume:
+            ppo_state.check_fresh_output(self.output, self.cfg.overwrite)  # read-only: every process checks
+            pending = self.iteration(1)
         first = self.open_output()
         results = []
         bar = progress(total=self.num_iterations, initial=first - 1, desc="ppo", enabled=self.dist.is_main)
         try:
             for step in range(first, self.num_iterations + 1):
-                result = self.iteration(step)
+                result = self.iteration(step) if pending is None else pending
+                pending = None
                 self.log(step, result)
                 results.append(result)
                 bar.update(1)
