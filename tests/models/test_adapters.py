@@ -140,3 +140,19 @@ def test_freeze_lower_layers_freezes_embeddings_and_first_blocks(sft_dir, bert_d
     assert trainable == ["head.weight"]  # embeddings (word, position, type, LayerNorm) and both blocks frozen
     with pytest.raises(RlhfkitError, match="2 transformer blocks"):
         freeze_lower_layers(enc, 3)
+
+
+def test_attaching_lora_raises_no_deprecation_warning():
+    """peft reads transformers' deprecated ``is_gradient_checkpointing`` (a FutureWarning on transformers 5.24):
+    rlhfkit's LoRA path warns about nothing."""
+    import warnings
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rlhfkit.models.adapters import apply_lora
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        apply_lora(model, r=2, alpha=4)

@@ -37,7 +37,8 @@ def test_reference_statistics_apply_per_model_before_combination_penalty_and_cli
     stopped[0], stopped[1] = True, False  # both branches of the penalty
     rollout = rollout._replace(stopped=stopped)
     scores, prompts, responses = trainer.raw_scores(rollout)
-    batch = (prompts, responses, rollout.query_ids, rollout.query_mask, rollout.response_ids, rollout.response_mask)
+    batch = (prompts, responses, rollout.query_ids, rollout.query_mask, rollout.response_ids, rollout.response_mask,
+             rollout.stopped)
     raw_a = RMReward(rm_a, trainer.tokenizer)(*batch).double()  # the models' own (unnormalised) outputs
     raw_b = RMReward(rm_b, trainer.tokenizer)(*batch).double()
     # each model normalised with its own statistics, then the weighted sum: 1·(a − 0.5)/2 + 2·(b + 0.25)/0.5

@@ -8,6 +8,7 @@ around it is returned).
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Sequence
 
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -68,13 +69,21 @@ def apply_lora(
     )
     try:
         if host is None:
-            return get_peft_model(model, config)
-        host.model = get_peft_model(host.model, config)
+            return _get_peft_model(model, config)
+        host.model = _get_peft_model(host.model, config)
     except ValueError as e:
         raise RlhfkitError(f"cannot attach LoRA adapters (target_modules={target_modules!r}): {e}") from e
     if host.head is not None:
         host.head.requires_grad_(True)
     return model
+
+
+def _get_peft_model(model: nn.Module, config: LoraConfig) -> nn.Module:
+    """``peft.get_peft_model`` without the FutureWarning that peft <= 0.21 triggers on transformers >= 5.24 by
+    reading the deprecated ``is_gradient_checkpointing`` (peft's own code, nothing a user can change)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return get_peft_model(model, config)
 
 
 def merge_lora_for_save(model: nn.Module, inplace: bool = False) -> nn.Module:
