@@ -49,5 +49,6 @@ def test_readme_recipes_run_as_shown(tmp_path, monkeypatch):
     metrics = json.loads(Path("runs/rm_eval.json").read_text())
     assert metrics["n"] == 16 and metrics["accuracy"] >= 0.75  # trained on these very pairs
     scores = [json.loads(line) for line in Path("runs/scores.jsonl").read_text().splitlines()]
-    assert len(scores) == 4 and abs(sum(r["score"] for r in scores)) < 1e-4  # whitened over the file
+    # whitened over the file, in float64: the sum of 4 values of size ~1 is 0 to float64 rounding
+    assert len(scores) == 4 and abs(sum(r["score"] for r in scores)) < 1e-12
     assert Path("runs/ppo/policy/config.json").is_file()

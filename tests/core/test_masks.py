@@ -57,10 +57,10 @@ def test_masked_whiten_uses_unbiased_var_and_eps_inside_sqrt():
     # shift_mean=False adds μ back on real tokens; padding stays 0
     kept = torch.where(M, expected + 7 / 3, torch.zeros_like(expected))
     assert torch.allclose(masked_whiten(X, M, shift_mean=False, eps=eps), kept, rtol=0, atol=1e-14)
-    # default eps 1e-8: the whitened real values have mean 0 and unbiased variance 1 (up to eps)
+    # default eps 1e-8: the whitened real values have mean 0 and unbiased variance var / (var + eps)
     y = masked_whiten(X, M)
     assert masked_mean(y, M).item() == pytest.approx(0.0, abs=1e-14)
-    assert masked_var(y, M).item() == pytest.approx(1.0, abs=1e-8)
+    assert masked_var(y, M).item() == pytest.approx((7 / 3) / (7 / 3 + 1e-8), abs=1e-14)
 
 
 def test_first_stop_index_and_truncate_after_stop():

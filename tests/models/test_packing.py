@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tolerances import EPS32, assert_within
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from rlhfkit.models.packing import shared_prompt_layout
@@ -125,12 +126,13 @@ def test_packed_scores_and_gradients_equal_unpacked(backbone, aggregation, aspec
     if aspects > 1:
         torch.testing.assert_close(packed.aspect_token_scores, plain.aspect_token_scores, rtol=1e-10, atol=1e-10)
     assert g_plain.keys() == g_packed.keys() and len(g_plain) > 0
-    # float32 rounding: Llama's RMSNorm computes in float32 even in a float64 model; errors are measured against
-    # the whole gradient's norm (some parameters' gradients are 0 up to rounding, e.g. GPT-2's ln_f.bias here)
+    # errors are measured against the whole gradient's norm (some parameters' gradients are 0 up to rounding, e.g.
+    # GPT-2's ln_f.bias here). Llama's RMSNorm computes in float32 even in a float64 model: its 5 norms (2 per
+    # layer, the final one) round in float32, in the forward and the backward pass; GPT-2 is float64 throughout.
     scale = torch.cat([g.flatten() for g in g_plain.values()]).norm()
+    bound = 2 * 5 * EPS32 * scale if backbone == "llama" else 1e-12 * scale
     for name in g_plain:
-        error = (g_packed[name] - g_plain[name]).norm() / scale
-        assert error < 1e-7, (name, float(error))
+        assert_within((g_packed[name] - g_plain[name]).norm(), 0.0, bound, name)
     # and the packed path really differs from a wrong mask: letting responses see each other changes the scores
     lay = shared_prompt_layout(ids, att, resp, rm.pad_token_id or 0)
     leaky = lay.attention_mask | torch.ones_like(lay.attention_mask).tril()
@@ -149,4 +151,6 @@ def test_eager_attention_is_not_packed(sft_dir):
     assert not rm.packs_prompts
     ids, att, resp = k_wise_batch(rm.config.vocab_size)
     with torch.no_grad():
-        torch.testing.assert_close(rm(ids, att, resp, share_prompts=True).scores, rm(ids, att, resp).scores)
+        # not packed: the very same forward twice, exactly
+        torch.testing.assert_close(rm(ids, att, resp, share_prompts=True).scores, rm(ids, att, resp).scores,
+                                   rtol=0, atol=0)

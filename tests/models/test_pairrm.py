@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from tolerances import EPS32, assert_close_f32, assert_within, forward_factor, linear_terms, sum_tolerance
 from transformers import AutoModelForSequenceClassification
 
 from rlhfkit.errors import RlhfkitError
@@ -58,17 +59,27 @@ def test_truncation_keeps_markers_cuts_symmetrically(tokenizer):
 
 
 def test_forward_shape_and_probabilities(ranker):
-    p_ab = ranker.prob_a_better(PROMPT, A, B)
-    p_ba = ranker.prob_a_better(PROMPT, B, A)
+    with linear_terms(ranker.rm._head()) as terms:
+        p_ab = ranker.prob_a_better(PROMPT, A, B)
+        p_ba = ranker.prob_a_better(PROMPT, B, A)  # the same two rows in the other order
+        batch = ranker.prob_a_better([PROMPT, "Hi"], [A, "Hello!"], [B, "Go away."])  # 4 rows, with padding
+
+    def tolerance(*probs: float) -> float:
+        """The rows in other batch positions or shapes: two evaluations of a logit differ by float32 rounding through
+        the 2 decoder layers (relative to the head's terms), which moves σ((l_ab - l_ba) / 2) by at most 1/4 of it
+        (σ' <= 1/4); each σ itself: exp, add, divide (2 eps of its value)."""
+        logit = forward_factor(2) * EPS32 * max(float(t.max()) for t in terms)
+        return 0.25 * logit + sum_tolerance(probs, 2)
+
     assert isinstance(p_ab, float) and 0 < p_ab < 1
-    assert p_ab + p_ba == pytest.approx(1.0, abs=1e-6)
-    # the non-symmetric probability is sigmoid of the single logit
+    assert_within(p_ab + p_ba, 1.0, tolerance(p_ab, p_ba), "p_ab + p_ba")
+    # the non-symmetric probability is sigmoid of the single logit: the same computation, exactly
     ids, mask = ranker.collate([ranker.build_input(PROMPT, A, B)])
     with torch.no_grad():
         logit = ranker(ids, mask)[0]
-    assert ranker.prob_a_better(PROMPT, A, B, symmetric=False) == pytest.approx(torch.sigmoid(logit).item(), abs=1e-7)
-    batch = ranker.prob_a_better([PROMPT, "Hi"], [A, "Hello!"], [B, "Go away."])
-    assert batch.shape == (2,) and batch[0].item() == pytest.approx(p_ab, abs=1e-6)
+    assert ranker.prob_a_better(PROMPT, A, B, symmetric=False) == torch.sigmoid(logit).item()
+    assert batch.shape == (2,)
+    assert_within(batch[0].item(), p_ab, tolerance(p_ab), "batched p_ab")
 
 
 def test_save_and_load(ranker, tmp_path, tokenizer):
@@ -79,12 +90,13 @@ def test_save_and_load(ranker, tmp_path, tokenizer):
     seqs = [ranker.build_input(PROMPT, A, B), ranker.build_input("Hi", "Hello!", "Go away.")]
     ids, mask = ranker.collate(seqs)
     assert ids[1, -1] == 0 and not mask[1, -1] and mask[0, -1]  # short row padded with the reward pad id (unk)
-    with torch.no_grad():
+    with torch.no_grad(), linear_terms(ranker.rm._head()) as terms:
         expected = ranker(ids, mask)
         torch.testing.assert_close(back(ids, mask), expected, rtol=0, atol=0)
         hf = AutoModelForSequenceClassification.from_pretrained(tmp_path)
-        torch.testing.assert_close(hf(input_ids=ids, attention_mask=mask.long()).logits[:, 0], expected,
-                                   rtol=0, atol=1e-6)
+        # HF's own forward (its masks and kernels): float32 through the 2 decoder layers, relative to the head's terms
+        assert_close_f32(hf(input_ids=ids, attention_mask=mask.long()).logits[:, 0], expected, terms[0].max(),
+                         forward_factor(2), "hf")
     assert back.build_input(PROMPT, A, B) == seqs[0]  # the saved tokenizer gives the same ids
     with pytest.raises(RlhfkitError, match="PairRanker"):
         RewardModel.from_pretrained(tmp_path)

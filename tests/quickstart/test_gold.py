@@ -9,6 +9,8 @@ from importlib import resources
 
 import numpy as np
 import pytest
+import torch
+from tolerances import assert_close_f32
 
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.quickstart.gold import (
@@ -154,4 +156,7 @@ def test_gold_reward_is_a_reward_source_scoring_responses_only():
     assert gold_reward(["ignored", "prompts"], responses) == expected
     source = FunctionReward("rlhfkit.quickstart.gold:gold_reward")
     scores = source(["p", "q"], responses, None, None, None, None)
-    assert scores.tolist() == pytest.approx(expected, abs=1e-6) and expected[0] > 0.5 > -0.5 > expected[1]
+    # a reward source returns float32: each score rounded to nearest once (u = eps / 2 of its size)
+    want = torch.tensor(expected, dtype=torch.float64)
+    assert_close_f32(scores, want, want.abs(), 0.5, "gold")
+    assert expected[0] > 0.5 > -0.5 > expected[1]

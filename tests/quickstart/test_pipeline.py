@@ -76,6 +76,7 @@ def test_evaluate_policy_kl_is_the_summed_log_ratio_of_the_sampled_tokens(monkey
     from pathlib import Path
 
     import torch
+    from tolerances import assert_within, forward_factor, linear_terms, logprob_tolerance, sum_tolerance
     from transformers import AutoTokenizer
 
     from rlhfkit.quickstart import pipeline
@@ -95,7 +96,7 @@ def test_evaluate_policy_kl_is_the_summed_log_ratio_of_the_sampled_tokens(monkey
     proxy = lambda prompts, texts, *tensors: torch.zeros(len(texts))  # noqa: E731
     prompts = ["Describe a rainy Monday morning commute.", "Tell me about a garden in early spring."]
     run = lambda ref: pipeline.evaluate_policy(policy, tok, prompts, proxy, 6, 1.0, seed=4, reference=ref)  # noqa: E731
-    assert [abs(r["kl"]) < 1e-5 for r in run(policy)] == [True, True]
+    itself = run(policy)
     rows = run(other)
     # the same draws again (same seed), scored by one full forward pass of each model in float64
     from rlhfkit.data.tokenize import left_pad, tokenize_prompts
@@ -106,7 +107,16 @@ def test_evaluate_policy_kl_is_the_summed_log_ratio_of_the_sampled_tokens(monkey
     gen = GenerationConfig(max_new_tokens=6, temperature=1.0, stop_token_ids=(tok.eos_token_id,),
                            pad_token_id=tok.pad_token_id)
     r = sample(policy, q, qm, gen, torch.Generator().manual_seed(4), tokenizer=tok)
-    want = ((full_forward_logprobs(policy, r, 1.0) - full_forward_logprobs(other, r, 1.0)) * r.response_mask).sum(1)
+    with linear_terms(policy.lm_head) as terms_p, linear_terms(other.lm_head) as terms_o:
+        lp_p, lp_o = full_forward_logprobs(policy, r, 1.0), full_forward_logprobs(other, r, 1.0)
+    want = ((lp_p - lp_o) * r.response_mask).sum(1)
     assert [row["response_tokens"] for row in rows] == r.response_mask.sum(1).tolist()
-    assert [row["kl"] for row in rows] == pytest.approx(want.tolist(), abs=1e-4)
+    # each float32 log-prob: the 2 decoder layers with or without the KV cache, then the log-softmax over V; the
+    # float32 sum of a row's <= 6 log-ratios (3 levels)
+    P, T, m = r.query_ids.shape[1], r.response_ids.shape[1], r.response_mask
+    tol_p, tol_o = (logprob_tolerance(t[0][:, P - 1:P - 1 + T], lp, 1.0, forward_factor(2))
+                    for t, lp in ((terms_p, lp_p), (terms_o, lp_o)))
+    summing = torch.tensor([sum_tolerance((lp_p - lp_o)[b][m[b]], 3) for b in range(len(prompts))])
+    assert_within([row["kl"] for row in itself], [0.0, 0.0], (tol_p * m).sum(1) + summing, "kl against itself")
+    assert_within([row["kl"] for row in rows], want, ((tol_p + tol_o) * m).sum(1) + summing, "kl")
     assert max(abs(k) for k in want.tolist()) > 0.1  # the two models differ: the check has teeth

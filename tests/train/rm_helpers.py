@@ -4,6 +4,7 @@ preference / pointwise data files whose preference rule is learnable (tests/trai
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
+from tolerances import EPS32, forward_factor, gradient_factor, gradient_terms, propagated_tolerance, sum_tolerance
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import WhitespaceSplit
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -102,4 +104,90 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for f in sorted(Path(folder).glob("*.safetensors")):
         out.update({f"{f.name}:{k}": v for k, v in load_file(str(f)).items()})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Float32 rounding bounds of the reward-model trainer's quantities (see tests/tolerances.py)
+# ----------------------------------------------------------------------------------------------------------
+def accumulate(model, objective, items, split: list[int]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The gradients and totals of ``backward_global_batch`` over ``items`` cut into micro-batches of ``split``."""
+    from accelerate import Accelerator
+
+    from rlhfkit.train import reward_trainer
+
+    model.zero_grad(set_to_none=True)
+    starts = [sum(split[:k]) for k in range(len(split))]
+    parts = [items[a: a + n] for a, n in zip(starts, split)]
+    totals = reward_trainer.backward_global_batch(model, objective, parts, objective.weight(items),
+                                                  Accelerator(cpu=True), bf16=False)
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, totals
+
+
+def totals_tolerances(model, objective, items) -> torch.Tensor:
+    """How far two evaluations of ``backward_global_batch``'s totals ``[loss·w, w, count, *sums, tokens]`` over
+    ``items`` may differ by float32 rounding: 0 for the counts and the accuracy (exact; integers in float64), and
+    for the float totals the rounding of the head outputs z (one forward of the whole batch) propagated into them,
+    plus for the loss its formula and the float32 mean of its non-negative per-example terms."""
+    from rlhfkit.models.pairrm import PairRanker
+    from rlhfkit.train import reward_trainer
+    from rlhfkit.train.rm_eval import forward_pairs
+
+    batch = objective.collate(items)
+    outputs: list[torch.Tensor] = []
+    head = (model.rm if isinstance(model, PairRanker) else model)._head()
+    handle = head.register_forward_hook(lambda module, args, out: outputs.append(out))
+    loss = objective.step(model, batch).loss * objective.weight(items)
+    if isinstance(objective, reward_trainer.PairwiseObjective):
+        diff, chosen, rejected, _ = forward_pairs(model, batch, objective.share_prompts)
+        sums = {"margin": diff.sum()} | ({} if chosen is None else {"chosen_mean": chosen.sum(),
+                                                                    "rejected_mean": rejected.sum()})
+    else:
+        sums = {"score_mean": model(batch["input_ids"], batch["attention_mask"], batch["response_mask"]).scores.sum()}
+    handle.remove()
+    z_loss, z_sums = outputs
+    stages = forward_factor(2)  # the head outputs of the 2 decoder layers' tiny Llama, in two evaluations
+    # the loss formula (exp, log: 2 stages) and a float32 mean over the rows (log2 levels), in two evaluations
+    mean = 2 * (2 + math.log2(batch["input_ids"].shape[0]))
+    tol = [propagated_tolerance(loss, z_loss, stages) + sum_tolerance(loss, mean), 0.0, 0.0]
+    tol += [propagated_tolerance(sums[n], z_sums, stages) if n in sums else 0.0 for n in objective.names]
+    return torch.tensor(tol + [0.0], dtype=torch.float64)
+
+
+def first_step_tolerances(flags: list[str]) -> dict[str, float]:
+    """Per metric of the first row of ``rlhfkit rm train <flags>`` (with ``--logging_steps 1``): how far two runs
+    that differ only in rounding (micro-batching, processes) may differ. That step's metrics come from the initial
+    model, before the optimizer amplifies rounding (Adam's first steps move a weight by ±lr whatever the size of its
+    gradient). Rebuilds the run's first global batch (its seeded batch plan) and initial model."""
+    from rlhfkit.config import parse_config
+    from rlhfkit.data.tokenize import LengthGroupedBatchSampler
+    from rlhfkit.models.loading import load_tokenizer
+    from rlhfkit.train import reward_trainer
+    from rlhfkit.train.rm_config import RMTrainConfig
+    from rlhfkit.train.rm_eval import pad_id_of
+
+    cfg = parse_config(RMTrainConfig, flags)
+    assert cfg.logging_steps == 1 and not cfg.group_by_prompt  # the first row is the first step; its batch plan
+    tokenizer = load_tokenizer(cfg.model)
+    items, _ = reward_trainer.tokenize_examples(cfg, tokenizer, reward_trainer.load_examples(cfg)[0], cfg.data)
+    sampler = LengthGroupedBatchSampler([reward_trainer.pair_length_or_len(it) for it in items], cfg.batch_size,
+                                        cfg.seed, drop_last=True, group_size_multiplier=50 if cfg.group_by_length else 1)
+    batch = [items[i] for i in sampler.batches(0)[0]]
+    model = reward_trainer.build_model(cfg, reward_trainer.resolve_kind(cfg), tokenizer).train()
+    objective = (reward_trainer.PairwiseObjective if cfg.pairwise else reward_trainer.PointwiseObjective)(
+        cfg, pad_id_of(model))
+    runs = []
+    terms = gradient_terms(model, lambda: runs.append(accumulate(model, objective, batch, [len(batch)])))
+    (grads, totals), = runs
+    tol = totals_tolerances(model, objective, batch)
+    weight, count = float(totals[1]), float(totals[2])
+    out = {"rm/loss": float(tol[0]) / weight}  # window_metrics: loss·w / w and sums / count
+    out.update({f"rm/{n}": float(tol[3 + k]) / count for k, n in enumerate(objective.names)})
+    # the gradient's norm moves by (g / ‖g‖)·Δg (first order) under the per-tensor bounds of the 2 decoder layers'
+    # gradients, plus the float32 norm's own rounding (log2 N levels and the square root, two evaluations)
+    n = sum(g.numel() for g in grads.values())
+    norm = math.sqrt(sum(float(g.double().square().sum()) for g in grads.values()))
+    moved = sum(gradient_factor(2) * EPS32 * terms[k] * float(g.double().abs().sum()) for k, g in grads.items())
+    out["train/grad_norm"] = moved / norm + sum_tolerance(norm, 2 * (math.log2(n) + 1))
+    out.update({"train/lr": 0.0, "train/epoch": 0.0, "step": 0.0})  # the same numbers in both runs
     return out

@@ -10,6 +10,8 @@ import pytest
 import torch
 from rm_helpers import (BAD, EOS, GOOD, PAD, make_sft_folder, make_tokenizer, one_thread,  # noqa: F401 (autouse)
                         preference_rows, write_jsonl)
+from tolerances import (EPS32, assert_close_f32, assert_within, forward_factor, gradient_factor, gradient_terms,
+                        linear_terms, sum_tolerance)
 
 from rlhfkit.cli import main
 from rlhfkit.data.preference import parse_preferences
@@ -19,6 +21,12 @@ from rlhfkit.train.rm_eval import calibration_bins, evaluate_reward_model, load_
 
 # Six pairs with d = r_c - r_r:            2     -1     0 (tie)  0.5    3     -0.2
 DIFFS = [2.0, -1.0, 0.0, 0.5, 3.0, -0.2]
+
+
+def float32_mean_tolerance(values: list[float], stages: float = 0.5) -> float:
+    """How far a float32 mean of ``values`` may be from the float64 hand value: each value rounded once to float32
+    (u = eps/2; or ``stages`` eps when computed) and a float32 sum of at most 8 (log2 8 = 3 levels)."""
+    return sum_tolerance(values, stages + 3) / len(values)
 
 
 def sigmoid(x: float) -> float:
@@ -56,7 +64,7 @@ def test_pairwise_metrics_count_ties_as_half_and_leave_empty_bins_empty():
     m = pairwise_metrics(torch.tensor(DIFFS), num_bins=10)
     assert m["n"] == 6 and m["ties"] == 1
     assert m["accuracy"] == pytest.approx(3.5 / 6, rel=1e-12)  # 1 + 0 + ½ + 1 + 1 + 0
-    assert m["margin"] == pytest.approx(4.3 / 6, rel=1e-6)
+    assert_within(m["margin"], 4.3 / 6, float32_mean_tolerance(DIFFS), "margin")
     assert sum(b["n"] for b in m["bins"]) == 6
     empty = [b for b in m["bins"] if b["n"] == 0]
     assert empty and all(b["accuracy"] is None and b["confidence"] is None for b in empty)
@@ -94,11 +102,14 @@ def test_evaluate_reward_model_on_known_scores_gives_the_hand_computed_metrics()
     want, want_ece = expected_five_bins()
     assert m["n"] == 6 and m["ties"] == 1 and m["n_dropped"] == 0
     assert m["accuracy"] == pytest.approx(3.5 / 6, rel=1e-12)
-    assert m["margin"] == pytest.approx(4.3 / 6, rel=1e-6)
-    assert m["ece"] == pytest.approx(want_ece, rel=1e-6)
+    assert_within(m["margin"], 4.3 / 6, float32_mean_tolerance(DIFFS), "margin")
+    # ECE = Σ|acc - conf| / 6: each confidence σ(|d|) in float32 (2 eps of it) and moved by 1/4 of its d's rounding
+    confidences = [sigmoid(abs(d)) for d in DIFFS]
+    assert_within(m["ece"], want_ece, float32_mean_tolerance(confidences, 2) + 0.25 * float32_mean_tolerance(DIFFS), "ece")
     assert [b["n"] for b in m["bins"]] == [n for n, _, _ in want]
-    assert m["chosen_mean"] == pytest.approx((1 - 1 + 0 + 0.5 + 3 + 0) / 6, rel=1e-6)
-    assert m["rejected_mean"] == pytest.approx((-1 + 0 + 0 + 0 + 0 + 0.2) / 6, rel=1e-6)
+    chosen, rejected = [1, -1, 0, 0.5, 3, 0], [-1, 0, 0, 0, 0, 0.2]
+    assert_within(m["chosen_mean"], sum(chosen) / 6, float32_mean_tolerance(chosen), "chosen_mean")
+    assert_within(m["rejected_mean"], sum(rejected) / 6, float32_mean_tolerance(rejected), "rejected_mean")
 
 
 @pytest.fixture(scope="module")
@@ -124,15 +135,22 @@ def test_rm_eval_cli_writes_the_metrics_json_and_prints_a_table(folders, tmp_pat
     res = json.loads(out.read_text())
     assert {"accuracy", "margin", "ece", "bins", "n"} <= set(res) and res["n"] == 30 and len(res["bins"]) == 4
     model, tok = load_scoring_model(root / kind)
-    direct = evaluate_reward_model(model, tok, parse_preferences(preference_rows(30, seed=5)), num_bins=4)
-    for key in ("accuracy", "margin", "ece"):
-        assert res[key] == pytest.approx(direct[key], rel=1e-5, abs=1e-6)
-    if kind == "pairrm":  # the symmetric ranker is exactly antisymmetric in the two orders
-        ranker = model
-        ex = parse_preferences(preference_rows(1, seed=6))[0]
-        p_ab = ranker.prob_a_better(ex.prompt, ex.chosen, ex.rejected)
-        p_ba = ranker.prob_a_better(ex.prompt, ex.rejected, ex.chosen)
-        assert p_ab + p_ba == pytest.approx(1.0, abs=1e-6)
+    with linear_terms((model.rm if kind == "pairrm" else model)._head()) as terms:
+        direct = evaluate_reward_model(model, tok, parse_preferences(preference_rows(30, seed=5)), num_bins=4)
+        # batches of 7 vs 16: a difference of two outputs moves by float32 rounding through the 2 decoder layers
+        # (relative to the head's terms) of each; the margin is their mean, the ECE moves by at most 1/4 of it
+        # (σ' <= 1/4); the accuracy counts signs, exactly
+        diff = 2 * forward_factor(2) * EPS32 * max(float(t.max()) for t in terms)
+        tolerance = {"accuracy": 0.0, "margin": diff, "ece": 0.25 * diff}
+        for key in ("accuracy", "margin", "ece"):
+            assert_within(res[key], direct[key], tolerance[key], key)
+        if kind == "pairrm":  # the symmetric ranker is exactly antisymmetric in the two orders, up to rounding
+            ranker = model
+            ex = parse_preferences(preference_rows(1, seed=6))[0]
+            p_ab = ranker.prob_a_better(ex.prompt, ex.chosen, ex.rejected)
+            p_ba = ranker.prob_a_better(ex.prompt, ex.rejected, ex.chosen)  # the same rows in the other order
+            # σ' <= 1/4 of the logits' rounding (halved in (l_ab - l_ba) / 2), and each σ: 2 eps of its value
+            assert_within(p_ab + p_ba, 1.0, 0.25 * diff / 2 + sum_tolerance([p_ab, p_ba], 2), "p_ab + p_ba")
 
 
 def test_rm_eval_bad_input_exits_2_and_writes_nothing(folders, tmp_path, capsys):
@@ -169,7 +187,7 @@ def test_forward_pairs_runs_each_distinct_sequence_once_with_the_same_outputs_an
     pair = lambda x, y: TokenizedPair(prompt + x, prompt + y, 3, 3, None, 0)  # noqa: E731
     items = [pair(a, b), pair(a, c), pair(c, b)]
     batch = collate_pairs(items, PAD)
-    seen = []
+    seen, runs = [], []
 
     def record(module, args, kwargs):
         seen.append(tuple((args[0] if args else kwargs["input_ids"]).shape))
@@ -188,17 +206,21 @@ def test_forward_pairs_runs_each_distinct_sequence_once_with_the_same_outputs_an
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         return diff.detach(), out, grads
 
-    plain_diff, plain_out, plain_grads = run(False)
+    with linear_terms(model._head()) as terms:
+        grad_terms = gradient_terms(model, lambda: runs.append(run(False)))
+    (plain_diff, plain_out, plain_grads), = runs
     dedup_diff, dedup_out, dedup_grads = run(True)
     handle.remove()
+    # float32 through the 2 decoder layers in other shapes: outputs relative to the head's terms (a difference of
+    # two outputs: twice), gradients relative to theirs (forward and backward)
+    scale, factor = terms[0].max(), forward_factor(2)
     # rows a, c, b once each; the longest distinct row has 3 + 5 tokens; packed: 3 + 5 + 3 + 2 tokens in one row
     assert seen == [(6, 8), (1, 13) if share_prompts else (3, 8)]
-    torch.testing.assert_close(dedup_diff, plain_diff, rtol=0, atol=1e-6)
-    torch.testing.assert_close(dedup_out.token_scores, plain_out.token_scores.detach(), rtol=0, atol=1e-6)
+    assert_close_f32(dedup_diff, plain_diff, 2 * scale, factor, "diff")
+    assert_close_f32(dedup_out.token_scores, plain_out.token_scores, scale, factor, "token_scores")
     if aspects:
-        torch.testing.assert_close(dedup_out.aspect_token_scores, plain_out.aspect_token_scores.detach(),
-                                   rtol=0, atol=1e-6)
+        assert_close_f32(dedup_out.aspect_token_scores, plain_out.aspect_token_scores, scale, factor, "aspects")
     assert plain_grads.keys() == dedup_grads.keys() and plain_grads
-    for name, g in plain_grads.items():  # float32 rounding only: 1e-6 of the tensor's largest entry
-        assert (dedup_grads[name] - g).abs().max().item() <= 1e-6 * g.abs().max().item() + 1e-9, name
+    for name, g in plain_grads.items():
+        assert_close_f32(dedup_grads[name], g, grad_terms[name], gradient_factor(2), name)
     assert abs(plain_diff[0]) > 1e-3  # distinct responses score differently: the comparison has teeth
