@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import paths
 import pytest
 
 from rlhfkit.data import (
@@ -21,7 +22,7 @@ from rlhfkit.errors import RlhfkitError
 
 KINDS = ["json", "jsonl", "jsonl.gz", "json.gz", "parquet", "csv", "dataset", "datasetdict"]
 NESTED_KINDS = [k for k in KINDS if k != "csv"]  # CSV cells cannot hold message lists or dicts
-HH_PATH = Path("/work/shared/data/hh-harmless-base-1812.jsonl.gz")
+HH_PATH = paths.HH_PATH
 
 
 def write(tmp_path: Path, kind: str, rows: list[dict]) -> Path:

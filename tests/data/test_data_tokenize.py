@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
+import paths
 import pytest
 import torch
 
@@ -31,8 +31,8 @@ from rlhfkit.data import (
 )
 from rlhfkit.errors import RlhfkitError
 
-TOKENIZER_DIR = Path("/work/shared/bench/smollm2-135m-config")
-HH_PATH = Path("/work/shared/data/hh-harmless-base-1812.jsonl.gz")
+TOKENIZER_DIR = paths.TOKENIZER_DIR
+HH_PATH = paths.HH_PATH
 SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
 USER = {"role": "user", "content": "Hi"}
 # One token per word in this tokenizer (checked in test_word_tokens): prompt 8, chosen 2 (+EOS), rejected 1 (+EOS).

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import paths
 import pytest
 import torch
 from transformers import AutoTokenizer, BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
-TOKENIZER_DIR = Path("/work/shared/bench/smollm2-135m-config")
+TOKENIZER_DIR = paths.TOKENIZER_DIR
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from types import SimpleNamespace
 
+import paths
 import pytest
 import torch
 from tolerances import assert_within, forward_factor, linear_terms, logprob_tolerance
@@ -22,7 +23,7 @@ from rlhfkit.rollout.sampling import (
     top_p_filter,
 )
 
-TOKENIZER_DIR = "/work/shared/bench/smollm2-135m-config/"
+TOKENIZER_DIR = str(paths.TOKENIZER_DIR)
 PAD = 0
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import paths
 import pytest
 import torch
 from tolerances import assert_close_f32, forward_factor, linear_terms
@@ -22,7 +23,7 @@ from rlhfkit.rollout.scoring import (
     load_reward,
 )
 
-TOKENIZER_DIR = "/work/shared/bench/smollm2-135m-config/"
+TOKENIZER_DIR = str(paths.TOKENIZER_DIR)
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = [[{"role": "user", "content": "Say something nice."}],
            [{"role": "user", "content": "How was the film? Answer in a few words please."}],
