@@ -5,16 +5,19 @@ promise."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Optional
 
 import pytest
 import torch
+from tolerances import assert_close_f32, forward_factor, linear_terms
 
 from rlhfkit import docgen
 from rlhfkit.config import parse_config
@@ -469,9 +472,20 @@ def test_the_plain_transformers_snippet_reproduces_rlhfkit_score(tmp_path):
     assert main(["score", "--model", str(tmp_path / "rm"), "--data", str(data), "--output", str(tmp_path / "s.jsonl"),
                  "--batch_size", "4"]) == 0
     want = torch.tensor([r["score"] for r in read_jsonl(tmp_path / "s.jsonl")])
-    got = torch.tensor(namespace["rlhfkit_scores"](str(tmp_path / "rm"), [r["prompt"] for r in rows],
-                                                   [r["response"] for r in rows]))
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    with contextlib.ExitStack() as stack:
+        heads = []
+
+        def load(*args, **kwargs):  # the snippet's own model, with its head's terms recorded
+            model = AutoModelForSequenceClassification.from_pretrained(*args, **kwargs)
+            heads.append(stack.enter_context(linear_terms(model.score)))
+            return model
+
+        namespace["AutoModelForSequenceClassification"] = SimpleNamespace(from_pretrained=load)
+        got = torch.tensor(namespace["rlhfkit_scores"](str(tmp_path / "rm"), [r["prompt"] for r in rows],
+                                                       [r["response"] for r in rows]))
+    # plain transformers on one batch vs rlhfkit's forward in batches of 4: float32 through the 2 decoder layers in
+    # other batch shapes, relative to the head's terms of each row
+    assert_close_f32(got, want, heads[0][0].flatten(1).amax(1), forward_factor(2), "snippet")
     # the negative control: the joined text, without the EOS, is not what rlhfkit scores
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
     with torch.no_grad():

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from ppo_helpers import REWARD, make_config, make_tokenizer, one_thread  # noqa: F401  (autouse fixture)
+from tolerances import assert_close_f32
 
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.models.reward import RewardModel
@@ -39,19 +40,27 @@ def test_reference_statistics_apply_per_model_before_combination_penalty_and_cli
     scores, prompts, responses = trainer.raw_scores(rollout)
     batch = (prompts, responses, rollout.query_ids, rollout.query_mask, rollout.response_ids, rollout.response_mask,
              rollout.stopped)
-    raw_a = RMReward(rm_a, trainer.tokenizer)(*batch).double()  # the models' own (unnormalised) outputs
+    # the models' own (unnormalised) outputs: the very forwards of the trainer's sources (same folders, rows and
+    # batches of 16), so the same float32 numbers; only the normalisation and the sum below are float64 here
+    raw_a = RMReward(rm_a, trainer.tokenizer)(*batch).double()
     raw_b = RMReward(rm_b, trainer.tokenizer)(*batch).double()
     # each model normalised with its own statistics, then the weighted sum: 1·(a − 0.5)/2 + 2·(b + 0.25)/0.5
-    combined = (raw_a - 0.5) / 2.0 + 2.0 * (raw_b + 0.25) / 0.5
-    torch.testing.assert_close(scores.double(), combined, rtol=0, atol=1e-5)
+    terms = torch.stack([(raw_a - 0.5) / 2.0, 2.0 * (raw_b + 0.25) / 0.5])
+    combined = terms.sum(0)
+    # float32: a − 0.5 and b + 0.25 round by u = eps/2 (÷2, ÷0.5, ×2 are exact), their sum by u: eps·Σ|terms|
+    assert_close_f32(scores, combined, terms.abs().sum(0), 1, "combination")
     # then the penalty (in normalised units: subtract 1 where the response did not stop), then the clip to ±3
-    expected = (combined - 1.0 * (~stopped).double()).clamp(-3.0, 3.0)
+    penalty = 1.0 * (~stopped).double()
+    expected = (combined - penalty).clamp(-3.0, 3.0)
     processed = trainer.process_scores(scores, stopped)
-    torch.testing.assert_close(processed.double(), expected, rtol=0, atol=1e-5)
+    # the combination's rounding, plus u of s − 1 where subtracted (s − 0 and the clip are exact)
+    scale = terms.abs().sum(0) + 0.5 * (scores.double() - penalty).abs() * (penalty != 0)
+    assert_close_f32(processed, expected, scale, 1, "penalty and clip")
     assert float((combined - expected).abs().max()) > 0.5  # the penalty (and possibly the clip) changed rows
-    # and a learning step trains on them: objective/scores_used is their mean
+    # and a learning step trains on them: objective/scores_used is their mean (learn processes the same scores
+    # with the same float32 operations and takes the same float64 mean: exactly)
     stats, _ = trainer.learn(rollout, scores)
-    assert stats["objective/scores_used"] == pytest.approx(float(expected.mean()), abs=1e-5)
+    assert stats["objective/scores_used"] == float(processed.double().mean())
 
 
 @pytest.mark.parametrize("sources", ["unfitted", "function", "fitted_and_function"])

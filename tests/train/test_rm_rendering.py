@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 from ppo_helpers import make_config, make_tokenizer, one_thread  # noqa: F401 (autouse)
+from tolerances import EPS32, assert_close_f32, assert_within, forward_factor, linear_terms
 from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
 
 from rlhfkit.cli import main
@@ -57,21 +58,24 @@ def test_ppo_scores_ended_responses_as_rlhfkit_score_scores_their_text(tmp_path)
     rollout = Rollout(query_ids, query_mask, response_ids, response_mask, torch.zeros(response_ids.shape),
                       torch.tensor(STOPPED))
     assert trainer.tokenizer.decode(RESPONSES[2]).endswith(STOP_STRING)
-    ppo, prompts, responses = trainer.raw_scores(rollout)  # PPO's own scoring call (the id path)
     assert isinstance(trainer.reward, RMReward) and trainer.reward.use_ids
+    with linear_terms(trainer.reward.model._head()) as terms:
+        ppo, prompts, responses = trainer.raw_scores(rollout)  # PPO's own scoring call (the id path)
+    ppo, scale = ppo.cpu(), terms[0].flatten(1).amax(1)  # per row, the largest Σ|terms| of the head's outputs
     by_text = RMReward(rm_dir, trainer.tokenizer, force_text=True)(
         prompts, responses, query_ids, query_mask, response_ids, response_mask, rollout.stopped)
+    # the text path rebuilds the id path's very rows: the same batch through the same float32 forward
+    torch.testing.assert_close(by_text, ppo, rtol=0, atol=0)
     scored = torch.tensor(score_cli(tmp_path, rm_dir, prompts, responses))
-    # ended rows (EOS, stop id, stop string) = `rlhfkit score` of the same prompt/response text, on both paths
-    torch.testing.assert_close(ppo[:3].cpu(), scored[:3], rtol=0, atol=1e-5)
-    torch.testing.assert_close(by_text[:3], scored[:3], rtol=0, atol=1e-5)
+    # ended rows (EOS, stop id, stop string) = `rlhfkit score` of the same prompt/response text (batches of 3):
+    # float32 through the 2 decoder layers in another batch shape, relative to the head's terms
+    assert_close_f32(ppo[:3], scored[:3], scale[:3], forward_factor(2), "score")
     # the truncated row is scored as it is (no EOS: it is not complete), so not as `score` (which appends EOS)
     rm = RewardModel.from_pretrained(rm_dir)
     ids = torch.tensor([trainer.prompt_ids[3] + RESPONSES[3]])
     with torch.no_grad():
         as_is = rm(ids, torch.ones_like(ids, dtype=torch.bool)).scores[0]
-    torch.testing.assert_close(ppo[3].cpu(), as_is, rtol=0, atol=1e-5)
-    torch.testing.assert_close(by_text[3], as_is, rtol=0, atol=1e-5)
+    assert_close_f32(ppo[3], as_is, scale[3], forward_factor(2), "as it is, alone")  # the row alone, as above
     assert abs(float(ppo[3]) - float(scored[3])) > 1e-3
 
 
@@ -107,33 +111,40 @@ def trl_run(tmp_path_factory):
     batch = trainer.data_collator([rendered[i] for i in range(len(rows))])  # TRL's padded training batch
     hf = AutoModelForSequenceClassification.from_pretrained(root / "rm").eval()
     assert hf.config.pad_token_id == EOS
-    with torch.no_grad():
+    with torch.no_grad(), linear_terms(hf.score) as terms:
         logits = hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
-    return root / "rm", rows, logits[:len(rows)], logits[len(rows):]
+    scale = terms[0].flatten(1).amax(1)  # per row (chosen rows, then rejected), the largest Σ|terms| of the head
+    return root / "rm", rows, logits[:len(rows)], logits[len(rows):], scale
 
 
 def test_trl_reward_model_scores_as_plain_transformers_in_score_rm_eval_and_ppo(trl_run, tmp_path):
-    folder, rows, chosen, rejected = trl_run
+    folder, rows, chosen, rejected, scale = trl_run
     assert not (folder / "rlhfkit.json").exists()
     assert RewardModel.from_pretrained(folder).convention == "hf"
     prompts = [r["prompt"] for r in rows] * 2
     responses = [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
     want = torch.cat([chosen, rejected])
+    # every path below vs transformers on TRL's batch: float32 through the 2 decoder layers in other batch shapes
+    # (and rlhfkit's forward), relative to the head's terms of each row
+    factor, n = forward_factor(2), len(rows)
     # rlhfkit score
-    torch.testing.assert_close(torch.tensor(score_cli(tmp_path, folder, prompts, responses)), want, rtol=0, atol=1e-5)
+    assert_close_f32(torch.tensor(score_cli(tmp_path, folder, prompts, responses)), want, scale, factor, "score")
     # rm eval: per-pair scores (its own tokenising and batching), and the CLI's means
     model, tokenizer = load_scoring_model(str(folder))
     examples = parse_preferences(rows, "pairs")
     items, _ = tokenize_pairs(False, tokenizer, examples, 64, "fail", convention=model.convention)
     _, got_chosen, got_rejected = score_pair_items(model, items, batch_size=3)
-    torch.testing.assert_close(got_chosen, chosen, rtol=0, atol=1e-5)
-    torch.testing.assert_close(got_rejected, rejected, rtol=0, atol=1e-5)
+    assert_close_f32(got_chosen, chosen, scale[:n], factor, "rm eval chosen")
+    assert_close_f32(got_rejected, rejected, scale[n:], factor, "rm eval rejected")
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert main(["rm", "eval", "--model", str(folder), "--data", str(data), "--output", str(tmp_path / "e.json")]) == 0
     metrics = json.loads((tmp_path / "e.json").read_text())
-    assert metrics["chosen_mean"] == pytest.approx(float(chosen.mean()), abs=1e-5)
-    assert metrics["rejected_mean"] == pytest.approx(float(rejected.mean()), abs=1e-5)
+    # the means of those rows: the mean of their bounds (float64 means of 4 float32 numbers are exact)
+    assert_within(metrics["chosen_mean"], float(chosen.double().mean()), factor * EPS32 * float(scale[:n].mean()),
+                  "chosen_mean")
+    assert_within(metrics["rejected_mean"], float(rejected.double().mean()),
+                  factor * EPS32 * float(scale[n:].mean()), "rejected_mean")
     # PPO: RMReward on ended responses of a policy with the same vocabulary (its own pad id)
     policy_tokenizer = make_tokenizer()
     source = RMReward(folder, policy_tokenizer)
@@ -142,4 +153,4 @@ def test_trl_reward_model_scores_as_plain_transformers_in_score_rm_eval_and_ppo(
     r_ids, r_mask = right_pad([policy_tokenizer(r)["input_ids"] + [EOS] for r in responses],
                               policy_tokenizer.pad_token_id)
     ppo = source(prompts, responses, q_ids, q_mask, r_ids, r_mask, torch.ones(len(prompts), dtype=torch.bool))
-    torch.testing.assert_close(ppo, want, rtol=0, atol=1e-5)
+    assert_close_f32(ppo, want, scale, factor, "ppo")
