@@ -52,13 +52,10 @@ def _split_command(argv: list[str]) -> tuple[str, list[str]]:
 
 
 def _report(argv: list[str]) -> None:
-    import argparse
+    from rlhfkit.config import RaisingParser
 
-    class Parser(argparse.ArgumentParser):
-        def error(self, message: str):  # argparse would print usage and sys.exit(2)
-            raise RlhfkitError(f"{self.prog}: {message}\n{self.format_usage().strip()}")
-
-    p = Parser(prog="rlhfkit report", description="Regenerate plots and summary of a run folder")
+    p = RaisingParser(prog="rlhfkit report", description="Regenerate plots and summary of a run folder")
+    p.usage_in_errors = True
     p.add_argument("run_dir")
     a = p.parse_args(argv)
     from rlhfkit.quickstart.report import regenerate

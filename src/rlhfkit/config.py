@@ -33,15 +33,29 @@ _KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a t
 _PLURALS = {bool: "booleans", int: "integers", float: "numbers", str: "texts"}
 
 
+def _unwrap_optional(annotation: Any) -> tuple[Any, bool]:
+    """``(X, True)`` for ``Optional[X]``, else ``(annotation, False)``."""
+    args = typing.get_args(annotation)
+    if type(None) in args:
+        return next(a for a in args if a is not type(None)), True
+    return annotation, False
+
+
+def _list_item(annotation: Any) -> Any:
+    """The item type of ``list[X]``, else None."""
+    return typing.get_args(annotation)[0] if typing.get_origin(annotation) is list else None
+
+
 def _fits(value: Any, annotation: Any, converted: bool = True) -> bool:
     """True when a YAML value can be a value of the field type ``annotation``. A text fits a number or a boolean
     field too (``converted``): the flag parser converts it as it converts a flag (YAML reads ``1e-4`` as a text),
     and rejects it when it does not convert. Items of a list are not converted."""
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if type(None) in typing.get_args(annotation):  # Optional[X]
-        return value is None or _fits(value, args[0], converted)
-    if typing.get_origin(annotation) is list:
-        return isinstance(value, list) and all(_fits(v, args[0], converted=False) for v in value)
+    inner, optional = _unwrap_optional(annotation)
+    if optional:
+        return value is None or _fits(value, inner, converted)
+    item = _list_item(annotation)
+    if item is not None:
+        return isinstance(value, list) and all(_fits(v, item, converted=False) for v in value)
     if annotation not in _KINDS or isinstance(value, str) and (converted or annotation is str):
         return True
     if isinstance(value, bool):
@@ -50,17 +64,11 @@ def _fits(value: Any, annotation: Any, converted: bool = True) -> bool:
 
 
 def _kind(annotation: Any) -> str:
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if type(None) in typing.get_args(annotation):
-        return _kind(args[0])
-    if typing.get_origin(annotation) is list:
-        return f"a list of {_PLURALS.get(args[0], 'values')}"
-    return _KINDS.get(annotation, "another value")
-
-
-def _is_list(annotation: Any) -> bool:
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    return typing.get_origin(args[0] if type(None) in typing.get_args(annotation) else annotation) is list
+    inner = _unwrap_optional(annotation)[0]
+    item = _list_item(inner)
+    if item is not None:
+        return f"a list of {_PLURALS.get(item, 'values')}"
+    return _KINDS.get(inner, "another value")
 
 
 def check_types(cls: type, data: dict[str, Any], source: Any) -> dict[str, Any]:
@@ -72,7 +80,8 @@ def check_types(cls: type, data: dict[str, Any], source: Any) -> dict[str, Any]:
     for key, value in data.items():
         if key in hints:
             given = value
-            if _is_list(hints[key]) and isinstance(value, (str, int, float)):
+            is_list = _list_item(_unwrap_optional(hints[key])[0]) is not None
+            if is_list and isinstance(value, (str, int, float)):
                 value = [value]
             if not _fits(value, hints[key]):
                 name = type(given).__name__
@@ -104,15 +113,25 @@ def load_yaml(path: str | Path, cls: type | None = None) -> dict[str, Any]:
     return data
 
 
+class RaisingParser(argparse.ArgumentParser):
+    """An argparse parser whose ``error`` raises RlhfkitError (printed by the CLI as one ``rlhfkit: error:``
+    line) instead of printing usage and calling sys.exit(2); ``usage_in_errors`` appends the usage line."""
+
+    usage_in_errors = False
+
+    def error(self, message: str):
+        usage = f"\n{self.format_usage().strip()}" if self.usage_in_errors else ""
+        raise RlhfkitError(f"{self.prog}: {message}{usage}")
+
+
 class _Parser:
     """HfArgumentParser that raises RlhfkitError instead of exiting on a bad flag."""
 
     def __init__(self, cls: type, prog: str | None):
         from transformers import HfArgumentParser
 
-        class P(HfArgumentParser):
-            def error(self, message: str):  # argparse would print usage and sys.exit(2)
-                raise RlhfkitError(f"{self.prog}: {message}")
+        class P(RaisingParser, HfArgumentParser):
+            pass
 
         self.parser = P(cls, prog=prog, description=(cls.__doc__ or "").strip().split("\n")[0])
         self.parser.add_argument(

@@ -108,8 +108,8 @@ class RMReward:
     unfinished response in training):
 
     * id path (an rlhfkit-convention RM whose tokenizer has the policy's vocabulary, see
-      :func:`rlhfkit.models.loading.same_vocabulary`): the query's real ids followed by the response's real ids, exactly as sampled, plus
-      the EOS id when the response ended and its last id is not EOS already
+      :func:`rlhfkit.models.loading.same_vocabulary`): the query's real ids followed by the response's real ids,
+      exactly as sampled, plus the EOS id when the response ended and its last id is not EOS already
       (:func:`rlhfkit.data.tokenize.end_with_eos`);
     * text path (otherwise, or ``force_text=True``): the texts through
       :func:`rlhfkit.data.tokenize.encode_for_rm` with ``ended = stopped``, the rule of RM training,
