@@ -80,3 +80,43 @@ def test_atomic_write_gives_usual_permissions(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o666 & ~mask
+
+
+# ---------------------------------------------------------------------------------------------- bf16 capability
+
+XEON_AMX = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
+XEON_AVX512 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw\n"
+ZEN2 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\nprocessor\t: 1\nflags\t\t: fpu sse2 avx2 fma\n"
+ARM_BF16 = "processor\t: 0\nFeatures\t: fp asimd bf16 sve\n"
+
+
+def test_cpu_flags_read_x86_and_arm_spellings():
+    from rlhfkit.utils import cpu_flags
+
+    assert cpu_flags(ZEN2) == {"fpu", "sse2", "avx2", "fma"}
+    assert "bf16" in cpu_flags(ARM_BF16) and "processor" not in cpu_flags(ARM_BF16)
+    assert cpu_flags("") == set()
+
+
+@pytest.mark.parametrize("cpuinfo, speed", [(XEON_AMX, "fast"), (ARM_BF16, "native"), (XEON_AVX512, "slow"),
+                                            (ZEN2, "slow")])
+def test_bf16_speed_of_each_cpu_kind(cpuinfo, speed):
+    from rlhfkit.utils import bf16_speed, cpu_flags
+
+    assert bf16_speed("cpu", cpu_flags(cpuinfo)) == speed
+    assert bf16_speed("meta", cpu_flags(cpuinfo)) == "unknown"
+
+
+def test_bf16_warning_only_where_bf16_is_emulated(caplog):
+    import logging
+
+    from rlhfkit.utils import cpu_flags, warn_if_slow_bf16
+
+    with caplog.at_level(logging.WARNING, logger="rlhfkit"):
+        assert warn_if_slow_bf16(True, "cpu", "ppo --bf16", flags=cpu_flags(ZEN2))
+        assert not warn_if_slow_bf16(False, "cpu", "ppo --bf16", flags=cpu_flags(ZEN2))
+        assert not warn_if_slow_bf16(True, "cpu", "ppo --bf16", flags=cpu_flags(XEON_AMX))
+        assert not warn_if_slow_bf16(True, "cpu", "ppo --bf16", flags=cpu_flags(ARM_BF16))
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1
+    assert warned[0].startswith("ppo --bf16: bf16 autocast on a CPU without bf16 instructions") and "float32" in warned[0]

@@ -437,3 +437,102 @@ def test_sampling_a_real_model_raises_no_deprecation_warning():
         warnings.simplefilter("error")
         sample(model, ids, mask, GenerationConfig(max_new_tokens=4, temperature=1.0, pad_token_id=PAD),
                torch.Generator().manual_seed(0))
+
+
+# ---------------------------------------------------------------------------------------------- preallocated KV cache
+
+
+def test_preallocated_layer_holds_exactly_what_a_dynamic_layer_holds():
+    """Prefill, single-token steps past the capacity (the buffers grow), rows leaving the batch, a crop: after each
+    operation the keys and values (and the length the attention mask is built from) equal a DynamicLayer's."""
+    from transformers.cache_utils import DynamicLayer
+
+    from rlhfkit.rollout.sampling import PreallocatedLayer
+
+    gen = torch.Generator().manual_seed(0)
+    plain, ours = DynamicLayer(), PreallocatedLayer(capacity=7)
+
+    def step(batch: int, new: int) -> None:
+        k = torch.randn(batch, 2, new, 4, generator=gen, dtype=torch.float64)
+        v = torch.randn(batch, 2, new, 4, generator=gen, dtype=torch.float64)
+        for a, b in zip(plain.update(k, v), ours.update(k, v)):
+            assert torch.equal(a, b)
+
+    def same() -> None:
+        assert torch.equal(plain.keys, ours.keys) and torch.equal(plain.values, ours.values)
+        assert plain.get_seq_length() == ours.get_seq_length()
+        assert plain.get_mask_sizes(1) == ours.get_mask_sizes(1)
+
+    assert ours.get_seq_length() == 0
+    step(3, 5)
+    same()
+    for _ in range(4):  # 5 + 4 = 9 > capacity 7
+        step(3, 1)
+        same()
+    keep = torch.tensor([2, 0])
+    plain.batch_select_indices(keep)
+    ours.batch_select_indices(keep)
+    same()
+    step(2, 1)
+    same()
+    plain.crop(-2)
+    ours.crop(-2)
+    same()
+    step(2, 2)
+    same()
+
+
+def _stop_often_model() -> LlamaForCausalLM:
+    """A float64 tiny Llama over 16 tokens, which samples its stop tokens 2 and 3 often."""
+    return tiny_llama(vocab_size=16, seed=3, dtype=torch.float64)
+
+
+def test_finished_rows_leave_the_batch_and_no_row_changes(monkeypatch):
+    """Rows that stop leave the forward batch (the batch the model sees shrinks), and every row's tokens, mask,
+    stop flag and log-probs are those of the plain loop (full batch every step, transformers' DynamicCache), as is
+    the generator's state afterwards (one uniform per batch row per step in both). float64: the two loops differ
+    only by the rounding of different matrix shapes (~1e-16 relative), far from any sampling boundary."""
+    import rlhfkit.rollout.sampling as sampling
+    from transformers import DynamicCache
+
+    model = _stop_often_model()
+    prompts = [[5, 7], [9, 4, 6, 8], [11], [12, 13, 14], [6, 6], [8, 9, 10, 11, 12], [4], [15, 5, 7]]
+    ids, mask = left_padded(prompts)
+    config = GenerationConfig(max_new_tokens=20, temperature=1.0, stop_token_ids=(2, 3), pad_token_id=PAD)
+
+    def run() -> tuple:
+        seen: list[int] = []
+        handle = model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].shape[0]),
+                                                 with_kwargs=True)
+        gen = torch.Generator().manual_seed(11)
+        try:
+            r = sample(model, ids, mask, config, gen)
+        finally:
+            handle.remove()
+        return r, seen, gen.get_state()
+
+    fast, fast_batches, fast_state = run()
+    with monkeypatch.context() as m:
+        m.setattr(sampling, "_should_compact", lambda *a: False)
+        m.setattr(sampling, "make_cache", lambda model, capacity: DynamicCache(config=model.config))
+        plain, plain_batches, plain_state = run()
+
+    assert set(plain_batches) == {len(prompts)}
+    assert fast_batches[0] == len(prompts) and min(fast_batches) < len(prompts)  # rows did leave the batch
+    assert fast_batches == sorted(fast_batches, reverse=True)
+    assert 0 < int(fast.stopped.sum()) < len(prompts) or fast.response_ids.shape[1] < config.max_new_tokens
+    assert torch.equal(fast.response_ids, plain.response_ids)
+    assert torch.equal(fast.response_mask, plain.response_mask)
+    assert torch.equal(fast.stopped, plain.stopped)
+    torch.testing.assert_close(fast.rollout_logprobs, plain.rollout_logprobs, rtol=0, atol=1e-12)
+    assert torch.equal(fast_state, plain_state)
+
+
+def test_should_compact_rule():
+    from rlhfkit.rollout.sampling import _should_compact
+
+    assert not _should_compact(0, 64, 10)        # nothing finished
+    assert not _should_compact(7, 64, 10)        # under an eighth of the batch
+    assert _should_compact(8, 64, 10)
+    assert not _should_compact(8, 64, 0)         # no step left to save
+    assert _should_compact(1, 3, 1)              # small batches: one row is enough

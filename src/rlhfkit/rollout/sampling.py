@@ -4,7 +4,9 @@ PPO samples responses to left-padded prompts, then scores them with separate for
 the sampling loop so that positions, stopping and the rollout log-probs are under our control:
 
 1. one forward pass over the prompt (``position_ids = cumsum(prompt_mask) - 1``, clamped at 0, so a left-padded
-   row sees exactly the positions it would see alone), filling a ``transformers.DynamicCache``;
+   row sees exactly the positions it would see alone), filling a KV cache whose keys and values are written in
+   place into buffers preallocated for ``P + max_new_tokens`` positions (:class:`PreallocatedLayer`; the
+   ``transformers.DynamicCache`` instead copies the whole cache at every step, ``torch.cat``);
 2. per step: logits of the last position → ``/ temperature`` → top-k → top-p → one categorical draw per row
    by inversion (:func:`sample_categorical`) with the caller's ``torch.Generator`` (greedy = argmax); record
    the log-prob; append the token, extend the attention mask, continue each row's position by one, feed the
@@ -12,6 +14,14 @@ the sampling loop so that positions, stopping and the rollout log-probs are unde
 3. a row finishes at its first stop token (kept as its last response token) or when its decoded response first
    contains a stop string (kept up to the token that completes it); afterwards it emits padding. The loop ends
    when every row has finished or ``max_new_tokens`` is reached.
+
+Finished rows leave the batch: once enough of the rows still in the forward batch have finished (see
+:func:`_should_compact`), the cache, attention mask and positions keep only the unfinished rows, so later
+steps compute nothing for them. Every row's tokens and log-probs are unchanged by this (a row's computation
+never reads another row; only float rounding of the different matrix shapes can differ), and the random stream
+is too: every step draws one uniform for *every* row of the batch, finished or not, exactly as the full batch
+does, and each unfinished row uses its own.
+
 
 ``rollout_logprobs`` are ``log_softmax(logits / temperature)`` of the sampled token over the *full* tempered
 distribution, before top-k/top-p filtering: every later forward pass (old, current and reference policy)
@@ -29,6 +39,7 @@ from typing import Any, NamedTuple, Sequence
 
 import torch
 from transformers import DynamicCache, PreTrainedConfig
+from transformers.cache_utils import DynamicLayer
 
 from rlhfkit.core.logprobs import logprobs_from_logits
 from rlhfkit.errors import RlhfkitError
@@ -36,10 +47,12 @@ from rlhfkit.errors import RlhfkitError
 __all__ = [
     "GenerationConfig",
     "GenerationConfigError",
+    "PreallocatedLayer",
     "Rollout",
     "filter_logits",
     "generate_greedy",
     "invert_cdf",
+    "make_cache",
     "sample",
     "sample_categorical",
     "top_k_filter",
@@ -195,12 +208,19 @@ def invert_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return index.clamp_(max=cdf.shape[-1] - 1)
 
 
-def sample_categorical(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One draw per row of ``probs`` (B, V): :func:`invert_cdf` with one float64 uniform per row from ``generator``
+def sample_categorical(probs: torch.Tensor, generator: torch.Generator, rows: torch.Tensor | None = None,
+                       num_rows: int | None = None) -> torch.Tensor:
+    """One draw per row of ``probs`` (R, V): :func:`invert_cdf` with one float64 uniform per row from ``generator``
     (drawn on the generator's device). ``torch.multinomial`` instead draws V exponentials per row, single-threaded
-    under a generator: 17% of a CPU sampling step on a 49k vocabulary. Shapes: (B, V) -> (B,) long."""
-    u = torch.rand(probs.shape[0], generator=generator, dtype=torch.float64, device=generator.device)
-    return invert_cdf(probs, u.to(probs.device))
+    under a generator: 17% of a CPU sampling step on a 49k vocabulary.
+
+    With ``rows`` (R,) long and ``num_rows`` N: ``probs`` holds the rows ``rows`` of an N-row batch; N uniforms are
+    drawn (one per batch row, the generator advancing as for the whole batch) and row i of ``probs`` uses uniform
+    ``rows[i]``, so that a batch whose finished rows were dropped draws what the full batch draws.
+    Shapes: (R, V) -> (R,) long."""
+    n = probs.shape[0] if num_rows is None else int(num_rows)
+    u = torch.rand(n, generator=generator, dtype=torch.float64, device=generator.device).to(probs.device)
+    return invert_cdf(probs, u if rows is None else u[rows])
 
 
 def cache_keyword(model: torch.nn.Module) -> str:
@@ -210,6 +230,114 @@ def cache_keyword(model: torch.nn.Module) -> str:
     get_base = getattr(model, "get_base_model", None)
     base = get_base() if callable(get_base) else model
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+class PreallocatedLayer(DynamicLayer):
+    """One decoder layer's KV cache written in place into buffers preallocated for ``capacity`` positions.
+
+    A ``DynamicLayer`` (transformers' default) grows its keys and values by ``torch.cat`` at every step, copying
+    the whole cache each time (O(L) per step, O(L²) per response). Here the first ``update`` allocates
+    (B, H, capacity, D) buffers and every update writes its new positions into them; ``keys``/``values`` are views
+    of the filled part, so the attention reads exactly the tensors a ``DynamicLayer`` would hold. If more than
+    ``capacity`` positions arrive the buffers grow (doubling), so a wrong capacity costs a copy, never a result.
+    ``batch_select_indices`` (rows leaving the batch) copies the kept rows' filled part into smaller buffers.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity = int(capacity)
+        self.length = 0
+        self._key_buffer: torch.Tensor | None = None
+        self._value_buffer: torch.Tensor | None = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.length = 0
+        self._key_buffer = self._value_buffer = None
+        self.keys = key_states[..., :0, :]
+        self.values = value_states[..., :0, :]
+        self.is_initialized = True
+
+    def _allocate(self, like_keys: torch.Tensor, like_values: torch.Tensor, batch: int, capacity: int) -> None:
+        old_k, old_v, n = self._key_buffer, self._value_buffer, self.length
+        self._key_buffer = like_keys.new_empty((batch, like_keys.shape[1], capacity, like_keys.shape[3]))
+        self._value_buffer = like_values.new_empty((batch, like_values.shape[1], capacity, like_values.shape[3]))
+        self.capacity = capacity
+        if old_k is not None and n:
+            self._key_buffer[:, :, :n] = old_k[:, :, :n]
+            self._value_buffer[:, :, :n] = old_v[:, :, :n]
+
+    def _views(self) -> None:
+        self.keys = self._key_buffer[:, :, :self.length]
+        self.values = self._value_buffer[:, :, :self.length]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if self._key_buffer is None or end > self._key_buffer.shape[2]:
+            self._allocate(key_states, value_states, key_states.shape[0], max(end, self.capacity, 2 * self.length))
+        self._key_buffer[:, :, self.length:end] = key_states
+        self._value_buffer[:, :, self.length:end] = value_states
+        self.length = end
+        self._views()
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length if self.is_initialized else 0
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self._key_buffer is None:
+            return
+        n = self.length
+        keep_k, keep_v = self._key_buffer[indices, :, :n], self._value_buffer[indices, :, :n]
+        self._key_buffer = self._value_buffer = None
+        self._allocate(keep_k, keep_v, keep_k.shape[0], self.capacity)
+        self._key_buffer[:, :, :n] = keep_k
+        self._value_buffer[:, :, :n] = keep_v
+        self._views()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.batch_select_indices(beam_idx.to(self.device))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self._key_buffer is not None:
+            rows = torch.arange(self._key_buffer.shape[0], device=self._key_buffer.device)
+            self.batch_select_indices(rows.repeat_interleave(repeats))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}")
+        if self._key_buffer is not None and tokens_to_remove:
+            self.length = max(0, self.length + tokens_to_remove)
+            self._views()
+
+    def reset(self) -> None:
+        self.length = 0
+        self._key_buffer = self._value_buffer = None
+        super().reset()
+
+
+def make_cache(model: torch.nn.Module, capacity: int) -> DynamicCache:
+    """The KV cache :func:`sample` fills: a ``DynamicCache`` laid out for ``model``'s config (sliding-window
+    layers where the config has them), whose full-attention layers are :class:`PreallocatedLayer` of
+    ``capacity`` positions. A model without a transformers config gets layers created on first use."""
+    config_obj = getattr(model, "config", None)
+    cache = DynamicCache(config=config_obj if isinstance(config_obj, PreTrainedConfig) else None)
+    if cache.layers:
+        cache.layers = [PreallocatedLayer(capacity) if type(layer) is DynamicLayer else layer
+                        for layer in cache.layers]
+    else:
+        cache.layer_class_to_replicate = lambda: PreallocatedLayer(capacity)
+    return cache
+
+
+def _should_compact(finished_in_batch: int, batch_rows: int, steps_left: int) -> bool:
+    """Whether the finished rows should leave the forward batch now: dropping them copies the cache of the kept
+    rows once (about the cost of one step's cache traffic), and saves their share of every later step, so it is
+    done once at least an eighth of the batch (and at least one row) has finished and a step is still to come."""
+    return steps_left > 0 and finished_in_batch > 0 and finished_in_batch * 8 >= batch_rows
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
@@ -295,9 +423,9 @@ def sample(
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     stopped = torch.zeros(batch, dtype=torch.bool, device=device)
 
-    config_obj = getattr(model, "config", None)
-    cache = DynamicCache(config=config_obj if isinstance(config_obj, PreTrainedConfig) else None)
+    cache = make_cache(model, prompt_ids.shape[1] + max_new)
     cache_kwargs = {cache_keyword(model): cache}  # the cache object is updated in place by every forward
+    rows = torch.arange(batch, device=device)  # the rows in the forward batch (finished rows leave it)
     attention_mask = prompt_mask.long()
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     next_position = attention_mask.sum(-1, keepdim=True)  # (B,1): each row continues after its last position
@@ -313,15 +441,19 @@ def sample(
             for step in range(max_new):
                 out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                             use_cache=True, logits_to_keep=1, **cache_kwargs)
-                logits = out.logits[:, -1, :].float()  # (B,V), float32 whatever the model's dtype
+                logits = out.logits[:, -1, :].float()  # (rows,V), float32 whatever the model's dtype
                 if config.greedy:
-                    new = logits.argmax(dim=-1)
+                    drawn = logits.argmax(dim=-1)
                 else:
                     probs = torch.softmax(filter_logits(logits, temperature, config.top_k, config.top_p), dim=-1)
-                    new = sample_categorical(probs, generator)
+                    # one uniform for every row of the batch, as if no row had left it
+                    drawn = sample_categorical(probs, generator, rows=rows, num_rows=batch)
                 # full tempered distribution, before top-k/top-p (see the module docstring)
-                new_logprobs = logprobs_from_logits(logits[:, None, :], new[:, None], temperature,
-                                                    chunk_rows=batch).squeeze(1)
+                drawn_logprobs = logprobs_from_logits(logits[:, None, :], drawn[:, None], temperature,
+                                                      chunk_rows=logits.shape[0]).squeeze(1)
+                new = torch.full((batch,), pad_id, dtype=torch.long, device=device).index_copy_(0, rows, drawn)
+                new_logprobs = torch.zeros(batch, dtype=torch.float32, device=device).index_copy_(
+                    0, rows, drawn_logprobs)
 
                 alive[:, step] = ~finished
                 tokens[:, step] = torch.where(finished, torch.full_like(new, pad_id), new)
@@ -330,16 +462,21 @@ def sample(
 
                 hit = ~finished & torch.isin(new, stop_ids)
                 if config.stop_strings:
-                    rows = (~finished & ~hit).nonzero().flatten().tolist()
-                    if rows:
-                        for row in _stop_string_hits(tokenizer, tokens, rows, steps, config.stop_strings):
+                    open_rows = (~finished & ~hit).nonzero().flatten().tolist()
+                    if open_rows:
+                        for row in _stop_string_hits(tokenizer, tokens, open_rows, steps, config.stop_strings):
                             hit[row] = True
                 stopped |= hit
                 finished |= hit
                 if bool(finished.all()):
                     break
 
-                input_ids = tokens[:, step:step + 1]
+                done = finished[rows]
+                if _should_compact(int(done.sum()), rows.shape[0], max_new - steps):
+                    keep = (~done).nonzero().flatten()
+                    cache.batch_select_indices(keep)
+                    rows, attention_mask, next_position = rows[keep], attention_mask[keep], next_position[keep]
+                input_ids = tokens[rows, step:step + 1]
                 attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=-1)
                 position_ids = next_position + step
     finally:

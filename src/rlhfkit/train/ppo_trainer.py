@@ -53,7 +53,7 @@ from rlhfkit.train.checkpoint import checkpoint_step, require_latest_checkpoint
 from rlhfkit.train.ppo_config import PPOConfig
 from rlhfkit.train.ppo_update import (Dist, UpdateBatch, UpdateSettings, draw_plan, global_whiten, mean_stats,
                                       micro_batches, pad_columns, ppo_update, rollout_forward, rollout_stats)
-from rlhfkit.utils import MetricsLogger, progress, set_seed
+from rlhfkit.utils import MetricsLogger, progress, set_seed, warn_if_slow_bf16
 
 CONFIG = PPOConfig
 logger = logging.getLogger(__name__)
@@ -104,6 +104,8 @@ class PPOTrainer:
         self.output = Path(cfg.output)
         self.device = self.dist.device
         self.autocast_dtype = torch.bfloat16 if cfg.bf16 else None
+        if self.dist.is_main:
+            warn_if_slow_bf16(cfg.bf16, self.device, "ppo --bf16")
         self.num_iterations = cfg.num_iterations
         world = self.dist.world_size
         if cfg.rollout_batch_size % world or (cfg.rollout_batch_size // world) % cfg.num_minibatches:

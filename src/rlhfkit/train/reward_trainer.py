@@ -69,7 +69,8 @@ from rlhfkit.train.rm_eval import (
     tokenize_pairs,
     with_source,
 )
-from rlhfkit.utils import MetricsLogger, atomic_write_json, progress, rng_state, set_rng_state, set_seed
+from rlhfkit.utils import (MetricsLogger, atomic_write_json, progress, rng_state, set_rng_state, set_seed,
+                           warn_if_slow_bf16)
 
 CONFIG = RMTrainConfig
 ENCODER_MODEL_TYPES = {"bert", "roberta", "deberta", "deberta-v2", "electra", "distilbert", "xlm-roberta",
@@ -446,6 +447,8 @@ def run(cfg: RMTrainConfig) -> dict[str, float]:
 
     # Without a GPU, cpu=True lets `torchrun --nproc_per_node N` / `accelerate launch --multi_gpu` run N gloo processes.
     accelerator = Accelerator(cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()))
+    if accelerator.is_main_process:
+        warn_if_slow_bf16(cfg.bf16, accelerator.device, "rm train --bf16")
     is_main, n_proc, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
     if cfg.batch_size % (cfg.micro_batch_size * n_proc):
         raise RlhfkitError(f"batch_size={cfg.batch_size} must be a multiple of micro_batch_size × processes = "
