@@ -487,16 +487,17 @@ def _stop_often_model() -> LlamaForCausalLM:
     return tiny_llama(vocab_size=16, seed=3, dtype=torch.float64)
 
 
-def test_finished_rows_leave_the_batch_and_no_row_changes(monkeypatch):
-    """Rows that stop leave the forward batch (the batch the model sees shrinks), and every row's tokens, mask,
-    stop flag and log-probs are those of the plain loop (full batch every step, transformers' DynamicCache), as is
-    the generator's state afterwards (one uniform per batch row per step in both). float64: the two loops differ
-    only by the rounding of different matrix shapes (~1e-16 relative), far from any sampling boundary."""
+def test_shared_prompts_once_and_finished_rows_leave_the_batch_and_no_row_changes(monkeypatch):
+    """A prompt that several rows share is run once (the prefill sees the 6 distinct prompts of 9 rows), rows that
+    stop leave the forward batch (the batch the model sees shrinks), and every row's tokens, mask, stop flag and
+    log-probs are those of the plain loop (every row in every forward, transformers' DynamicCache), as is the
+    generator's state afterwards (one uniform per batch row per step in both). float64: the two loops differ only
+    by the rounding of different matrix shapes (~1e-16 relative), far from any sampling boundary."""
     import rlhfkit.rollout.sampling as sampling
     from transformers import DynamicCache
 
     model = _stop_often_model()
-    prompts = [[5, 7], [9, 4, 6, 8], [11], [12, 13, 14], [6, 6], [8, 9, 10, 11, 12], [4], [15, 5, 7]]
+    prompts = [[5, 7], [9, 4, 6, 8], [5, 7], [11], [12, 13, 14], [6, 6], [8, 9, 10, 11, 12], [5, 7], [11]]
     ids, mask = left_padded(prompts)
     config = GenerationConfig(max_new_tokens=20, temperature=1.0, stop_token_ids=(2, 3), pad_token_id=PAD)
 
@@ -515,11 +516,13 @@ def test_finished_rows_leave_the_batch_and_no_row_changes(monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(sampling, "_should_compact", lambda *a: False)
         m.setattr(sampling, "make_cache", lambda model, capacity: DynamicCache(config=model.config))
+        m.setattr(sampling, "distinct_prompts", lambda ids, mask: None)
         plain, plain_batches, plain_state = run()
 
     assert set(plain_batches) == {len(prompts)}
-    assert fast_batches[0] == len(prompts) and min(fast_batches) < len(prompts)  # rows did leave the batch
-    assert fast_batches == sorted(fast_batches, reverse=True)
+    assert fast_batches[0] == 6  # the distinct prompts
+    assert fast_batches[1] <= len(prompts) and min(fast_batches) < len(prompts)  # rows did leave the batch
+    assert fast_batches[1:] == sorted(fast_batches[1:], reverse=True)
     assert 0 < int(fast.stopped.sum()) < len(prompts) or fast.response_ids.shape[1] < config.max_new_tokens
     assert torch.equal(fast.response_ids, plain.response_ids)
     assert torch.equal(fast.response_mask, plain.response_mask)
@@ -536,3 +539,16 @@ def test_should_compact_rule():
     assert _should_compact(8, 64, 10)
     assert not _should_compact(8, 64, 0)         # no step left to save
     assert _should_compact(1, 3, 1)              # small batches: one row is enough
+
+
+def test_distinct_prompts_by_hand():
+    from rlhfkit.rollout.sampling import distinct_prompts
+
+    ids, mask = left_padded([[5, 6], [7, 8, 9], [5, 6], [6], [7, 8, 9], [5, 6]])
+    first, inverse = distinct_prompts(ids, mask)
+    assert sorted(first.tolist()) == [0, 1, 3]                      # the first row of each prompt
+    assert first[inverse].tolist() == [0, 1, 0, 3, 1, 0]             # every row points at its prompt's first row
+    # a real token equal to the pad id is not padding: [0, 6] (pad, 6) and [PAD-token 0, 6] differ
+    ids2 = torch.tensor([[0, 6], [0, 6]])
+    assert distinct_prompts(ids2, torch.tensor([[False, True], [True, True]])) is None
+    assert distinct_prompts(*left_padded([[1], [2], [3]])) is None

@@ -4,7 +4,8 @@ PPO samples responses to left-padded prompts, then scores them with separate for
 the sampling loop so that positions, stopping and the rollout log-probs are under our control:
 
 1. one forward pass over the prompt (``position_ids = cumsum(prompt_mask) - 1``, clamped at 0, so a left-padded
-   row sees exactly the positions it would see alone), filling a KV cache whose keys and values are written in
+   row sees exactly the positions it would see alone; a prompt that several rows share is run once and its cache
+   copied to those rows, :func:`distinct_prompts`), filling a KV cache whose keys and values are written in
    place into buffers preallocated for ``P + max_new_tokens`` positions (:class:`PreallocatedLayer`; the
    ``transformers.DynamicCache`` instead copies the whole cache at every step, ``torch.cat``);
 2. per step: logits of the last position → ``/ temperature`` → top-k → top-p → one categorical draw per row
@@ -49,6 +50,7 @@ __all__ = [
     "GenerationConfigError",
     "PreallocatedLayer",
     "Rollout",
+    "distinct_prompts",
     "filter_logits",
     "generate_greedy",
     "invert_cdf",
@@ -340,6 +342,42 @@ def _should_compact(finished_in_batch: int, batch_rows: int, steps_left: int) ->
     return steps_left > 0 and finished_in_batch > 0 and finished_in_batch * 8 >= batch_rows
 
 
+def distinct_prompts(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Rows that repeat a prompt: ``(first, inverse)`` with ``first`` (U,) the first row of each distinct prompt
+    and ``inverse`` (B,) the index into ``first`` of every row's prompt (``prompt[b] == prompt[first[inverse[b]]]``,
+    real tokens and padding alike), or None when all B prompts differ. Shapes: (B, P), (B, P) -> (U,), (B,)."""
+    key = torch.where(prompt_mask.bool(), prompt_ids, torch.full_like(prompt_ids, -1))
+    unique, inverse = torch.unique(key, dim=0, return_inverse=True)
+    if unique.shape[0] == key.shape[0]:
+        return None
+    batch = key.shape[0]
+    order = torch.arange(batch, device=key.device)
+    first = torch.full((unique.shape[0],), batch, dtype=torch.long, device=key.device)
+    first = first.scatter_reduce(0, inverse, order, reduce="amin")
+    return first, inverse
+
+
+def _prefill(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+             position_ids: torch.Tensor, cache: DynamicCache, cache_kwargs: dict) -> torch.Tensor:
+    """The forward over the prompts that fills ``cache``; returns the (B, V) float32 logits of each row's next
+    token. A prompt that several rows share (e.g. several responses per prompt) is run once: the forward sees the
+    distinct prompts only, then the cache and the logits are expanded to all rows (`distinct_prompts`); a row's
+    keys, values and logits depend on its own tokens only, so this changes nothing but the float rounding of
+    the smaller matrix shapes."""
+    shared = distinct_prompts(input_ids, attention_mask)
+    if shared is not None:
+        first, inverse = shared
+        input_ids, attention_mask, position_ids = input_ids[first], attention_mask[first], position_ids[first]
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+                logits_to_keep=1, **cache_kwargs)
+    logits = out.logits[:, -1, :].float()
+    if shared is None:
+        return logits
+    cache.batch_select_indices(shared[1])
+    return logits[shared[1]]
+
+
 def _model_device(model: torch.nn.Module) -> torch.device:
     device = getattr(model, "device", None)
     if isinstance(device, torch.device):
@@ -429,7 +467,6 @@ def sample(
     attention_mask = prompt_mask.long()
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     next_position = attention_mask.sum(-1, keepdim=True)  # (B,1): each row continues after its last position
-    input_ids = prompt_ids
     autocast = (torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype is not None
                 else contextlib.nullcontext())
 
@@ -439,9 +476,12 @@ def sample(
     try:
         with torch.inference_mode(), autocast:
             for step in range(max_new):
-                out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            use_cache=True, logits_to_keep=1, **cache_kwargs)
-                logits = out.logits[:, -1, :].float()  # (rows,V), float32 whatever the model's dtype
+                if step == 0:  # the prompts, each distinct prompt once
+                    logits = _prefill(model, prompt_ids, attention_mask, position_ids, cache, cache_kwargs)
+                else:
+                    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                use_cache=True, logits_to_keep=1, **cache_kwargs)
+                    logits = out.logits[:, -1, :].float()  # (rows,V), float32 whatever the model's dtype
                 if config.greedy:
                     drawn = logits.argmax(dim=-1)
                 else:
