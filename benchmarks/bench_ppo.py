@@ -65,7 +65,8 @@ WORD_SEED = 1234
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tiny", action="store_true", help="the anchor's tiny shape (2 layers, hidden 64), short run")
+    p.add_argument("--tiny", action="store_true", help="smoke run: the anchor's tiny shape (2 layers, hidden 64), short "
+                   "prompts/responses; realistic: the quickstart's tiny preset (4 prompts, 8 tokens)")
     p.add_argument("--workload", choices=("anchor", "realistic"), default="anchor",
                    help="anchor (default: random-init SmolLM2 architecture, rlhfkit vs TRL) or realistic (the real "
                         "SmolLM2-135M-Instruct, quickstart prompts and PPO settings, rlhfkit only)")
@@ -77,7 +78,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a second rlhfkit row from this checkout, and the speedup of the first over it")
     p.add_argument("--precision", choices=("both", "fp32", "bf16"), default="both")
     for key in FULL:
-        p.add_argument(f"--{key}", type=int, default=None, help=f"default {FULL[key]} (tiny {TINY[key]})")
+        p.add_argument(f"--{key}", type=int, default=None, help=f"default {FULL[key]} (tiny {TINY[key]}; realistic "
+                                                                    f"{REALISTIC[key] or 'n/a'}, tiny "
+                                                                    f"{REALISTIC_TINY[key] or 'n/a'})")
     p.add_argument("--trl-plain", action="store_true", help="run the anchor without the timing wrapper (no split)")
     p.add_argument("--anchor", default=C.DEFAULT_ANCHOR, help="the team's TRL anchor script")
     p.add_argument("--config-dir", default=C.DEFAULT_CONFIG_DIR, help="SmolLM2-135M config + tokenizer folder")
