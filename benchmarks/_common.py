@@ -7,6 +7,8 @@
   generator, same order of draws), so that both sides train on the same token ids;
 - :func:`save_random_causal_lm`: a random-init SmolLM2-architecture causal LM saved once to a folder (the
   anchor's ``--tiny`` shape on request);
+- :func:`measure_gemm_peak`: the machine's dense GEMM throughput (GFLOP/s) in float32 and bfloat16, measured in
+  the same run, and :func:`utilisation`: a phase's achieved GFLOP/s over the peak of the precision it ran in;
 - :func:`machine_info`, :func:`write_results`, :func:`format_table`, :func:`ratio`: the report.
 
 The scripts run as ``python benchmarks/bench_*.py``; this module is imported from the script's own folder.
@@ -77,21 +79,23 @@ with open(report, "w") as f:
 """
 
 
-def run_measured(cmd: Sequence[str], timeout: float | None = None, cwd: str | None = None) -> Measured:
+def run_measured(cmd: Sequence[str], timeout: float | None = None, cwd: str | None = None,
+                 env: dict[str, str] | None = None) -> Measured:
     """Run ``cmd`` in a fresh process; report its exit status, wall time, peak RSS (GiB) and output.
 
     The peak is the kernel's ``ru_maxrss`` of exactly that process (and of its own waited-for children), read
     with ``os.wait4`` by a small launcher process (see ``_LAUNCHER``: spawned straight from this possibly big
     process, the command's record would start at this process's peak). Each side is thus measured on its own
     although one parent runs them one after the other. Output goes to temporary files (no pipe can fill up and
-    stall the child). On ``timeout`` the whole process group is killed and the return code is negative.
+    stall the child). On ``timeout`` the whole process group is killed and the return code is negative. ``env``:
+    variables set on top of :func:`child_env` (e.g. the ``PYTHONPATH`` of another rlhfkit checkout).
     """
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err, \
             tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "usage.json"
         start = time.perf_counter()
         proc = subprocess.Popen([sys.executable, "-c", _LAUNCHER, str(report), *cmd], stdout=out, stderr=err,
-                                env=child_env(), cwd=cwd, start_new_session=True)
+                                env={**child_env(), **(env or {})}, cwd=cwd, start_new_session=True)
         try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -176,6 +180,80 @@ def save_random_causal_lm(config_dir: str, out_dir: str | Path, tiny: bool, seed
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The limit: measured GEMM peak, utilisation
+# ----------------------------------------------------------------------------------------------------------
+GEMM_SIZES = (256, 512, 1024, 2048)
+PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+def measure_gemm_peak(sizes: Sequence[int] = GEMM_SIZES, dtypes: Sequence[str] = ("float32", "bfloat16"),
+                      repeats: int = 5, min_timing_s: float = 0.02, max_call_s: float = 2.0) -> dict[str, Any]:
+    """Dense GEMM throughput of this machine with torch on the CPU, at the threads torch uses (recorded).
+
+    Per dtype and square size n (ascending): two warm-up ``a @ b`` of two (n, n) random matrices, then ``repeats``
+    timings, each of ``k`` back-to-back products (``k`` chosen from the warm-up so that a timing lasts at least
+    ``min_timing_s``); GFLOP/s = 2·n³·k / median timing / 1e9. The dtype's ``peak_gflops`` is the best size's.
+    Larger sizes are skipped once one product takes over ``max_call_s`` (bf16 on a CPU without bf16 matmul
+    units is two orders of magnitude slower than fp32: the measurement stays short there too).
+
+    Which peak a phase is compared with is the peak of the precision it ran in (``PRECISION_DTYPES``): on a CPU
+    with AMX bf16 is several times fp32, on an AMD Zen 2 it is hundreds of times slower.
+    """
+    import statistics
+
+    import torch
+
+    out: dict[str, Any] = {"threads": torch.get_num_threads(), "sizes": list(sizes), "repeats": repeats}
+    g = torch.Generator().manual_seed(0)
+    for name in dtypes:
+        dtype = getattr(torch, name)
+        by_size: dict[str, float] = {}
+        for n in sizes:
+            a = torch.randn(n, n, generator=g).to(dtype)
+            b = torch.randn(n, n, generator=g).to(dtype)
+            for _ in range(2):  # warm-up; the second call (threads and buffers ready) sizes the timings
+                start = time.perf_counter()
+                a @ b
+                first = time.perf_counter() - start
+                if first > max_call_s:
+                    break
+            slow = first > max_call_s
+            k, timings = max(1, int(min_timing_s / max(first, 1e-9))), [first] if slow else []
+            for _ in range(0 if slow else repeats):
+                start = time.perf_counter()
+                for _ in range(k):
+                    a @ b
+                timings.append(time.perf_counter() - start)
+            by_size[str(n)] = round(gemm_gflops(n, k, statistics.median(timings)), 1)
+            if slow:  # larger sizes would take minutes (no fast matmul units for this dtype)
+                break
+        out[name] = {"peak_gflops": max(by_size.values()), "by_size": by_size}
+    return out
+
+
+def gemm_gflops(n: int, products: int, seconds: float) -> float:
+    """GFLOP/s of ``products`` (n, n) @ (n, n) matmuls in ``seconds`` (2·n³ FLOPs each: n³ multiply-adds)."""
+    return 2.0 * n ** 3 * products / seconds / 1e9
+
+
+def peak_of(gemm: dict[str, Any], precision: str) -> float | None:
+    """The measured peak GFLOP/s of ``precision`` (``fp32`` / ``bf16``), None when it was not measured."""
+    entry = gemm.get(PRECISION_DTYPES.get(precision, precision))
+    return entry["peak_gflops"] if entry else None
+
+
+def utilisation(flops: float, seconds: float | None, peak_gflops: float | None) -> dict[str, float | None]:
+    """A phase's ``time_s``, model ``gflop``, achieved ``gflops`` (GFLOP / s) and ``utilisation`` = achieved /
+    peak (the GEMM peak of the phase's precision); None where a time or the peak is missing or zero."""
+    gflop = flops / 1e9
+    achieved = gflop / seconds if seconds else None
+    util = achieved / peak_gflops if achieved is not None and peak_gflops else None
+    return {"time_s": None if seconds is None else round(seconds, 4), "gflop": round(gflop, 3),
+            "gflops": None if achieved is None else round(achieved, 2),
+            "utilisation": None if util is None else round(util, 4)}
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Report
 # ----------------------------------------------------------------------------------------------------------
 def _version(dist: str) -> str | None:
@@ -187,8 +265,9 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def machine_info() -> dict[str, Any]:
-    """CPU model, core count, memory and library versions of this machine."""
+def machine_info(gemm_sizes: Sequence[int] | None = GEMM_SIZES) -> dict[str, Any]:
+    """CPU model, core count, memory, library versions of this machine and its measured GEMM peak
+    (:func:`measure_gemm_peak` over ``gemm_sizes``; None: not measured)."""
     cpu, flags = platform.processor() or platform.machine(), []
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -212,7 +291,8 @@ def machine_info() -> dict[str, Any]:
             "mem_total_gb": mem_gb, "cuda": torch.cuda.is_available(), "python": platform.python_version(),
             "torch": torch.__version__, "transformers": _version("transformers"), "trl": _version("trl"),
             "accelerate": _version("accelerate"), "rlhfkit": _version("rlhfkit"),
-            "loadavg_at_start": loadavg()}
+            "loadavg_at_start": loadavg(),
+            "gemm_peak": measure_gemm_peak(gemm_sizes) if gemm_sizes else None}
 
 
 def loadavg() -> list[float] | None:
@@ -255,6 +335,27 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
     return "\n".join([line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
                      + [line(r) for r in cells[1:]])
+
+
+def src_env(src: str | None) -> dict[str, str]:
+    """The environment that makes a child import rlhfkit from checkout ``src`` (``PYTHONPATH=src/src``); empty
+    for None (the harness's own rlhfkit)."""
+    if src is None:
+        return {}
+    path = Path(src).expanduser().resolve() / "src"
+    if not (path / "rlhfkit" / "__init__.py").is_file():
+        raise SystemExit(f"{src}: no rlhfkit checkout there (expected {path}/rlhfkit/__init__.py)")
+    return {"PYTHONPATH": str(path)}
+
+
+def src_commit(src: str | None) -> str | None:
+    """The commit checked out in ``src`` (``git rev-parse HEAD``; None outside git or for None)."""
+    cwd = str(Path(src).expanduser()) if src else str(BENCH_DIR)
+    try:
+        out = subprocess.run(["git", "-C", cwd, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
 
 
 def python() -> str:

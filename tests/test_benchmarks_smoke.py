@@ -1,4 +1,5 @@
-"""The benchmark harness (benchmarks/): peak-memory measurement, the anchor's pairs, tiny rlhfkit-side runs.
+"""The benchmark harness (benchmarks/): peak-memory measurement, the anchor's pairs, the FLOP counter and the
+utilisation arithmetic, argument parsing, tiny rlhfkit-side runs.
 
 The benchmarks themselves (timings) are never run here; only the parts whose correctness the reported numbers
 rest on, plus tiny end-to-end runs of the rlhfkit side that break when a trainer interface they use changes
@@ -18,6 +19,9 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 import _common as C  # noqa: E402
+import bench_generate  # noqa: E402
+import bench_ppo  # noqa: E402
+import flops as F  # noqa: E402
 
 ANCHOR = Path(C.DEFAULT_ANCHOR)
 CONFIG_DIR = Path(C.DEFAULT_CONFIG_DIR)
@@ -133,3 +137,299 @@ def test_bench_ppo_ours_side_tiny(tmp_path):
     assert ours["iterations"] == 2 and len(ours["iter_s"]) == 2
     assert set(ours["split_mean_s"]) == {"rollout", "score", "forward", "update", "other"}
     assert 0 < ours["response_length_mean"] <= 8 and 0 < ours["peak_rss_gb"] < 8
+    # the token counts the rollouts recorded: 4 prompts of exactly 8 tokens, responses of 1..8 tokens
+    assert [it["prompt"] for it in ours["lengths"]] == [[8] * 4] * 2
+    assert all(1 <= n <= 8 for it in ours["lengths"] for n in it["response"])
+    assert set(ours["utilisation"]) == {"rollout", "score", "forward", "update", "iteration"}
+    assert all(u["gflop"] > 0 and u["utilisation"] > 0 for u in ours["utilisation"].values())
+    assert result["machine"]["gemm_peak"]["float32"]["peak_gflops"] > 0
+
+
+REPO = Path(__file__).resolve().parents[1]
+needs_wheel = pytest.mark.skipif(os.environ.get("RLHFKIT_BENCH_TESTS") != "1",
+                                 reason="opt-in (RLHFKIT_BENCH_TESTS=1): loads the real SmolLM2 of the wheel")
+
+
+@pytest.mark.slow
+@needs_wheel
+def test_bench_ppo_realistic_tiny_with_a_compare_checkout(tmp_path):
+    # the realistic workload (real SmolLM2, quickstart prompts), a second rlhfkit row from a checkout (this one)
+    result = _bench("bench_ppo.py", tmp_path, "--workload", "realistic", "--precision", "fp32", "--compare-src",
+                    str(REPO))
+    row = result["results"]["fp32"]
+    assert set(row) == {"ours", "compare", "ratio"} and row["ratio"]["speedup_vs_compare"] > 0
+    assert row["compare"]["rlhfkit_file"] == str(REPO / "src" / "rlhfkit" / "__init__.py")
+    assert row["compare"]["freeze_layers"] == bench_ppo.QUICKSTART_PPO_TINY["freeze_layers"]
+    prompts = {n for it in row["ours"]["lengths"] for n in it["prompt"]}
+    assert len(row["ours"]["lengths"]) == 2 and min(prompts) > 10  # chat-templated prompts of varying length
+    assert result["settings"]["workload"] == "realistic" and row["ours"]["utilisation"]["update"]["gflop"] > 0
+
+
+@pytest.mark.slow
+@needs_wheel
+def test_bench_generate_tiny(tmp_path):
+    out = subprocess.run([sys.executable, str(BENCH / "bench_generate.py"), "--batch", "2", "--max-new-tokens", "3",
+                          "--compare-src", str(REPO), "--out", str(tmp_path)], capture_output=True, text=True,
+                         timeout=900, env=C.child_env())
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    (path,) = tmp_path.glob("*.json")
+    result = json.loads(path.read_text())
+    assert set(result["results"]) == {"ours", "hf", "compare"}
+    for r in result["results"].values():
+        assert len(r["response_lengths"][0]) == 2 and all(1 <= n <= 3 for n in r["response_lengths"][0])
+        assert r["tokens"] == sum(r["response_lengths"][0]) and r["time_over_floor"] > 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The FLOP counter (benchmarks/flops.py). FLOP counts are integers far below 2**53: compared exactly.
+# ----------------------------------------------------------------------------------------------------------
+# 1 layer, hidden 4, intermediate 8, 2 heads of dim 2, 1 kv head, vocabulary 10. Multiply-adds per token:
+#   q 4·(2·2) = 16, k 4·(1·2) = 8, v 8        -> qkv  32 MACs =  64 FLOPs
+#   o (2·2)·4 = 16, MLP 3·4·8 = 96            -> rest 112 MACs = 224 FLOPs        (block: 288 FLOPs per token)
+#   attention per (query, key) pair: q·k and p·v over 2 heads of dim 2 = 8 MACs = 16 FLOPs
+#   LM head per position with logits: 4·10 = 40 MACs = 80 FLOPs; a scalar head: 4 MACs = 8 FLOPs
+TINY = F.DecoderShape(hidden=4, intermediate=8, layers=1, heads=2, kv_heads=1, head_dim=2, vocab=10, tied=True)
+
+
+def test_forward_flops_hand_computed():
+    # 3 tokens, causal: key lengths 1 + 2 + 3 = 6; logits at 2 positions
+    fwd = F.sequence_forward(TINY, 3, head_positions=2, head_outputs=10)
+    assert fwd == F.PassFlops(qkv=3 * 64, rest=3 * 224, attention=6 * 16, head=2 * 80)
+    assert fwd.total(TINY.layers) == 864 + 96 + 160 == 1120
+    # a decode step after 5 cached tokens: 1 token, 1 query over 6 keys, logits at it
+    assert F.forward_pass(TINY, 1, F.causal_key_sum(1, 5), 1, 10).total(1) == 288 + 6 * 16 + 80
+    assert F.causal_key_sum(3) == 6 and F.causal_key_sum(2, past=4) == 5 + 6
+
+
+def test_generation_flops_hand_computed_and_equal_to_one_forward():
+    # prompt 2, response 3: prefill over 2 tokens (keys 1 + 2, logits at 1 position) -> 2·288 + 3·16 + 80 = 704;
+    # decode feeds response tokens 1 and 2 (keys 3, then 4)                     -> (288 + 48 + 80) + (288 + 64 + 80)
+    assert F.generation_flops(TINY, 2, 3) == 704 + 416 + 432 == 1552
+    # the KV cache changes when the work is done, not how much: one forward over 2 + 3 - 1 tokens, logits at 3
+    for p, r in ((2, 3), (7, 1), (1, 9)):
+        assert F.generation_flops(TINY, p, r) == F.sequence_forward(TINY, p + r - 1, r, TINY.vocab).total(1)
+    assert F.generation_flops(TINY, 4, 0) == 0
+
+
+def test_backward_flops_hand_computed():
+    two = F.DecoderShape(hidden=4, intermediate=8, layers=2, heads=2, kv_heads=1, head_dim=2, vocab=10, tied=True)
+    fwd = F.sequence_forward(two, 3, 2, 10)  # per block 3·288 + 6·16 = 960; head 160
+    assert F.backward_flops(two, fwd, frozen_below=0, head_trained=True) == 2 * (2 * 960) + 2 * 160
+    # lowest block frozen (no backward there), tied head frozen with the embeddings: its activation gradient only
+    assert F.backward_flops(two, fwd, frozen_below=1, head_trained=False) == 2 * 960 + 160
+    assert F.backward_flops(two, fwd, frozen_below=2, head_trained=False) == 160
+    assert F.policy_training(two, 0) == (0, True) and F.policy_training(two, 1) == (1, False)
+    assert F.policy_training(F.DecoderShape(**{**two.to_dict(), "tied": False}), 1) == (1, True)
+    with pytest.raises(ValueError):
+        F.backward_flops(two, fwd, frozen_below=3, head_trained=True)
+
+
+def test_ppo_phase_flops_hand_computed():
+    # one row: prompt 2, response 3 (sequence of 5: linear 5·288 = 1440, keys 15 -> 240), 2 epochs, full tuning
+    phases = F.ppo_phase_flops(TINY, [2], [3], ppo_epochs=2)
+    policy = 1440 + 240 + 3 * 80  # LM head at the 3 response-predicting positions: 1920
+    critic = 1440 + 240 + 3 * 8   # value head at the same positions: 1704
+    assert phases == {"generation": 1552, "score": 1440 + 240 + 8, "forward_policy": policy,
+                      "forward_reference": policy, "forward_critic": critic,
+                      "update_policy": 2 * 3 * policy, "update_critic": 2 * 3 * critic}
+    # rows add up; a frozen lowest block removes its backward (here the only block: the head's gradient is left)
+    two_rows = F.ppo_phase_flops(TINY, [2, 4], [3, 1], ppo_epochs=1)
+    assert two_rows["forward_policy"] == policy + F.sequence_forward(TINY, 5, 1, 10).total(1)
+    frozen = F.ppo_phase_flops(TINY, [2], [3], ppo_epochs=1, policy_freeze_layers=1, critic_freeze_layers=1)
+    assert frozen["update_policy"] == policy + 3 * 80 and frozen["update_critic"] == critic + 2 * 3 * 8
+    with pytest.raises(ValueError):
+        F.ppo_phase_flops(TINY, [2], [3, 4], ppo_epochs=1)
+
+
+def test_decoder_shape_from_a_transformers_config():
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                      num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)
+    assert F.DecoderShape.from_config(cfg) == F.DecoderShape(576, 1536, 30, 9, 3, 64, 49152, True)
+    assert F.DecoderShape.from_config(F.DecoderShape.from_config(cfg).to_dict()) == F.DecoderShape.from_config(cfg)
+
+
+def _tiny_llama(**overrides):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=3, num_attention_heads=2,
+                      num_key_value_heads=1, head_dim=4, vocab_size=32, tie_word_embeddings=True,
+                      attn_implementation="eager", **overrides)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).double(), F.DecoderShape.from_config(cfg)
+
+
+def _square_excess(shape, length: int) -> int:
+    # torch's counter charges attention's matmuls for the whole L×L square; the model count (real key lengths)
+    # for the causal triangle: 2 products × 2·n·d FLOPs per pair × (L² − L(L+1)/2) pairs, per layer
+    return 4 * shape.heads * shape.head_dim * (length * length - F.causal_key_sum(length))
+
+
+@pytest.mark.parametrize("freeze", [0, 1, 3])
+def test_flop_counter_agrees_with_torchs_own_counter_forward_and_backward(freeze):
+    # An independent count: torch.utils.flop_counter records every matmul autograd really runs, including which
+    # backward products freezing removes and the tied head's activation-only gradient.
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from rlhfkit.models.adapters import freeze_lower_layers
+
+    model, shape = _tiny_llama()
+    if freeze:
+        freeze_lower_layers(model, freeze)
+    ids = torch.randint(0, 32, (1, 5))
+    with FlopCounterMode(display=False) as fwd_counter:
+        out = model(input_ids=ids, logits_to_keep=3)
+    with FlopCounterMode(display=False) as bwd_counter:
+        out.logits.sum().backward()
+    fwd = F.sequence_forward(shape, 5, 3, shape.vocab)
+    excess = _square_excess(shape, 5)
+    assert fwd_counter.get_total_flops() == fwd.total(shape.layers) + shape.layers * excess
+    trained = shape.layers - freeze
+    assert bwd_counter.get_total_flops() == (F.backward_flops(shape, fwd, *F.policy_training(shape, freeze))
+                                             + trained * 2 * excess)
+
+
+def test_generation_flops_agree_with_torchs_counter_on_rlhfkits_sampler():
+    # The sampler's real work on B rows of prompt 4 running 5 steps: the prefill (square-counted by torch) and one
+    # single-token step per further token (exact); no extra forward after the last token.
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from rlhfkit.rollout.sampling import GenerationConfig, sample
+
+    model, shape = _tiny_llama()
+    ids = torch.randint(3, 32, (2, 4))
+    gen = GenerationConfig(max_new_tokens=5, temperature=1.0, stop_token_ids=(), pad_token_id=0)
+    with FlopCounterMode(display=False) as counter:
+        out = sample(model.eval(), ids, torch.ones_like(ids, dtype=torch.bool), gen,
+                     generator=torch.Generator().manual_seed(0))
+    assert out.response_mask.sum(-1).tolist() == [5, 5]
+    assert counter.get_total_flops() == 2 * (F.generation_flops(shape, 4, 5) + shape.layers * _square_excess(shape, 4))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Peak and utilisation arithmetic
+# ----------------------------------------------------------------------------------------------------------
+def test_utilisation_arithmetic():
+    # 3 GFLOP in 1.5 s = 2 GFLOP/s; against a 4 GFLOP/s peak: 0.5
+    assert C.utilisation(3e9, 1.5, 4.0) == {"time_s": 1.5, "gflop": 3.0, "gflops": 2.0, "utilisation": 0.5}
+    assert C.utilisation(3e9, None, 4.0) == {"time_s": None, "gflop": 3.0, "gflops": None, "utilisation": None}
+    assert C.utilisation(3e9, 1.5, None)["utilisation"] is None
+    assert C.gemm_gflops(1000, 2, 1.0) == 4.0  # 2 products of 2·1000³ FLOPs in 1 s
+    peaks = {"float32": {"peak_gflops": 300.0}, "bfloat16": {"peak_gflops": 2000.0}}
+    assert C.peak_of(peaks, "fp32") == 300.0 and C.peak_of(peaks, "bf16") == 2000.0 and C.peak_of({}, "fp32") is None
+    # bench_ppo: each timed phase gets the FLOPs of its own model passes, the iteration all of them
+    flops = dict.fromkeys(F.PPO_PHASES, 1e9)
+    util = bench_ppo.phase_utilisation("ours", flops, {"rollout": 1.0, "score": 0.5, "forward": 3.0, "update": 1.0},
+                                       iteration_s=7.0, peak_gflops=10.0)
+    assert {k: (u["gflop"], u["gflops"]) for k, u in util.items()} == {
+        "rollout": (1.0, 1.0), "score": (1.0, 2.0), "forward": (3.0, 1.0), "update": (2.0, 2.0),
+        "iteration": (7.0, 1.0)}
+    assert util["update"]["utilisation"] == 0.2
+    trl = bench_ppo.phase_utilisation("trl", flops, {"generation": 1.0, "no_grad_forwards": 3.0, "update": 2.0},
+                                      iteration_s=6.0, peak_gflops=None)
+    assert trl["no_grad_forwards"]["gflop"] == 3.0 and trl["iteration"]["gflop"] == 6.0  # no policy forward
+
+
+def test_measure_gemm_peak_small_sizes():
+    peak = C.measure_gemm_peak(sizes=(16, 32), repeats=2, min_timing_s=0.001)
+    assert peak["threads"] >= 1 and peak["sizes"] == [16, 32]
+    for dtype in ("float32", "bfloat16"):
+        assert set(peak[dtype]["by_size"]) == {"16", "32"}
+        assert peak[dtype]["peak_gflops"] == max(peak[dtype]["by_size"].values()) > 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Arguments and settings
+# ----------------------------------------------------------------------------------------------------------
+def test_bench_ppo_arguments():
+    a = bench_ppo.parse_args([])
+    assert (a.workload, a.which, a.batch, a.resp, a.prompt, a.iters) == ("anchor", "both", 16, 64, 64, 3)
+    anchor = bench_ppo.ppo_settings(a)  # the anchor workload, unchanged
+    assert {k: anchor[k] for k in ("ppo_epochs", "num_minibatches", "micro_batch_size", "learning_rate", "kl_coef",
+                                   "vf_coef", "temperature", "max_new_tokens", "rollout_batch_size")} == {
+        "ppo_epochs": 4, "num_minibatches": 1, "micro_batch_size": 4, "learning_rate": 3e-6, "kl_coef": 0.05,
+        "vf_coef": 0.1, "temperature": 0.7, "max_new_tokens": 64, "rollout_batch_size": 16}
+    r = bench_ppo.parse_args(["--workload", "realistic", "--compare-src", "/old", "--ours-src", "/new"])
+    assert (r.which, r.batch, r.resp, r.prompt, r.compare_src, r.ours_src) == ("ours", 32, 128, 0, "/old", "/new")
+    realistic = bench_ppo.ppo_settings(r)
+    assert realistic["temperature"] == 1.0 and realistic["max_new_tokens"] == 128 and "overlong" not in realistic
+    for bad in (["--workload", "realistic", "--which", "both"], ["--workload", "realistic", "--prompt", "8"],
+                ["--which", "trl", "--compare-src", "/old"], ["--batch", "6"]):
+        with pytest.raises(SystemExit):
+            bench_ppo.parse_args(bad)
+
+
+@pytest.mark.parametrize("scale, ours", [("default", bench_ppo.QUICKSTART_PPO),
+                                         ("tiny", bench_ppo.QUICKSTART_PPO_TINY)])
+def test_realistic_workload_keeps_the_quickstarts_ppo_settings(scale, ours):
+    from rlhfkit.quickstart.pipeline import PRESETS
+
+    p = PRESETS[scale]
+    assert ours == {"ppo_epochs": p.ppo_epochs, "num_minibatches": p.ppo_minibatches,
+                    "micro_batch_size": p.ppo_micro_batch, "freeze_layers": p.policy_freeze_layers,
+                    "critic_freeze_layers": p.critic_freeze_layers, "learning_rate": p.policy_lr,
+                    "critic_learning_rate": p.critic_lr, "kl_coef": p.kl_coef}
+    shape = bench_ppo.REALISTIC_TINY if scale == "tiny" else bench_ppo.REALISTIC
+    assert shape["batch"] == p.ppo_batch
+
+
+def test_bench_generate_arguments_and_token_count():
+    a = bench_generate.parse_args([])
+    assert (a.batch, a.max_new_tokens, a.engines, a.vllm_python) == (64, 32, ["ours", "hf"], None)
+    for bad in (["--which", "ours,trl"], ["--batch", "0"], ["--which", "hf", "--compare-src", "/old"]):
+        with pytest.raises(SystemExit):
+            bench_generate.parse_args(bad)
+    # real response tokens: up to and including the first EOS (2); a row without EOS counts all its tokens
+    assert bench_generate.response_lengths([[5, 2, 2, 2], [5, 6, 7, 8], [2, 2, 2, 2]], eos=2) == [2, 4, 1]
+
+
+def test_bench_generate_summary_floor():
+    # 2 rows (prompts 2 and 4) of the TINY shape, responses 3 and 1 tokens, 0.5 s: floor = FLOPs / peak
+    r = bench_generate.summarise({"times_s": [0.5], "response_lengths": [[3, 1]]}, [2, 4], TINY, peak_gflops=1e-6)
+    flop = F.generation_flops(TINY, 2, 3) + F.generation_flops(TINY, 4, 1)
+    assert (r["tokens"], r["tokens_per_s"], r["response_length_mean"]) == (4, 8.0, 2.0)
+    assert r["floor_s"] == round(flop / 1e3, 4) and r["time_over_floor"] == round(0.5 / (flop / 1e3), 2)
+
+
+FAKE_VLLM = """
+import json, os
+__version__ = "0-fake"
+class SamplingParams:
+    def __init__(self, **kw):
+        self.kw = kw
+class _Out:
+    def __init__(self, ids):
+        self.token_ids = ids
+class _Req:
+    def __init__(self, ids):
+        self.outputs = [_Out(ids)]
+class LLM:
+    def __init__(self, **kw):
+        with open(os.environ["FAKE_VLLM_DUMP"], "w") as f:
+            json.dump(kw, f)
+    def generate(self, prompts, params, use_tqdm=True):
+        # row b: b + 1 tokens, the last one the EOS of the stop list
+        return [_Req([7] * b + params.kw["stop_token_ids"]) for b in range(len(prompts))]
+"""
+
+
+def test_vllm_child_protocol_with_a_stand_in_vllm(tmp_path):
+    # The vLLM row's script against a stand-in `vllm` that records the engine arguments: lengths counted from the
+    # output token ids, the in-process eager float32 engine, the result line the parent reads.
+    (tmp_path / "vllm").mkdir()
+    (tmp_path / "vllm" / "__init__.py").write_text(FAKE_VLLM)
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"model": "/m", "prompt_ids": [[1, 2], [1, 2, 3], [4]], "eos": 2, "pad": 2,
+                               "max_new_tokens": 4, "repeats": 2, "seed": 0}))
+    env = {**C.child_env(), "PYTHONPATH": str(tmp_path), "FAKE_VLLM_DUMP": str(tmp_path / "llm.json")}
+    out = subprocess.run([sys.executable, str(BENCH / "_vllm_generate.py"), str(job)], capture_output=True,
+                         text=True, env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    result = C.last_json(out.stdout, C.RESULT_PREFIX)
+    assert result["response_lengths"] == [[1, 2, 3], [1, 2, 3]] and len(result["times_s"]) == 2
+    assert json.loads((tmp_path / "llm.json").read_text()) == {"model": "/m", "dtype": "float32",
+                                                             "enforce_eager": True, "seed": 0, "max_model_len": 7}
