@@ -24,7 +24,8 @@ Only the exact classes qualify (a subclass may change ``forward``); every other 
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import inspect
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -40,6 +41,22 @@ __all__ = ["SUPPORTED", "Trunk", "embedding_and_blocks", "mask_kinds", "run_bloc
 
 SUPPORTED = (LlamaModel, MistralModel, Qwen2Model, Qwen3Model)
 _MASKS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
+_MASK_ARGUMENTS = {"config", "inputs_embeds", "attention_mask", "position_ids"}
+
+
+def _cache_keyword(fn: Callable) -> str | None:
+    """The name under which ``fn`` (a mask function) takes the KV cache (transformers 5.24 renamed
+    ``past_key_values`` to ``cache``), or None when ``fn`` does not take the arguments `run_blocks` passes (then
+    nothing is split: another transformers release may build masks otherwise)."""
+    params = inspect.signature(fn).parameters
+    cache = next((name for name in ("cache", "past_key_values") if name in params), None)
+    required = {name for name, p in params.items() if p.default is inspect.Parameter.empty
+                and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    ok = cache is not None and _MASK_ARGUMENTS <= set(params) and required <= _MASK_ARGUMENTS | {cache}
+    return cache if ok else None
+
+
+_CACHE_KEYWORDS = {kind: _cache_keyword(fn) for kind, fn in _MASKS.items()}
 
 
 class Trunk(NamedTuple):
@@ -50,8 +67,10 @@ class Trunk(NamedTuple):
 
 
 def supports_split(decoder: nn.Module | None) -> bool:
-    """Whether :func:`run_blocks` reproduces ``decoder``'s forward (its exact class is in :data:`SUPPORTED`)."""
-    return decoder is not None and type(decoder) in SUPPORTED
+    """Whether :func:`run_blocks` reproduces ``decoder``'s forward: its exact class is in :data:`SUPPORTED` and the
+    installed transformers' mask functions take the arguments it passes."""
+    return (decoder is not None and type(decoder) in SUPPORTED
+            and all(_CACHE_KEYWORDS[kind] is not None for kind in set(mask_kinds(decoder))))
 
 
 def num_blocks(decoder: nn.Module) -> int:
@@ -104,11 +123,11 @@ def run_blocks(decoder: nn.Module, attention_mask: torch.Tensor, start: int, sto
     mask = attention_mask.long()
     position_ids = position_ids_from_mask(attention_mask)
     kinds = mask_kinds(decoder)[start:stop]
-    masks = {kind: _MASKS[kind](config=decoder.config, inputs_embeds=hidden, attention_mask=mask, cache=None,
-                                position_ids=position_ids) for kind in set(kinds)}
+    masks = {kind: _MASKS[kind](config=decoder.config, inputs_embeds=hidden, attention_mask=mask,
+                                position_ids=position_ids, **{_CACHE_KEYWORDS[kind]: None}) for kind in set(kinds)}
     if stop > start:
         position_embeddings = decoder.rotary_emb(hidden, position_ids)
         for layer, kind in zip(decoder.layers[start:stop], kinds):
             hidden = layer(hidden, attention_mask=masks[kind], position_embeddings=position_embeddings,
-                           position_ids=position_ids, cache=None, use_cache=False)
+                           position_ids=position_ids, use_cache=False)
     return decoder.norm(hidden) if final else hidden
