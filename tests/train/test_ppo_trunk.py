@@ -65,6 +65,9 @@ def test_plan_follows_the_models(tmp_path):
     assert plan == TrunkPlan(policy=2, reference=True, critic=3, shared=2)
     assert _trainer(tmp_path, torch.float32, critic_freeze_layers=1).trunks.plan(
         trainer.policy, trainer.reference, trainer.critic) == TrunkPlan(policy=2, reference=True, critic=1, shared=1)
+    # the critic's frozen blocks alone: its own trunk, nothing shared
+    alone = _trainer(tmp_path, torch.float32, freeze_layers=0)
+    assert alone.trunks.plan(alone.policy, alone.reference, alone.critic) == TrunkPlan(policy=0, critic=3)
     # a change of a frozen parameter is seen (its version counter) and re-planned: block 1 of the reference now
     # differs from the policy's, so the reference runs in full and the critic shares only block 0
     with torch.no_grad():
