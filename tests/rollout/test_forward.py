@@ -11,7 +11,7 @@ from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForC
 
 from rlhfkit.core.logprobs import entropy_from_logits
 from rlhfkit.models.reward import RewardModel
-from rlhfkit.rollout.forward import critic_forward, policy_forward, trim_batch
+from rlhfkit.rollout.forward import critic_forward, policy_forward, trim_batch, trunk_decoder, trunk_forward
 
 V = 96
 PAD = 0
@@ -190,6 +190,7 @@ def test_distributed_data_parallel_wrapper_goes_through_its_forward(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         ddp = torch.nn.parallel.DistributedDataParallel(model)
+        assert trunk_decoder(ddp) is None  # DDP must see the forward call: never split
         logprobs = policy_forward(ddp, *b, temperature=TEMPERATURE).logprobs
         logprobs.sum().backward()
         got = logprobs.detach().clone()
@@ -232,6 +233,70 @@ def test_critic_padding_invariance():
             alone = critic_forward(critic, *batch([row]))[0]
             # float32 through the 2 decoder layers in other shapes, relative to the head's terms
             assert_close_f32(batched[i, :len(row[1])], alone, terms[0].max(), forward_factor(2), f"row {i}")
+
+
+# ------------------------------------------------------------------------------------------- trunks
+def deeper_llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = llama_config()
+    config.num_hidden_layers = 4
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("layers", [1, 3, 4])
+def test_policy_forward_from_a_trunk_equals_the_plain_forward_bit_for_bit(layers):
+    model = deeper_llama()
+    b = batch()
+    with torch.no_grad():
+        plain = policy_forward(model, *b, temperature=TEMPERATURE, with_entropy=True, with_logits=True)
+        trunk = trunk_forward(model, *b, layers=layers)
+        fast = policy_forward(model, *b, temperature=TEMPERATURE, with_entropy=True, with_logits=True, trunk=trunk)
+    assert trunk.hidden.shape == (3, b[0].shape[1] + b[2].shape[1], 32) and trunk.layers == layers
+    for name in ("logprobs", "entropy", "logits"):  # the same ops in the same order
+        assert torch.equal(getattr(fast, name), getattr(plain, name)), name
+    # gradients of the blocks above the trunk: the same as the plain forward's (whose lower blocks also get some)
+    grads = []
+    for t in (None, trunk):
+        model.zero_grad()
+        policy_forward(model, *b, temperature=TEMPERATURE, trunk=t).logprobs.sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    upper = [n for n in grads[0] if n.startswith("lm_head") or n.startswith("model.norm") or
+             any(n.startswith(f"model.layers.{i}.") for i in range(layers, 4))]
+    assert sorted(grads[1]) == sorted(upper)  # nothing reaches the trunk's blocks from the trunk path
+    for n in upper:
+        assert torch.equal(grads[1][n], grads[0][n]), n
+
+
+def test_critic_forward_from_a_trunk_equals_the_plain_forward_bit_for_bit():
+    critic = tiny_critic()
+    b = batch()
+    with torch.no_grad():
+        plain = critic_forward(critic, *b)
+        fast = critic_forward(critic, *b, trunk=trunk_forward(critic, *b, layers=1))
+    assert plain[b[3]].abs().min() > 0 and torch.equal(fast, plain)
+
+
+def test_models_that_cannot_run_from_a_trunk_are_refused():
+    base = tiny_llama(torch.float32)
+    assert trunk_decoder(base) is base.model
+    critic = tiny_critic()
+    assert trunk_decoder(critic) is critic.model.base_model
+    peft_model = get_peft_model(tiny_llama(torch.float32), LoraConfig(r=4, target_modules=["q_proj"]))
+    torch.manual_seed(0)
+    gemma = Gemma2ForCausalLM(Gemma2Config(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, head_dim=8))
+    from rlhfkit.models.adapters import apply_lora
+    lora_critic = apply_lora(tiny_critic(), r=2)
+    for model in (peft_model, gemma, lora_critic):
+        assert trunk_decoder(model) is None, type(model).__name__
+    b = batch()
+    trunk = trunk_forward(base, *b, layers=1)
+    with pytest.raises(ValueError, match="cannot run from a trunk"):
+        policy_forward(peft_model, *b, trunk=trunk)
+    with pytest.raises(ValueError, match="cannot run from a trunk"):
+        critic_forward(lora_critic, *b, trunk=trunk)
+    with pytest.raises(ValueError, match="do not match the sequence"):
+        policy_forward(base, *batch(extra_left=1), trunk=trunk)
 
 
 # ------------------------------------------------------------------------------------------- trim_batch

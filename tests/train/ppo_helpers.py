@@ -28,10 +28,10 @@ def make_tokenizer(words: list[str] = WORDS) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
 
 
-def make_policy_folder(path: Path, seed: int = 0, vocab: int = VOCAB, hidden: int = 32) -> Path:
+def make_policy_folder(path: Path, seed: int = 0, vocab: int = VOCAB, hidden: int = 32, layers: int = 2) -> Path:
     """A tiny random Llama (float32) + tokenizer saved as an HF folder: the 'SFT model' of the tests."""
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                          pad_token_id=PAD, eos_token_id=EOS, bos_token_id=None, tie_word_embeddings=False)
     model = LlamaForCausalLM(config)

@@ -64,6 +64,7 @@ from rlhfkit.data.tokenize import CONVENTIONS
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.models.loading import forward_hidden, has_tokenizer_files, hf_folder, load_tokenizer, same_vocabulary
 from rlhfkit.models.packing import shared_prompt_layout
+from rlhfkit.models.trunk import Trunk, run_blocks
 
 METADATA_FILE = "rlhfkit.json"
 HEAD_FILE = "reward_head.safetensors"
@@ -318,23 +319,29 @@ class RewardModel(nn.Module):
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor | None = None,
-        share_prompts: bool = False,
+        share_prompts: bool = False, trunk: Trunk | None = None,
     ) -> RewardOutput:
         """Scores of a batch: ``input_ids``, ``attention_mask`` (B, L); ``response_mask`` (B, L) for mean/sum.
 
         ``share_prompts``: run the prompt of right-padded rows that share it once (`rlhfkit.models.packing`; the
         prompt is what precedes ``response_mask``). Same outputs up to float rounding; used by a decoder with
         SDPA attention when a response mask is given, else ignored.
+        ``trunk``: the backbone's hidden states after its first ``trunk.layers`` blocks for this batch
+        (`rlhfkit.models.trunk`); only the blocks above run (a decoder whose backbone `models.trunk.supports_split`).
         """
         attention_mask = attention_mask.bool()
         layout = None
-        if share_prompts and response_mask is not None and self.packs_prompts:
+        if share_prompts and response_mask is not None and self.packs_prompts and trunk is None:
             layout = shared_prompt_layout(input_ids, attention_mask, response_mask, self.pad_token_id or 0)
-        if layout is None:
-            hidden = forward_hidden(self._backbone(), input_ids, attention_mask)  # (B, L, H)
+        backbone = self._backbone()
+        if trunk is not None:
+            hidden = run_blocks(backbone, attention_mask, trunk.layers, hidden=trunk.hidden)
+            per_token = self._head()(hidden)
+        elif layout is None:
+            hidden = forward_hidden(backbone, input_ids, attention_mask)  # (B, L, H)
             per_token = self._head()(hidden)  # (B, L, K), computed in the model's dtype (as HF does)
         else:
-            hidden = forward_hidden(self._backbone(), layout.input_ids, layout.attention_mask, layout.position_ids)
+            hidden = forward_hidden(backbone, layout.input_ids, layout.attention_mask, layout.position_ids)
             per_token = layout.unpack(self._head()(hidden))  # back to (B, L, K)
         per_token = per_token.to(torch.promote_types(per_token.dtype, torch.float32))  # bf16 -> fp32 outputs
         per_token = torch.where(attention_mask[..., None], per_token, 0.0)

@@ -32,8 +32,11 @@ from torch import nn
 from rlhfkit.core.logprobs import entropy_from_logits, logprobs_from_logits, upcast
 from rlhfkit.core.masks import position_ids_from_mask
 from rlhfkit.models.loading import forward_hidden
+from rlhfkit.models.reward import RewardModel, unwrap_peft
+from rlhfkit.models.trunk import Trunk, run_blocks, supports_split
 
-__all__ = ["PolicyForward", "TrimmedBatch", "critic_forward", "policy_forward", "response_positions", "trim_batch"]
+__all__ = ["PolicyForward", "TrimmedBatch", "critic_forward", "policy_forward", "response_positions", "trim_batch",
+           "trunk_decoder", "trunk_forward"]
 
 # Config attributes of transformers models whose causal-LM forward transforms the LM head's output
 # (Gemma 2/3 soft-capping, Cohere's logit_scale, Granite's logits_scaling). Applying the LM head by hand would
@@ -125,10 +128,71 @@ def _has_logit_transform(lm: nn.Module) -> bool:
     return False
 
 
-def _response_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, T: int) -> torch.Tensor:
-    """Next-token logits (B, T, V) at the response-predicting positions, nothing else through the LM head."""
+def trunk_decoder(model: nn.Module) -> nn.Module | None:
+    """The decoder of ``model`` whose blocks `models.trunk.run_blocks` can run in parts, or None.
+
+    A plain transformers causal LM (no peft or DistributedDataParallel wrapper, no logit transform, a findable
+    decoder and head) or a decoder `RewardModel` without LoRA, whose decoder `models.trunk.supports_split`. For
+    every other model (peft: LoRA layers or a disabled adapter change what the blocks compute) ``policy_forward``
+    and ``critic_forward`` take only the plain path.
+    """
+    if isinstance(model, RewardModel):
+        plain = model.kind == "decoder" and unwrap_peft(model.model) is model.model
+        decoder = model._backbone() if plain else None
+    elif isinstance(model, nn.parallel.DistributedDataParallel) or _unwrap(model) is not model:
+        decoder = None
+    elif _has_logit_transform(model) or not hasattr(model, "get_output_embeddings"):
+        decoder = None
+    else:
+        decoder = _find_decoder(model)
+    return decoder if supports_split(decoder) else None
+
+
+def _split_decoder(model: nn.Module) -> nn.Module:
+    decoder = trunk_decoder(model)
+    if decoder is None:
+        raise ValueError(f"{type(model).__name__} cannot run from a trunk (see trunk_decoder)")
+    return decoder
+
+
+def trunk_forward(
+    model: nn.Module,
+    query_ids: torch.Tensor,
+    query_mask: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    layers: int,
+    base: Trunk | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> Trunk:
+    """The hidden states (B, P + T, H) of ``[query; response]`` after the first ``layers`` blocks of ``model``'s
+    decoder (`trunk_decoder`), from its embeddings or from ``base`` (the same batch after fewer blocks)."""
+    input_ids, attention_mask = _sequence(query_ids, query_mask, response_ids, response_mask)
+    decoder = _split_decoder(model)
+    start = base.layers if base is not None else 0
+    with _autocast(input_ids.device, autocast_dtype):
+        hidden = run_blocks(decoder, attention_mask, start, layers, input_ids=input_ids,
+                            hidden=base.hidden if base is not None else None)
+    return Trunk(hidden, layers)
+
+
+def _check_trunk(trunk: Trunk, input_ids: torch.Tensor) -> None:
+    if trunk.hidden.shape[:2] != input_ids.shape:
+        raise ValueError(f"trunk hidden states {tuple(trunk.hidden.shape)} do not match the sequence "
+                         f"{tuple(input_ids.shape)}")
+
+
+def _response_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, T: int,
+                     trunk: Trunk | None = None) -> torch.Tensor:
+    """Next-token logits (B, T, V) at the response-predicting positions, nothing else through the LM head; with
+    a ``trunk`` only the decoder's blocks above it run."""
     P = input_ids.shape[1] - T
     positions = response_positions(P, T)
+    if trunk is not None:
+        _check_trunk(trunk, input_ids)
+        decoder = _split_decoder(model)
+        hidden = run_blocks(decoder, attention_mask, trunk.layers, hidden=trunk.hidden)
+        return model.get_output_embeddings()(hidden[:, positions])
     lm = _unwrap(model)
     decoder = _find_decoder(lm)
     head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
@@ -160,6 +224,7 @@ def policy_forward(
     with_entropy: bool = False,
     with_logits: bool = False,
     autocast_dtype: torch.dtype | None = None,
+    trunk: Trunk | None = None,
 ) -> PolicyForward:
     """Log-probs (and optionally entropy, logits) of the response tokens under a causal LM.
 
@@ -167,13 +232,15 @@ def policy_forward(
     ``model.disable_adapter()`` for the reference policy). Gradients flow iff the caller has grad enabled.
     ``temperature`` must be the sampling temperature (see :mod:`rlhfkit.core.logprobs`). ``autocast_dtype``
     (e.g. ``torch.bfloat16``) runs the model under ``torch.autocast`` on its device type; log-probs and entropy
-    are always computed in float32.
+    are always computed in float32. ``trunk`` (`trunk_forward` of this batch): run only the decoder's blocks above
+    it (a model `trunk_decoder` accepts); the same numbers as the plain forward when the trunk came from the
+    same model's frozen lower blocks on the same batch.
     Shapes: query (B, P) left-padded, response (B, T) right-padded -> :class:`PolicyForward` of (B, T) tensors.
     """
     input_ids, attention_mask = _sequence(query_ids, query_mask, response_ids, response_mask)
     T = response_ids.shape[1]
     with _autocast(input_ids.device, autocast_dtype):
-        logits = _response_logits(model, input_ids, attention_mask, T)
+        logits = _response_logits(model, input_ids, attention_mask, T, trunk)
     mask = response_mask.bool()
     zero = torch.zeros((), dtype=upcast(logits).dtype, device=logits.device)
     logprobs = torch.where(mask, logprobs_from_logits(logits, response_ids, temperature), zero)
@@ -201,17 +268,24 @@ def critic_forward(
     response_ids: torch.Tensor,
     response_mask: torch.Tensor,
     autocast_dtype: torch.dtype | None = None,
+    trunk: Trunk | None = None,
 ) -> torch.Tensor:
     """Values (B, T) float32 (float64 for a float64 critic) of the states before each response token; 0 on padding.
 
     ``critic(input_ids, attention_mask)`` must return per-token scores (B, L), e.g.
     :class:`rlhfkit.models.reward.RewardModel` (``.token_scores``); value ``t`` is read at sequence position
-    ``P - 1 + t`` (the last query token values the state before the first response token).
+    ``P - 1 + t`` (the last query token values the state before the first response token). ``trunk``: as in
+    `policy_forward`, passed on as ``critic(..., trunk=trunk)`` (a `RewardModel` that `trunk_decoder` accepts).
     """
     input_ids, attention_mask = _sequence(query_ids, query_mask, response_ids, response_mask)
     P, T = query_ids.shape[1], response_ids.shape[1]
+    extra = {}
+    if trunk is not None:
+        _check_trunk(trunk, input_ids)
+        _split_decoder(critic)
+        extra = {"trunk": trunk}
     with _autocast(input_ids.device, autocast_dtype):
-        token_values = _token_values(critic(input_ids, attention_mask))
+        token_values = _token_values(critic(input_ids, attention_mask, **extra))
     if token_values.shape[:2] != input_ids.shape:
         raise ValueError(
             f"critic values {tuple(token_values.shape)} do not match the sequence {tuple(input_ids.shape)}")

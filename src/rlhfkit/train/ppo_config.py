@@ -20,6 +20,7 @@ MISSING_STOP_MODES = ("replace", "subtract")
 KL_ESTIMATORS = ("kl", "abs", "mse", "k3", "full")
 OVERLONG_POLICIES = ("truncate_prompt_left", "drop", "fail")
 LR_SCHEDULERS = ("constant", "linear", "cosine")
+OLD_LOGPROBS = ("recompute", "rollout")
 DEFAULT_ITERATIONS = 100
 
 # Fields that may differ between a run and its ``--resume`` (they do not change the computation of the steps
@@ -141,6 +142,11 @@ class PPOConfig:
     target_kl: Optional[float] = field(default=None, metadata=_help(
         "stop the iteration's update early when a minibatch's approx-KL exceeds this (None = off)"))
     bf16: bool = field(default=False, metadata=_help("run forward passes under bfloat16 autocast"))
+    old_logprobs: str = field(default="recompute", metadata=_help(
+        "the old log-probs of the PPO ratio: 'recompute' (a no-grad policy forward over the first epoch's "
+        "micro-batches: the first minibatch has ratio 1 exactly) or 'rollout' (the sampler's log-probs, no policy "
+        "forward: the same numbers up to float rounding, bf16 rounding with --bf16; not with --kl_estimator full, "
+        "which needs the policy's logits)", choices=list(OLD_LOGPROBS)))
 
     # -- what trains ------------------------------------------------------------------------------------
     freeze_layers: int = field(default=0, metadata=_help(
@@ -148,6 +154,11 @@ class PPOConfig:
         "pass then stops at block N (cheaper updates, a smaller trainable set)"))
     critic_freeze_layers: int = field(default=0, metadata=_help(
         "critic: freeze its embeddings and lowest N transformer blocks (its head and upper blocks train)"))
+    reuse_frozen_trunk: bool = field(default=True, metadata=_help(
+        "with --freeze_layers / --critic_freeze_layers: compute the frozen embeddings and lower blocks once per "
+        "rollout and run only the blocks above them for the old and reference log-probs, the values and every "
+        "epoch (the same numbers up to float rounding; Llama, Mistral and Qwen2/3 decoders without LoRA, other "
+        "models take the plain path)"))
 
     # -- LoRA ---------------------------------------------------------------------------------------------
     lora_r: int = field(default=0, metadata=_help(
@@ -236,6 +247,11 @@ class PPOConfig:
         check_range("warmup_iterations", self.warmup_iterations, lo=0)
         check_range("max_grad_norm", self.max_grad_norm, lo=0, lo_open=True, allow_none=True)
         check_range("target_kl", self.target_kl, lo=0, lo_open=True, allow_none=True)
+        check_choice("old_logprobs", self.old_logprobs, OLD_LOGPROBS)
+        if self.old_logprobs == "rollout" and self.kl_estimator == "full":
+            raise RlhfkitError("old_logprobs='rollout' cannot be combined with kl_estimator='full': the full KL "
+                               "needs the policy's logits, which only the recomputing forward gives; use "
+                               "old_logprobs='recompute' or another kl_estimator")
         check_range("lora_r", self.lora_r, lo=0)
         check_range("freeze_layers", self.freeze_layers, lo=0)
         check_range("critic_freeze_layers", self.critic_freeze_layers, lo=0)

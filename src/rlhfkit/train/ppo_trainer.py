@@ -5,9 +5,10 @@ One iteration, as numbered steps (each a call into ``rollout/``, ``core/`` or ``
 1. rollout: sample responses to this process's share of the next ``rollout_batch_size`` prompts;
 2. score: reward sources on prompt + response text (with ``score_norm=reference`` each reward model applies its
    stored statistics first); missing-stop penalty; batch normalisation; clipping;
-3. forward passes without gradients over the first epoch's micro-batches: old log-probs (policy), reference
-   log-probs (the initial policy, or the same weights with LoRA adapters off), old values (critic); per-token
-   rewards by `core.rewards.shape_rewards`;
+3. forward passes without gradients over the first epoch's micro-batches: old log-probs (policy; or the
+   sampler's with ``old_logprobs=rollout``), reference log-probs (the initial policy, or the same weights with
+   LoRA adapters off), old values (critic), the frozen lower blocks once for all of them and the update
+   (`ppo_trunk`); per-token rewards by `core.rewards.shape_rewards`;
 4. advantages and returns by `core.advantages.gae` (rewards / advantages whitened over the global batch);
 5. update: ppo_epochs × minibatches × micro-batches (`ppo_update.ppo_update`), then the LR schedules step;
 6. statistics (namespaced metrics, see ``docs/``) to ``metrics.jsonl`` + TensorBoard, a sample table every
@@ -51,6 +52,7 @@ from rlhfkit.rollout.scoring import load_reward
 from rlhfkit.train import ppo_state
 from rlhfkit.train.checkpoint import checkpoint_step, require_latest_checkpoint
 from rlhfkit.train.ppo_config import PPOConfig
+from rlhfkit.train.ppo_trunk import TrunkSharing
 from rlhfkit.train.ppo_update import (Dist, UpdateBatch, UpdateSettings, draw_plan, global_whiten, mean_stats,
                                       micro_batches, pad_columns, ppo_update, rollout_forward, rollout_stats)
 from rlhfkit.utils import MetricsLogger, progress, set_seed, warn_if_slow_bf16
@@ -141,6 +143,8 @@ class PPOTrainer:
         self.critic.requires_grad_(True)
         if cfg.critic_freeze_layers:
             freeze_lower_layers(self.critic, cfg.critic_freeze_layers)
+        # the frozen lower blocks run once per rollout (step 3), planned from the models at each rollout
+        self.trunks = TrunkSharing(cfg.reuse_frozen_trunk, cfg.freeze_layers, cfg.critic_freeze_layers)
         # score_norm=reference: each reward model applies its stored statistics before the combination (an
         # error here for a source without them)
         self.reward = load_reward(cfg.reward_model, cfg.reward_weights, self.tokenizer, device=self.device,
@@ -277,11 +281,16 @@ class PPOTrainer:
         start = time.perf_counter()
         plan = draw_plan(query_ids.shape[0], cfg.ppo_epochs, cfg.num_minibatches, self.shuffle_generator)
         groups = [m for rows in plan[0] for m in micro_batches(rows, cfg.micro_batch_size)]
+        recompute = cfg.old_logprobs == "recompute"
         fwd = rollout_forward(self.policy, self.reference, self.reference_context, self.critic, query_ids,
                               query_mask, response_ids, response_mask, groups, cfg.temperature,
-                              self.autocast_dtype, with_logits=cfg.kl_estimator == "full")
+                              self.autocast_dtype, with_logits=cfg.kl_estimator == "full",
+                              trunk_plan=self.trunks.plan(self.policy, self.reference, self.critic),
+                              policy_pass=recompute)
+        old_logprobs = fwd.old_logprobs if recompute else torch.where(
+            response_mask, rollout_logprobs.to(fwd.ref_logprobs.dtype), 0.0)
         kl_coef = self.kl_controller.value
-        shaped = shape_rewards(scores, fwd.old_logprobs, fwd.ref_logprobs, response_mask, kl_coef,
+        shaped = shape_rewards(scores, old_logprobs, fwd.ref_logprobs, response_mask, kl_coef,
                                cfg.kl_estimator, fwd.logits, fwd.ref_logits, cfg.temperature)
 
         # 4. advantages and returns
@@ -291,8 +300,8 @@ class PPOTrainer:
         advantages, returns = gae(rewards, fwd.old_values, response_mask, cfg.gamma, cfg.gae_lambda)
         if cfg.whiten_advantages:
             advantages = global_whiten(advantages, response_mask, dist)
-        batch = UpdateBatch(query_ids, query_mask, response_ids, response_mask, fwd.old_logprobs, fwd.old_values,
-                            advantages, returns)
+        batch = UpdateBatch(query_ids, query_mask, response_ids, response_mask, old_logprobs, fwd.old_values,
+                            advantages, returns, trunks=fwd.trunks)
         return Experience(batch, plan, fwd.ref_logprobs, rollout_logprobs, stopped, raw_scores, scores, shaped,
                           kl_coef, time.perf_counter() - start)
 

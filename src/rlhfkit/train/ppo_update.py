@@ -37,7 +37,9 @@ from rlhfkit.core.losses import entropy_bonus, explained_variance, ppo_policy_lo
 from rlhfkit.core.masks import masked_mean, masked_sum, masked_var, masked_whiten
 from rlhfkit.core.rewards import ShapedRewards
 from rlhfkit.errors import RlhfkitError
-from rlhfkit.rollout.forward import critic_forward, policy_forward, trim_batch
+from rlhfkit.models.trunk import Trunk
+from rlhfkit.rollout.forward import TrimmedBatch, critic_forward, policy_forward, trim_batch
+from rlhfkit.train.ppo_trunk import TrunkPlan, TrunkStates, assemble
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -169,13 +171,15 @@ def micro_batches(rows: Sequence[int], micro_batch_size: int) -> list[list[int]]
 # Step 3: rollout-time forward passes
 # ----------------------------------------------------------------------------------------------------------
 class RolloutForward(NamedTuple):
-    """(B, T) old log-probs, reference log-probs and old values; (B, T, V) logits for the ``full`` KL."""
+    """(B, T) old log-probs (None without the policy pass), reference log-probs and old values; (B, T, V) logits
+    for the ``full`` KL; the trunks the update reuses (None when the plan holds none)."""
 
-    old_logprobs: torch.Tensor
+    old_logprobs: torch.Tensor | None
     ref_logprobs: torch.Tensor
     old_values: torch.Tensor
     logits: torch.Tensor | None
     ref_logits: torch.Tensor | None
+    trunks: TrunkStates | None = None
 
 
 def rollout_forward(
@@ -191,40 +195,55 @@ def rollout_forward(
     temperature: float,
     autocast_dtype: torch.dtype | None = None,
     with_logits: bool = False,
+    trunk_plan: TrunkPlan = TrunkPlan(),
+    policy_pass: bool = True,
 ) -> RolloutForward:
     """Old log-probs (policy), reference log-probs and old values (critic) of every row, no grad.
 
     ``groups`` are the micro-batches (row indices) of the first epoch, in order; each is trimmed exactly as the
     update will trim it. ``reference_context()`` wraps the reference pass (e.g. peft's ``disable_adapter``).
+    ``trunk_plan`` (`train.ppo_trunk`): the frozen trunks computed once here, run from by every pass of this
+    function and returned for the update. ``policy_pass=False`` skips the policy's pass (``old_logprobs`` and
+    ``logits`` are then None: the caller takes the sampler's log-probs).
     """
     B, T = response_ids.shape
     parts: list[tuple[list[int], Any, Any, Any, Any, Any, Any]] = []
+    trunk_parts: list[tuple[list[int], TrimmedBatch, Trunk | None, Trunk | None]] = []
     with torch.inference_mode():
         for rows in groups:
             idx = torch.tensor(rows, dtype=torch.long, device=query_ids.device)
             tb = trim_batch(query_ids[idx], query_mask[idx], response_ids[idx], response_mask[idx])
             args = (tb.query_ids, tb.query_mask, tb.response_ids, tb.response_mask)
-            pf = policy_forward(policy, *args, temperature=temperature, with_logits=with_logits,
-                                autocast_dtype=autocast_dtype)
+            policy_trunk, critic_trunk = trunk_plan.compute(policy, critic, *args, autocast_dtype=autocast_dtype)
+            trunk_parts.append((rows, tb, policy_trunk, critic_trunk))
+            common = dict(temperature=temperature, with_logits=with_logits, autocast_dtype=autocast_dtype)
+            pf = policy_forward(policy, *args, **common, trunk=policy_trunk) if policy_pass else None
             with reference_context():
-                rf = policy_forward(reference, *args, temperature=temperature, with_logits=with_logits,
-                                    autocast_dtype=autocast_dtype)
-            values = critic_forward(critic, *args, autocast_dtype=autocast_dtype)
-            logits = (tb.restore(pf.logits), tb.restore(rf.logits)) if with_logits else (None, None)
-            parts.append((rows, tb.restore(pf.logprobs), tb.restore(rf.logprobs), tb.restore(values), *logits))
+                rf = policy_forward(reference, *args, **common,
+                                    trunk=policy_trunk if trunk_plan.reference else None)
+            values = critic_forward(critic, *args, autocast_dtype=autocast_dtype, trunk=critic_trunk)
+            logits = (tb.restore(pf.logits) if pf is not None else None, tb.restore(rf.logits)) if with_logits \
+                else (None, None)
+            parts.append((rows, tb.restore(pf.logprobs) if pf is not None else None, tb.restore(rf.logprobs),
+                          tb.restore(values), *logits))
     # outside inference mode: fresh normal tensors, usable in autograd-recording ops later
     device = response_ids.device
     outputs: list[torch.Tensor | None] = []
     for k in range(5):
         first = parts[0][k + 1] if parts else None
-        if first is None:
-            outputs.append(None if k >= 3 else torch.zeros(B, T, device=device))
+        if first is None:  # logits unless requested, old log-probs without the policy pass; else no rows at all
+            outputs.append(None if k >= 3 or (k == 0 and not policy_pass) else torch.zeros(B, T, device=device))
             continue
         full = torch.zeros(B, *first.shape[1:], dtype=first.dtype, device=device)
         for part in parts:
             full[torch.tensor(part[0], dtype=torch.long, device=device)] = part[k + 1].clone()
         outputs.append(full)
-    return RolloutForward(*outputs)
+    P = query_ids.shape[1]
+    policy_states = assemble([(rows, tb, p) for rows, tb, p, _ in trunk_parts], B, P, T)
+    critic_states = assemble([(rows, tb, c) for rows, tb, _, c in trunk_parts], B, P, T)
+    trunks = None if policy_states is None and critic_states is None else \
+        TrunkStates(policy_states, critic_states, P)
+    return RolloutForward(*outputs, trunks=trunks)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -232,7 +251,8 @@ def rollout_forward(
 # ----------------------------------------------------------------------------------------------------------
 @dataclass
 class UpdateBatch:
-    """This process's rollout rows with everything the update needs; all (B, P) / (B, T)."""
+    """This process's rollout rows with everything the update needs; all (B, P) / (B, T); ``trunks``: the frozen
+    trunks of the rows (`train.ppo_trunk`), which the update's forwards run from (None: the plain path)."""
 
     query_ids: torch.Tensor
     query_mask: torch.Tensor
@@ -242,6 +262,7 @@ class UpdateBatch:
     old_values: torch.Tensor
     advantages: torch.Tensor
     returns: torch.Tensor
+    trunks: TrunkStates | None = None
 
 
 @dataclass
@@ -286,9 +307,10 @@ def _micro_batch_loss(policy: nn.Module, critic: nn.Module, batch: UpdateBatch, 
     if n_local == 0:
         return None
     with_entropy = settings.entropy_coef > 0
+    policy_trunk, critic_trunk = batch.trunks.rows(idx, tb) if batch.trunks is not None else (None, None)
     out = policy_forward(policy, *args, temperature=settings.temperature, with_entropy=with_entropy,
-                         with_logits=not with_entropy, autocast_dtype=settings.autocast_dtype)
-    values = critic_forward(critic, *args, autocast_dtype=settings.autocast_dtype)
+                         with_logits=not with_entropy, autocast_dtype=settings.autocast_dtype, trunk=policy_trunk)
+    values = critic_forward(critic, *args, autocast_dtype=settings.autocast_dtype, trunk=critic_trunk)
     p_loss, p_stats = ppo_policy_loss(out.logprobs, batch.old_logprobs[idx, :t], batch.advantages[idx, :t], mask,
                                       settings.clip_range, num_tokens)
     v_loss, v_stats = ppo_value_loss(values, batch.old_values[idx, :t], batch.returns[idx, :t], mask,

@@ -1,0 +1,133 @@
+"""A decoder's blocks run in two parts: the lower blocks (the "trunk") once, the upper blocks from its output.
+
+With the embeddings and the lowest k blocks of a model frozen, the hidden states after block k depend on the
+tokens only. PPO needs them several times per rollout (old log-probs, reference log-probs, every epoch), so the
+trainer computes them once (`train.ppo_trunk`) and runs only blocks k..N afterwards. :func:`run_blocks` is that
+split: ``run_blocks(d, mask, 0, k, input_ids=ids)`` then ``run_blocks(d, mask, k, hidden=...)`` computes
+exactly what ``d(input_ids, attention_mask, position_ids)`` computes, op for op (tests compare them bit for bit).
+
+How a decoder runs its blocks is architecture-specific (mask creation, rotary embeddings, the final norm, input
+scaling). :data:`SUPPORTED` lists the transformers classes whose ``forward`` (transformers 5.24) is known to be:
+
+1. ``hidden = embed_tokens(input_ids)`` (no scaling; Gemma's ``* sqrt(H)`` would be one);
+2. one causal mask per attention kind, from ``(config, hidden, attention_mask, position_ids)``:
+   ``full_attention`` (`create_causal_mask`) and ``sliding_attention`` (`create_sliding_window_causal_mask`),
+   block i using the kind :func:`mask_kinds` gives (Llama: full; Mistral: sliding when ``config.sliding_window``
+   is set; Qwen2 / Qwen3: ``config.layer_types[i]``);
+3. ``position_embeddings = rotary_emb(hidden, position_ids)``;
+4. ``hidden = layer(hidden, attention_mask=mask_i, position_embeddings=..., position_ids=...)`` for each block;
+5. ``hidden = norm(hidden)``.
+
+Only the exact classes qualify (a subclass may change ``forward``); every other decoder gets
+:func:`supports_split` False, and its callers take the plain path.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable, NamedTuple
+
+import torch
+from torch import nn
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.models.llama.modeling_llama import LlamaModel
+from transformers.models.mistral.modeling_mistral import MistralModel
+from transformers.models.qwen2.modeling_qwen2 import Qwen2Model
+from transformers.models.qwen3.modeling_qwen3 import Qwen3Model
+
+from rlhfkit.core.masks import position_ids_from_mask
+
+__all__ = ["SUPPORTED", "Trunk", "embedding_and_blocks", "mask_kinds", "run_blocks", "supports_split"]
+
+SUPPORTED = (LlamaModel, MistralModel, Qwen2Model, Qwen3Model)
+_MASKS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
+_MASK_ARGUMENTS = {"config", "inputs_embeds", "attention_mask", "position_ids"}
+
+
+def _cache_keyword(fn: Callable) -> str | None:
+    """The name under which ``fn`` (a mask function) takes the KV cache (transformers 5.24 renamed
+    ``past_key_values`` to ``cache``), or None when ``fn`` does not take the arguments `run_blocks` passes (then
+    nothing is split: another transformers release may build masks otherwise)."""
+    params = inspect.signature(fn).parameters
+    cache = next((name for name in ("cache", "past_key_values") if name in params), None)
+    required = {name for name, p in params.items() if p.default is inspect.Parameter.empty
+                and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    ok = cache is not None and _MASK_ARGUMENTS <= set(params) and required <= _MASK_ARGUMENTS | {cache}
+    return cache if ok else None
+
+
+_CACHE_KEYWORDS = {kind: _cache_keyword(fn) for kind, fn in _MASKS.items()}
+
+
+class Trunk(NamedTuple):
+    """Hidden states (B, L, H) of a batch after its decoder's embeddings and first ``layers`` blocks."""
+
+    hidden: torch.Tensor
+    layers: int
+
+
+def supports_split(decoder: nn.Module | None) -> bool:
+    """Whether :func:`run_blocks` reproduces ``decoder``'s forward: its exact class is in :data:`SUPPORTED` and the
+    installed transformers' mask functions take the arguments it passes."""
+    return (decoder is not None and type(decoder) in SUPPORTED
+            and all(_CACHE_KEYWORDS[kind] is not None for kind in set(mask_kinds(decoder))))
+
+
+def num_blocks(decoder: nn.Module) -> int:
+    """The blocks the decoder's forward runs (``layers[:config.num_hidden_layers]``)."""
+    return min(len(decoder.layers), decoder.config.num_hidden_layers)
+
+
+def mask_kinds(decoder: nn.Module) -> list[str]:
+    """The attention-mask kind (``full_attention`` / ``sliding_attention``) of each block, as its forward picks it."""
+    n, config = num_blocks(decoder), decoder.config
+    if isinstance(decoder, (Qwen2Model, Qwen3Model)):
+        return list(config.layer_types[:n])
+    if isinstance(decoder, MistralModel) and config.sliding_window is not None:
+        return ["sliding_attention"] * n
+    return ["full_attention"] * n
+
+
+def embedding_and_blocks(decoder: nn.Module, stop: int) -> list[nn.Module]:
+    """The modules that make the hidden states after block ``stop``: the input embeddings and blocks 0..stop-1."""
+    return [decoder.embed_tokens, *decoder.layers[:stop]]
+
+
+def run_blocks(decoder: nn.Module, attention_mask: torch.Tensor, start: int, stop: int | None = None,
+               input_ids: torch.Tensor | None = None, hidden: torch.Tensor | None = None) -> torch.Tensor:
+    """Blocks ``start .. stop-1`` of a supported decoder; (B, L, H).
+
+    ``start == 0`` embeds ``input_ids`` (B, L); otherwise ``hidden`` (B, L, H) holds the hidden states after block
+    ``start`` (from an earlier call). ``stop=None`` runs the remaining blocks and the final norm: the decoder's
+    ``last_hidden_state``. ``attention_mask`` (B, L) is the padding mask; positions come from it
+    (`core.masks.position_ids_from_mask`, as `models.loading.forward_hidden` passes them).
+    """
+    if not supports_split(decoder):
+        raise ValueError(f"{type(decoder).__name__} is not a decoder whose blocks can be run in parts")
+    n = num_blocks(decoder)
+    final = stop is None
+    stop = n if stop is None else stop
+    if not 0 <= start <= stop <= n:
+        raise ValueError(f"blocks {start}..{stop} of a decoder with {n} blocks")
+    if start == 0:
+        if input_ids is None:
+            raise ValueError("start = 0 needs input_ids")
+        hidden = decoder.embed_tokens(input_ids)
+    elif hidden is None or hidden.shape[:2] != attention_mask.shape:
+        raise ValueError(f"start = {start} needs hidden states of shape (B, L, H) for the mask "
+                         f"{tuple(attention_mask.shape)}")
+    elif hidden.dtype != decoder.embed_tokens.weight.dtype:
+        # the masks and rotary tables take the dtype of the residual stream, which is the embeddings' (autocast
+        # too: a block adds its bf16 outputs to the float32 stream)
+        raise ValueError(f"hidden states in {hidden.dtype}, the embeddings in {decoder.embed_tokens.weight.dtype}")
+    mask = attention_mask.long()
+    position_ids = position_ids_from_mask(attention_mask)
+    kinds = mask_kinds(decoder)[start:stop]
+    masks = {kind: _MASKS[kind](config=decoder.config, inputs_embeds=hidden, attention_mask=mask,
+                                position_ids=position_ids, **{_CACHE_KEYWORDS[kind]: None}) for kind in set(kinds)}
+    if stop > start:
+        position_embeddings = decoder.rotary_emb(hidden, position_ids)
+        for layer, kind in zip(decoder.layers[start:stop], kinds):
+            hidden = layer(hidden, attention_mask=masks[kind], position_embeddings=position_embeddings,
+                           position_ids=position_ids, use_cache=False)
+    return decoder.norm(hidden) if final else hidden

@@ -1,0 +1,199 @@
+"""Frozen trunks computed once per rollout (``reuse_frozen_trunk``).
+
+With ``freeze_layers = k`` the policy's embeddings and lowest k blocks never change, so their output (the
+"trunk", `models.trunk`) depends on the tokens only. Per rollout it is computed once for every row, without
+gradients, and then serves
+
+* the policy's old log-probs and every epoch's forward: the policy runs only blocks k..N (with gradients in the
+  update; none flow into the frozen blocks anyway);
+* the reference log-probs: the reference (a copy of the initial policy) has the very same lowest k blocks, so
+  it runs only its blocks k..N on the policy's trunk;
+* the critic, with ``critic_freeze_layers = c``: its own trunk after c blocks is likewise computed once; when its
+  embeddings and lowest blocks are bit-identical to the policy's (``critic_init=policy``, or a reward model
+  trained with those blocks frozen), its trunk continues from the policy's hidden states after
+  ``j = min(k, c)`` (or fewer: as many leading blocks as are identical) blocks instead of from the tokens.
+
+Which of these apply is decided by `plan_trunks` from the models themselves: a model that `rollout.forward.
+trunk_decoder` does not accept (LoRA / peft, DistributedDataParallel, a logit transform, an architecture outside
+`models.trunk.SUPPORTED`), blocks that are not frozen, or a reference / critic whose blocks differ from the
+policy's (``torch.equal`` on every parameter, the same configuration and rotary tables) take the plain path
+for that part. `TrunkSharing` re-plans only when one of those parameters changes (its storage, dtype, device,
+``requires_grad`` or in-place version counter), so the equality check runs once per run in practice.
+
+The trunks are computed over the first epoch's micro-batches (trimmed as the update trims them, see
+`ppo_update`), so the first minibatch still has ratio 1 exactly, and stored in the (B, P + T, H) layout of the
+update batch (`TrunkStates`); a later epoch's micro-batch takes its rows and its trimmed columns from there.
+Every model sees exactly the tokens and positions of the plain path; the results differ from it only by the
+float rounding of computing the lower blocks in another batch shape. Memory: one (B, P + T, H) tensor per
+trunk (policy, critic) for the iteration.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from rlhfkit.models.trunk import Trunk, embedding_and_blocks, mask_kinds, num_blocks
+from rlhfkit.rollout.forward import TrimmedBatch, trunk_decoder, trunk_forward
+
+# configuration entries that the embeddings, blocks, masks and rotary tables do not read (a reward model's
+# labels and pad id, names, saving and output switches)
+_IGNORED_CONFIG = {"architectures", "id2label", "label2id", "num_labels", "problem_type", "pad_token_id",
+                   "bos_token_id", "eos_token_id", "_name_or_path", "transformers_version", "dtype", "torch_dtype",
+                   "use_cache", "tie_word_embeddings", "return_dict", "output_hidden_states", "output_attentions",
+                   "finetuning_task", "tokenizer_class", "_commit_hash", "chunk_size_feed_forward"}
+
+
+@dataclass(frozen=True)
+class TrunkPlan:
+    """Which trunks a rollout computes. ``policy`` = k and ``critic`` = c: blocks run once per rollout (0: that
+    model takes the plain path); ``reference``: the reference runs its blocks k..N on the policy's trunk;
+    ``shared`` = j: the critic's trunk continues from the policy's hidden states after j blocks (0: from its own
+    embeddings)."""
+
+    policy: int = 0
+    reference: bool = False
+    critic: int = 0
+    shared: int = 0
+
+    def compute(self, policy: nn.Module, critic: nn.Module, query_ids: torch.Tensor, query_mask: torch.Tensor,
+                response_ids: torch.Tensor, response_mask: torch.Tensor,
+                autocast_dtype: torch.dtype | None = None) -> tuple[Trunk | None, Trunk | None]:
+        """The policy's and the critic's trunks of one (trimmed) micro-batch (None where not planned)."""
+        args = (query_ids, query_mask, response_ids, response_mask)
+        shared = trunk_forward(policy, *args, layers=self.shared, autocast_dtype=autocast_dtype) if self.shared else None
+        policy_trunk = critic_trunk = None
+        if self.policy:
+            policy_trunk = trunk_forward(policy, *args, layers=self.policy, base=shared, autocast_dtype=autocast_dtype)
+        if self.critic:
+            critic_trunk = trunk_forward(critic, *args, layers=self.critic, base=shared, autocast_dtype=autocast_dtype)
+        return policy_trunk, critic_trunk
+
+
+class TrunkStates(NamedTuple):
+    """The trunks of one rollout, (B, P + T, H) in the layout of the update batch (P = its query width)."""
+
+    policy: Trunk | None
+    critic: Trunk | None
+    query_width: int
+
+    def rows(self, idx: torch.Tensor, tb: TrimmedBatch) -> tuple[Trunk | None, Trunk | None]:
+        """The trunks of the rows ``idx`` for their trimmed micro-batch ``tb`` (its kept columns)."""
+        cols = slice(tb.query_start, self.query_width + tb.response_end)
+        return tuple(None if t is None else Trunk(t.hidden[idx, cols], t.layers) for t in (self.policy, self.critic))
+
+
+def assemble(parts: list[tuple[list[int], TrimmedBatch, Trunk | None]], num_rows: int, query_width: int,
+             response_width: int) -> Trunk | None:
+    """One (B, P + T, H) trunk from the trunks of trimmed micro-batches (rows, their trim, their trunk); columns a
+    micro-batch trimmed stay 0 (padding of those rows, never attended to). Outside ``inference_mode`` this gives
+    a normal tensor, usable by the update's autograd-recording forward."""
+    present = [p for p in parts if p[2] is not None]
+    if not present:
+        return None
+    first = present[0][2]
+    hidden = first.hidden.new_zeros((num_rows, query_width + response_width, first.hidden.shape[-1]))
+    for rows, tb, trunk in present:
+        idx = torch.tensor(rows, dtype=torch.long, device=hidden.device)
+        hidden[idx, tb.query_start:query_width + tb.response_end] = trunk.hidden.clone()
+    return Trunk(hidden, first.layers)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Planning
+# ----------------------------------------------------------------------------------------------------------
+def _params(modules: list[nn.Module]) -> list[tuple[str, nn.Parameter]]:
+    return [(f"{i}.{name}", p) for i, m in enumerate(modules) for name, p in m.named_parameters()]
+
+
+def _frozen(decoder: nn.Module, layers: int) -> bool:
+    return all(not p.requires_grad for _, p in _params(embedding_and_blocks(decoder, layers)))
+
+
+def _config_view(decoder: nn.Module) -> dict[str, Any]:
+    config = decoder.config
+    view = {k: v for k, v in config.to_dict().items() if k not in _IGNORED_CONFIG}
+    view["_attn_implementation"] = getattr(config, "_attn_implementation", None)
+    return view
+
+
+def _same_tensors(a: list[tuple[str, torch.Tensor]], b: list[tuple[str, torch.Tensor]]) -> bool:
+    return len(a) == len(b) and all(na == nb and ta.dtype == tb.dtype and ta.device == tb.device and
+                                    torch.equal(ta, tb) for (na, ta), (nb, tb) in zip(a, b))
+
+
+def _same_setup(a: nn.Module, b: nn.Module) -> bool:
+    """The same architecture, block configuration and rotary tables (buffers included)."""
+    if type(a) is not type(b) or _config_view(a) != _config_view(b):
+        return False
+    rotary = (list(a.rotary_emb.named_buffers()), list(b.rotary_emb.named_buffers()))
+    return _same_tensors(*rotary) and getattr(a.rotary_emb, "attention_scaling", None) == getattr(
+        b.rotary_emb, "attention_scaling", None)
+
+
+def shared_depth(a: nn.Module, b: nn.Module, limit: int) -> int:
+    """How many of the lowest ``limit`` blocks two supported decoders share bit for bit (their embeddings too;
+    0 if those differ): the hidden states after that many blocks are then the same function of the tokens."""
+    if a is b:
+        return limit
+    if limit == 0 or not _same_setup(a, b) or mask_kinds(a)[:limit] != mask_kinds(b)[:limit]:
+        return 0
+    if not _same_tensors(_params([a.embed_tokens]), _params([b.embed_tokens])):
+        return 0
+    depth = 0
+    while depth < limit and _same_tensors(_params([a.layers[depth]]), _params([b.layers[depth]])):
+        depth += 1
+    return depth
+
+
+def plan_trunks(policy: nn.Module, reference: nn.Module, critic: nn.Module, policy_layers: int,
+                critic_layers: int) -> TrunkPlan:
+    """The `TrunkPlan` for these models with ``freeze_layers = policy_layers`` and ``critic_freeze_layers =
+    critic_layers`` (the module docstring says when each part applies)."""
+    decoder, critic_decoder = trunk_decoder(policy), trunk_decoder(critic)
+    k = policy_layers if decoder is not None and 0 < policy_layers <= num_blocks(decoder) else 0
+    if k and not _frozen(decoder, k):
+        k = 0
+    reference_decoder = trunk_decoder(reference) if k else None
+    share_reference = reference_decoder is not None and shared_depth(decoder, reference_decoder, k) == k
+    c = critic_layers if critic_decoder is not None and 0 < critic_layers <= num_blocks(critic_decoder) else 0
+    if c and not _frozen(critic_decoder, c):
+        c = 0
+    j = shared_depth(decoder, critic_decoder, min(k, c)) if k and c else 0
+    return TrunkPlan(policy=k, reference=share_reference, critic=c, shared=j)
+
+
+class TrunkSharing:
+    """`plan_trunks` for a run, re-planned only when a parameter it depends on changed (see the module docstring);
+    ``enabled=False`` (``reuse_frozen_trunk=False``) plans nothing."""
+
+    def __init__(self, enabled: bool, policy_layers: int, critic_layers: int) -> None:
+        self.enabled = enabled
+        self.policy_layers = policy_layers
+        self.critic_layers = critic_layers
+        self._key: tuple | None = None
+        self._plan = TrunkPlan()
+
+    def _signature(self, policy: nn.Module, reference: nn.Module, critic: nn.Module) -> tuple:
+        parts: list[Any] = [id(policy), id(reference), id(critic)]
+        for model, layers in ((policy, self.policy_layers), (reference, self.policy_layers),
+                              (critic, self.critic_layers)):
+            decoder = trunk_decoder(model)
+            parts.append(None if decoder is None else id(decoder))
+            if decoder is not None:
+                modules = embedding_and_blocks(decoder, min(layers, num_blocks(decoder)))
+                parts.extend((id(p), p.data_ptr(), p.dtype, p.device, p.requires_grad, p._version)
+                             for _, p in _params(modules))
+        return tuple(parts)
+
+    def plan(self, policy: nn.Module, reference: nn.Module, critic: nn.Module) -> TrunkPlan:
+        if not self.enabled or not (self.policy_layers or self.critic_layers):
+            return TrunkPlan()
+        key = self._signature(policy, reference, critic)
+        if key != self._key:
+            self._plan = plan_trunks(policy, reference, critic, self.policy_layers, self.critic_layers)
+            self._key = key
+        return self._plan

@@ -1,0 +1,309 @@
+"""The no-grad forwards of a PPO iteration run each thing once: the frozen trunk (``reuse_frozen_trunk``) is
+computed once per rollout and gives the plain path's numbers; ``old_logprobs=rollout`` skips the policy's pass
+and gives the recomputing path's numbers up to the float32 storage of the sampler's log-probs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from ppo_helpers import (make_config, make_policy_folder, one_thread,  # noqa: F401  (one_thread: autouse fixture)
+                         randomize_value_head, trainable)
+from tolerances import assert_within, forward_factor, linear_terms, logprob_tolerance
+
+import rlhfkit.train.ppo_trainer as ppo_trainer
+from rlhfkit.errors import RlhfkitError
+from rlhfkit.rollout.forward import policy_forward
+from rlhfkit.train.ppo_trainer import PPOTrainer
+from rlhfkit.train.ppo_trunk import TrunkPlan
+from rlhfkit.train.ppo_update import UpdateSettings, ppo_update
+
+LAYERS = 4
+
+
+def _trainer(tmp_path, dtype=torch.float64, perturb=True, **overrides) -> PPOTrainer:
+    """A 4-block policy with its 2 lowest blocks frozen and a critic (from the policy, random head) with 3; in
+    ``dtype``; the policy's trainable weights perturbed so that it differs from the reference (a KL that is not
+    0, reference log-probs that are not the old ones). Equal arguments give equal trainers."""
+    if not (tmp_path / "sft").exists():
+        make_policy_folder(tmp_path / "sft", layers=LAYERS)
+    kw = dict(freeze_layers=2, critic_freeze_layers=3, kl_coef=0.3, micro_batch_size=3, max_new_tokens=8)
+    trainer = PPOTrainer(make_config(tmp_path, **{**kw, **overrides}))
+    randomize_value_head(trainer.critic)
+    for model in (trainer.policy, trainer.reference, trainer.critic):
+        model.to(dtype)
+    if perturb:
+        g = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            for p in trainer.policy.parameters():
+                if p.requires_grad:
+                    p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return trainer
+
+
+def _sgd(trainer: PPOTrainer, lr: float = 0.5) -> None:
+    """SGD instead of AdamW: the new weights are the gradients themselves (Adam would hide their scale)."""
+    trainer.policy_optimizer = torch.optim.SGD([p for p in trainer.policy.parameters() if p.requires_grad], lr=lr)
+    trainer.critic_optimizer = torch.optim.SGD([p for p in trainer.critic.parameters() if p.requires_grad], lr=lr)
+
+
+def _pair(tmp_path, dtype=torch.float64, **overrides):
+    """(fast, plain) trainers on the same rollout: their prepared experiences."""
+    fast, plain = (_trainer(tmp_path, dtype, reuse_frozen_trunk=on, **overrides) for on in (True, False))
+    rollout, _ = fast.rollout()
+    raw = torch.linspace(-1, 1, rollout.query_ids.shape[0])
+    return fast, plain, fast.prepare(rollout, raw), plain.prepare(rollout, raw)
+
+
+# ------------------------------------------------------------------------------------------- the plan
+def test_plan_follows_the_models(tmp_path):
+    trainer = _trainer(tmp_path, torch.float32)
+    plan = trainer.trunks.plan(trainer.policy, trainer.reference, trainer.critic)
+    # critic_init=policy: the critic's embeddings and lowest blocks are the policy's, so its trunk (3 blocks)
+    # continues from the policy's hidden states after min(2, 3) blocks
+    assert plan == TrunkPlan(policy=2, reference=True, critic=3, shared=2)
+    assert _trainer(tmp_path, torch.float32, critic_freeze_layers=1).trunks.plan(
+        trainer.policy, trainer.reference, trainer.critic) == TrunkPlan(policy=2, reference=True, critic=1, shared=1)
+    # the critic's frozen blocks alone: its own trunk, nothing shared
+    alone = _trainer(tmp_path, torch.float32, freeze_layers=0)
+    assert alone.trunks.plan(alone.policy, alone.reference, alone.critic) == TrunkPlan(policy=0, critic=3)
+    # a change of a frozen parameter is seen (its version counter) and re-planned: block 1 of the reference now
+    # differs from the policy's, so the reference runs in full and the critic shares only block 0
+    with torch.no_grad():
+        trainer.reference.model.layers[1].mlp.up_proj.weight[0, 0] += 1e-3
+    plan = trainer.trunks.plan(trainer.policy, trainer.reference, trainer.critic)
+    assert plan == TrunkPlan(policy=2, reference=False, critic=3, shared=2)
+    with torch.no_grad():
+        trainer.critic.model.base_model.layers[1].mlp.up_proj.weight[0, 0] += 1e-3
+    assert trainer.trunks.plan(trainer.policy, trainer.reference, trainer.critic).shared == 1
+    # another dtype of the critic: nothing is shared with it, its own trunk stays
+    trainer.critic.double()
+    assert trainer.trunks.plan(trainer.policy, trainer.reference, trainer.critic) == TrunkPlan(2, False, 3, 0)
+
+
+@pytest.mark.parametrize("overrides", [{"reuse_frozen_trunk": False}, {"lora_r": 2}, {"freeze_layers": 0,
+                                       "critic_freeze_layers": 0}])
+def test_plain_path_where_the_trunk_does_not_apply(tmp_path, overrides):
+    """Turned off, LoRA (the policy is a peft model: its adapters change what blocks compute, and the reference is
+    the same model with them off), nothing frozen: no trunk, and the iteration is today's (ratio 1 exactly)."""
+    trainer = _trainer(tmp_path, torch.float32, perturb=False, **overrides)
+    plan = trainer.trunks.plan(trainer.policy, trainer.reference, trainer.critic)
+    assert plan.policy == 0 and not plan.reference
+    if "lora_r" not in overrides:
+        assert plan == TrunkPlan()
+    result = trainer.iteration(1)
+    assert result.minibatch_stats[0]["policy/ratio_mean"] == 1.0
+
+
+# ------------------------------------------------------------------------------------------- fast == plain
+def test_fast_path_gives_the_plain_paths_rollout_numbers_float64(tmp_path):
+    fast, plain, a, b = _pair(tmp_path)
+    assert a.batch.trunks is not None and b.batch.trunks is None
+    m = a.batch.response_mask
+    assert float(a.shaped.kl[m].abs().max()) > 1e-3 and float(a.batch.old_values[m].abs().min()) > 0
+    for name in ("old_logprobs", "old_values", "advantages", "returns"):
+        torch.testing.assert_close(getattr(a.batch, name), getattr(b.batch, name), rtol=0, atol=1e-12)
+    torch.testing.assert_close(a.ref_logprobs, b.ref_logprobs, rtol=0, atol=1e-12)
+
+
+def test_fast_path_gives_the_plain_paths_gradients_float64(tmp_path):
+    """One SGD step of lr 1 over all 8 rows in micro-batches of 3, a grouping other than the one the trunks were
+    computed in (micro-batches of 3 within minibatches of 4): the weight change is the gradient of every
+    trainable parameter."""
+    fast, plain, a, b = _pair(tmp_path)
+    assert a.batch.trunks is not None and b.batch.trunks is None
+    settings = UpdateSettings(clip_range=0.2, clip_range_value=0.2, vf_coef=0.1, entropy_coef=0.01,
+                              temperature=fast.cfg.temperature, micro_batch_size=3)
+    grads, stats = [], []
+    for trainer, exp in ((fast, a), (plain, b)):
+        before = {**trainable(trainer.policy), **{f"critic.{n}": p for n, p in trainable(trainer.critic).items()}}
+        _sgd(trainer, lr=1.0)
+        stats.append(ppo_update(trainer.policy, trainer.critic, trainer.policy_optimizer, trainer.critic_optimizer,
+                                exp.batch, [[list(range(8))]], settings, trainer.dist)[0])
+        after = {**trainable(trainer.policy), **{f"critic.{n}": p for n, p in trainable(trainer.critic).items()}}
+        grads.append({n: before[n] - after[n] for n in before})
+    assert grads[0].keys() == grads[1].keys()
+    assert not any(n.startswith(("model.embed_tokens", "model.layers.0.", "model.layers.1.")) for n in grads[0])
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=0, atol=1e-12, msg=n)
+    assert min(float(g.abs().max()) for g in grads[1].values()) > 1e-6  # every parameter has a gradient
+    for key in stats[1]:
+        assert stats[0][key] == pytest.approx(stats[1][key], rel=1e-12, abs=1e-14), key
+
+
+def test_fast_path_gives_the_plain_paths_update_float64(tmp_path):
+    """A whole update (2 epochs x 2 minibatches, SGD): the same per-minibatch statistics and trained weights."""
+    fast, plain, a, b = _pair(tmp_path)
+    histories = []
+    for trainer, exp in ((fast, a), (plain, b)):
+        _sgd(trainer)
+        histories.append(trainer.update(exp))
+    assert len(histories[0]) == len(histories[1]) == 4
+    for h0, h1 in zip(*histories):
+        assert h0.keys() == h1.keys()
+        for key in h0:
+            assert h0[key] == pytest.approx(h1[key], rel=1e-12, abs=1e-14), key
+    assert histories[0][0]["policy/ratio_mean"] == 1.0  # the first minibatch: ratio 1 exactly on the fast path
+    assert histories[0][3]["policy/approx_kl"] > 1e-6
+    for model in ("policy", "critic"):
+        p0, p1 = trainable(getattr(fast, model)), trainable(getattr(plain, model))
+        for n in p0:
+            torch.testing.assert_close(p0[n], p1[n], rtol=0, atol=1e-12, msg=n)
+
+
+def test_fast_path_rollout_numbers_are_the_plain_paths_bits_in_float32(tmp_path):
+    """The trunks are computed over the first epoch's micro-batches, the very shapes of the plain path: the old
+    and reference log-probs and the values are equal to the last bit (the later epochs' other groupings differ
+    by rounding only, as the float64 tests show)."""
+    fast, plain, a, b = _pair(tmp_path, torch.float32)
+    for name in ("old_logprobs", "old_values", "advantages", "returns"):
+        assert torch.equal(getattr(a.batch, name), getattr(b.batch, name)), name
+    assert torch.equal(a.ref_logprobs, b.ref_logprobs)
+
+
+@pytest.mark.parametrize("variant", ["float32", "bf16"])
+def test_first_minibatch_has_ratio_exactly_one_on_the_fast_path(tmp_path, variant):
+    trainer = _trainer(tmp_path, torch.float32, perturb=False, bf16=variant == "bf16", ppo_epochs=2)
+    assert trainer.trunks.plan(trainer.policy, trainer.reference, trainer.critic).policy == 2
+    result = trainer.iteration(1)
+    first = result.minibatch_stats[0]
+    assert (first["policy/approx_kl"], first["policy/ratio_mean"], first["policy/ratio_var"]) == (0.0, 1.0, 0.0)
+    assert first["val/clipfrac"] == 0.0 and result.stats["objective/kl"] == 0.0
+    assert all(s["policy/ratio_mean"] != 1.0 for s in result.minibatch_stats[1:])
+
+
+# ------------------------------------------------------------------------------------------- work skipped
+def _count_rows(modules: dict[str, torch.nn.Module]) -> tuple[dict[str, int], list]:
+    counts = {name: 0 for name in modules}
+    handles = [m.register_forward_pre_hook(lambda mod, args, name=name: counts.__setitem__(
+        name, counts[name] + args[0].shape[0])) for name, m in modules.items()]
+    return counts, handles
+
+
+def _blocks(trainer: PPOTrainer) -> dict[str, torch.nn.Module]:
+    critic = trainer.critic.model.base_model.layers
+    return {"policy0": trainer.policy.model.layers[0], "policy3": trainer.policy.model.layers[3],
+            "reference0": trainer.reference.model.layers[0], "reference3": trainer.reference.model.layers[3],
+            "critic0": critic[0], "critic2": critic[2], "critic3": critic[3]}
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_lower_blocks_run_once_per_row_per_rollout(tmp_path, reuse):
+    trainer = _trainer(tmp_path, torch.float32, reuse_frozen_trunk=reuse, ppo_epochs=3)
+    rollout, _ = trainer.rollout()
+    counts, handles = _count_rows(_blocks(trainer))
+    try:
+        trainer.update(trainer.prepare(rollout, torch.zeros(rollout.query_ids.shape[0])))
+    finally:
+        for h in handles:
+            h.remove()
+    B, E = 8, 3
+    if reuse:
+        # the shared stage (policy blocks 0-1) once; the critic's block 2 (frozen, not shared) once; the reference
+        # runs only blocks 2-3; the upper blocks: once for the old log-probs / values, once per epoch
+        assert counts == {"policy0": B, "policy3": B + E * B, "reference0": 0, "reference3": B, "critic0": 0,
+                          "critic2": B, "critic3": B + E * B}
+    else:
+        assert counts == {"policy0": B + E * B, "policy3": B + E * B, "reference0": B, "reference3": B,
+                          "critic0": B + E * B, "critic2": B + E * B, "critic3": B + E * B}
+
+
+@pytest.mark.parametrize("freeze", [0, 2])
+def test_rollout_old_logprobs_skip_the_policy_pass(tmp_path, freeze):
+    trainer = _trainer(tmp_path, torch.float32, old_logprobs="rollout", freeze_layers=freeze, ppo_epochs=1)
+    rollout, _ = trainer.rollout()
+    counts, handles = _count_rows({"head": trainer.policy.lm_head, "reference": trainer.reference.lm_head})
+    try:
+        exp = trainer.prepare(rollout, torch.zeros(rollout.query_ids.shape[0]))
+    finally:
+        for h in handles:
+            h.remove()
+    assert counts == {"head": 0, "reference": 8}
+    m = exp.batch.response_mask
+    assert torch.equal(exp.batch.old_logprobs, torch.where(m, rollout.rollout_logprobs.double(), 0.0).float())
+
+
+# ------------------------------------------------------------------------------------------- old_logprobs
+def test_sampler_logprobs_are_the_training_forwards_in_float64(tmp_path):
+    """The sampler (KV cache, one position at a time) and the training forward (whole sequences) compute the same
+    log-probs. The sampler casts its logits to float32 before the log-softmax (`rollout.sampling`), so in float64
+    they differ by that alone: the float32 rounding of the logits (1 stage) and of the log-softmax, nothing of the
+    network's (the float32 test below allows the 4 blocks' rounding, here there is none)."""
+    trainer = _trainer(tmp_path, torch.float64)
+    rollout, _ = trainer.rollout()
+    m = rollout.response_mask.bool()
+    with torch.no_grad():
+        exact = policy_forward(trainer.policy, rollout.query_ids, rollout.query_mask.bool(), rollout.response_ids, m,
+                               temperature=trainer.cfg.temperature, with_logits=True)
+    assert exact.logprobs.dtype == torch.float64 and rollout.rollout_logprobs.dtype == torch.float32
+    tol = logprob_tolerance(exact.logits.abs(), exact.logprobs, trainer.cfg.temperature, 1)
+    assert_within(rollout.rollout_logprobs.double(), exact.logprobs, torch.where(m, tol, 0.0), "sampler vs forward")
+    assert bool(m.sum(1).ne(m.shape[1]).any())  # rows of different lengths: padding is compared too
+
+
+def test_sampler_logprobs_are_the_training_forwards_in_float32(tmp_path):
+    trainer = _trainer(tmp_path, torch.float32)
+    rollout, _ = trainer.rollout()
+    m = rollout.response_mask.bool()
+    with torch.no_grad(), linear_terms(trainer.policy.lm_head) as terms:
+        exact = policy_forward(trainer.policy, rollout.query_ids, rollout.query_mask.bool(), rollout.response_ids, m,
+                               temperature=trainer.cfg.temperature).logprobs
+    # the same network in other shapes (one position with a cache vs whole sequences): the rounding of the 4
+    # blocks, then the log-softmax over the vocabulary
+    tol = torch.where(m, logprob_tolerance(terms[0], exact, trainer.cfg.temperature, forward_factor(LAYERS)), 0.0)
+    assert_within(rollout.rollout_logprobs, exact, tol, "sampler vs forward")
+
+
+def test_rollout_old_logprobs_are_recompute_with_the_samplers_numbers(tmp_path, monkeypatch):
+    """``rollout`` is ``recompute`` with the sampler's log-probs in place of the recomputed ones, nothing else:
+    the recomputing trainer given those gives the same prepared batch and the same update, bit for bit. (The two
+    sampler tests above bound how far those numbers are from the recomputed ones.)"""
+    real = ppo_trainer.rollout_forward
+    rollout_mode, recompute = (_trainer(tmp_path, old_logprobs=mode) for mode in ("rollout", "recompute"))
+    rollout, _ = rollout_mode.rollout()
+    raw = torch.linspace(-1, 1, 8)
+    a = rollout_mode.prepare(rollout, raw)
+
+    def with_sampler_logprobs(*args, **kwargs):
+        fwd = real(*args, **kwargs)
+        assert fwd.old_logprobs is not None  # the recomputing trainer did run the policy pass
+        mask = args[7]
+        return fwd._replace(old_logprobs=torch.where(mask, rollout.rollout_logprobs.to(fwd.old_logprobs.dtype), 0.0))
+
+    monkeypatch.setattr(ppo_trainer, "rollout_forward", with_sampler_logprobs)
+    b = recompute.prepare(rollout, raw)
+    for name in ("old_logprobs", "old_values", "advantages", "returns"):
+        assert torch.equal(getattr(a.batch, name), getattr(b.batch, name)), name
+    histories = []
+    for trainer, exp in ((rollout_mode, a), (recompute, b)):
+        _sgd(trainer)
+        histories.append(trainer.update(exp))
+    assert histories[0] == histories[1]
+    for model in ("policy", "critic"):
+        p0, p1 = trainable(getattr(rollout_mode, model)), trainable(getattr(recompute, model))
+        assert all(torch.equal(p0[n], p1[n]) for n in p0), model
+
+
+def test_rollout_old_logprobs_move_the_first_ratio_by_the_samplers_gap_only(tmp_path):
+    """With ``rollout`` the first minibatch's ratio is exp(recomputed - sampler's) per token: 1 up to the gap δ
+    between the two (float32 log-softmax of the sampler), not exactly 1; the same policy otherwise."""
+    rollout_mode, recompute = (_trainer(tmp_path, old_logprobs=mode) for mode in ("rollout", "recompute"))
+    rollout, _ = rollout_mode.rollout()
+    raw = torch.linspace(-1, 1, 8)
+    a, b = rollout_mode.prepare(rollout, raw), recompute.prepare(rollout, raw)
+    m = a.batch.response_mask
+    gap = float((a.batch.old_logprobs - b.batch.old_logprobs)[m].abs().max())
+    assert 0 < gap < 1e-5
+    first = [t.update(exp)[0] for t, exp in ((rollout_mode, a), (recompute, b))]
+    assert first[1]["policy/ratio_mean"] == 1.0
+    assert abs(first[0]["policy/ratio_mean"] - 1.0) <= math.expm1(gap)
+    assert first[0]["policy/approx_kl"] <= gap ** 2  # (ρ - 1) - log ρ ≈ ½ (log ρ)²
+
+
+def test_rollout_old_logprobs_need_no_full_kl(tmp_path):
+    with pytest.raises(RlhfkitError, match="old_logprobs='rollout' cannot be combined with kl_estimator='full'"):
+        make_config(tmp_path, old_logprobs="rollout", kl_estimator="full")
+    with pytest.raises(RlhfkitError, match="old_logprobs"):
+        make_config(tmp_path, old_logprobs="sampler")
+
