@@ -127,7 +127,7 @@ class _StubLLM:
         self.completions, self.params = completions, None
 
     def generate(self, prompts, params, use_tqdm):
-        self.prompts, self.params = prompts, params
+        self.prompts, self.params, self.threads = prompts, params, torch.get_num_threads()
         return [SimpleNamespace(outputs=[SimpleNamespace(
             token_ids=tokens, logprobs=[{t: SimpleNamespace(logprob=lp)} for t, lp in zip(tokens, logprobs)],
             finish_reason=reason, stop_reason=stop_reason)]) for tokens, logprobs, reason, stop_reason in self.completions]
@@ -139,6 +139,7 @@ def _stub_engine(completions) -> VLLMEngine:
     engine._vllm = SimpleNamespace(SamplingParams=lambda **kw: kw)
     engine.tokenizer = ppo_helpers.make_tokenizer()
     engine.device = torch.device("cpu")
+    engine.engine_threads = None
     return engine
 
 
@@ -179,6 +180,19 @@ def test_greedy_needs_no_generator_and_sampling_does():
     assert engine.llm.params[0]["seed"] is None and engine.llm.params[0]["top_k"] == 0
     with pytest.raises(ValueError, match="needs a torch.Generator"):
         engine.sample(ids, ids > 0, GenerationConfig(max_new_tokens=1, pad_token_id=0))
+
+
+def test_the_engine_samples_with_its_threads_and_gives_the_process_its_own_back():
+    engine = _stub_engine([([9], [-0.5], "length", None)])
+    engine.engine_threads = 1
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        engine.sample(torch.tensor([[3]]), torch.tensor([[True]]), GenerationConfig(max_new_tokens=1, temperature=0,
+                                                                                    pad_token_id=0))
+        assert engine.llm.threads == 1 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -344,27 +358,57 @@ def test_sync_weights_gives_the_perturbed_models_logprobs(tmp_path, tied):
 
 
 @needs_vllm
-def test_one_ppo_iteration_with_the_vllm_engine(tmp_path):
-    """A 1-iteration PPO run samples with vLLM and trains; its old log-probs come from the training forward, not
-    from vLLM: `rollout/logprob_diff` (the mean |vLLM's sampling log-prob − the trainer's old log-prob|) is not 0,
-    and at most the mean rounding tolerance of two float32 forwards of the policy on the sampled tokens."""
+@pytest.mark.slow
+def test_smollm2_logprobs_match_a_float32_transformers_forward():
+    """The real SmolLM2-135M (30 layers, tied embeddings), converted from its GGUF as `load_causal_lm` does: vLLM's
+    sampled-token log-probs equal a float32 transformers forward within the rounding of two float32 forwards."""
+    from rlhfkit.data.tokenize import left_pad
+    from rlhfkit.models.loading import ensure_pad_token, hf_folder, load_causal_lm, load_tokenizer, smollm2_gguf_path
+
+    path = smollm2_gguf_path()
+    tokenizer = ensure_pad_token(load_tokenizer(path))
+    texts = ["Describe a rainy Monday morning commute.", "Write two sentences about your neighbour's new dog."]
+    ids, mask = left_pad([tokenizer(t)["input_ids"] for t in texts], tokenizer.pad_token_id)
+    engine = VLLMEngine(hf_folder(path), max_model_len=64, max_num_seqs=2, seed=0, tokenizer=tokenizer)
+    config = GenerationConfig(max_new_tokens=12, temperature=0.7, stop_token_ids=(tokenizer.eos_token_id,),
+                              pad_token_id=tokenizer.pad_token_id)
+    rollout = engine.sample(ids, mask, config, torch.Generator().manual_seed(0))
+    model = load_causal_lm(path)
+    logits, terms = hf_logits(model, rollout)
+    expected = torch.log_softmax(logits.double() / 0.7, -1).gather(-1, rollout.response_ids[..., None]).squeeze(-1)
+    tol = logprob_tolerance(terms, expected, 0.7, forward_factor(model.config.num_hidden_layers))
+    m = rollout.response_mask
+    assert_within(rollout.rollout_logprobs[m], expected[m], tol[m], "SmolLM2: vLLM vs transformers")
+
+
+@needs_vllm
+def test_ppo_with_the_vllm_engine_samples_from_the_current_policy(tmp_path):
+    """A 2-iteration PPO run samples with vLLM and trains. At each rollout (the second one after an update) vLLM's
+    log-probs equal the policy's current float32 forward within rounding: the engine has its weights. The old
+    log-probs come from the training forward, not from vLLM: `rollout/logprob_diff` (mean |vLLM's log-prob − the
+    trainer's old log-prob|) is not 0 and at most the mean tolerance."""
     from rlhfkit.train.ppo_trainer import PPOTrainer
 
-    folder = ppo_helpers.make_policy_folder(tmp_path / "sft", hidden=256)  # 4 heads of 64
-    cfg = ppo_helpers.make_config(tmp_path, rollout_engine="vllm", iterations=1, max_prompt_length=16)
+    ppo_helpers.make_policy_folder(tmp_path / "sft", hidden=256)  # 4 heads of 64
+    cfg = ppo_helpers.make_config(tmp_path, rollout_engine="vllm", iterations=2, max_prompt_length=16)
     trainer = PPOTrainer(cfg)
-    rollouts = []
+    checked, first_weights = [], ppo_helpers.trainable(trainer.policy)
     sample = trainer.engine.sample
-    trainer.engine.sample = lambda *args: rollouts.append(sample(*args)) or rollouts[-1]
-    before = ppo_helpers.trainable(trainer.policy)
-    (result,) = trainer.train()
-    moved = [n for n, p in ppo_helpers.trainable(trainer.policy).items() if not torch.equal(p, before[n])]
-    assert moved and (tmp_path / "run" / "policy" / "config.json").is_file()
-    (rollout,) = rollouts
-    initial = load_hf(folder)  # the policy that iteration 1 sampled from
-    logits, terms = hf_logits(initial, rollout)
-    logp = torch.log_softmax(logits.double() / cfg.temperature, -1)
-    expected = logp.gather(-1, rollout.response_ids[..., None]).squeeze(-1)
-    tol = logprob_tolerance(terms, expected, cfg.temperature, forward_factor(NUM_LAYERS))
-    m = rollout.response_mask
-    assert 0 < result.stats["rollout/logprob_diff"] <= float(tol[m].mean())
+
+    def checked_sample(*args):
+        rollout = sample(*args)
+        logits, terms = hf_logits(trainer.policy, rollout)
+        logp = torch.log_softmax(logits.double() / cfg.temperature, -1)
+        expected = logp.gather(-1, rollout.response_ids[..., None]).squeeze(-1)
+        tol = logprob_tolerance(terms, expected, cfg.temperature, forward_factor(NUM_LAYERS))
+        m = rollout.response_mask
+        assert_within(rollout.rollout_logprobs[m], expected[m], tol[m], f"rollout {len(checked) + 1}")
+        checked.append(float(tol[m].mean()))
+        return rollout
+
+    trainer.engine.sample = checked_sample
+    results = trainer.train()
+    assert len(checked) == 2 and (tmp_path / "run" / "policy" / "config.json").is_file()
+    assert any(not torch.equal(p, first_weights[n]) for n, p in ppo_helpers.trainable(trainer.policy).items())
+    for result, tol in zip(results, checked):
+        assert 0 < result.stats["rollout/logprob_diff"] <= tol

@@ -28,8 +28,10 @@ built-in value by ``−log(kept mass)``. PPO never uses ``rollout_logprobs`` for
 from the trainer's own forward pass); they feed only the ``rollout/logprob_diff`` diagnostic, which then shows
 the engines' kernel differences (and, with top-k/top-p, that offset).
 
-Pitfalls (vLLM 0.32 on CPU): the CPU worker replaces ``torch.set_num_threads`` by a no-op and lowers torch's
-threads to 1; the engine restores both after start-up, so that training in the same process keeps its threads.
+Threads (vLLM 0.32 on CPU): the CPU worker replaces ``torch.set_num_threads`` by a no-op and lowers torch's
+threads to 1, because OpenMP workers spin-wait between its many small ops. The engine restores both after
+start-up, so that training in the same process keeps its threads, and runs its own calls (sampling, weight sync)
+with ``engine_threads`` (default 1, as vLLM sets it): on the 2-core Xeon here 2 threads made sampling 2.3× slower.
 ``sleep``/``wake_up`` do nothing on CPU, so the engine's weights and KV cache stay in memory beside the policy's.
 In-process, vLLM's start-up also seeds the process's global random generators with ``seed``, starts a one-process
 ``torch.distributed`` group (gloo) and, on CPU, binds memory allocation to NUMA node 0. vLLM's CPU attention has
@@ -38,12 +40,13 @@ kernels for head sizes such as 64 and 128 only (a model with 16-wide heads fails
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -128,6 +131,8 @@ class VLLMEngine:
         tokenizer: the tokenizer that decodes responses for ``stop_strings`` (and gives the pad id when the config
             has none); default: the folder's.
         enforce_eager: no CUDA graphs / compilation (default: True on CPU, where graphs do not exist).
+        engine_threads: torch's threads during the engine's calls, the process's count restored afterwards
+            (default 1: vLLM's own setting for its serving loop; None keeps the process's count).
         kv_cache_memory_bytes: the KV cache's size; default :func:`kv_cache_bytes` of the model, enough for
             ``max_num_seqs`` full rows.
         engine_kwargs: more keyword arguments for ``vllm.LLM`` (e.g. ``gpu_memory_utilization``).
@@ -136,7 +141,7 @@ class VLLMEngine:
     def __init__(self, model_path: str | os.PathLike, max_model_len: int, max_num_seqs: int, seed: int = 0,
                  dtype: str = "float32", device: torch.device | str = "cpu", tokenizer: Any = None,
                  enforce_eager: bool | None = None, kv_cache_memory_bytes: int | None = None,
-                 **engine_kwargs: Any) -> None:
+                 engine_threads: int | None = 1, **engine_kwargs: Any) -> None:
         if os.environ.get(_MULTIPROCESSING, "0") != "0":
             raise RlhfkitError(f"rollout_engine=vllm runs vLLM in the training process: unset {_MULTIPROCESSING} "
                                f"or set it to 0 (it is {os.environ[_MULTIPROCESSING]!r})")
@@ -149,6 +154,7 @@ class VLLMEngine:
         self.tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(self.folder)
         hf_config = AutoConfig.from_pretrained(self.folder)
         on_cpu = not torch.cuda.is_available()
+        self.engine_threads = engine_threads
         if kv_cache_memory_bytes is None:
             # vLLM 0.32's CPU backend holds 4 bytes per cached value whatever the dtype (measured: bf16 and fp32
             # engines report the same tokens for the same bytes)
@@ -170,6 +176,17 @@ class VLLMEngine:
             torch.set_num_threads = set_threads
             set_threads(threads)
         self._vllm = vllm
+
+    @contextlib.contextmanager
+    def _threads(self) -> Iterator[None]:
+        """torch's thread count set to ``engine_threads`` for the block, the process's count restored after."""
+        before = torch.get_num_threads()
+        if self.engine_threads is not None:
+            torch.set_num_threads(self.engine_threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
 
     # -- sampling -------------------------------------------------------------------------------------------
     def sampling_params(self, config: GenerationConfig, seeds: list[int | None]) -> list[Any]:
@@ -201,7 +218,8 @@ class VLLMEngine:
         else:
             seeds = torch.randint(_SEED_BOUND, (batch,), generator=generator, device=generator.device).tolist()
         prompts = [{"prompt_token_ids": prompt_ids[b][mask[b]].tolist()} for b in range(batch)]
-        outputs = self.llm.generate(prompts, self.sampling_params(config, seeds), use_tqdm=False)
+        with self._threads():
+            outputs = self.llm.generate(prompts, self.sampling_params(config, seeds), use_tqdm=False)
 
         rows, row_logprobs, stopped = [], [], []
         for out in outputs:
@@ -231,7 +249,7 @@ class VLLMEngine:
             raise RlhfkitError("rollout_engine=vllm: sync_weights takes a plain causal LM, not a peft (LoRA) model; "
                                "merge the adapters first")
         weights = [(name, tensor.detach()) for name, tensor in model.state_dict().items()]
-        with torch.no_grad():
+        with torch.no_grad(), self._threads():
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
             self.llm.apply_model(repack_shared_weights)
         self.llm.reset_prefix_cache()
