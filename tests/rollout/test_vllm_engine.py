@@ -412,3 +412,24 @@ def test_ppo_with_the_vllm_engine_samples_from_the_current_policy(tmp_path):
     assert any(not torch.equal(p, first_weights[n]) for n, p in ppo_helpers.trainable(trainer.policy).items())
     for result, tol in zip(results, checked):
         assert 0 < result.stats["rollout/logprob_diff"] <= tol
+
+
+@needs_vllm
+def test_a_resumed_vllm_run_ends_as_the_uninterrupted_one(tmp_path):
+    """4 iterations in one go vs 2, then `--resume` to 4: the resumed trainer's new engine gets the checkpoint's
+    weights before its first rollout and its seeds come from the restored sampling generator, so metrics, samples
+    and the final policy are identical."""
+    from rlhfkit.train.ppo_trainer import PPOTrainer
+    from rlhfkit.utils import read_jsonl
+
+    ppo_helpers.make_policy_folder(tmp_path / "sft", hidden=256)
+    common = dict(rollout_engine="vllm", max_prompt_length=16, save_every=2)
+    PPOTrainer(ppo_helpers.make_config(tmp_path, output=str(tmp_path / "full"), iterations=4, **common)).train()
+    PPOTrainer(ppo_helpers.make_config(tmp_path, output=str(tmp_path / "cut"), iterations=2, **common)).train()
+    PPOTrainer(ppo_helpers.make_config(tmp_path, output=str(tmp_path / "cut"), iterations=4, resume=True,
+                                       **common)).train()
+    full, cut = (ppo_helpers.without_timing(read_jsonl(tmp_path / d / "metrics.jsonl")) for d in ("full", "cut"))
+    assert [r["step"] for r in cut] == [1, 2, 3, 4] and cut == full
+    assert read_jsonl(tmp_path / "cut" / "samples.jsonl") == read_jsonl(tmp_path / "full" / "samples.jsonl")
+    a, b = (load_hf(tmp_path / d / "policy").state_dict() for d in ("full", "cut"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

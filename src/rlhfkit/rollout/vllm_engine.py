@@ -135,7 +135,8 @@ class VLLMEngine:
             (default 1: vLLM's own setting for its serving loop; None keeps the process's count).
         kv_cache_memory_bytes: the KV cache's size; default :func:`kv_cache_bytes` of the model, enough for
             ``max_num_seqs`` full rows.
-        engine_kwargs: more keyword arguments for ``vllm.LLM`` (e.g. ``gpu_memory_utilization``).
+        engine_kwargs: more keyword arguments for ``vllm.LLM`` (e.g. ``gpu_memory_utilization``; on a GPU it
+            defaults to 0.9 of the share of device memory free at start-up).
     """
 
     def __init__(self, model_path: str | os.PathLike, max_model_len: int, max_num_seqs: int, seed: int = 0,
@@ -160,6 +161,11 @@ class VLLMEngine:
             # engines report the same tokens for the same bytes)
             itemsize = 4 if on_cpu else torch.empty((), dtype=getattr(torch, dtype)).element_size()
             kv_cache_memory_bytes = kv_cache_bytes(hf_config, max_num_seqs, max_model_len, itemsize)
+        if not on_cpu and "gpu_memory_utilization" not in engine_kwargs:
+            # vLLM refuses to start unless total × gpu_memory_utilization is free; the trainer's models already
+            # hold part of the device (not run on a GPU in rlhfkit's tests)
+            free, total = torch.cuda.mem_get_info()
+            engine_kwargs["gpu_memory_utilization"] = 0.9 * free / total
         set_threads, threads = torch.set_num_threads, torch.get_num_threads()
         try:
             self.llm = vllm.LLM(
