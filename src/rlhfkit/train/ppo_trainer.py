@@ -45,7 +45,7 @@ from rlhfkit.data.prompts import load_prompts
 from rlhfkit.data.tokenize import left_pad, tokenize_prompts
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.models.adapters import apply_lora, freeze_lower_layers
-from rlhfkit.models.loading import ensure_pad_token, load_causal_lm, load_tokenizer
+from rlhfkit.models.loading import ensure_pad_token, hf_folder, load_causal_lm, load_tokenizer
 from rlhfkit.models.reward import critic_problem, is_reward_model_folder, load_critic
 from rlhfkit.rollout.sampling import GenerationConfig, Rollout, sample
 from rlhfkit.rollout.scoring import load_reward
@@ -162,6 +162,7 @@ class PPOTrainer:
             clip_range=cfg.clip_range, clip_range_value=cfg.clip_range_value, vf_coef=cfg.vf_coef,
             entropy_coef=cfg.entropy_coef, temperature=cfg.temperature, micro_batch_size=cfg.micro_batch_size,
             max_grad_norm=cfg.max_grad_norm, target_kl=cfg.target_kl, autocast_dtype=self.autocast_dtype)
+        self.engine = self._rollout_engine()
 
         # optimisation state
         self.policy_optimizer = self._optimizer(self.policy, cfg.learning_rate)
@@ -199,6 +200,21 @@ class PPOTrainer:
                 return self.cfg.policy
         return first
 
+    def _rollout_engine(self) -> Any:
+        """The vLLM engine of ``rollout_engine=vllm`` (one process only: each process would need its own engine
+        and its own share of the device), or None for the built-in sampler."""
+        if self.cfg.rollout_engine != "vllm":
+            return None
+        if self.dist.world_size > 1:
+            raise RlhfkitError(f"rollout_engine=vllm runs in one process; this run has {self.dist.world_size} "
+                               "(use rollout_engine=hf with several processes)")
+        from rlhfkit.rollout.vllm_engine import VLLMEngine
+
+        cfg = self.cfg
+        return VLLMEngine(hf_folder(cfg.policy), max_model_len=cfg.max_prompt_length + cfg.max_new_tokens,
+                          max_num_seqs=self.local_batch_size, seed=cfg.seed,
+                          dtype="bfloat16" if cfg.bf16 else "float32", device=self.device, tokenizer=self.tokenizer)
+
     def _optimizer(self, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
@@ -213,11 +229,15 @@ class PPOTrainer:
 
     # -- step 1: rollout -------------------------------------------------------------------------------
     def rollout(self) -> tuple[Rollout, list[int]]:
-        """Sample responses to this process's share of the next global prompt batch."""
+        """Sample responses to this process's share of the next global prompt batch (with ``rollout_engine=vllm``
+        the engine first gets the policy's current weights: after the last update, or those of a resumed run)."""
         indices = self.sampler.next_batch(self.cfg.rollout_batch_size)
         rank, n = self.dist.rank, self.local_batch_size
         local = indices[rank * n:(rank + 1) * n]
         query_ids, query_mask = left_pad([self.prompt_ids[i] for i in local], self.tokenizer.pad_token_id)
+        if self.engine is not None:
+            self.engine.sync_weights(self.policy)
+            return self.engine.sample(query_ids, query_mask, self.generation, self.sampling_generator), local
         rollout = sample(self.policy, query_ids.to(self.device), query_mask.to(self.device), self.generation,
                          generator=self.sampling_generator, tokenizer=self.tokenizer,
                          autocast_dtype=self.autocast_dtype)
