@@ -105,6 +105,11 @@ def trl_run(tmp_path_factory):
                                 train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
     trainer.train()
     trainer.save_model(str(root / "rm"))
+    # TRL's Trainer left its accelerate state (bf16 where the CPU supports it) in this process; rlhfkit's own
+    # commands refuse such a state (`reward_trainer.make_accelerator`), and a user's fresh process has none
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
     rendered = trainer.train_dataset
     # TRL appended the EOS text to every side
     assert all(ids[-1] == EOS for ids in list(rendered["chosen_ids"]) + list(rendered["rejected_ids"]))

@@ -18,6 +18,7 @@ from rlhfkit.cli import main
 from rlhfkit.config import parse_config
 from rlhfkit.data.pointwise import parse_pointwise
 from rlhfkit.data.preference import parse_preferences
+from rlhfkit.errors import RlhfkitError
 from rlhfkit.models.reward import RewardModel
 from rlhfkit.train import reward_trainer
 from rlhfkit.train.rm_config import RMTrainConfig
@@ -443,3 +444,23 @@ def test_share_prompts_flag_reaches_the_model_and_gives_the_same_training(sft, t
     for name in grads_on:  # the 2 decoder layers, forward and backward
         assert_close_f32(grads_on[name], grads_off[name], terms[name], gradient_factor(2), name)
     assert_within(totals_on, totals_off, totals_tolerances(model, plain, items), "totals")
+
+
+def test_an_accelerate_state_with_mixed_precision_is_refused_not_inherited(sft, pairs, tmp_path):
+    """Every Accelerator of a process shares one state: after a bf16 Trainer (TRL's RewardTrainer defaults to bf16)
+    a plain ``Accelerator()`` would be bf16 too, and ``prepare`` would wrap the model in bf16 autocast. rm train
+    refuses that state (naming it) instead of silently training in bf16, and writes nothing."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    out = tmp_path / "out"
+    AcceleratorState._reset_state(True)  # earlier runs of this process left a state without mixed precision
+    Accelerator(cpu=True, mixed_precision="bf16")
+    try:
+        with pytest.raises(RlhfkitError, match="mixed_precision='bf16'.*fresh process"):
+            reward_trainer.run(parse_config(RMTrainConfig, ["--model", str(sft), "--data", str(pairs),
+                                                            "--output", str(out)]))
+    finally:
+        AcceleratorState._reset_state(True)
+    assert not out.exists()
+    assert train(sft, pairs, out, "--epochs", "1") == 0  # a clean state trains

@@ -438,15 +438,36 @@ def backward_global_batch(model: Any, objective: Any, micro_batches: Sequence[Se
 # ----------------------------------------------------------------------------------------------------------
 # The run
 # ----------------------------------------------------------------------------------------------------------
+def make_accelerator() -> Any:
+    """The run's ``accelerate.Accelerator``, with accelerate's own mixed precision off: the trainer applies bf16
+    autocast itself (``--bf16``), and ``prepare`` would otherwise wrap the model's forward in whatever autocast the
+    process's accelerate state holds. That state is shared by every Accelerator of a process, so one created
+    before (e.g. by a transformers or TRL Trainer with bf16, TRL's default) would silently make this run bf16;
+    that is refused with an error instead. Without a GPU, ``cpu=True`` lets ``torchrun --nproc_per_node N`` /
+    ``accelerate launch --multi_gpu`` run N gloo processes."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    try:
+        return Accelerator(cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
+                           mixed_precision="no")
+    except ValueError as e:
+        if "already been initialized" not in str(e):
+            raise
+        raise RlhfkitError(
+            f"rm train: this process already holds an accelerate state with mixed_precision="
+            f"{AcceleratorState().mixed_precision!r} (created by another Accelerator, e.g. a transformers or TRL "
+            f"Trainer); rlhfkit sets the precision with --bf16 and would otherwise train under that autocast; run "
+            f"it in a fresh process") from None
+
+
 def run(cfg: RMTrainConfig) -> dict[str, float]:
     """Train (see the module docstring for the steps); returns the last held-out metrics (empty without)."""
-    from accelerate import Accelerator
     from transformers import get_scheduler
 
     from rlhfkit.models.loading import load_tokenizer
 
-    # Without a GPU, cpu=True lets `torchrun --nproc_per_node N` / `accelerate launch --multi_gpu` run N gloo processes.
-    accelerator = Accelerator(cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()))
+    accelerator = make_accelerator()
     if accelerator.is_main_process:
         warn_if_slow_bf16(cfg.bf16, accelerator.device, "rm train --bf16")
     is_main, n_proc, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index

@@ -98,7 +98,9 @@ class RMTrainConfig:
         "help": "Examples per forward pass per process. Gradient accumulation steps = batch_size / "
                 "(micro_batch_size × number of processes), which must be a whole number."})
     bf16: bool = field(default=False, metadata={
-        "help": "Run forward passes under torch.autocast(bfloat16) (CPU or GPU); weights and optimizer stay float32."})
+        "help": "Run forward passes under torch.autocast(bfloat16) (CPU or GPU); weights and optimizer stay float32. "
+                "This flag alone sets the precision: accelerate's mixed precision stays off, and a process whose "
+                "accelerate state already has one (e.g. after a TRL Trainer) is refused."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the global gradient norm to this (0 = off)."})
     eval_steps: int = field(default=0, metadata={
         "help": "Evaluate on the held-out data every this many optimizer steps (0 = only at the end)."})
