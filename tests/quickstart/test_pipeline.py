@@ -122,14 +122,15 @@ def test_evaluate_policy_kl_is_the_summed_log_ratio_of_the_sampled_tokens(monkey
     assert max(abs(k) for k in want.tolist()) > 0.1  # the two models differ: the check has teeth
 
 
-def test_precision_auto_takes_bf16_only_where_it_is_fast(monkeypatch):
+def test_precision_auto_takes_bf16_only_on_a_gpu_where_it_is_fast(monkeypatch):
     import rlhfkit.utils
     from rlhfkit.quickstart.pipeline import QuickstartConfig, use_bf16
 
     assert use_bf16("fp32") is False and use_bf16("bf16") is True
     for speed, want in (("fast", True), ("native", False), ("slow", False)):
         monkeypatch.setattr(rlhfkit.utils, "bf16_speed", lambda device, flags=None, s=speed: s)
-        assert use_bf16("auto", "cpu") is want
-        assert use_bf16("fp32", "cpu") is False
+        assert use_bf16("auto", "cuda") is want
+        assert use_bf16("auto", "cpu") is False  # CPUs: bf16 only when asked for (see use_bf16)
+        assert use_bf16("fp32", "cuda") is False and use_bf16("bf16", "cpu") is True
     with pytest.raises(Exception, match="precision"):
         QuickstartConfig(precision="fp16")
