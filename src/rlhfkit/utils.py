@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -245,8 +246,6 @@ def warn_if_slow_bf16(enabled: bool, device: torch.device | str, what: str,
     (`bf16_speed` ``"slow"``); returns True when it warned. Called by every command that takes ``bf16``."""
     if not enabled or bf16_speed(device, flags) != "slow":
         return False
-    import logging
-
     logging.getLogger("rlhfkit").warning(
         "%s: bf16 autocast on a %s without bf16 instructions (no AMX-BF16 / AVX512_BF16 / Arm BF16) is emulated "
         "and runs matrix products far slower than float32 (measured ~400x on an AVX2-only AMD EPYC); drop bf16 "

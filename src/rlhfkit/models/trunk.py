@@ -120,12 +120,13 @@ def run_blocks(decoder: nn.Module, attention_mask: torch.Tensor, start: int, sto
         # the masks and rotary tables take the dtype of the residual stream, which is the embeddings' (autocast
         # too: a block adds its bf16 outputs to the float32 stream)
         raise ValueError(f"hidden states in {hidden.dtype}, the embeddings in {decoder.embed_tokens.weight.dtype}")
-    mask = attention_mask.long()
-    position_ids = position_ids_from_mask(attention_mask)
-    kinds = mask_kinds(decoder)[start:stop]
-    masks = {kind: _MASKS[kind](config=decoder.config, inputs_embeds=hidden, attention_mask=mask,
-                                position_ids=position_ids, **{_CACHE_KEYWORDS[kind]: None}) for kind in set(kinds)}
     if stop > start:
+        mask = attention_mask.long()
+        position_ids = position_ids_from_mask(attention_mask)
+        kinds = mask_kinds(decoder)[start:stop]
+        masks = {kind: _MASKS[kind](config=decoder.config, inputs_embeds=hidden, attention_mask=mask,
+                                    position_ids=position_ids, **{_CACHE_KEYWORDS[kind]: None})
+                 for kind in set(kinds)}
         position_embeddings = decoder.rotary_emb(hidden, position_ids)
         for layer, kind in zip(decoder.layers[start:stop], kinds):
             hidden = layer(hidden, attention_mask=masks[kind], position_embeddings=position_embeddings,

@@ -50,6 +50,7 @@ __all__ = [
     "GenerationConfigError",
     "PreallocatedLayer",
     "Rollout",
+    "check_sampling_call",
     "distinct_prompts",
     "filter_logits",
     "generate_greedy",
@@ -260,14 +261,15 @@ class PreallocatedLayer(DynamicLayer):
         self.values = value_states[..., :0, :]
         self.is_initialized = True
 
-    def _allocate(self, like_keys: torch.Tensor, like_values: torch.Tensor, batch: int, capacity: int) -> None:
-        old_k, old_v, n = self._key_buffer, self._value_buffer, self.length
-        self._key_buffer = like_keys.new_empty((batch, like_keys.shape[1], capacity, like_keys.shape[3]))
-        self._value_buffer = like_values.new_empty((batch, like_values.shape[1], capacity, like_values.shape[3]))
+    def _allocate(self, keys: torch.Tensor, values: torch.Tensor, capacity: int) -> None:
+        """New (B, H, capacity, D) buffers whose first positions hold ``keys``/``values`` (B, H, length, D)."""
+        def buffer(x: torch.Tensor) -> torch.Tensor:
+            out = x.new_empty((x.shape[0], x.shape[1], capacity, x.shape[3]))
+            out[:, :, :x.shape[2]] = x
+            return out
+
+        self._key_buffer, self._value_buffer = buffer(keys), buffer(values)
         self.capacity = capacity
-        if old_k is not None and n:
-            self._key_buffer[:, :, :n] = old_k[:, :, :n]
-            self._value_buffer[:, :, :n] = old_v[:, :, :n]
 
     def _views(self) -> None:
         self.keys = self._key_buffer[:, :, :self.length]
@@ -279,7 +281,7 @@ class PreallocatedLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         end = self.length + key_states.shape[-2]
         if self._key_buffer is None or end > self._key_buffer.shape[2]:
-            self._allocate(key_states, value_states, key_states.shape[0], max(end, self.capacity, 2 * self.length))
+            self._allocate(self.keys, self.values, max(end, self.capacity, 2 * self.length))
         self._key_buffer[:, :, self.length:end] = key_states
         self._value_buffer[:, :, self.length:end] = value_states
         self.length = end
@@ -292,12 +294,7 @@ class PreallocatedLayer(DynamicLayer):
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self._key_buffer is None:
             return
-        n = self.length
-        keep_k, keep_v = self._key_buffer[indices, :, :n], self._value_buffer[indices, :, :n]
-        self._key_buffer = self._value_buffer = None
-        self._allocate(keep_k, keep_v, keep_k.shape[0], self.capacity)
-        self._key_buffer[:, :, :n] = keep_k
-        self._value_buffer[:, :, :n] = keep_v
+        self._allocate(self.keys[indices], self.values[indices], self.capacity)
         self._views()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -367,15 +364,16 @@ def _prefill(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
     the smaller matrix shapes."""
     shared = distinct_prompts(input_ids, attention_mask)
     if shared is not None:
-        first, inverse = shared
+        first = shared[0]
         input_ids, attention_mask, position_ids = input_ids[first], attention_mask[first], position_ids[first]
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
                 logits_to_keep=1, **cache_kwargs)
     logits = out.logits[:, -1, :].float()
     if shared is None:
         return logits
-    cache.batch_select_indices(shared[1])
-    return logits[shared[1]]
+    inverse = shared[1]
+    cache.batch_select_indices(inverse)
+    return logits[inverse]
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
@@ -395,6 +393,23 @@ def _check_prompts(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch
     if bool((mask[:, 1:] < mask[:, :-1]).any()):
         raise ValueError("prompt_mask must be left-padded: padding only before the first real token of a row")
     return mask
+
+
+def check_sampling_call(config: GenerationConfig, generator: torch.Generator | None, tokenizer: Any) -> int:
+    """The checks every sampling engine (:func:`sample`, `rollout.vllm_engine.VLLMEngine.sample`) makes of its
+    arguments; returns the pad id: ``config.pad_token_id``, else the tokenizer's. Stop strings need a tokenizer,
+    and sampling (temperature > 0) a generator."""
+    pad_id = config.pad_token_id
+    if pad_id is None:
+        pad_id = getattr(tokenizer, "pad_token_id", None)
+        if pad_id is None:
+            raise GenerationConfigError("GenerationConfig.pad_token_id is not set and no tokenizer with a pad "
+                                        "token was given; set pad_token_id")
+    if config.stop_strings and tokenizer is None:
+        raise GenerationConfigError("GenerationConfig.stop_strings needs a tokenizer: pass tokenizer=... to sample")
+    if not config.greedy and generator is None:
+        raise ValueError("sampling with temperature > 0 needs a torch.Generator so that samples are reproducible")
+    return pad_id
 
 
 def _stop_string_hits(tokenizer: Any, tokens: torch.Tensor, rows: list[int], n: int,
@@ -437,17 +452,7 @@ def sample(
     Returns:
         a :class:`Rollout`; all tensors on the model's device.
     """
-    pad_id = config.pad_token_id
-    if pad_id is None:
-        pad_id = getattr(tokenizer, "pad_token_id", None)
-        if pad_id is None:
-            raise GenerationConfigError("GenerationConfig.pad_token_id is not set and no tokenizer with a pad "
-                                        "token was given; set pad_token_id")
-    if config.stop_strings and tokenizer is None:
-        raise GenerationConfigError("GenerationConfig.stop_strings needs a tokenizer: pass tokenizer=... to sample")
-    if not config.greedy and generator is None:
-        raise ValueError("sampling with temperature > 0 needs a torch.Generator so that samples are reproducible")
-
+    pad_id = check_sampling_call(config, generator, tokenizer)
     device = _model_device(model)
     prompt_mask = _check_prompts(prompt_ids, prompt_mask).to(device)
     prompt_ids = prompt_ids.to(device)

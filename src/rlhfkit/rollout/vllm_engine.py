@@ -51,7 +51,7 @@ from typing import Any, Iterator
 import torch
 
 from rlhfkit.errors import RlhfkitError
-from rlhfkit.rollout.sampling import GenerationConfig, GenerationConfigError, Rollout, _check_prompts
+from rlhfkit.rollout.sampling import GenerationConfig, Rollout, _check_prompts, check_sampling_call
 
 __all__ = ["VLLMEngine", "kv_cache_bytes", "repack_shared_weights", "require_vllm", "vllm_installed"]
 
@@ -211,12 +211,7 @@ class VLLMEngine:
         """Sample responses to left-padded prompts; the same contract as `rlhfkit.rollout.sampling.sample`
         (except the log-probs with top-k/top-p on, see the module docstring). ``generator`` gives each row's seed
         and is required unless decoding is greedy."""
-        pad_id = config.pad_token_id if config.pad_token_id is not None else self.tokenizer.pad_token_id
-        if pad_id is None:
-            raise GenerationConfigError("GenerationConfig.pad_token_id is not set and the tokenizer has no pad "
-                                        "token; set pad_token_id")
-        if not config.greedy and generator is None:
-            raise ValueError("sampling with temperature > 0 needs a torch.Generator so that samples are reproducible")
+        pad_id = check_sampling_call(config, generator, self.tokenizer)
         mask = _check_prompts(prompt_ids, prompt_mask)
         batch = prompt_ids.shape[0]
         if config.greedy:
