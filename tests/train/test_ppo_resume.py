@@ -44,13 +44,15 @@ def _assert_same_weights(a: Path, b: Path) -> None:
         assert torch.equal(wa[k], wb[k]), k
 
 
-@pytest.mark.parametrize("lora", [0, 4])
-def test_resume_after_a_crash_reproduces_the_uninterrupted_run(tmp_path, monkeypatch, lora):
-    full = make_config(tmp_path, output=str(tmp_path / "full"), lora_r=lora, **STATEFUL)
+@pytest.mark.parametrize("lora,critic", [(0, "separate"), (4, "separate"), (0, "shared"), (4, "shared")])
+def test_resume_after_a_crash_reproduces_the_uninterrupted_run(tmp_path, monkeypatch, lora, critic):
+    # critic=shared: one optimizer (two param groups) and one schedule, the value head in the checkpoint
+    shared = dict(critic="shared", critic_init="auto") if critic == "shared" else {}
+    full = make_config(tmp_path, output=str(tmp_path / "full"), lora_r=lora, **shared, **STATEFUL)
     PPOTrainer(full).train()
 
     # the same run, killed after logging iteration 5 (the last checkpoint is iteration 4)
-    cfg = make_config(tmp_path, output=str(tmp_path / "crashed"), lora_r=lora, **STATEFUL)
+    cfg = make_config(tmp_path, output=str(tmp_path / "crashed"), lora_r=lora, **shared, **STATEFUL)
     original_log = PPOTrainer.log
 
     def log_then_crash(self, step, result):
@@ -67,7 +69,8 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(tmp_path, monkeyp
     assert find_latest_checkpoint(out).name == "step-00000004"
     assert not (out / "policy").exists()
 
-    resumed = make_config(tmp_path, output=str(tmp_path / "crashed"), lora_r=lora, resume=True, **STATEFUL)
+    resumed = make_config(tmp_path, output=str(tmp_path / "crashed"), lora_r=lora, resume=True, **shared,
+                          **STATEFUL)
     results = PPOTrainer(resumed).train()
     assert len(results) == 2  # iterations 5 and 6 only
 
@@ -78,8 +81,16 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(tmp_path, monkeyp
     assert rows_full[-1]["objective/kl_coef"] != rows_full[0]["objective/kl_coef"]  # the controller moved
     assert rows_full[-1]["train/lr"] != rows_full[1]["train/lr"]  # the schedule moved
     assert read_jsonl(out / "samples.jsonl") == read_jsonl(tmp_path / "full" / "samples.jsonl")
-    for name in ("policy", "critic"):
-        _assert_same_weights(tmp_path / "full" / name, out / name)
+    _assert_same_weights(tmp_path / "full" / "policy", out / "policy")
+    if critic == "shared":
+        assert not (out / "critic").exists()
+        head_full = load_file(str(tmp_path / "full" / "value_head.safetensors"))
+        head_resumed = load_file(str(out / "value_head.safetensors"))
+        assert head_full.keys() == head_resumed.keys() == {"weight", "bias"}
+        assert all(torch.equal(head_full[k], head_resumed[k]) for k in head_full)
+        assert head_full["bias"].abs().item() > 0  # the head trained
+    else:
+        _assert_same_weights(tmp_path / "full" / "critic", out / "critic")
 
 
 def test_a_kill_while_writing_a_checkpoint_leaves_the_previous_one_and_resume_works(tmp_path, monkeypatch):

@@ -35,8 +35,8 @@ from rlhfkit.models.loading import forward_hidden
 from rlhfkit.models.reward import RewardModel, unwrap_peft
 from rlhfkit.models.trunk import Trunk, run_blocks, supports_split
 
-__all__ = ["PolicyForward", "TrimmedBatch", "critic_forward", "policy_forward", "response_positions", "trim_batch",
-           "trunk_decoder", "trunk_forward"]
+__all__ = ["PolicyForward", "TrimmedBatch", "critic_forward", "policy_forward", "policy_value_forward",
+           "response_positions", "trim_batch", "trunk_decoder", "trunk_forward"]
 
 # Config attributes of transformers models whose causal-LM forward transforms the LM head's output
 # (Gemma 2/3 soft-capping, Cohere's logit_scale, Granite's logits_scaling). Applying the LM head by hand would
@@ -248,6 +248,45 @@ def policy_forward(
     if with_entropy:
         entropy = torch.where(mask, entropy_from_logits(logits, temperature), zero)
     return PolicyForward(logprobs=logprobs, entropy=entropy, logits=logits if with_logits else None)
+
+
+def policy_value_forward(
+    model: nn.Module,
+    value_head: nn.Module,
+    query_ids: torch.Tensor,
+    query_mask: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    autocast_dtype: torch.dtype | None = None,
+    trunk: Trunk | None = None,
+    **kwargs: Any,
+) -> tuple[PolicyForward, torch.Tensor]:
+    """`policy_forward` and the values (B, T) of ``value_head`` on the policy's own trunk, from ONE forward
+    (``critic=shared``, `models.value_head`).
+
+    The head reads exactly what the LM head reads: the final hidden states (B, T, H) at the response-predicting
+    positions ``P - 1 … P + T - 2`` (captured on their way into the LM head, whichever path `policy_forward`
+    takes: decoder + head, trunk, or the whole model with ``logits_to_keep``), so value ``t`` is
+    ``value_head(h_{P-1+t})``, the state before response token ``t``: the position `critic_forward` reads.
+    Values are float32 (float64 for a float64 model), 0 on padding; gradients flow into the head and the trunk
+    iff grad is enabled. ``kwargs`` go to `policy_forward` (temperature, with_entropy, with_logits).
+    """
+    head = _unwrap(model).get_output_embeddings()
+    captured: list[torch.Tensor] = []
+    handle = head.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    try:
+        out = policy_forward(model, query_ids, query_mask, response_ids, response_mask, autocast_dtype=autocast_dtype,
+                             trunk=trunk, **kwargs)
+    finally:
+        handle.remove()
+    B, T = response_ids.shape
+    if len(captured) != 1 or captured[0].shape[:2] != (B, T):
+        raise ValueError(f"critic=shared: the LM head of {type(model).__name__} ran {len(captured)} times "
+                         f"(shapes {[tuple(c.shape) for c in captured]}), not once on the ({B}, {T}) response "
+                         "positions; the value head cannot read the policy's hidden states")
+    with _autocast(query_ids.device, autocast_dtype):
+        values = upcast(value_head(captured[0])).squeeze(-1)
+    return out, torch.where(response_mask.bool(), values, torch.zeros((), dtype=values.dtype, device=values.device))
 
 
 def _token_values(output: Any) -> torch.Tensor:

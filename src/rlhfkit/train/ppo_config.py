@@ -14,6 +14,7 @@ from typing import Optional
 from rlhfkit.config import check_choice, check_range
 from rlhfkit.errors import RlhfkitError
 
+CRITICS = ("separate", "shared")
 CRITIC_INITS = ("auto", "reward", "policy")
 SCORE_NORMS = ("none", "whiten", "running", "reference")
 MISSING_STOP_MODES = ("replace", "subtract")
@@ -58,13 +59,18 @@ class PPOConfig:
     prompts: str = field(metadata=_help("prompt file (.jsonl/.json/.csv/.parquet or a saved dataset) with a "
                                         "'prompt' or 'messages' field"))
     output: str = field(metadata=_help("run folder: metrics.jsonl, samples.jsonl, tensorboard/, checkpoints/, and "
-                                       "at the end policy/ and critic/"))
+                                       "at the end policy/ and critic/ (--critic shared: value_head.safetensors)"))
     reward_weights: Optional[list[float]] = field(default=None, metadata=_help(
         "one weight per --reward_model (default: 1 each); the score is the weighted sum"))
     monitor_rewards: list[str] = field(default_factory=list, metadata=_help(
         "extra reward sources (same forms as --reward_model) scored on every rollout batch and logged as "
         "monitor/<name> (the function's or folder's name), never used for training: e.g. a gold judge beside "
         "a learned proxy, to watch for reward over-optimisation"))
+    critic: str = field(default="separate", metadata=_help(
+        "what gives the values: 'separate' (a critic model of its own, --critic_init) or 'shared' (a zero-initialised "
+        "Linear(hidden, 1) value head on the policy's last hidden state: one forward and one backward give log-probs "
+        "and values, one optimizer over policy and head (the head at --critic_learning_rate), one gradient clip; "
+        "the value loss also trains the policy's trunk; docs: 'Shared critic')", choices=list(CRITICS)))
     critic_init: str = field(default="auto", metadata=_help(
         "critic initialisation: 'reward' (the first reward-model folder, its head included; it must be a decoder "
         "whose tokenizer has the policy's vocabulary, since the critic reads the policy's token ids), 'policy' "
@@ -137,13 +143,14 @@ class PPOConfig:
     entropy_coef: float = field(default=0.0, metadata=_help("entropy-bonus weight"))
     learning_rate: float = field(default=1e-5, metadata=_help("policy learning rate (AdamW)"))
     critic_learning_rate: Optional[float] = field(default=None, metadata=_help(
-        "critic learning rate (default: --learning_rate)"))
+        "critic learning rate (--critic shared: the value head's param group; default: --learning_rate)"))
     weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay"))
     lr_scheduler: str = field(default="constant", metadata=_help(
         "learning-rate schedule over the iterations", choices=list(LR_SCHEDULERS)))
     warmup_iterations: int = field(default=0, metadata=_help("linear warm-up iterations of the schedule"))
     max_grad_norm: Optional[float] = field(default=1.0, metadata=_help(
-        "clip each model's gradient norm to this (None = off)"))
+        "clip each model's gradient norm to this (--critic shared: the one norm over policy and value head; "
+        "None = off)"))
     target_kl: Optional[float] = field(default=None, metadata=_help(
         "stop the iteration's update early when a minibatch's approx-KL exceeds this (None = off)"))
     bf16: bool = field(default=False, metadata=_help("run forward passes under bfloat16 autocast"))
@@ -202,6 +209,7 @@ class PPOConfig:
         for name in ("policy", "prompts", "output"):
             if not getattr(self, name):
                 raise RlhfkitError(f"{name} is required")
+        check_choice("critic", self.critic, CRITICS)
         check_choice("critic_init", self.critic_init, CRITIC_INITS)
         check_choice("overlong", self.overlong, OVERLONG_POLICIES)
         check_range("max_prompt_length", self.max_prompt_length, lo=1)
@@ -263,6 +271,8 @@ class PPOConfig:
         check_range("lora_r", self.lora_r, lo=0)
         check_range("freeze_layers", self.freeze_layers, lo=0)
         check_range("critic_freeze_layers", self.critic_freeze_layers, lo=0)
+        if self.critic == "shared":
+            check_shared_critic(self)
         check_range("lora_alpha", self.lora_alpha, lo=0, lo_open=True)
         for name in ("save_every", "keep_checkpoints", "sample_table_every", "seed"):
             check_range(name, getattr(self, name), lo=0)
@@ -283,6 +293,19 @@ class PPOConfig:
     @property
     def value_learning_rate(self) -> float:
         return self.critic_learning_rate if self.critic_learning_rate is not None else self.learning_rate
+
+
+def check_shared_critic(cfg: PPOConfig) -> None:
+    """``critic=shared``: refuse the knobs of a separate critic model, which would be silently ignored (the value
+    head sits on the policy, starts at zero and has no blocks of its own to freeze)."""
+    if cfg.critic_init != "auto":
+        raise RlhfkitError(f"critic_init={cfg.critic_init!r} needs critic=separate: with critic=shared there is no "
+                           "critic model to initialise (the value head on the policy starts at zero); leave "
+                           "critic_init at its default")
+    if cfg.critic_freeze_layers:
+        raise RlhfkitError(f"critic_freeze_layers={cfg.critic_freeze_layers} needs critic=separate: with "
+                           "critic=shared the value head reads the policy's trunk, whose frozen blocks are "
+                           "--freeze_layers")
 
 
 def check_vllm_engine(cfg: PPOConfig) -> None:

@@ -3,9 +3,11 @@ weights, optimizers, schedulers, the KL controller and the running score statist
 
 Checkpoint folder (``OUTPUT/checkpoints/step-NNNNNNNN/``, published atomically by `train.checkpoint`):
 
-- ``policy.safetensors`` / ``critic.safetensors``: the trainable parameters (all of them, or the LoRA adapters);
-  the frozen rest is the initial model, loaded again from ``--policy``;
-- ``optimizers.pt``, ``schedulers.pt``: torch state dicts (loaded with ``weights_only=True``);
+- ``policy.safetensors`` / ``critic.safetensors``: the trainable parameters (all of them, or the LoRA adapters;
+  ``critic=shared``: the critic file holds the value head); the frozen rest is the initial model, loaded again
+  from ``--policy``;
+- ``optimizers.pt``, ``schedulers.pt``: torch state dicts (loaded with ``weights_only=True``; ``critic=shared``:
+  the one optimizer and schedule under ``policy``, ``critic`` None);
 - ``trainer_state.json``: iteration, KL controller, running score moments, prompt-sampler position, process count;
 - ``rng-rank{r}.pt``: each process's global RNG states and its sampling / shuffling generators;
 - ``config.yaml``: the run's configuration (``--resume`` refuses a different one, except `RESUMABLE_CHANGES`).
@@ -14,6 +16,7 @@ Checkpoint folder (``OUTPUT/checkpoints/step-NNNNNNNN/``, published atomically b
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -128,9 +131,9 @@ def write_checkpoint(trainer: Any, step: int) -> Path | None:
             save_file(trainable_state(trainer.policy), str(folder / "policy.safetensors"))
             save_file(trainable_state(trainer.critic), str(folder / "critic.safetensors"))
             save_state(folder / "optimizers.pt", {"policy": trainer.policy_optimizer.state_dict(),
-                                                  "critic": trainer.critic_optimizer.state_dict()})
+                                                  "critic": _state_or_none(trainer.critic_optimizer)})
             save_state(folder / "schedulers.pt", {"policy": trainer.policy_scheduler.state_dict(),
-                                                  "critic": trainer.critic_scheduler.state_dict()})
+                                                  "critic": _state_or_none(trainer.critic_scheduler)})
             for rank, state in enumerate(rng_states):
                 save_state(folder / f"rng-rank{rank}.pt", state)
             state = {
@@ -146,6 +149,18 @@ def write_checkpoint(trainer: Any, step: int) -> Path | None:
         path = save_checkpoint(trainer.output, step, write, keep_last=trainer.cfg.keep_checkpoints)
     dist.barrier()
     return path
+
+
+def _state_or_none(obj: Any) -> dict | None:
+    """The state dict of an optimizer or scheduler; None for none (``critic=shared`` has no critic optimizer)."""
+    return None if obj is None else obj.state_dict()
+
+
+def _load_into(obj: Any, state: dict | None, path: Path) -> None:
+    if (obj is None) != (state is None):
+        raise RlhfkitError(f"{path}: the checkpoint's critic optimizer / schedule does not match this run's --critic")
+    if obj is not None:
+        obj.load_state_dict(state)
 
 
 def check_resume_config(cfg: PPOConfig, ckpt: Path) -> None:
@@ -193,10 +208,10 @@ def read_checkpoint(trainer: Any, ckpt: Path) -> int:
     load_trainable_state(trainer.critic, ckpt / "critic.safetensors", "critic")
     optimizers = load_state(ckpt / "optimizers.pt")
     trainer.policy_optimizer.load_state_dict(optimizers["policy"])
-    trainer.critic_optimizer.load_state_dict(optimizers["critic"])
+    _load_into(trainer.critic_optimizer, optimizers["critic"], ckpt / "optimizers.pt")
     schedulers = load_state(ckpt / "schedulers.pt")
     trainer.policy_scheduler.load_state_dict(schedulers["policy"])
-    trainer.critic_scheduler.load_state_dict(schedulers["critic"])
+    _load_into(trainer.critic_scheduler, schedulers["critic"], ckpt / "schedulers.pt")
     trainer.kl_controller.load_state_dict(state["kl_controller"])
     trainer.running_scores.load_state_dict(state["running_scores"])
     trainer.sampler.load_state_dict(state["prompt_sampler"])
@@ -210,7 +225,7 @@ def read_checkpoint(trainer: Any, ckpt: Path) -> int:
 # ----------------------------------------------------------------------------------------------------------
 # Output folder
 # ----------------------------------------------------------------------------------------------------------
-RUN_FILES = ("metrics.jsonl", "samples.jsonl")
+RUN_FILES = ("metrics.jsonl", "samples.jsonl", "value_head.safetensors")
 RUN_DIRS = ("checkpoints", "tensorboard", "policy", "critic")
 
 
@@ -238,8 +253,10 @@ def truncate_jsonl(path: Path, last_step: int) -> None:
 
 
 def save_final(trainer: Any) -> None:
-    """Write ``OUTPUT/policy`` (plain HF causal LM, LoRA merged) and ``OUTPUT/critic``, each atomically."""
+    """Write ``OUTPUT/policy`` (plain HF causal LM, LoRA merged) and ``OUTPUT/critic`` (``critic=shared``:
+    ``OUTPUT/value_head.safetensors``, `models.value_head`), each atomically."""
     from rlhfkit.models.adapters import has_lora, merge_lora_for_save
+    from rlhfkit.models.value_head import VALUE_HEAD_FILE
 
     if not trainer.dist.is_main:
         trainer.dist.barrier()
@@ -248,6 +265,12 @@ def save_final(trainer: Any) -> None:
     with atomic_dir(trainer.output / "policy") as tmp:
         policy.save_pretrained(tmp, safe_serialization=True)
         trainer.tokenizer.save_pretrained(tmp)
-    with atomic_dir(trainer.output / "critic") as tmp:
-        trainer.critic.save_pretrained(tmp, trainer.tokenizer)
+    if trainer.shared_critic:
+        final = trainer.output / VALUE_HEAD_FILE
+        tmp_file = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+        trainer.critic.save(tmp_file)
+        os.replace(tmp_file, final)
+    else:
+        with atomic_dir(trainer.output / "critic") as tmp:
+            trainer.critic.save_pretrained(tmp, trainer.tokenizer)
     trainer.dist.barrier()

@@ -7,14 +7,19 @@ One iteration, as numbered steps (each a call into ``rollout/``, ``core/`` or ``
    stored statistics first); missing-stop penalty; batch normalisation; clipping;
 3. forward passes without gradients over the first epoch's micro-batches: old log-probs (policy; or the
    sampler's with ``old_logprobs=rollout``), reference log-probs (the initial policy, or the same weights with
-   LoRA adapters off), old values (critic), the frozen lower blocks once for all of them and the update
-   (`ppo_trunk`); per-token rewards by `core.rewards.shape_rewards`;
+   LoRA adapters off), old values (critic; with ``critic=shared`` from the policy's own pass), the frozen lower
+   blocks once for all of them and the update (`ppo_trunk`); per-token rewards by `core.rewards.shape_rewards`;
 4. advantages and returns by `core.advantages.gae` (rewards / advantages whitened over the global batch);
 5. update: ppo_epochs × minibatches × micro-batches (`ppo_update.ppo_update`), then the LR schedules step;
 6. statistics (namespaced metrics, see ``docs/``) to ``metrics.jsonl`` + TensorBoard, a sample table every
    ``sample_table_every`` iterations, and the KL controller update;
 7. a checkpoint every ``save_every`` iterations and after the last one (none with ``save_every=0``); at the end
-   ``OUTPUT/policy`` (a plain Hugging Face causal LM, LoRA merged) and ``OUTPUT/critic``.
+   ``OUTPUT/policy`` (a plain Hugging Face causal LM, LoRA merged) and ``OUTPUT/critic`` (``critic=shared``:
+   ``OUTPUT/value_head.safetensors``).
+
+``critic=shared``: the critic is a `models.value_head.ValueHead` on the policy's last hidden state instead of a
+model of its own; `ppo_update` then runs one forward per micro-batch for log-probs and values, and one optimizer
+(two param groups: policy at ``learning_rate``, head at ``critic_learning_rate``) with one gradient clip.
 
 Run several processes with ``accelerate launch --multi_gpu --num_processes N -m rlhfkit.cli ppo ...`` (on a
 CPU-only machine too: accelerate then starts N torchrun processes joined by gloo; ``--cpu`` would ask for MPI) or
@@ -47,6 +52,7 @@ from rlhfkit.errors import RlhfkitError
 from rlhfkit.models.adapters import apply_lora, freeze_lower_layers
 from rlhfkit.models.loading import ensure_pad_token, hf_folder, load_causal_lm, load_tokenizer
 from rlhfkit.models.reward import critic_problem, is_reward_model_folder, load_critic
+from rlhfkit.models.value_head import ValueHead
 from rlhfkit.rollout.sampling import GenerationConfig, Rollout, sample
 from rlhfkit.rollout.scoring import load_reward
 from rlhfkit.train import ppo_state
@@ -139,10 +145,14 @@ class PPOTrainer:
         if cfg.freeze_layers:
             freeze_lower_layers(self.policy, cfg.freeze_layers)
         self.policy.eval()
-        self.critic = load_critic(self._critic_source(), tokenizer=self.tokenizer).to(self.device).eval()
-        self.critic.requires_grad_(True)
-        if cfg.critic_freeze_layers:
-            freeze_lower_layers(self.critic, cfg.critic_freeze_layers)
+        self.shared_critic = cfg.critic == "shared"
+        if self.shared_critic:  # a zero value head on the policy's trunk (no random draw)
+            self.critic: torch.nn.Module = ValueHead.for_model(self.policy).eval()
+        else:
+            self.critic = load_critic(self._critic_source(), tokenizer=self.tokenizer).to(self.device).eval()
+            self.critic.requires_grad_(True)
+            if cfg.critic_freeze_layers:
+                freeze_lower_layers(self.critic, cfg.critic_freeze_layers)
         # the frozen lower blocks run once per rollout (step 3), planned from the models at each rollout
         self.trunks = TrunkSharing(cfg.reuse_frozen_trunk, cfg.freeze_layers, cfg.critic_freeze_layers)
         # score_norm=reference: each reward model applies its stored statistics before the combination (an
@@ -164,11 +174,17 @@ class PPOTrainer:
             max_grad_norm=cfg.max_grad_norm, target_kl=cfg.target_kl, autocast_dtype=self.autocast_dtype)
         self.engine = self._rollout_engine()
 
-        # optimisation state
-        self.policy_optimizer = self._optimizer(self.policy, cfg.learning_rate)
-        self.critic_optimizer = self._optimizer(self.critic, cfg.value_learning_rate)
+        # optimisation state (critic=shared: one optimizer and schedule, the value head its second param group)
+        self.critic_optimizer: torch.optim.Optimizer | None = None
+        self.critic_scheduler: Any = None
+        if self.shared_critic:
+            self.policy_optimizer = self._optimizer((self.policy, cfg.learning_rate),
+                                                    (self.critic, cfg.value_learning_rate))
+        else:
+            self.policy_optimizer = self._optimizer((self.policy, cfg.learning_rate))
+            self.critic_optimizer = self._optimizer((self.critic, cfg.value_learning_rate))
+            self.critic_scheduler = self._scheduler(self.critic_optimizer)
         self.policy_scheduler = self._scheduler(self.policy_optimizer)
-        self.critic_scheduler = self._scheduler(self.critic_optimizer)
         try:
             self.kl_controller = make_kl_controller(cfg.kl_coef, cfg.adaptive_kl, cfg.kl_target, cfg.kl_horizon)
         except ValueError as e:
@@ -215,13 +231,18 @@ class PPOTrainer:
                           max_num_seqs=self.local_batch_size, seed=cfg.seed,
                           dtype="bfloat16" if cfg.bf16 else "float32", device=self.device, tokenizer=self.tokenizer)
 
-    def _optimizer(self, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
-        params = [p for p in model.parameters() if p.requires_grad]
-        if not params:
-            raise RlhfkitError(f"{type(model).__name__} has no trainable parameter")
+    def _optimizer(self, *groups: tuple[torch.nn.Module, float]) -> torch.optim.Optimizer:
+        """AdamW over the trainable parameters of each (model, learning rate), one param group per model."""
+        param_groups = []
+        for model, lr in groups:
+            params = [p for p in model.parameters() if p.requires_grad]
+            if not params:
+                raise RlhfkitError(f"{type(model).__name__} has no trainable parameter")
+            param_groups.append({"params": params, "lr": lr})
         # the fused kernel is ~3x faster than the per-tensor loop on CPU (and exists on CUDA)
-        fused = all(p.dtype.is_floating_point and p.device.type in ("cpu", "cuda") for p in params)
-        return torch.optim.AdamW(params, lr=lr, weight_decay=self.cfg.weight_decay, fused=fused or None)
+        fused = all(p.dtype.is_floating_point and p.device.type in ("cpu", "cuda")
+                    for g in param_groups for p in g["params"])
+        return torch.optim.AdamW(param_groups, weight_decay=self.cfg.weight_decay, fused=fused or None)
 
     def _scheduler(self, optimizer: torch.optim.Optimizer) -> Any:
         return get_scheduler(_SCHEDULERS[self.cfg.lr_scheduler], optimizer,
@@ -331,7 +352,8 @@ class PPOTrainer:
         history = ppo_update(self.policy, self.critic, self.policy_optimizer, self.critic_optimizer, exp.batch,
                              exp.plan, self.update_settings, self.dist)
         self.policy_scheduler.step()
-        self.critic_scheduler.step()
+        if self.critic_scheduler is not None:
+            self.critic_scheduler.step()
         return history
 
     def learn(self, rollout: Rollout, raw_scores: torch.Tensor) -> tuple[dict[str, float], list[dict[str, float]]]:
@@ -339,8 +361,9 @@ class PPOTrainer:
         estimate of the sequence KL, whatever ``kl_estimator`` shapes the rewards); returns (stats, per-minibatch
         stats)."""
         exp = self.prepare(rollout, raw_scores)
-        lrs = {"train/lr": self.policy_scheduler.get_last_lr()[0],
-               "train/critic_lr": self.critic_scheduler.get_last_lr()[0]}
+        critic_lr = self.policy_scheduler.get_last_lr()[1] if self.shared_critic else \
+            self.critic_scheduler.get_last_lr()[0]  # critic=shared: the value head's param group
+        lrs = {"train/lr": self.policy_scheduler.get_last_lr()[0], "train/critic_lr": critic_lr}
         start = time.perf_counter()
         history = self.update(exp)
         t_update = time.perf_counter() - start

@@ -38,7 +38,9 @@ from rlhfkit.core.masks import masked_mean, masked_sum, masked_var, masked_white
 from rlhfkit.core.rewards import ShapedRewards
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.models.trunk import Trunk
-from rlhfkit.rollout.forward import TrimmedBatch, critic_forward, policy_forward, trim_batch
+from rlhfkit.models.value_head import ValueHead
+from rlhfkit.rollout.forward import (PolicyForward, TrimmedBatch, critic_forward, policy_forward,
+                                     policy_value_forward, trim_batch)
 from rlhfkit.train.ppo_trunk import TrunkPlan, TrunkStates, assemble
 
 
@@ -170,6 +172,25 @@ def micro_batches(rows: Sequence[int], micro_batch_size: int) -> list[list[int]]
 # ----------------------------------------------------------------------------------------------------------
 # Step 3: rollout-time forward passes
 # ----------------------------------------------------------------------------------------------------------
+def policy_and_values(policy: nn.Module, critic: nn.Module, args: tuple[torch.Tensor, ...],
+                      policy_trunk: Trunk | None = None, critic_trunk: Trunk | None = None, policy_pass: bool = True,
+                      autocast_dtype: torch.dtype | None = None,
+                      **kwargs: Any) -> tuple[PolicyForward | None, torch.Tensor]:
+    """The policy's `policy_forward` (None with ``policy_pass=False``) and the values (B, T) of a micro-batch
+    ``args = (query_ids, query_mask, response_ids, response_mask)``.
+
+    ``critic`` a `ValueHead` (``critic=shared``): ONE forward of the policy gives both (`policy_value_forward`;
+    it runs even with ``policy_pass=False``, the values need it). Else the policy's pass and the critic model's
+    own pass (`critic_forward`), each from its trunk. ``kwargs`` go to `policy_forward`."""
+    if isinstance(critic, ValueHead):
+        out, values = policy_value_forward(policy, critic, *args, autocast_dtype=autocast_dtype, trunk=policy_trunk,
+                                           **kwargs)
+        return (out if policy_pass else None), values
+    out = policy_forward(policy, *args, autocast_dtype=autocast_dtype, trunk=policy_trunk, **kwargs) \
+        if policy_pass else None
+    return out, critic_forward(critic, *args, autocast_dtype=autocast_dtype, trunk=critic_trunk)
+
+
 class RolloutForward(NamedTuple):
     """(B, T) old log-probs (None without the policy pass), reference log-probs and old values; (B, T, V) logits
     for the ``full`` KL; the trunks the update reuses (None when the plan holds none)."""
@@ -198,7 +219,8 @@ def rollout_forward(
     trunk_plan: TrunkPlan = TrunkPlan(),
     policy_pass: bool = True,
 ) -> RolloutForward:
-    """Old log-probs (policy), reference log-probs and old values (critic) of every row, no grad.
+    """Old log-probs (policy), reference log-probs and old values (critic; a `ValueHead`: from the policy's
+    pass, `policy_and_values`) of every row, no grad.
 
     ``groups`` are the micro-batches (row indices) of the first epoch, in order; each is trimmed exactly as the
     update will trim it. ``reference_context()`` wraps the reference pass (e.g. peft's ``disable_adapter``).
@@ -217,11 +239,10 @@ def rollout_forward(
             policy_trunk, critic_trunk = trunk_plan.compute(policy, critic, *args, autocast_dtype=autocast_dtype)
             trunk_parts.append((rows, tb, policy_trunk, critic_trunk))
             common = dict(temperature=temperature, with_logits=with_logits, autocast_dtype=autocast_dtype)
-            pf = policy_forward(policy, *args, **common, trunk=policy_trunk) if policy_pass else None
+            pf, values = policy_and_values(policy, critic, args, policy_trunk, critic_trunk, policy_pass, **common)
             with reference_context():
                 rf = policy_forward(reference, *args, **common,
                                     trunk=policy_trunk if trunk_plan.reference else None)
-            values = critic_forward(critic, *args, autocast_dtype=autocast_dtype, trunk=critic_trunk)
             logits = (tb.restore(pf.logits) if pf is not None else None, tb.restore(rf.logits)) if with_logits \
                 else (None, None)
             parts.append((rows, tb.restore(pf.logprobs) if pf is not None else None, tb.restore(rf.logprobs),
@@ -291,9 +312,26 @@ def _trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def _zero(*optimizers: torch.optim.Optimizer) -> None:
+def _zero(*optimizers: torch.optim.Optimizer | None) -> None:
     for opt in optimizers:
-        opt.zero_grad(set_to_none=True)
+        if opt is not None:
+            opt.zero_grad(set_to_none=True)
+
+
+def _clip_grads(policy_params: list[nn.Parameter], critic_params: list[nn.Parameter], max_norm: float,
+                joint: bool) -> tuple[float, float]:
+    """Clip the gradient norm to ``max_norm``: of each model apart, or with ``joint`` (``critic=shared``: one
+    optimizer over policy and value head) of all parameters together, the one norm a single optimizer step sees.
+    Returns (policy, critic) norms before clipping; with ``joint`` the policy's is the joint norm and the critic's
+    the value head's own share of it."""
+    if joint:
+        grads = [p.grad for p in critic_params if p.grad is not None]
+        v_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+        params = policy_params + critic_params
+        return (float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0), v_norm
+    p_norm = float(torch.nn.utils.clip_grad_norm_(policy_params, max_norm)) if policy_params else 0.0
+    v_norm = float(torch.nn.utils.clip_grad_norm_(critic_params, max_norm)) if critic_params else 0.0
+    return p_norm, v_norm
 
 
 def _micro_batch_loss(policy: nn.Module, critic: nn.Module, batch: UpdateBatch, rows: list[int],
@@ -308,9 +346,9 @@ def _micro_batch_loss(policy: nn.Module, critic: nn.Module, batch: UpdateBatch, 
         return None
     with_entropy = settings.entropy_coef > 0
     policy_trunk, critic_trunk = batch.trunks.rows(idx, tb) if batch.trunks is not None else (None, None)
-    out = policy_forward(policy, *args, temperature=settings.temperature, with_entropy=with_entropy,
-                         with_logits=not with_entropy, autocast_dtype=settings.autocast_dtype, trunk=policy_trunk)
-    values = critic_forward(critic, *args, autocast_dtype=settings.autocast_dtype, trunk=critic_trunk)
+    out, values = policy_and_values(policy, critic, args, policy_trunk, critic_trunk,
+                                    temperature=settings.temperature, with_entropy=with_entropy,
+                                    with_logits=not with_entropy, autocast_dtype=settings.autocast_dtype)
     p_loss, p_stats = ppo_policy_loss(out.logprobs, batch.old_logprobs[idx, :t], batch.advantages[idx, :t], mask,
                                       settings.clip_range, num_tokens)
     v_loss, v_stats = ppo_value_loss(values, batch.old_values[idx, :t], batch.returns[idx, :t], mask,
@@ -334,7 +372,7 @@ def ppo_update(
     policy: nn.Module,
     critic: nn.Module,
     policy_optimizer: torch.optim.Optimizer,
-    critic_optimizer: torch.optim.Optimizer,
+    critic_optimizer: torch.optim.Optimizer | None,
     batch: UpdateBatch,
     plan: list[list[list[int]]],
     settings: UpdateSettings,
@@ -345,6 +383,8 @@ def ppo_update(
     Per minibatch: the global response-token count N is all-reduced; each micro-batch (trimmed) computes
     ``ppo_total_loss`` with its token losses divided by N and back-propagates (gradient accumulation); gradients
     are summed over processes, each model's gradient norm is clipped to ``max_grad_norm``, both optimizers step.
+    ``critic_optimizer=None`` (``critic=shared``: ``critic`` is a `ValueHead` whose parameters ``policy_optimizer``
+    also holds): one norm over policy and head is clipped (`_clip_grads`) and the one optimizer steps.
     A non-finite loss or gradient norm raises `RlhfkitError` before any optimizer step (gradients are cleared, so
     parameters and optimizer states are untouched). With ``target_kl``, a minibatch whose approx-KL exceeds it
     is not applied (its stats have ``applied = 0``) and the update ends. Both models stay in eval mode (dropout
@@ -388,8 +428,7 @@ def ppo_update(
             dist.sum_grads(policy_params)
             dist.sum_grads(critic_params)
             max_norm = settings.max_grad_norm if settings.max_grad_norm is not None else math.inf
-            p_norm = float(torch.nn.utils.clip_grad_norm_(policy_params, max_norm)) if policy_params else 0.0
-            v_norm = float(torch.nn.utils.clip_grad_norm_(critic_params, max_norm)) if critic_params else 0.0
+            p_norm, v_norm = _clip_grads(policy_params, critic_params, max_norm, joint=critic_optimizer is None)
             stats.update({"policy/grad_norm": p_norm, "val/grad_norm": v_norm})
             if not (math.isfinite(p_norm) and math.isfinite(v_norm)):
                 _zero(policy_optimizer, critic_optimizer)
@@ -404,7 +443,8 @@ def ppo_update(
                 return history
             stats["applied"] = 1.0
             policy_optimizer.step()
-            critic_optimizer.step()
+            if critic_optimizer is not None:
+                critic_optimizer.step()
             _zero(policy_optimizer, critic_optimizer)
     return history
 
