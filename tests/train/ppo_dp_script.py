@@ -1,6 +1,7 @@
 """One PPO learning step (steps 2-5, the rollout statistics and the KL controller update) on a fixed global
 rollout of 8 rows; run with one process (plain python) or under ``accelerate launch --num_processes 2``. Each
-process takes its share of the rows; process 0 writes the new weights and the statistics to ``OUT``. Usage: ``ppo_dp_script.py TMP OUT`` (TMP holds sft/ and prompts.jsonl)."""
+process takes its share of the rows; process 0 writes the new weights and the statistics to ``OUT``. Usage: ``ppo_dp_script.py TMP OUT [CRITIC]`` (TMP holds sft/ and prompts.jsonl; CRITIC ``separate`` (default) or
+``shared``: a value head on the policy, given random weights so that the value loss reaches the trunk)."""
 
 from __future__ import annotations
 
@@ -42,10 +43,12 @@ def fixed_rollout(pad: int) -> tuple[Rollout, torch.Tensor]:
     return rollout, raw_scores
 
 
-def main(tmp: Path, out: Path) -> None:
+def main(tmp: Path, out: Path, critic: str = "separate") -> None:
     torch.set_num_threads(1)
+    shared = critic == "shared"
+    extra = {"critic": "shared", "critic_init": "auto"} if shared else {}
     cfg = make_config(tmp, output=str(out / "run"), rollout_batch_size=ROWS, ppo_epochs=1, num_minibatches=1,
-                      micro_batch_size=2, score_norm="whiten", whiten_rewards=True, missing_stop_penalty=1.0,
+                      **extra, micro_batch_size=2, score_norm="whiten", whiten_rewards=True, missing_stop_penalty=1.0,
                       missing_stop_mode="subtract", kl_coef=0.2, entropy_coef=0.01, kl_estimator="mse",
                       adaptive_kl=True, kl_target=0.5, kl_horizon=100.0)
     trainer = PPOTrainer(cfg)
@@ -54,11 +57,19 @@ def main(tmp: Path, out: Path) -> None:
     with torch.no_grad():
         for p in trainer.policy.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g))
+        if shared:  # a zero head would send the value loss no gradient into the trunk
+            for p in trainer.critic.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) / 6.0)
     # SGD: the new weights show the gradient itself (Adam's first step is blind to a gradient scale error)
-    trainer.policy_optimizer = torch.optim.SGD([p for p in trainer.policy.parameters() if p.requires_grad], lr=0.5)
-    trainer.critic_optimizer = torch.optim.SGD([p for p in trainer.critic.parameters() if p.requires_grad], lr=0.5)
+    policy_params = [p for p in trainer.policy.parameters() if p.requires_grad]
+    critic_params = [p for p in trainer.critic.parameters() if p.requires_grad]
+    if shared:  # one optimizer over policy and head (critic_optimizer None: one joint clip, one step)
+        trainer.policy_optimizer = torch.optim.SGD([{"params": policy_params}, {"params": critic_params}], lr=0.5)
+    else:
+        trainer.policy_optimizer = torch.optim.SGD(policy_params, lr=0.5)
+        trainer.critic_optimizer = torch.optim.SGD(critic_params, lr=0.5)
+        trainer.critic_scheduler = torch.optim.lr_scheduler.ConstantLR(trainer.critic_optimizer, factor=1.0)
     trainer.policy_scheduler = torch.optim.lr_scheduler.ConstantLR(trainer.policy_optimizer, factor=1.0)
-    trainer.critic_scheduler = torch.optim.lr_scheduler.ConstantLR(trainer.critic_optimizer, factor=1.0)
     trainer.update_settings.max_grad_norm = None
     rollout, raw_scores = fixed_rollout(trainer.tokenizer.pad_token_id)
     n, rank = ROWS // trainer.dist.world_size, trainer.dist.rank
@@ -74,4 +85,4 @@ def main(tmp: Path, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]))
+    main(Path(sys.argv[1]), Path(sys.argv[2]), *sys.argv[3:])
