@@ -27,10 +27,12 @@ def _exactness_trainer(tmp_path, **overrides) -> PPOTrainer:
                                   **overrides))
 
 
-@pytest.mark.parametrize("variant", ["float32", "bf16", "lora", "full_kl"])
+@pytest.mark.parametrize("variant", ["float32", "bf16", "lora", "full_kl", "shared_bf16", "shared_lora"])
 def test_first_minibatch_has_ratio_exactly_one_and_approx_kl_exactly_zero(tmp_path, variant):
+    shared = {"critic": "shared", "critic_init": "auto"}  # old log-probs and values from one pass of the policy
     overrides = {"bf16": {"bf16": True}, "lora": {"lora_r": 4, "bf16": True},
-                 "full_kl": {"kl_estimator": "full"}}.get(variant, {})
+                 "full_kl": {"kl_estimator": "full"}, "shared_bf16": {**shared, "bf16": True},
+                 "shared_lora": {**shared, "lora_r": 4, "bf16": True}}.get(variant, {})
     trainer = _exactness_trainer(tmp_path, **overrides)
     result = trainer.iteration(1)
     first = result.minibatch_stats[0]
