@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from rlhfkit.core.kl import KL_ESTIMATORS, full_kl_from_logits, kl_k1, kl_penalty
+from rlhfkit.core.kl import KL_ESTIMATORS, full_kl_from_logits, kl_k1, kl_loss, kl_penalty
 
 LN2 = math.log(2)
 # p = (0.5, 0.2), q = (0.25, 0.4): d = log p - log q = (ln 2, -ln 2)
@@ -76,3 +76,34 @@ def test_errors():
         kl_penalty(LOGP, LOGQ, "k2")
     with pytest.raises(ValueError, match="logits"):
         kl_penalty(LOGP, LOGQ, "full")
+
+
+def test_kl_loss_k3_by_hand_with_gradient():
+    # d = logp - ref_logp: row 0 (ln 2, -ln 2), row 1 (0, padding holding nan)
+    # k3 = exp(-d) - 1 + d: ln 2 - 1/2, 1 - ln 2, 0 -> token mean over 3 tokens: (ln 2 - 1/2 + 1 - ln 2 + 0)/3 = 1/6
+    # d k3 / d logp = 1 - exp(-d): 1 - 1/2 = 1/2, 1 - 2 = -1, 0 -> divided by 3 tokens
+    logp = torch.cat([LOGP, torch.tensor([[-1.0, float("nan")]], dtype=torch.float64)]).requires_grad_(True)
+    ref = torch.cat([LOGQ, torch.tensor([[-1.0, float("nan")]], dtype=torch.float64)])
+    mask = torch.tensor([[True, True], [True, False]])
+    loss = kl_loss(logp, ref, mask)
+    assert loss.item() == pytest.approx(1 / 6, abs=1e-15)
+    loss.backward()
+    assert torch.allclose(logp.grad, torch.tensor([[0.5 / 3, -1 / 3], [0.0, 0.0]], dtype=torch.float64),
+                          rtol=0, atol=1e-15)
+
+
+def test_kl_loss_aggregations_and_estimators_by_hand():
+    # per-token k3 as above: row 0 (ln 2 - 1/2, 1 - ln 2) sum 1/2, row 1 (0) sum 0
+    #   seq_mean_token_mean: (1/2 / 2 + 0 / 1) / 2 sequences = 1/8
+    #   seq_mean_token_sum_norm, max_length 4: (1/2 + 0) / (2 · 4) = 1/16
+    logp = torch.cat([LOGP, torch.tensor([[-1.0, 0.0]], dtype=torch.float64)])
+    ref = torch.cat([LOGQ, torch.tensor([[-1.0, 0.0]], dtype=torch.float64)])
+    mask = torch.tensor([[True, True], [True, False]])
+    assert kl_loss(logp, ref, mask, aggregation="seq_mean_token_mean").item() == pytest.approx(1 / 8, abs=1e-15)
+    out = kl_loss(logp, ref, mask, aggregation="seq_mean_token_sum_norm", max_length=4)
+    assert out.item() == pytest.approx(1 / 16, abs=1e-15)
+    # the other sample estimators: k1 (ln 2 - ln 2 + 0)/3 = 0; k2 ½(ln² 2 + ln² 2 + 0)/3 = ln² 2 / 3
+    assert kl_loss(logp, ref, mask, estimator="kl").item() == pytest.approx(0.0, abs=1e-15)
+    assert kl_loss(logp, ref, mask, estimator="mse").item() == pytest.approx(LN2**2 / 3, abs=1e-15)
+    with pytest.raises(ValueError, match="kl, abs, mse, k3"):
+        kl_loss(logp, ref, mask, estimator="full")

@@ -2,11 +2,21 @@
 
 Modules: ``masks`` (masked reductions, stop-token truncation), ``logprobs`` (log-probs and entropy from
 logits), ``kl`` (per-token KL estimators), ``rewards`` (score post-processing, KL-shaped rewards),
-``advantages`` (GAE), ``losses`` (reward-model and PPO losses), ``kl_control`` (KL coefficient controllers).
+``advantages`` (GAE and the critic-free estimators), ``losses`` (reward-model and PPO losses), ``kl_control``
+(KL coefficient controllers).
 """
 
-from rlhfkit.core.advantages import discounted_returns, gae
-from rlhfkit.core.kl import KL_ESTIMATORS, full_kl_from_logits, kl_penalty
+from rlhfkit.core.advantages import (
+    discounted_returns,
+    gae,
+    group_centered_scores,
+    grpo_advantages,
+    outcome_to_tokens,
+    reinforce_pp_advantages,
+    remax_advantages,
+    rloo_advantages,
+)
+from rlhfkit.core.kl import KL_ESTIMATORS, KL_LOSS_ESTIMATORS, full_kl_from_logits, kl_loss, kl_penalty
 from rlhfkit.core.kl_control import AdaptiveKLController, FixedKLController, make_kl_controller
 from rlhfkit.core.logprobs import entropy_from_logits, logprobs_from_logits
 from rlhfkit.core.losses import (
@@ -27,6 +37,9 @@ from rlhfkit.core.losses import (
     token_level_pairwise,
 )
 from rlhfkit.core.masks import (
+    LOSS_AGGREGATIONS,
+    aggregate_token_losses,
+    aggregation_count,
     first_difference_index,
     first_stop_index,
     lengths_to_mask,
@@ -50,6 +63,8 @@ from rlhfkit.core.rewards import (
 
 __all__ = [
     "KL_ESTIMATORS",
+    "KL_LOSS_ESTIMATORS",
+    "LOSS_AGGREGATIONS",
     "MISSING_STOP_MODES",
     "AdaptiveKLController",
     "FixedKLController",
@@ -57,6 +72,8 @@ __all__ = [
     "RunningMoments",
     "ShapedRewards",
     "ValueStats",
+    "aggregate_token_losses",
+    "aggregation_count",
     "clip_scores",
     "discounted_returns",
     "entropy_bonus",
@@ -66,6 +83,9 @@ __all__ = [
     "first_stop_index",
     "full_kl_from_logits",
     "gae",
+    "group_centered_scores",
+    "grpo_advantages",
+    "kl_loss",
     "kl_penalty",
     "last_response_index",
     "lengths_to_mask",
@@ -78,6 +98,7 @@ __all__ = [
     "missing_stop_penalty",
     "mse_regression",
     "multi_objective_regression",
+    "outcome_to_tokens",
     "pairwise_logexp",
     "pairwise_logsigmoid",
     "pointwise_bce",
@@ -86,7 +107,10 @@ __all__ = [
     "ppo_policy_loss",
     "ppo_total_loss",
     "ppo_value_loss",
+    "reinforce_pp_advantages",
+    "remax_advantages",
     "reward_centering",
+    "rloo_advantages",
     "shape_rewards",
     "token_level_pairwise",
     "truncate_after_stop",

@@ -1,4 +1,4 @@
-"""Per-token estimators of KL(π || π_ref), the penalty of the KL-shaped reward.
+"""Per-token estimators of KL(π || π_ref), the penalty of the KL-shaped reward, and the KL as a loss term.
 
 With samples y ~ π, ``logp = log π(y)`` and ``logq = log π_ref(y)``:
 
@@ -10,7 +10,8 @@ With samples y ~ π, ``logp = log π(y)`` and ``logq = log π_ref(y)``:
   (needs the logits of both models).
 
 Source: J. Schulman, "Approximating KL divergence" (2020, blog post) for k1/k2/k3; the KL-shaped reward of
-Ziegler et al. 2019 §2.2 and Ouyang et al. 2022 (InstructGPT) eq. 2.
+Ziegler et al. 2019 §2.2 and Ouyang et al. 2022 (InstructGPT) eq. 2. The KL in the loss (:func:`kl_loss`,
+k3 of the current policy, aggregated like the policy loss) is GRPO's (Shao et al. 2024, DeepSeekMath §4.1.1).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from rlhfkit.core.logprobs import DEFAULT_CHUNK_ROWS, upcast
+from rlhfkit.core.masks import aggregate_token_losses
 
 KL_ESTIMATORS: tuple[str, ...] = ("kl", "abs", "mse", "k3", "full")
 
@@ -99,3 +101,40 @@ def kl_penalty(
         return 0.5 * d.square()
     # k3 with r = q/p = exp(-d): (r - 1) - log r
     return torch.expm1(-d) + d
+
+
+KL_LOSS_ESTIMATORS: tuple[str, ...] = ("kl", "abs", "mse", "k3")
+
+
+def kl_loss(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    response_mask: torch.Tensor,
+    estimator: str = "k3",
+    aggregation: str = "token_mean",
+    num_tokens: int | torch.Tensor | None = None,
+    num_sequences: int | torch.Tensor | None = None,
+    max_length: int | None = None,
+) -> torch.Tensor:
+    """The KL penalty as a loss term (the KL in the loss instead of in the reward), differentiable in ``logprobs``.
+
+    Equation: per response token ``KL_t`` = :func:`kl_penalty` of the *current* policy's log-probs against the
+    reference's, by default k3 ``exp(logq - logp) - 1 - (logq - logp)`` (unbiased for KL(π || π_ref), >= 0),
+    reduced by :func:`rlhfkit.core.masks.aggregate_token_losses` with the policy loss's ``aggregation`` and
+    normalisers (exact under micro-batching by the same rule). The loss to minimise is
+    ``L^CLIP + β KL_loss`` (:func:`rlhfkit.core.losses.ppo_total_loss`, ``kl_coef``); the rewards then carry no
+    KL. Padding is never read (nor differentiated through).
+    Shapes: ``logprobs``, ``ref_logprobs``, ``response_mask`` (B, T) -> 0-dim tensor.
+    Raises ValueError for an estimator outside ``KL_LOSS_ESTIMATORS`` (``full`` needs the logits: not here) and
+    the errors of ``aggregate_token_losses``.
+    Source: Shao et al. 2024, "DeepSeekMath", §4.1.1, eqs. 3-4 (GRPO adds ``β D_KL`` with the k3 estimator to
+    the objective instead of a KL reward); J. Schulman 2020, "Approximating KL divergence" (k3).
+    """
+    if estimator not in KL_LOSS_ESTIMATORS:
+        raise ValueError(f"unknown KL-loss estimator {estimator!r}; valid: {', '.join(KL_LOSS_ESTIMATORS)}")
+    mask = response_mask.bool()
+    zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
+    logp = torch.where(mask, logprobs, zero)
+    logq = torch.where(mask, ref_logprobs.to(logprobs.dtype), zero)
+    per_token = kl_penalty(logp, logq, estimator)
+    return aggregate_token_losses(per_token, mask, aggregation, num_tokens, num_sequences, max_length)

@@ -3,7 +3,8 @@
 Reward-model losses return the mean over the batch. PPO losses are token-level and divide a masked sum by an
 explicit ``num_tokens`` (default: the mask's own count), so that a minibatch split into micro-batches, or over
 processes, accumulates to exactly the gradient of the whole minibatch when every part is given the minibatch's
-token count.
+token count. The policy loss also takes the sequence-level aggregations of
+:func:`rlhfkit.core.masks.aggregate_token_losses`, exact under the same rule with ``num_sequences``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from rlhfkit.core.masks import masked_mean, masked_sum, masked_var
+from rlhfkit.core.masks import aggregate_token_losses, masked_mean, masked_var
 
 
 # --------------------------------------------------------------------------- reward-model losses
@@ -151,6 +152,7 @@ class PolicyStats(NamedTuple):
     approx_kl: torch.Tensor
     ratio_mean: torch.Tensor
     ratio_var: torch.Tensor
+    dual_clipfrac: torch.Tensor
 
 
 class ValueStats(NamedTuple):
@@ -162,14 +164,6 @@ class ValueStats(NamedTuple):
     error: torch.Tensor
 
 
-def _normaliser(mask: torch.Tensor, num_tokens: int | float | torch.Tensor | None) -> torch.Tensor | float:
-    if num_tokens is None:
-        return mask.sum()
-    if not isinstance(num_tokens, torch.Tensor) and not num_tokens > 0:
-        raise ValueError(f"num_tokens must be > 0, got {num_tokens}")
-    return num_tokens
-
-
 def ppo_policy_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -177,31 +171,65 @@ def ppo_policy_loss(
     response_mask: torch.Tensor,
     clip_range: float,
     num_tokens: int | torch.Tensor | None = None,
+    *,
+    clip_range_low: float | None = None,
+    clip_range_high: float | None = None,
+    dual_clip: float | None = None,
+    aggregation: str = "token_mean",
+    num_sequences: int | torch.Tensor | None = None,
+    max_length: int | None = None,
 ) -> tuple[torch.Tensor, PolicyStats]:
-    """Clipped surrogate policy loss of PPO, token level.
+    """Clipped surrogate policy loss of PPO, token level, with asymmetric and dual clipping.
 
-    Equation: ``ρ_t = exp(logp_t - old_logp_t)``, ``ℓ_t = max(-A_t ρ_t, -A_t clip(ρ_t, 1 - ε, 1 + ε))``,
-    ``loss = Σ_t m_t ℓ_t / num_tokens``. Stats (masked means): ``clipfrac`` = fraction of tokens whose
-    clipped term is strictly larger, ``approx_kl`` = mean of ``(ρ - 1) - log ρ`` (k3), ``ratio_mean``,
-    ``ratio_var`` (biased, i.e. divided by the token count).
-    Shapes: all inputs (B, T); ``num_tokens`` defaults to ``Σ m`` -> ``(scalar loss, PolicyStats)``.
+    Equation: ``ρ_t = exp(logp_t - old_logp_t)``,
+    ``ℓ_t = max(-A_t ρ_t, -A_t clip(ρ_t, 1 - ε_low, 1 + ε_high))`` with ``ε_low = clip_range_low`` and
+    ``ε_high = clip_range_high`` (each defaults to ``ε = clip_range``); with ``dual_clip = c`` (> 1), where
+    ``A_t < 0``: ``ℓ_t = min(ℓ_t, -c A_t)``, i.e. the loss of a token with a negative advantage is at most
+    ``c |A_t|`` however large its ratio (its gradient is 0 there). The loss is
+    ``rlhfkit.core.masks.aggregate_token_losses(ℓ, m, aggregation, ...)``; the default ``token_mean`` is
+    ``Σ_t m_t ℓ_t / num_tokens``. Stats (masked token means): ``clipfrac`` = fraction of tokens whose clipped
+    term is strictly larger, ``approx_kl`` = mean of ``(ρ - 1) - log ρ`` (k3), ``ratio_mean``, ``ratio_var``
+    (biased, i.e. divided by the token count), ``dual_clipfrac`` = fraction of tokens where the dual bound is
+    strictly smaller (0 without ``dual_clip``).
+    Shapes: all inputs (B, T); ``num_tokens`` (``token_mean``) or ``num_sequences`` (the two sequence modes)
+    default to this batch's :func:`rlhfkit.core.masks.aggregation_count`; ``max_length`` is the constant of
+    ``seq_mean_token_sum_norm`` -> ``(scalar loss, PolicyStats)``.
+    Raises ValueError for ``ε_low`` outside [0, 1), ``ε_high < 0``, ``dual_clip <= 1`` and the errors of
+    ``aggregate_token_losses``.
     Source: Schulman et al. 2017, "Proximal policy optimization algorithms", eq. 7 (negated for descent);
-    k3 from Schulman 2020, "Approximating KL divergence".
+    clip-higher ``ε_high > ε_low`` of Yu et al. 2025, "DAPO", §3.1; dual clip of Ye et al. 2020, "Mastering
+    complex control in MOBA games with deep reinforcement learning" (AAAI), eq. 5; k3 from Schulman 2020,
+    "Approximating KL divergence".
     """
+    low = clip_range if clip_range_low is None else clip_range_low
+    high = clip_range if clip_range_high is None else clip_range_high
+    if not 0 <= low < 1:
+        raise ValueError(f"clip_range_low must be in [0, 1), got {low}")
+    if not high >= 0:
+        raise ValueError(f"clip_range_high must be >= 0, got {high}")
+    if dual_clip is not None and not dual_clip > 1:
+        raise ValueError(f"dual_clip must be > 1 (the bound c·|A| must lie above the clipped loss), got {dual_clip}")
     mask = response_mask.bool()
     zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
     log_ratio = torch.where(mask, logprobs - old_logprobs, zero)  # padding: ratio 1, never inf
     advantages = torch.where(mask, advantages.to(logprobs.dtype), zero)
     ratio = log_ratio.exp()
     unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_sum(torch.maximum(unclipped, clipped), mask) / _normaliser(mask, num_tokens)
+    clipped = -advantages * ratio.clamp(1.0 - low, 1.0 + high)
+    per_token = torch.maximum(unclipped, clipped)
+    dual = torch.zeros_like(mask)
+    if dual_clip is not None:
+        bound = -dual_clip * advantages
+        dual = (advantages < 0) & (bound < per_token)
+        per_token = torch.where(dual, bound, per_token)
+    loss = aggregate_token_losses(per_token, mask, aggregation, num_tokens, num_sequences, max_length)
     with torch.no_grad():
         stats = PolicyStats(
             clipfrac=masked_mean((clipped > unclipped).to(logprobs.dtype), mask),
             approx_kl=masked_mean((ratio - 1.0) - log_ratio, mask),
             ratio_mean=masked_mean(ratio, mask),
             ratio_var=masked_var(ratio, mask, unbiased=False),
+            dual_clipfrac=masked_mean(dual.to(logprobs.dtype), mask),
         )
     return loss, stats
 
@@ -238,7 +266,7 @@ def ppo_value_loss(
         clipped_error = (clipped_values - returns).square()
         per_token = torch.maximum(error, clipped_error)
         clipfrac = masked_mean((clipped_error > error).to(values.dtype), mask)
-    loss = 0.5 * masked_sum(per_token, mask) / _normaliser(mask, num_tokens)
+    loss = 0.5 * aggregate_token_losses(per_token, mask, "token_mean", num_tokens)
     with torch.no_grad():
         stats = ValueStats(
             clipfrac=clipfrac.detach(),
@@ -258,7 +286,7 @@ def entropy_bonus(
     Source: Schulman et al. 2017, eq. 9 (the entropy bonus S).
     """
     mask = response_mask.bool()
-    return masked_sum(entropy, mask) / _normaliser(mask, num_tokens)
+    return aggregate_token_losses(entropy, mask, "token_mean", num_tokens)
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -277,11 +305,22 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
         return torch.where(var_returns == 0, nan, 1.0 - var_residual / var_returns)
 
 
-def ppo_total_loss(policy_loss: torch.Tensor, value_loss: torch.Tensor, entropy: torch.Tensor,
-                   vf_coef: float, entropy_coef: float) -> torch.Tensor:
+def ppo_total_loss(policy_loss: torch.Tensor, value_loss: torch.Tensor | None, entropy: torch.Tensor,
+                   vf_coef: float, entropy_coef: float, kl_loss: torch.Tensor | None = None,
+                   kl_coef: float = 0.0) -> torch.Tensor:
     """The combined PPO objective to minimise.
 
-    Equation: ``L = L^CLIP + c_1 L^VF - c_2 S`` (policy loss, value loss weighted by ``vf_coef``, entropy bonus
-    weighted by ``entropy_coef``). Source: Schulman et al. 2017, eq. 9 (signs for gradient descent).
+    Equation: ``L = L^CLIP + c_1 L^VF - c_2 S + β_loss KL_loss`` (policy loss, value loss weighted by
+    ``vf_coef``, entropy bonus weighted by ``entropy_coef``, and with the KL in the loss the aggregated per-token
+    KL of :func:`rlhfkit.core.kl.kl_loss` weighted by ``kl_coef``). ``value_loss=None`` (no critic, a critic-free
+    estimator) drops the value term; ``kl_loss=None`` drops the KL term.
+    Source: Schulman et al. 2017, eq. 9 (signs for gradient descent); the KL term of GRPO (Shao et al. 2024,
+    DeepSeekMath eq. 3).
     """
-    return policy_loss + vf_coef * value_loss - entropy_coef * entropy
+    if value_loss is None:
+        loss = policy_loss - entropy_coef * entropy
+    else:
+        loss = policy_loss + vf_coef * value_loss - entropy_coef * entropy
+    if kl_loss is not None:
+        loss = loss + kl_coef * kl_loss
+    return loss

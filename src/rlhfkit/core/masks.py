@@ -81,6 +81,89 @@ def masked_whiten(
     return torch.where(mask, whitened, torch.zeros((), dtype=whitened.dtype, device=whitened.device))
 
 
+LOSS_AGGREGATIONS: tuple[str, ...] = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+
+
+def aggregation_count(response_mask: torch.Tensor, aggregation: str) -> torch.Tensor:
+    """The count a loss of ``aggregation`` is divided by, for this (part of a) batch.
+
+    Equation: ``token_mean``: ``Σ_{b,t} m_bt`` (response tokens); ``seq_mean_token_mean`` and
+    ``seq_mean_token_sum_norm``: ``Σ_b [Σ_t m_bt > 0]`` (sequences with at least one response token).
+    Counts add over micro-batches and processes: the sum over the parts of a minibatch is what
+    :func:`aggregate_token_losses` takes as ``num_tokens`` / ``num_sequences`` to make the parts' losses add up to
+    the whole minibatch's loss exactly.
+    Shapes: ``response_mask`` (B, T) -> 0-dim long tensor. Raises ValueError for an unknown aggregation.
+    Source: rlhfkit (the normalisers of the three modes of :func:`aggregate_token_losses`).
+    """
+    _check_aggregation(aggregation)
+    mask = _as_bool(response_mask)
+    return mask.sum() if aggregation == "token_mean" else mask.any(dim=1).sum()
+
+
+def _check_aggregation(aggregation: str) -> None:
+    if aggregation not in LOSS_AGGREGATIONS:
+        raise ValueError(f"unknown loss aggregation {aggregation!r}; valid: {', '.join(LOSS_AGGREGATIONS)}")
+
+
+def _positive(name: str, value: int | float | torch.Tensor | None) -> None:
+    if value is not None and not isinstance(value, torch.Tensor) and not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+
+
+def aggregate_token_losses(
+    per_token: torch.Tensor,
+    response_mask: torch.Tensor,
+    aggregation: str = "token_mean",
+    num_tokens: int | float | torch.Tensor | None = None,
+    num_sequences: int | float | torch.Tensor | None = None,
+    max_length: int | float | None = None,
+) -> torch.Tensor:
+    """Reduce per-token losses to the scalar loss, in one of three ways.
+
+    Equations, with ``n_b = Σ_t m_bt`` and ``S_b = Σ_t m_bt ℓ_bt``:
+
+    - ``token_mean``: ``Σ_b S_b / num_tokens`` (default ``num_tokens = Σ_b n_b``): every token weighs the same.
+    - ``seq_mean_token_mean``: ``Σ_{b: n_b > 0} (S_b / n_b) / num_sequences`` (default: the rows with
+      ``n_b > 0``): every sequence weighs the same, its tokens share its weight.
+    - ``seq_mean_token_sum_norm``: ``Σ_b S_b / (num_sequences · max_length)`` with ``max_length`` a constant (the
+      generation budget, ``max_new_tokens``): every token weighs the same whatever its sequence's length, without
+      the length bias of a per-sequence mean.
+
+    Each is a sum over rows divided by a constant, so a batch split into parts (micro-batches, processes, each
+    trimmed to its own longest row) gives exactly the whole batch's loss and gradient when every part is given
+    the whole batch's ``num_tokens`` / ``num_sequences`` (the sum of :func:`aggregation_count` over the parts)
+    and the same ``max_length`` (never a part's own width, which trimming changes). Masked-out values are never
+    read. A normaliser that the mode does not use is refused, so that a count meant for one mode is never taken
+    for another.
+    Shapes: ``per_token``, ``response_mask`` (B, T) -> 0-dim tensor.
+    Raises ValueError for an unknown mode, a missing ``max_length`` (``seq_mean_token_sum_norm``), a normaliser
+    the mode does not use, or one that is not > 0.
+    Source: the ``loss_agg_mode`` options of Sheng et al. 2024 (HybridFlow / verl); ``seq_mean_token_mean`` is
+    the per-response mean of GRPO (Shao et al. 2024, DeepSeekMath eq. 3); ``seq_mean_token_sum_norm`` is
+    Dr. GRPO's constant normaliser (Liu et al. 2025, "Understanding R1-Zero-like training"); ``token_mean`` is
+    the token-level loss of DAPO (Yu et al. 2025, §3.3).
+    """
+    _check_aggregation(aggregation)
+    for name, value, used in (("num_tokens", num_tokens, aggregation == "token_mean"),
+                              ("num_sequences", num_sequences, aggregation != "token_mean"),
+                              ("max_length", max_length, aggregation == "seq_mean_token_sum_norm")):
+        if value is not None and not used:
+            raise ValueError(f"{name} is not a normaliser of loss aggregation {aggregation!r}")
+        _positive(name, value)
+    mask = _as_bool(response_mask)
+    if aggregation == "token_mean":
+        return masked_sum(per_token, mask) / (mask.sum() if num_tokens is None else num_tokens)
+    if num_sequences is None:
+        num_sequences = mask.any(dim=1).sum()
+    row_sums = masked_sum(per_token, mask, dim=1)
+    if aggregation == "seq_mean_token_mean":
+        lengths = mask.sum(dim=1).clamp(min=1).to(per_token.dtype)  # an empty row: S_b = 0, not counted
+        return (row_sums / lengths).sum() / num_sequences
+    if max_length is None:
+        raise ValueError("loss aggregation 'seq_mean_token_sum_norm' needs max_length (the generation budget)")
+    return row_sums.sum() / (num_sequences * max_length)
+
+
 def _stop_tensor(stop_ids: Iterable[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
     if isinstance(stop_ids, torch.Tensor):
         return stop_ids.to(device=device, dtype=torch.long).flatten()
