@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from rlhfkit.config import check_choice, check_range, config_from_dict, load_yaml, parse_config, save_config
+from rlhfkit.config import (changed_settings, check_choice, check_range, config_from_dict, load_yaml, parse_config,
+                            save_config)
 from rlhfkit.errors import RlhfkitError
 
 
@@ -103,3 +104,21 @@ def test_yaml_value_of_the_wrong_type_names_file_and_field(tmp_path, line, messa
     with pytest.raises(RlhfkitError) as info:
         parse_config(Demo, ["--config", str(y)])
     assert str(info.value) == f"{y}, {message}"
+
+
+def test_changed_settings_compares_a_missing_key_with_its_default():
+    """A run saved before a field existed lacks its key: it ran with the behaviour that the field's default keeps,
+    so the key counts as its default, and only a non-default value (or a real difference) is a change."""
+
+    @dataclass
+    class Cfg:
+        a: int = 1
+        b: list = field(default_factory=lambda: [1, 2])
+        c: str = "x"
+
+    saved = {"a": 1, "b": [1, 2]}  # written before field c existed
+    assert changed_settings(Cfg(), saved, []) == []
+    assert changed_settings(Cfg(c="y"), saved, []) == ["c"]
+    assert changed_settings(Cfg(a=2, c="y"), saved, ["c"]) == ["a"]
+    assert changed_settings(Cfg(b=[2]), saved, []) == ["b"]
+    assert changed_settings(Cfg(), {"a": 1, "b": [1, 2], "c": "z"}, []) == ["c"]

@@ -181,6 +181,28 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def field_defaults(cfg: Any) -> dict[str, Any]:
+    """Each field's default value (of ``default`` or ``default_factory``) of a config dataclass (class or instance);
+    fields without a default are left out."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+def changed_settings(cfg: Any, saved: dict[str, Any], may_change: Sequence[str]) -> list[str]:
+    """The fields of ``cfg`` whose value differs from the saved run's ``saved`` config dict (the YAML of
+    `save_config`), except those in ``may_change``; sorted. A field the saved file lacks (a run written before
+    the field existed) counts as having its default value: a new field's default keeps the behaviour of the
+    release that did not have it, so such a run resumes while this run keeps that default."""
+    now = config_to_dict(cfg)
+    defaults = field_defaults(cfg)
+    return sorted(k for k in now if k not in may_change and saved.get(k, defaults.get(k)) != now[k])
+
+
 def save_config(cfg: Any, path: str | Path) -> None:
     """Write the config as YAML (keys = fields), so that ``--config`` can replay the run."""
     from rlhfkit.utils import atomic_write_text

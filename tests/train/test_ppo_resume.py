@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 import torch
 from ppo_helpers import make_config, one_thread, without_timing  # noqa: F401  (one_thread: autouse fixture)
 from safetensors.torch import load_file
@@ -188,6 +189,20 @@ def test_resume_refuses_a_changed_configuration_or_a_missing_checkpoint(tmp_path
     # more iterations is allowed: the run continues from iteration 3
     results = PPOTrainer(make_config(tmp_path, resume=True, save_every=5, iterations=3)).train()
     assert len(results) == 1
+
+
+def test_a_checkpoint_written_before_a_field_existed_resumes_at_that_fields_default(tmp_path):
+    """A checkpoint's config.yaml without the key of a newer field (here `critic`) ran as its default does; it
+    resumes under the default and is refused under another value."""
+    PPOTrainer(make_config(tmp_path, save_every=1)).train()
+    ckpt = find_latest_checkpoint(tmp_path / "run")
+    saved = yaml.safe_load((ckpt / "config.yaml").read_text())
+    del saved["critic"]
+    (ckpt / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    ppo_state.check_resume_config(make_config(tmp_path, save_every=1, resume=True), ckpt)
+    with pytest.raises(RlhfkitError, match=r"critic: None -> 'shared'"):
+        ppo_state.check_resume_config(make_config(tmp_path, save_every=1, resume=True, critic="shared",
+                                                  critic_init="auto", critic_freeze_layers=0), ckpt)
 
 
 # ------------------------------------------------------------------------------------ a changed run length

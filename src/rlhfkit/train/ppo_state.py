@@ -26,7 +26,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from rlhfkit.config import config_to_dict
+from rlhfkit.config import changed_settings, config_to_dict
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.train.checkpoint import load_state, save_checkpoint, save_state
 from rlhfkit.train.ppo_config import LENGTH_FREE_SCHEDULERS, RESUMABLE_CHANGES, PPOConfig, run_length
@@ -171,7 +171,7 @@ def check_resume_config(cfg: PPOConfig, ckpt: Path) -> None:
         raise RlhfkitError(f"{path}: checkpoint file missing (the checkpoint folder is incomplete)")
     saved = yaml.safe_load(path.read_text()) or {}
     now = config_to_dict(cfg)
-    changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
+    changed = changed_settings(cfg, saved, RESUMABLE_CHANGES)
     if changed:
         detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed[:6])
         raise RlhfkitError(f"--resume: the configuration differs from the checkpoint's ({detail}); resume with "

@@ -35,7 +35,7 @@ from typing import Any, Sequence
 import torch
 import yaml
 
-from rlhfkit.config import config_to_dict, save_config
+from rlhfkit.config import changed_settings, config_to_dict, save_config
 from rlhfkit.core.losses import (
     mse_regression,
     multi_objective_regression,
@@ -75,7 +75,7 @@ from rlhfkit.utils import (MetricsLogger, atomic_write_json, progress, rng_state
 CONFIG = RMTrainConfig
 ENCODER_MODEL_TYPES = {"bert", "roberta", "deberta", "deberta-v2", "electra", "distilbert", "xlm-roberta",
                        "modernbert", "albert", "mpnet"}
-RESUME_MAY_CHANGE = {"resume", "overwrite", "save_steps", "keep_checkpoints"}
+RESUMABLE_CHANGES = {"resume", "overwrite", "save_steps", "keep_checkpoints"}
 RUN_FILES = ("config.yaml", "metrics.jsonl", "rlhfkit.json", "checkpoints")
 
 
@@ -290,11 +290,10 @@ def check_output(cfg: RMTrainConfig) -> Path | None:
         saved_path = out / "config.yaml"
         if saved_path.is_file():
             saved = yaml.safe_load(saved_path.read_text()) or {}
-            now = config_to_dict(cfg)
-            changed = sorted(k for k in now if k not in RESUME_MAY_CHANGE and saved.get(k) != now[k])
+            changed = changed_settings(cfg, saved, RESUMABLE_CHANGES)
             if changed:
                 raise RlhfkitError(f"--resume: the configuration differs from the run in {out} in {changed}; resume "
-                                   f"with the same settings (only {sorted(RESUME_MAY_CHANGE)} may change)")
+                                   f"with the same settings (only {sorted(RESUMABLE_CHANGES)} may change)")
         return ckpt
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not cfg.overwrite:
