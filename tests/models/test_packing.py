@@ -384,3 +384,15 @@ def test_models_that_cannot_be_packed_say_why_and_run_unpacked(sft_dir, bert_dir
     with pytest.raises(RuntimeError, match="must not be packed"):
         _segment_attention(torch.nn.Module(), q, q, q, torch.ones(1, 1, 3, 3, dtype=torch.bool),
                            rlhfkit_segments=varlen_layout(*rows([([5], [6, 7])])[:2]))
+
+
+def test_the_switched_attention_implementation_is_not_saved(sft_dir, tmp_path):
+    """The folder of a model that ran packed loads anywhere: config.json records no attention implementation."""
+    rm = RewardModel.from_backbone(str(sft_dir), kind="decoder")
+    ids, att, resp = k_wise_batch(rm.config.vocab_size)
+    with torch.no_grad():
+        rm(ids, att, resp, packing=True)
+    assert rm.config._attn_implementation == VARLEN_ATTENTION
+    rm.save_pretrained(tmp_path / "rm")
+    assert VARLEN_ATTENTION not in (tmp_path / "rm" / "config.json").read_text()
+    assert RewardModel.from_pretrained(tmp_path / "rm").config._attn_implementation == "sdpa"
