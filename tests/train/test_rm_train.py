@@ -453,8 +453,8 @@ def test_packing_flag_reaches_the_model_and_a_run_ends_with_the_same_weights(sft
     A one-step run with and without it: the same first-step metrics, and the same weights to float32 rounding.
     Adam's first step moves a weight by ``lr · g / (|g| + ε)`` (bias-corrected moments m̂ = g, v̂ = g²; no
     clipping, no weight decay here), so a rounding error e of the gradient g moves that weight by at most
-    ``lr · e ε / (|g| − e + ε)²`` (the derivative ε / (|x| + ε)² of x / (|x| + ε) between g ± e), and by at most
-    2 lr where |g| <= e; e is the float32 bound of the 2 decoder layers' gradients (forward and backward)."""
+    ``lr · e ε / (|g| − e + ε)²`` (the derivative ε / (|x| + ε)² of x / (|x| + ε) between g ± e), and by at
+    most 2 lr where |g| <= e; e is the float32 bound of the 2 decoder layers' gradients (forward and backward)."""
     import rlhfkit.models.reward as reward_module
 
     calls = []

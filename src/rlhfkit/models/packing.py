@@ -186,8 +186,9 @@ def _segment_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor
         return sdpa(module, query, key, value, attention_mask, **kwargs)
     used = [k for k in _UNSUPPORTED if kwargs.get(k) is not None]
     if attention_mask is not None or used or query.shape[0] != 1:
-        raise RuntimeError(f"variable-length attention got {'a mask' if attention_mask is not None else used or 'a batch'}"
-                           f" it cannot apply ({type(module).__name__}); this model must not be packed")
+        what = "a mask" if attention_mask is not None else used or f"a batch of {query.shape[0]}"
+        raise RuntimeError(f"variable-length attention got {what} it cannot apply ({type(module).__name__}); this "
+                           f"model must not be packed")
     kwargs.pop("is_causal", None)
     outputs = []
     for seg, mask in zip(layout.segments, layout.masks):
