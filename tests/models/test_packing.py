@@ -396,3 +396,24 @@ def test_the_switched_attention_implementation_is_not_saved(sft_dir, tmp_path):
     rm.save_pretrained(tmp_path / "rm")
     assert VARLEN_ATTENTION not in (tmp_path / "rm" / "config.json").read_text()
     assert RewardModel.from_pretrained(tmp_path / "rm").config._attn_implementation == "sdpa"
+
+
+def test_varlen_causal_lm_logits_equal_unpacked_with_prompts_left_and_responses_right_padded(sft_dir):
+    """The PPO layout (left-padded prompts, right-padded responses: padding on both sides of a row): a causal LM's
+    logits from the packed row equal its padded forward's at every real position (float64)."""
+    from transformers import AutoModelForCausalLM
+
+    from rlhfkit.models.loading import causal_lm_logits
+
+    lm = AutoModelForCausalLM.from_pretrained(sft_dir, attn_implementation="sdpa").double().eval()
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(10, lm.config.vocab_size, (3, 12), generator=g)
+    att = torch.tensor([[F, F, T, T, T, T, T, T, T, F, F, F],   # prompt 4 | response 3
+                        [T, T, T, T, T, T, T, T, T, T, T, T],   # prompt 6 | response 6
+                        [F, F, F, F, T, T, T, F, F, F, F, F]])  # prompt 2 | response 1
+    lay = varlen_layout(ids, att)
+    with torch.no_grad():
+        plain = causal_lm_logits(lm, ids, att)
+        packed = lay.unpack(lm.lm_head(packed_hidden(lm.model, lay)))
+    assert lay.input_ids.shape == (1, int(att.sum()))
+    torch.testing.assert_close(packed[att], plain[att], rtol=1e-10, atol=1e-10)

@@ -21,7 +21,9 @@ Two layouts, both gathered back to the original (N, L) per-token layout by :meth
 In both, every token sees exactly the keys, at exactly the positions, it sees in its own row, so its hidden state
 is the same up to floating-point rounding of the different matrix shapes, and so are the reward model's per-token
 outputs, its scores and their gradients (tests compare them with the plain path in float64 and float32).
-:func:`packed_hidden` runs a backbone on a layout.
+:func:`packed_hidden` runs a backbone on a layout. Nothing here is specific to reward models: a causal LM's
+per-token outputs come back the same way (``layout.unpack(lm_head(packed_hidden(model.model, layout)))`` is
+(N, L, V), for PPO's left-padded prompts with right-padded responses too).
 
 Where variable-length attention applies (:func:`varlen_problem`): a model whose attention implementation is SDPA
 (eager attention adds a mask as a float bias and has no per-segment path) and whose attention layers hold no
