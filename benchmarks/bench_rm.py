@@ -9,8 +9,9 @@ step, one epoch; float32, and bfloat16 autocast as a second row.
 - rlhfkit: the ``rlhfkit rm train`` code path, ``rlhfkit.train.reward_trainer.run``, in its own process, on the
   same token ids (the anchor's draws reproduced by ``_common.anchor_pairs``; they are injected in place of the
   tokenisation step, the one change to the run); the backbone is a random-init model saved to a temp folder
-  beforehand (outside the measured process); length-grouped batches, SDPA attention, no LM head, bf16
-  autocast on the bf16 row; tokens/s = the same token count / wall time of the training loop (the sum of the
+  beforehand (outside the measured process); length-grouped batches, SDPA attention, padding-free packing of
+  each micro-batch (``--packing auto``, the trainer's default: one packed row, attention per sequence; ``off`` =
+  padded micro-batches), no LM head, bf16 autocast on the bf16 row; tokens/s = the same token count / wall time of the training loop (the sum of the
   per-step ``time/step`` metrics; model construction and the final save excluded).
 - Peak memory: peak RSS of each process (``os.wait4``).
 
@@ -47,6 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--micro-batch", type=int, default=1,
                    help="rlhfkit's micro-batch: the optimizer step still holds --batch pairs (gradient accumulation, "
                         "exact: tests/train/test_rm_train.py); 0 = one micro-batch of --batch (TRL's setting)")
+    p.add_argument("--packing", choices=("auto", "off"), default="auto",
+                   help="rlhfkit's --packing: 'auto' (the default) packs each micro-batch padding-free into one "
+                        "sequence with attention per pair side; 'off' pads it")
     p.add_argument("--anchor", default=C.DEFAULT_ANCHOR, help="the team's TRL anchor script")
     p.add_argument("--config-dir", default=C.DEFAULT_CONFIG_DIR, help="SmolLM2-135M config + tokenizer folder")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
@@ -97,7 +101,7 @@ def child_ours(a: argparse.Namespace) -> None:
                         output=str(work / ("out-bf16" if a.bf16 else "out-fp32")), eval_fraction=0.0,
                         batch_size=a.batch, micro_batch_size=a.micro_batch or a.batch, bf16=a.bf16, epochs=1, max_length=1024,
                         logging_steps=1, group_by_length=True, gradient_checkpointing=False, seed=0,
-                        overwrite=True)
+                        overwrite=True, packing=a.packing)
     start = time.perf_counter()
     rt.run(cfg)
     run_s = time.perf_counter() - start
@@ -127,8 +131,8 @@ def run_trl(a: argparse.Namespace, bf16: bool) -> dict:
 
 def run_ours(a: argparse.Namespace, bf16: bool, workdir: str) -> dict:
     cmd = [C.python(), __file__, "--child", "ours", "--workdir", workdir, "--config-dir", a.config_dir,
-           "--iters", str(a.iters), "--batch", str(a.batch), "--micro-batch", str(a.micro_batch)
-           ] + ["--bf16"] * bf16 + ["--tiny"] * a.tiny
+           "--iters", str(a.iters), "--batch", str(a.batch), "--micro-batch", str(a.micro_batch),
+           "--packing", a.packing] + ["--bf16"] * bf16 + ["--tiny"] * a.tiny
     m = C.run_measured(cmd, a.timeout)
     C.require_ok(m, "rlhfkit reward trainer")
     r = C.last_json(m.stdout, C.RESULT_PREFIX)
@@ -147,7 +151,8 @@ def main(argv: list[str] | None = None) -> dict:
                                                                       else ""),
                 "num_labels": 1, "pairs": a.iters * a.batch, "batch_pairs": a.batch, "steps": a.iters,
                 "tokens_per_side": "128-511, ids uniform in [100, V-100), seed 0", "precisions": precisions,
-                "rlhfkit_micro_batch_pairs": a.micro_batch or a.batch, "anchor": a.anchor, "tiny": a.tiny}
+                "rlhfkit_micro_batch_pairs": a.micro_batch or a.batch, "rlhfkit_packing": a.packing,
+                "anchor": a.anchor, "tiny": a.tiny}
     rows: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="rlhfkit-bench-rm-") as work:
         if a.which in ("both", "ours"):

@@ -448,3 +448,22 @@ def test_vllm_child_protocol_with_a_stand_in_vllm(tmp_path):
     assert result["response_lengths"] == [[1, 2, 3], [1, 2, 3]] and len(result["times_s"]) == 2
     assert json.loads((tmp_path / "llm.json").read_text()) == {"model": "/m", "dtype": "float32",
                                                              "enforce_eager": True, "seed": 0, "max_model_len": 7}
+
+
+@pytest.mark.slow
+@needs_shared
+def test_rm_packing_ratio_tiny():
+    """The one-process packed-vs-padded measurement runs, on the benchmark's own first pairs."""
+    import rm_packing_ratio
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        out = rm_packing_ratio.main(["--tiny", "--pairs", "2"])
+    finally:
+        torch.set_num_threads(threads)
+    chosen, rejected = C.anchor_pairs(C.load_bench_config(str(CONFIG_DIR), tiny=True).vocab_size, 64)
+    assert out[1]["real_tokens"] == out[2]["real_tokens"] == sum(map(len, chosen[:2] + rejected[:2]))
+    widths = [max(len(chosen[i]), len(rejected[i])) for i in range(2)]
+    assert out[1]["padded_tokens"] == 2 * sum(widths) and out[2]["padded_tokens"] == 4 * max(widths)
+    assert all(r["packed_s"] > 0 and r["padded_s"] > 0 for r in out.values())

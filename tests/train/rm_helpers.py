@@ -159,6 +159,12 @@ def first_step_tolerances(flags: list[str]) -> dict[str, float]:
     that differ only in rounding (micro-batching, processes) may differ. That step's metrics come from the initial
     model, before the optimizer amplifies rounding (Adam's first steps move a weight by ±lr whatever the size of its
     gradient). Rebuilds the run's first global batch (its seeded batch plan) and initial model."""
+    return first_step(flags)[0]
+
+
+def first_step(flags: list[str]) -> tuple[dict[str, float], dict[str, torch.Tensor], dict[str, float]]:
+    """``(first_step_tolerances, gradients, gradient_terms)`` of the run's first global batch on its initial model
+    (gradients by parameter name of the reward model)."""
     from rlhfkit.config import parse_config
     from rlhfkit.data.tokenize import LengthGroupedBatchSampler
     from rlhfkit.models.loading import load_tokenizer
@@ -190,4 +196,4 @@ def first_step_tolerances(flags: list[str]) -> dict[str, float]:
     moved = sum(gradient_factor(2) * EPS32 * terms[k] * float(g.double().abs().sum()) for k, g in grads.items())
     out["train/grad_norm"] = moved / norm + sum_tolerance(norm, 2 * (math.log2(n) + 1))
     out.update({"train/lr": 0.0, "train/epoch": 0.0, "step": 0.0})  # the same numbers in both runs
-    return out
+    return out, grads, terms

@@ -87,7 +87,7 @@ class FakeRM(torch.nn.Module):
         for word, v in ((GOOD, 1.0), (BAD, -1.0), ("w3", 0.5), ("w10", 0.2)):
             self.values[vocab[word]] = v
 
-    def forward(self, input_ids, attention_mask, response_mask=None, share_prompts=False):
+    def forward(self, input_ids, attention_mask, response_mask=None, share_prompts=False, packing=False):
         token_scores = torch.where(response_mask, self.values[input_ids], 0.0)
         return RewardOutput(scores=token_scores.sum(dim=1) + 0 * self.dummy, token_scores=token_scores)
 

@@ -8,10 +8,12 @@ from dataclasses import replace
 
 import pytest
 import torch
-from rm_helpers import (WORDS, GOOD, PAD, VOCAB, accumulate, first_step_tolerances, make_sft_folder,  # noqa: F401
+from rm_helpers import (WORDS, GOOD, PAD, VOCAB, accumulate, first_step, first_step_tolerances,  # noqa: F401
+                        make_sft_folder,
                         make_tokenizer, one_thread, pointwise_rows, preference_rows, read_weights,  # (one_thread:
                         totals_tolerances, write_jsonl)  # autouse)
-from tolerances import assert_close_f32, assert_within, forward_factor, gradient_factor, gradient_terms, linear_terms
+from tolerances import (EPS32, assert_close_f32, assert_within, forward_factor, gradient_factor, gradient_terms,
+                        linear_terms)
 from transformers import AutoModelForSequenceClassification, BertConfig, BertModel
 
 from rlhfkit.cli import main
@@ -416,7 +418,7 @@ def test_share_prompts_flag_reaches_the_model_and_gives_the_same_training(sft, t
     monkeypatch.setattr(reward_module, "shared_prompt_layout", counting)
     data = write_jsonl(tmp_path / "d.jsonl", preference_rows(8, seed=1))
     common = ["--batch_size", "4", "--micro_batch_size", "2", "--epochs", "2", "--learning_rate", "3e-3",
-              "--eval_fraction", "0"]
+              "--eval_fraction", "0", "--packing", "off"]  # the dense-mask path (--packing shares prompts itself)
     assert train(sft, data, tmp_path / "on", *common) == 0
     on, calls_on = read_weights(tmp_path / "on"), list(calls)
     calls.clear()
@@ -428,7 +430,7 @@ def test_share_prompts_flag_reaches_the_model_and_gives_the_same_training(sft, t
     start = read_weights(sft)
     assert any(not torch.equal(on[n], start[n]) for n in on.keys() & start.keys())  # training moved the weights
     # The training signal with and without packing: the runs' micro-batches of 2 pairs, from the same initial model.
-    cfg = parse_config(RMTrainConfig, ["--model", str(sft), "--data", "-", "--output", "-"])
+    cfg = parse_config(RMTrainConfig, ["--model", str(sft), "--data", "-", "--output", "-", "--packing", "off"])
     items, _ = reward_trainer.tokenize_examples(cfg, make_tokenizer(), parse_preferences(preference_rows(8, seed=1)),
                                                 "-")
     model = reward_trainer.build_model(cfg, "decoder", make_tokenizer()).train()
@@ -444,6 +446,98 @@ def test_share_prompts_flag_reaches_the_model_and_gives_the_same_training(sft, t
     for name in grads_on:  # the 2 decoder layers, forward and backward
         assert_close_f32(grads_on[name], grads_off[name], terms[name], gradient_factor(2), name)
     assert_within(totals_on, totals_off, totals_tolerances(model, plain, items), "totals")
+
+
+def test_packing_flag_reaches_the_model_and_a_run_ends_with_the_same_weights(sft, tmp_path, monkeypatch):
+    """`--packing` (default auto) runs every micro-batch padding-free through `varlen_layout`; `off` never does.
+    A one-step run with and without it: the same first-step metrics, and the same weights to float32 rounding.
+    Adam's first step moves a weight by ``lr · g / (|g| + ε)`` (bias-corrected moments m̂ = g, v̂ = g²; no
+    clipping, no weight decay here), so a rounding error e of the gradient g moves that weight by at most
+    ``lr · e ε / (|g| − e + ε)²`` (the derivative ε / (|x| + ε)² of x / (|x| + ε) between g ± e), and by at
+    most 2 lr where |g| <= e; e is the float32 bound of the 2 decoder layers' gradients (forward and backward)."""
+    import rlhfkit.models.reward as reward_module
+
+    calls = []
+    real = reward_module.varlen_layout
+
+    def counting(*args, **kwargs):
+        layout = real(*args, **kwargs)
+        calls.append(layout.segments is not None)
+        return layout
+
+    monkeypatch.setattr(reward_module, "varlen_layout", counting)
+    data = write_jsonl(tmp_path / "d.jsonl", preference_rows(8, seed=4))
+    lr = 1e-3
+    common = ["--batch_size", "8", "--micro_batch_size", "4", "--learning_rate", str(lr), "--eval_fraction", "0",
+              "--logging_steps", "1", "--max_grad_norm", "0", "--lr_scheduler", "constant"]
+    assert train(sft, data, tmp_path / "on", *common) == 0
+    assert calls == [True, True]  # 1 step × 2 micro-batches, each packed
+    calls.clear()
+    assert train(sft, data, tmp_path / "off", *common, "--packing", "off") == 0
+    assert calls == []
+    (row_on,), (row_off,) = metrics(tmp_path / "on"), metrics(tmp_path / "off")
+    flags = ["--model", str(sft), "--data", str(data), "--output", "-", *common, "--packing", "off"]
+    tolerance, grads, terms = first_step(flags)
+    assert row_on.keys() == row_off.keys() == tolerance.keys()
+    for k in row_on:
+        assert_within(row_on[k], row_off[k], tolerance[k], k)
+    on, off, start = read_weights(tmp_path / "on"), read_weights(tmp_path / "off"), read_weights(sft)
+    eps_adam = 1e-8  # torch.optim.AdamW's default, the trainer's
+    assert set(on) == set(off) == {"model.safetensors:" + n.removeprefix("model.") for n in grads}  # all trained
+    for name, g in grads.items():
+        key = "model.safetensors:" + name.removeprefix("model.")
+        e = gradient_factor(2) * EPS32 * terms[name]
+        gap = (g.double().abs() - e).clamp(min=0)
+        bound = lr * torch.minimum(torch.full_like(gap, 2.0), e * eps_adam / (gap + eps_adam) ** 2)
+        # plus the float32 rounding of Adam's update (a few ops, relative to lr) and of each run's new weight
+        bound += 4 * EPS32 * lr + 2 * EPS32 * off[key].double().abs()
+        assert_within(on[key], off[key], bound, name)
+        if key in start:
+            assert not torch.equal(off[key], start[key]), name  # the step moved it
+
+
+@pytest.mark.parametrize("flags", [["--loss", "token_level"], ["--aggregation", "sum", "--center_rewards_coef", "0.1"],
+                                   ["--loss", "multi_objective", "--aspects", "helpful", "harmful"],
+                                   ["--lora_r", "2", "--freeze_layers", "1"], ["--gradient_checkpointing"],
+                                   ["--share_prompts", "false"]])
+def test_packing_gives_the_gradient_of_the_padded_batch(sft, flags):
+    """Every loss kind and model option through the packed path: the gradient and totals of a global batch (micro
+    batches of 3 + 5) with --packing equal those of padded micro-batches to float32 rounding."""
+    cfg = parse_config(RMTrainConfig, ["--model", str(sft), "--data", "-", "--output", "-", *flags])
+    if cfg.pairwise:
+        examples = parse_preferences(preference_rows(8, seed=5))
+    else:
+        examples = parse_pointwise(pointwise_rows(8, "aspects", seed=5), aspects=cfg.aspects)
+    tokenizer = make_tokenizer()
+    items, _ = reward_trainer.tokenize_examples(cfg, tokenizer, examples, "-")
+    model = reward_trainer.build_model(cfg, "decoder", tokenizer).train()
+    objective_cls = reward_trainer.PairwiseObjective if cfg.pairwise else reward_trainer.PointwiseObjective
+    packed, plain = (objective_cls(replace(cfg, packing=p), pad_id_of(model)) for p in ("on", "off"))
+    assert packed.packing and not plain.packing
+    runs = []
+    terms = gradient_terms(model, lambda: runs.append(accumulate(model, plain, items, [3, 5])))
+    (g_plain, totals_plain), = runs
+    g_packed, totals_packed = accumulate(model, packed, items, [3, 5])
+    assert g_plain.keys() == g_packed.keys() and len(g_plain) > 0
+    for name in g_plain:
+        assert_close_f32(g_packed[name], g_plain[name], terms[name], gradient_factor(2), name)
+    assert_within(totals_packed, totals_plain, totals_tolerances(model, plain, items), "totals")
+
+
+def test_packing_on_refuses_what_it_cannot_pack(sft, bert, pairs, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    for model, flags, needle in [(bert, [], "--packing on needs a decoder reward model"),
+                                 (sft, ["--model_kind", "pairrm"], "--packing on needs a decoder reward model"),
+                                 (sft, ["--packing", "sometimes"], "invalid packing='sometimes'")]:
+        assert train(model, pairs, out, "--packing", "on", *flags) == 2
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err
+        assert not out.exists()
+    monkeypatch.setattr(RewardModel, "packing_problem", lambda self: "its attention implementation is 'eager'")
+    assert train(sft, pairs, out, "--packing", "on") == 2
+    err = capsys.readouterr().err
+    assert "--packing on" in err and "'eager'" in err and not out.exists()
+    assert train(sft, pairs, out, "--batch_size", "16", "--micro_batch_size", "16", "--eval_fraction", "0") == 0  # auto
 
 
 def test_an_accelerate_state_with_mixed_precision_is_refused_not_inherited(sft, pairs, tmp_path):

@@ -37,6 +37,7 @@ import importlib.util
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
@@ -227,11 +228,12 @@ def _use_cache_kwargs(module: nn.Module) -> dict:
 
 
 def forward_hidden(backbone: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   position_ids: torch.Tensor | None = None) -> torch.Tensor:
+                   position_ids: torch.Tensor | None = None, **attention_kwargs: Any) -> torch.Tensor:
     """Last hidden states (B, L, H) of a transformer backbone (an ``AutoModel``).
 
     ``attention_mask`` is (B, L), positions then come from it; or a custom 4-D bool mask (B, 1, L, L) (True = may
     attend) with explicit ``position_ids`` (B, L), as packed batches (`rlhfkit.models.packing`) need.
+    ``attention_kwargs`` reach the attention function of every layer (the segment plan of a packed batch).
     """
     custom = attention_mask.dim() == 4
     if custom and position_ids is None:
@@ -241,6 +243,7 @@ def forward_hidden(backbone: nn.Module, input_ids: torch.Tensor, attention_mask:
         attention_mask=attention_mask.bool() if custom else attention_mask.long(),
         position_ids=position_ids if position_ids is not None else position_ids_from_mask(attention_mask),
         **_use_cache_kwargs(backbone),
+        **attention_kwargs,
     )
     return out.last_hidden_state
 

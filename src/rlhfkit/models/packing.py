@@ -1,53 +1,97 @@
-"""Shared-prompt packing: run the prompt of rows that share it once.
+"""Packing: rows of a batch run as one sequence, without padding, each token seeing what it sees in its own row.
 
-A pairwise reward-model batch holds each prompt at least twice (chosen and rejected), and K times with K-wise
-data. For a causal (decoder) model the hidden states of a row's prompt tokens do not depend on what follows, so
-rows that share their prompt can be packed into ONE sequence::
+Two layouts, both gathered back to the original (N, L) per-token layout by :meth:`PackedLayout.unpack`:
 
-    [prompt | suffix_1 | suffix_2 | ... | suffix_k]
+1. **Padding-free (variable-length) packing**, :func:`varlen_layout`, the training path. The real tokens of all
+   rows (those where ``attention_mask`` is True, in order) are concatenated into ONE packed row of
+   ``T = Σ n_i`` tokens, no padding at all; row i's tokens form segment i with position ids ``0..n_i-1`` (restarting
+   at 0 per segment, the positions :func:`rlhfkit.core.masks.position_ids_from_mask` gives them in the padded batch,
+   left, right or middle padding alike). Attention is restricted to each segment (block-diagonal causal): the
+   attention implementation :data:`VARLEN_ATTENTION` (registered with transformers' ``AttentionInterface``) runs
+   ``scaled_dot_product_attention(is_causal=True)`` per segment (``cu_seqlens`` style), so the linear layers see
+   only real tokens (``T`` of them instead of ``N · max n_i``) and attention costs ``Σ n_i²``, not ``T²`` as a dense
+   4-D block mask would. With ``share_prompts``, rows that share their prompt (the real tokens before the first
+   ``response_mask`` token) are laid out as ``[prompt | suffix_1 | ... | suffix_k]``: the prompt is a segment of its
+   own and every suffix segment attends to the prompt's keys and then causally to its own
+   (``allowed[q, k] = k <= P + q`` over ``[prompt keys | own keys]``), so each prompt runs once.
+2. **Shared-prompt packing with a dense mask**, :func:`shared_prompt_layout` (``packing`` off): rows that share
+   their prompt become one padded packed row each group, with a 4-D bool mask
+   ``allowed[q, k] = k <= q and (segment[k] = prompt or segment[k] = segment[q])``, run by plain SDPA.
 
-where suffix_i is row i's tokens after the prompt (its response, end token, ...), with
+In both, every token sees exactly the keys, at exactly the positions, it sees in its own row, so its hidden state
+is the same up to floating-point rounding of the different matrix shapes, and so are the reward model's per-token
+outputs, its scores and their gradients (tests compare them with the plain path in float64 and float32).
+:func:`packed_hidden` runs a backbone on a layout. Nothing here is specific to reward models: a causal LM's
+per-token outputs come back the same way (``layout.unpack(lm_head(packed_hidden(model.model, layout)))`` is
+(N, L, V), for PPO's left-padded prompts with right-padded responses too).
 
-* position ids ``0..P-1`` for the prompt and ``P..P+n_i-1`` for every suffix (each continues the prompt), and
-* a 4-D attention mask in which a token sees the prompt tokens and the earlier tokens of its own suffix only:
-  ``allowed[q, k] = k <= q  and  (segment[k] = prompt  or  segment[k] = segment[q])``.
+Where variable-length attention applies (:func:`varlen_problem`): a model whose attention implementation is SDPA
+(eager attention adds a mask as a float bias and has no per-segment path) and whose attention layers hold no
+sliding window, soft-capping, sinks or position bias (they would need their own per-segment rule). The first
+packed forward switches the model's implementation from ``"sdpa"`` to :data:`VARLEN_ATTENTION`, which is plain
+SDPA (the same mask and attention functions) on every call that carries no segment plan, so unpacked calls and
+gradient-checkpoint recomputation behave as before; the name is not saved (``config.json`` never records
+``_attn_implementation``).
 
-Every token then sees exactly the keys, at exactly the positions, it sees in its own row, so its hidden state is
-the same (up to floating-point rounding of the different matrix shapes), and so are the reward model's
-per-token outputs, its scores and their gradients. :func:`shared_prompt_layout` builds the packed batch and the
-index that gathers per-token outputs back into the original (N, L) layout.
-
-The prompt of a row is its tokens before the first ``response_mask`` token. Rows must be right-padded (the
-``attention_mask`` of a row is True on a prefix). Idea: "prefix sharing" as in packed K-wise training
-(InstructGPT §3.5 runs K responses of a prompt as one batch element); the masking is the standard block-causal
-packing mask.
+Idea: the cu_seqlens ("varlen") interface of FlashAttention (Dao et al. 2022) and padding-free packing in
+sequence-level training; "prefix sharing" as in packed K-wise training (InstructGPT §3.5 runs K responses of a
+prompt as one batch element); the masking is the standard block-causal packing mask.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-__all__ = ["PackedLayout", "shared_prompt_layout"]
+from rlhfkit.models.loading import forward_hidden
+
+__all__ = ["VARLEN_ATTENTION", "PackedLayout", "Segment", "packed_hidden", "shared_prompt_layout", "varlen_layout",
+           "varlen_problem"]
+
+VARLEN_ATTENTION = "rlhfkit_varlen"  # the registered attention implementation (module docstring)
+SEGMENTS_KWARG = "rlhfkit_segments"  # the keyword under which a forward hands the segment plan to it
+# attention-layer keywords that change attention beyond causal + mask; their models keep the dense path
+_UNSUPPORTED = ("sliding_window", "softcap", "s_aux", "position_bias")
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Tokens ``[start, end)`` of the packed row; they attend to the context tokens ``[context_start, context_end)``
+    (a shared prompt; empty for a whole row) and then causally to their own tokens."""
+
+    start: int
+    end: int
+    context_start: int = 0
+    context_end: int = 0
 
 
 @dataclass
 class PackedLayout:
     """A packed batch and the way back.
 
-    input_ids, position_ids: (G, Lp) long; attention_mask: (G, 1, Lp, Lp) bool (True = may attend);
-    gather_index: (N, L) long, for each original row and position the flat index ``g * Lp + j`` of its token in
-    the packed batch (padding positions point at index 0 of the row's group; mask them with the original
-    ``attention_mask``). ``tokens`` / ``packed_tokens``: real tokens before / after packing.
+    input_ids, position_ids: (G, Lp) long. Dense layout: ``attention_mask`` (G, 1, Lp, Lp) bool (True = may
+    attend), ``segments`` None. Variable-length layout: G = 1, no padding, ``segments`` the ordered segments covering
+    the packed row, ``masks`` for each segment its bool (1, 1, n, C + n) mask over [context | own] keys (None for a
+    segment without context: causal), ``attention_mask`` None. gather_index: (N, L) long, for each original row and
+    position the flat index ``g * Lp + j`` of its token in the packed batch (padding positions point at index 0 of
+    the row's group; mask them with the original ``attention_mask``). ``tokens`` / ``packed_tokens``: real tokens
+    before / after packing.
     """
 
     input_ids: torch.Tensor
     position_ids: torch.Tensor
-    attention_mask: torch.Tensor
+    attention_mask: torch.Tensor | None
     gather_index: torch.Tensor
     tokens: int
     packed_tokens: int
+    segments: tuple[Segment, ...] | None = None
+    masks: tuple[torch.Tensor | None, ...] | None = None
 
     def unpack(self, packed: torch.Tensor) -> torch.Tensor:
         """Per-token outputs (G, Lp, ...) of the packed batch → (N, L, ...) in the original layout."""
@@ -55,9 +99,154 @@ class PackedLayout:
         return flat[self.gather_index]
 
 
+def _group_by_prompt(prompts: list[tuple[int, ...] | None]) -> list[list[int]]:
+    """Row indices grouped by equal prompt, in order of first appearance; a None prompt is a group of its own."""
+    groups: dict[Any, list[int]] = {}
+    for r, prompt in enumerate(prompts):
+        groups.setdefault(("row", r) if prompt is None else prompt, []).append(r)
+    return list(groups.values())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Variable-length packing
+# ----------------------------------------------------------------------------------------------------------
+def varlen_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor | None = None,
+                  share_prompts: bool = False) -> PackedLayout | None:
+    """All rows (N, L) as one padding-free packed row of their real tokens (module docstring, layout 1).
+
+    Any padding (left, right, in the middle) is allowed: a row's tokens are its ``attention_mask`` positions in
+    order. ``share_prompts`` (needs ``response_mask``): rows whose prompts (real tokens before the first response
+    token; at least one, and at least one response token after them) are equal share one prompt segment. Returns
+    None when no row has a real token.
+    """
+    n, width = input_ids.shape
+    device = input_ids.device
+    att = attention_mask.bool().cpu()
+    real = [att[r].nonzero().flatten() for r in range(n)]  # the positions of each row's real tokens
+    prompts: list[tuple[int, ...] | None] = [None] * n
+    prompt_len = [0] * n
+    if share_prompts and response_mask is not None:
+        ids_cpu, resp = input_ids.cpu(), response_mask.bool().cpu()
+        for r in range(n):
+            in_resp = resp[r, real[r]]
+            p = int(in_resp.int().argmax()) if bool(in_resp.any()) else 0
+            if 0 < p < len(real[r]):
+                prompts[r], prompt_len[r] = tuple(ids_cpu[r, real[r][:p]].tolist()), p
+    sources: list[torch.Tensor] = []  # per piece: flat indices r * width + j of its tokens in input_ids
+    positions: list[torch.Tensor] = []
+    segments: list[Segment] = []
+    gather = torch.zeros((n, width), dtype=torch.long)
+    length = 0
+
+    def piece(r: int, cols: torch.Tensor, first_position: int, context: tuple[int, int] = (0, 0)) -> int:
+        nonlocal length
+        start, k = length, len(cols)
+        sources.append(r * width + cols)
+        positions.append(torch.arange(first_position, first_position + k))
+        segments.append(Segment(start, start + k, *context))
+        length += k
+        return start
+
+    for members in _group_by_prompt(prompts):
+        if len(members) == 1:  # a whole row: one causal segment
+            r = members[0]
+            if len(real[r]):
+                gather[r, real[r]] = torch.arange(piece(r, real[r], 0), length)
+            continue
+        p = prompt_len[members[0]]
+        prompt_start = piece(members[0], real[members[0]][:p], 0)
+        for r in members:
+            gather[r, real[r][:p]] = torch.arange(prompt_start, prompt_start + p)
+            suffix = real[r][p:]
+            gather[r, suffix] = torch.arange(piece(r, suffix, p, (prompt_start, prompt_start + p)), length)
+    if length == 0:
+        return None
+    source = torch.cat(sources).to(device)
+    masks = tuple(None if s.context_end == s.context_start else
+                  torch.ones((s.end - s.start, s.context_end - s.context_start + s.end - s.start), dtype=torch.bool,
+                             device=device).tril(s.context_end - s.context_start)[None, None]
+                  for s in segments)
+    return PackedLayout(
+        input_ids=input_ids.reshape(-1)[source][None],
+        position_ids=torch.cat(positions)[None].to(device),
+        attention_mask=None,
+        gather_index=gather.to(device),
+        tokens=int(att.sum()),
+        packed_tokens=length,
+        segments=tuple(segments),
+        masks=masks,
+    )
+
+
+def _segment_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """The :data:`VARLEN_ATTENTION` implementation: transformers' SDPA function, per segment when the forward
+    carries a segment plan (``query`` (1, H, T, D), ``key``/``value`` (1, H_kv, T, D) -> (1, T, H, D)), else as is."""
+    layout: PackedLayout | None = kwargs.pop(SEGMENTS_KWARG, None)
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    if layout is None:
+        return sdpa(module, query, key, value, attention_mask, **kwargs)
+    used = [k for k in _UNSUPPORTED if kwargs.get(k) is not None]
+    if attention_mask is not None or used or query.shape[0] != 1:
+        what = "a mask" if attention_mask is not None else used or f"a batch of {query.shape[0]}"
+        raise RuntimeError(f"variable-length attention got {what} it cannot apply ({type(module).__name__}); this "
+                           f"model must not be packed")
+    kwargs.pop("is_causal", None)
+    outputs = []
+    for seg, mask in zip(layout.segments, layout.masks):
+        own = slice(seg.start, seg.end)
+        k, v = key[:, :, own], value[:, :, own]
+        if mask is not None:
+            context = slice(seg.context_start, seg.context_end)
+            k, v = torch.cat([key[:, :, context], k], dim=2), torch.cat([value[:, :, context], v], dim=2)
+        out, _ = sdpa(module, query[:, :, own], k, v, mask, is_causal=mask is None, **kwargs)
+        outputs.append(out)
+    return torch.cat(outputs, dim=1), None
+
+
+AttentionInterface.register(VARLEN_ATTENTION, _segment_attention)
+ALL_MASK_ATTENTION_FUNCTIONS.register(VARLEN_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+
+
+def varlen_problem(backbone: nn.Module) -> str | None:
+    """Why ``backbone`` (a decoder's base model) cannot run :func:`varlen_layout` batches; None if it can."""
+    config = getattr(backbone, "config", None)
+    impl = getattr(config, "_attn_implementation", None)
+    if impl not in ("sdpa", VARLEN_ATTENTION):
+        return f"its attention implementation is {impl!r}; variable-length packing needs 'sdpa'"
+    for name in ("sliding_window", "attn_logit_softcapping"):
+        if getattr(config, name, None) is not None:
+            return f"its config sets {name}={getattr(config, name)!r}, which per-segment SDPA does not apply"
+    for module in backbone.modules():
+        if getattr(module, "sliding_window", None) is not None:
+            return f"{type(module).__name__} has a sliding window, which per-segment SDPA does not apply"
+    return None
+
+
+def packed_hidden(backbone: nn.Module, layout: PackedLayout) -> torch.Tensor:
+    """Last hidden states (G, Lp, H) of ``backbone`` on a packed batch; unpack per-token outputs with
+    ``layout.unpack``. A variable-length layout switches the backbone's SDPA to :data:`VARLEN_ATTENTION` (module
+    docstring) and hands it the segments."""
+    if layout.segments is None:
+        return forward_hidden(backbone, layout.input_ids, layout.attention_mask, layout.position_ids)
+    problem = varlen_problem(backbone)
+    if problem is not None:
+        raise ValueError(f"{type(backbone).__name__} cannot run a variable-length packed batch: {problem}")
+    if backbone.config._attn_implementation != VARLEN_ATTENTION:
+        backbone.config._attn_implementation = VARLEN_ATTENTION
+    # an all-True 2-D mask: transformers then builds no mask (SDPA's is_causal path) and does not re-derive
+    # packed segments from the position ids
+    ones = torch.ones_like(layout.input_ids, dtype=torch.bool)
+    return forward_hidden(backbone, layout.input_ids, ones, layout.position_ids, **{SEGMENTS_KWARG: layout})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Shared-prompt packing with a dense mask
+# ----------------------------------------------------------------------------------------------------------
 def shared_prompt_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor,
                          pad_token_id: int) -> PackedLayout | None:
-    """Pack right-padded rows (N, L) that share their prompt (module docstring).
+    """Pack right-padded rows (N, L) that share their prompt, one padded row per prompt (module docstring,
+    layout 2).
 
     Returns None when packing would not save a token (no two rows share a prompt) or does not apply (a row that
     is not right-padded, or whose response starts at position 0 or is empty).
@@ -74,9 +263,7 @@ def shared_prompt_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor, 
         return None
 
     ids_cpu, starts_l, lengths_l = input_ids.cpu(), starts.tolist(), lengths.tolist()
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for r in range(n):
-        groups.setdefault(tuple(ids_cpu[r, :starts_l[r]].tolist()), []).append(r)
+    groups = _group_by_prompt([tuple(ids_cpu[r, :starts_l[r]].tolist()) for r in range(n)])
     if len(groups) == n:
         return None
 
@@ -85,10 +272,10 @@ def shared_prompt_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     rows_seg: list[list[int]] = []
     gather = torch.zeros((n, width), dtype=torch.long)
     group_of_row = torch.empty(n, dtype=torch.long)
-    for g, (prompt, members) in enumerate(groups.items()):
+    for g, members in enumerate(groups):
         group_of_row[members] = g
-        p = len(prompt)
-        ids, pos, seg = list(prompt), list(range(p)), [0] * p
+        p = starts_l[members[0]]
+        ids, pos, seg = ids_cpu[members[0], :p].tolist(), list(range(p)), [0] * p
         gather[members, :p] = torch.arange(p)  # prompt tokens: the packed row's first p positions
         for s, r in enumerate(members, start=1):
             suffix = ids_cpu[r, p:lengths_l[r]].tolist()

@@ -63,7 +63,7 @@ from rlhfkit.core.masks import masked_mean, masked_sum
 from rlhfkit.data.tokenize import CONVENTIONS
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.models.loading import forward_hidden, has_tokenizer_files, hf_folder, load_tokenizer, same_vocabulary
-from rlhfkit.models.packing import shared_prompt_layout
+from rlhfkit.models.packing import VARLEN_ATTENTION, packed_hidden, shared_prompt_layout, varlen_layout, varlen_problem
 from rlhfkit.models.trunk import Trunk, run_blocks
 
 METADATA_FILE = "rlhfkit.json"
@@ -310,7 +310,15 @@ class RewardModel(nn.Module):
     def packs_prompts(self) -> bool:
         """Whether ``forward(..., share_prompts=True)`` can pack: a decoder whose attention takes a custom 4-D bool
         mask as-is (SDPA; eager attention would add it as a float bias)."""
-        return self.kind == "decoder" and getattr(self.config, "_attn_implementation", None) == "sdpa"
+        return self.kind == "decoder" and getattr(self.config, "_attn_implementation", None) in ("sdpa",
+                                                                                                 VARLEN_ATTENTION)
+
+    def packing_problem(self) -> str | None:
+        """Why ``forward(..., packing=True)`` cannot pack rows padding-free (`models.packing.varlen_problem`: a
+        decoder with SDPA attention and no sliding window, ...); None if it can."""
+        if self.kind != "decoder":
+            return f"the {self.kind} kind is bidirectional; padding-free packing needs a decoder (causal) model"
+        return varlen_problem(self._backbone())
 
     @property
     def pad_token_id(self) -> int | None:
@@ -319,19 +327,26 @@ class RewardModel(nn.Module):
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor | None = None,
-        share_prompts: bool = False, trunk: Trunk | None = None,
+        share_prompts: bool = False, trunk: Trunk | None = None, packing: bool = False,
     ) -> RewardOutput:
         """Scores of a batch: ``input_ids``, ``attention_mask`` (B, L); ``response_mask`` (B, L) for mean/sum.
 
-        ``share_prompts``: run the prompt of right-padded rows that share it once (`rlhfkit.models.packing`; the
-        prompt is what precedes ``response_mask``). Same outputs up to float rounding; used by a decoder with
-        SDPA attention when a response mask is given, else ignored.
+        ``packing``: run all rows as one padding-free packed sequence with per-segment attention
+        (`rlhfkit.models.packing.varlen_layout`; any padding side); with ``share_prompts`` too, rows that share
+        their prompt run it once. Used where :meth:`packing_problem` is None, else ignored.
+        ``share_prompts`` alone: run the prompt of right-padded rows that share it once, in a padded packed batch with
+        a dense block-causal mask (`rlhfkit.models.packing.shared_prompt_layout`; the prompt is what precedes
+        ``response_mask``); used by a decoder with SDPA attention when a response mask is given, else ignored.
+        Both give the same outputs up to float rounding.
         ``trunk``: the backbone's hidden states after its first ``trunk.layers`` blocks for this batch
-        (`rlhfkit.models.trunk`); only the blocks above run (a decoder whose backbone `models.trunk.supports_split`).
+        (`rlhfkit.models.trunk`); only the blocks above run (a decoder whose backbone `models.trunk.supports_split`);
+        no packing then.
         """
         attention_mask = attention_mask.bool()
         layout = None
-        if share_prompts and response_mask is not None and self.packs_prompts and trunk is None:
+        if trunk is None and packing and self.packing_problem() is None:
+            layout = varlen_layout(input_ids, attention_mask, response_mask, share_prompts)
+        elif trunk is None and share_prompts and response_mask is not None and self.packs_prompts:
             layout = shared_prompt_layout(input_ids, attention_mask, response_mask, self.pad_token_id or 0)
         backbone = self._backbone()
         if trunk is not None:
@@ -341,8 +356,7 @@ class RewardModel(nn.Module):
             hidden = forward_hidden(backbone, input_ids, attention_mask)  # (B, L, H)
             per_token = self._head()(hidden)  # (B, L, K), computed in the model's dtype (as HF does)
         else:
-            hidden = forward_hidden(backbone, layout.input_ids, layout.attention_mask, layout.position_ids)
-            per_token = layout.unpack(self._head()(hidden))  # back to (B, L, K)
+            per_token = layout.unpack(self._head()(packed_hidden(backbone, layout)))  # back to (B, L, K)
         per_token = per_token.to(torch.promote_types(per_token.dtype, torch.float32))  # bf16 -> fp32 outputs
         per_token = torch.where(attention_mask[..., None], per_token, 0.0)
         if self.aggregation in ("last", "cls"):

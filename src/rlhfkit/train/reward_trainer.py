@@ -96,6 +96,7 @@ class PairwiseObjective:
         self.loss_name = "pairrm" if cfg.model_kind == "pairrm" else cfg.loss
         self.center = cfg.center_rewards_coef
         self.share_prompts = cfg.share_prompts
+        self.packing = cfg.packing != "off"
         self.pad_id = pad_id
         self.names = ("accuracy", "margin") + (() if self.loss_name == "pairrm" else ("chosen_mean", "rejected_mean"))
 
@@ -106,7 +107,7 @@ class PairwiseObjective:
         return float(len(items))
 
     def step(self, model: Any, batch: dict[str, Any]) -> StepOut:
-        diff, chosen, rejected, out = forward_pairs(model, batch, self.share_prompts)
+        diff, chosen, rejected, out = forward_pairs(model, batch, self.share_prompts, self.packing)
         if self.loss_name == "pairrm":  # out = logits of (c, r) rows then (r, c) rows
             half = out.shape[0] // 2
             labels = torch.cat([torch.ones(half), torch.zeros(half)]).to(out.device)
@@ -133,6 +134,8 @@ class PointwiseObjective:
 
     def __init__(self, cfg: RMTrainConfig, pad_id: int):
         self.loss_name = cfg.loss
+        self.share_prompts = cfg.share_prompts
+        self.packing = cfg.packing != "off"
         self.pad_id = pad_id
         self.names = (("accuracy",) if cfg.loss in ("bce", "ce2") else ()) + ("score_mean",)
 
@@ -145,7 +148,8 @@ class PointwiseObjective:
         return float(len(items))
 
     def step(self, model: Any, batch: dict[str, Any]) -> StepOut:
-        out = model(batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+        out = model(batch["input_ids"], batch["attention_mask"], batch["response_mask"],
+                    share_prompts=self.share_prompts, packing=self.packing)
         sums = []
         if self.loss_name in ("bce", "ce2"):
             labels = batch["labels"]
@@ -270,6 +274,9 @@ def build_model(cfg: RMTrainConfig, kind: str, tokenizer: Any) -> torch.nn.Modul
                 p.requires_grad_(False)
     elif cfg.freeze_layers > 0:
         freeze_lower_layers(model, cfg.freeze_layers)
+    if cfg.packing == "on" and rm.packing_problem() is not None:
+        raise RlhfkitError(f"--packing on: {cfg.model} cannot be packed padding-free: {rm.packing_problem()}; use "
+                           f"--packing auto or off")
     if cfg.gradient_checkpointing:
         hf = unwrap_peft(rm.model)
         if hasattr(hf, "activation_checkpointing_enable"):  # transformers >= 5.x name

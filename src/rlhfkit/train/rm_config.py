@@ -21,6 +21,7 @@ POOLINGS: tuple[str, ...] = ("cls", "mean")
 OVERLONG: tuple[str, ...] = ("truncate_prompt_left", "drop", "fail")
 LR_SCHEDULERS: tuple[str, ...] = ("linear", "cosine", "constant")
 NORMALIZE: tuple[str, ...] = ("none", "whiten", "reference")
+PACKING: tuple[str, ...] = ("auto", "on", "off")
 
 _OVERLONG_HELP = (
     "What to do with an example longer than max_length tokens: 'truncate_prompt_left' drops the oldest prompt "
@@ -134,10 +135,18 @@ class RMTrainConfig:
                 "prompt's pairs in the same batch and run each distinct sequence of a micro-batch once "
                 "(InstructGPT's K-wise batching; an epoch then costs ~K forward passes per prompt instead of "
                 "K(K-1)). Takes precedence over group_by_length."})
+    packing: str = field(default="auto", metadata={
+        "help": "Padding-free packing: run each micro-batch as ONE sequence of its rows' real tokens, with position "
+                "ids restarting at 0 per row and attention restricted to each row (SDPA per row), so no padding "
+                "is computed and attention costs Σ n_i² rather than (Σ n_i)²; with --share_prompts, rows that "
+                "share a prompt run it once. Same scores and gradients up to float rounding. 'auto': on for "
+                "decoder reward models with SDPA attention and no sliding window, off elsewhere (encoder, "
+                "PairRM); 'on': the same, but refuse a model it cannot apply to; 'off': padded batches."})
     share_prompts: bool = field(default=True, metadata={
-        "help": "Decoder reward models with SDPA attention: pack the rows of a micro-batch that share their prompt "
-                "into one sequence (block-causal mask), so each prompt runs once; same scores and gradients up to "
-                "float rounding. Pairs always share their prompt; K-wise batches K times."})
+        "help": "Decoder reward models with SDPA attention: the rows of a micro-batch that share their prompt run "
+                "it once (inside the packed sequence with --packing; else packed into one padded sequence with a "
+                "block-causal mask); same scores and gradients up to float rounding. Pairs always share their "
+                "prompt; K-wise batches K times."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the model folder."})
 
     def __post_init__(self) -> None:
@@ -147,6 +156,7 @@ class RMTrainConfig:
         check_choice("pooling", self.pooling, POOLINGS)
         check_choice("overlong", self.overlong, OVERLONG)
         check_choice("lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
+        check_choice("packing", self.packing, PACKING)
         _check_lengths(self.max_length, self.batch_size)
         check_range("eval_fraction", self.eval_fraction, 0.0, 1.0)
         if self.eval_fraction >= 1.0:
@@ -210,6 +220,9 @@ class RMTrainConfig:
             raise RlhfkitError(f"--aggregation {self.aggregation} applies to decoder reward models, but {which}"
                                + (" (PairRM reads the last token)" if kind == "pairrm"
                                   else "; encoders pool with --pooling cls|mean"))
+        if self.packing == "on" and kind != "decoder":
+            raise RlhfkitError(f"--packing on needs a decoder reward model (causal attention within each packed "
+                               f"row), but {which}; use --packing auto (packs decoders only) or off")
         if self.pooling != "cls" and kind != "encoder":
             raise RlhfkitError(f"--pooling {self.pooling} applies to encoder reward models, but {which}"
                                + ("" if kind == "pairrm" else "; decoders aggregate with --aggregation last|mean|sum"))

@@ -166,25 +166,28 @@ def collate_pair_items(items: Sequence[Any], pad_id: int) -> dict[str, Any]:
     return collate_pairs(items, pad_id)
 
 
-def forward_pairs(model: Any, batch: dict[str, Any], share_prompts: bool = True
+def forward_pairs(model: Any, batch: dict[str, Any], share_prompts: bool = True, packing: bool = False
                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, Any]:
     """``(diff (B,), chosen (B,) | None, rejected (B,) | None, raw output)`` for one collated pair batch.
 
     ``share_prompts``: a decoder reward model runs each prompt of the batch once (`rlhfkit.models.packing`):
     a pair's chosen and rejected rows share their prompt, and so do all K responses of a prompt in K-wise batches.
+    ``packing``: a decoder reward model runs the batch as one padding-free packed sequence
+    (`RewardModel.forward`); a PairRM ranker ignores both.
     """
     if isinstance(getattr(model, "module", None), PairRanker) or isinstance(model, PairRanker):
         logits = model(batch["input_ids"], batch["attention_mask"])
         half = logits.shape[0] // 2
         return (logits[:half] - logits[half:]) / 2, None, None, logits
-    out = _forward_distinct(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"], share_prompts)
+    out = _forward_distinct(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"], share_prompts,
+                            packing)
     half = out.scores.shape[0] // 2
     chosen, rejected = out.scores[:half], out.scores[half:]
     return chosen - rejected, chosen, rejected, out
 
 
 def _forward_distinct(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      response_mask: torch.Tensor, share_prompts: bool = False) -> Any:
+                      response_mask: torch.Tensor, share_prompts: bool = False, packing: bool = False) -> Any:
     """The reward model on a (N, L) batch, each distinct row run once when rows repeat.
 
     Pairs that share a response (K responses of a prompt, all pairs labelled) repeat rows; the model then runs
@@ -196,11 +199,11 @@ def _forward_distinct(model: Any, input_ids: torch.Tensor, attention_mask: torch
     rows = torch.cat([input_ids, attention_mask.long(), response_mask.long()], dim=1)
     distinct, inverse = torch.unique(rows, dim=0, return_inverse=True)
     if distinct.shape[0] == rows.shape[0]:
-        return model(input_ids, attention_mask, response_mask, share_prompts=share_prompts)
+        return model(input_ids, attention_mask, response_mask, share_prompts=share_prompts, packing=packing)
     ids, att, resp = distinct.split(input_ids.shape[1], dim=1)  # the distinct rows are the model's inputs
     length = int(att.sum(dim=1).max())  # right-padded rows
     out = model(ids[:, :length], att[:, :length].to(attention_mask.dtype), resp[:, :length].to(response_mask.dtype),
-                share_prompts=share_prompts)
+                share_prompts=share_prompts, packing=packing)
     pad = input_ids.shape[1] - length
 
     def back(t: torch.Tensor | None, per_token: bool) -> torch.Tensor | None:
