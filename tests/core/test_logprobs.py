@@ -4,9 +4,10 @@ import math
 
 import pytest
 import torch
-from tolerances import assert_within, logprob_tolerance
+from tolerances import EPS32, assert_within, logprob_tolerance
 
-from rlhfkit.core.logprobs import entropy_from_logits, logprobs_from_logits
+from rlhfkit.core.logprobs import (DEFAULT_CHUNK_ROWS, entropy_from_logits, logprobs_and_entropy,
+                                   logprobs_from_logits)
 
 # logits log(1, 2, 3) give p = (1/6, 2/6, 3/6)
 LOGITS = torch.log(torch.tensor([[[1.0, 2.0, 3.0], [1.0, 1.0, 1.0]]], dtype=torch.float64))
@@ -79,3 +80,103 @@ def test_bad_temperature():
         logprobs_from_logits(LOGITS, torch.tensor([[0, 0]]), temperature=0.0)
     with pytest.raises(ValueError, match="temperature"):
         entropy_from_logits(LOGITS, temperature=-1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# logprobs_and_entropy: the one-pass path with a hand-written backward, against the two plain functions
+# ---------------------------------------------------------------------------------------------------------------
+def _plain(logits, tokens, temperature, chunk_rows=DEFAULT_CHUNK_ROWS):
+    return (logprobs_from_logits(logits, tokens, temperature, chunk_rows=chunk_rows),
+            entropy_from_logits(logits, temperature, chunk_rows=chunk_rows))
+
+
+def test_fused_hand_values():
+    # the same hand values as above: log(1/2), log(1/3); H(1/6, 1/3, 1/2) and ln 3
+    lp, h = logprobs_and_entropy(LOGITS, torch.tensor([[2, 0]]))
+    assert torch.allclose(lp, torch.tensor([[math.log(0.5), math.log(1 / 3)]], dtype=torch.float64), atol=1e-15)
+    assert h[0, 0].item() == pytest.approx(math.log(6) / 6 + math.log(3) / 3 + math.log(2) / 2, abs=1e-15)
+    assert h[0, 1].item() == pytest.approx(math.log(3), abs=1e-15)
+
+
+def test_fused_gradients_hand_values():
+    # row 0, p = (1/6, 1/3, 1/2), token 2: d logp / dz = (-1/6, -1/3, 1/2);
+    # d H / dz_v = -p_v (log p_v + H) with H = ln6/6 + ln3/3 + ln2/2
+    logits = LOGITS[:, :1].clone().requires_grad_(True)
+    lp, h = logprobs_and_entropy(logits, torch.tensor([[2]]))
+    (g_lp,) = torch.autograd.grad(lp.sum(), logits, retain_graph=True)
+    (g_h,) = torch.autograd.grad(h.sum(), logits)
+    assert torch.allclose(g_lp[0, 0], torch.tensor([-1 / 6, -1 / 3, 0.5], dtype=torch.float64), atol=1e-15)
+    p = torch.tensor([1 / 6, 1 / 3, 1 / 2], dtype=torch.float64)
+    big_h = math.log(6) / 6 + math.log(3) / 3 + math.log(2) / 2
+    assert torch.allclose(g_h[0, 0], -p * (p.log() + big_h), atol=1e-15)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("chunk_rows", [1, 2, 8])
+def test_fused_equals_plain_float64_values_and_gradients(temperature, chunk_rows):
+    g = torch.Generator().manual_seed(1)
+    logits = (3 * torch.randn(5, 7, 301, generator=g, dtype=torch.float64)).requires_grad_(True)
+    tokens = torch.randint(0, 301, (5, 7), generator=g)
+    w_lp, w_h = torch.randn(5, 7, generator=g, dtype=torch.float64), torch.randn(5, 7, generator=g, dtype=torch.float64)
+    plain_lp, plain_h = _plain(logits, tokens, temperature)
+    lp, h = logprobs_and_entropy(logits, tokens, temperature, chunk_rows=chunk_rows)
+    torch.testing.assert_close(lp, plain_lp, rtol=0, atol=1e-12)
+    torch.testing.assert_close(h, plain_h, rtol=0, atol=1e-12)
+    for loss, plain_loss in [((w_lp * lp).sum(), (w_lp * plain_lp).sum()),  # log-probs only (the PPO loss)
+                             ((w_h * h).sum(), (w_h * plain_h).sum()),  # entropy only
+                             ((w_lp * lp + w_h * h).sum(), (w_lp * plain_lp + w_h * plain_h).sum())]:
+        (grad,) = torch.autograd.grad(loss, logits, retain_graph=True)
+        (plain_grad,) = torch.autograd.grad(plain_loss, logits, retain_graph=True)
+        torch.testing.assert_close(grad, plain_grad, rtol=0, atol=1e-12)
+
+
+def test_fused_float32_and_bf16_within_rounding_of_float64():
+    g = torch.Generator().manual_seed(2)
+    exact = 4 * torch.randn(3, 6, 4099, generator=g, dtype=torch.float64)
+    tokens = torch.randint(0, 4099, (3, 6), generator=g)
+    for dtype in (torch.float32, torch.bfloat16):
+        low = exact.to(dtype).requires_grad_(True)
+        lp, h = logprobs_and_entropy(low, tokens, 0.7)
+        assert lp.dtype == h.dtype == torch.float32
+        # compared with the float64 log-softmax of the same (rounded) logits: the log-softmax's own rounding
+        up = low.detach().double()
+        ref_lp, ref_h = _plain(up, tokens, 0.7)
+        assert_within(lp, ref_lp, logprob_tolerance(up.abs(), ref_lp, 0.7, 0), "fused float32 log-probs")
+        # H = Σ p (-log p): each term within the log-prob tolerance of its log p, p-weighted
+        assert_within(h, ref_h, logprob_tolerance(up.abs(), ref_h, 0.7, 0), "fused float32 entropy")
+        (grad,) = torch.autograd.grad(lp.sum() + h.sum(), low)
+        assert grad.dtype == dtype
+        up64 = up.clone().requires_grad_(True)
+        plain_lp, plain_h = _plain(up64, tokens, 0.7)
+        (ref_grad,) = torch.autograd.grad(plain_lp.sum() + plain_h.sum(), up64)
+        # gradient entries p_v (...) of size <= |log p| + H + 1: float32 rounds each by a few eps of that scale
+        scale = (ref_lp.abs().amax() + ref_h.abs().amax() + 1).item()
+        bound = (8 * EPS32 * scale) if dtype == torch.float32 else (2 * 2 ** -8 * scale)
+        assert (grad.double() - ref_grad).abs().max().item() <= bound
+
+
+def test_fused_log_probs_do_not_depend_on_the_entropy_flag():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(9, 5, 257, generator=g)
+    tokens = torch.randint(0, 257, (9, 5), generator=g)
+    with_h, h = logprobs_and_entropy(logits, tokens, 0.7)
+    without, none = logprobs_and_entropy(logits, tokens, 0.7, with_entropy=False)
+    assert none is None and torch.equal(with_h, without)  # bit for bit: rollout and update passes agree exactly
+
+
+def test_fused_with_minus_inf_logits_is_finite_with_finite_gradient():
+    # one vocabulary entry masked (-inf): H(1/2, 1/2, 0) = ln 2; its gradient entries are 0
+    logits = torch.tensor([[[0.0, 0.0, float("-inf")]]], dtype=torch.float64, requires_grad=True)
+    lp, h = logprobs_and_entropy(logits, torch.tensor([[0]]))
+    assert h.item() == pytest.approx(math.log(2), abs=1e-15) and lp.item() == pytest.approx(math.log(0.5), abs=1e-15)
+    (grad,) = torch.autograd.grad(3 * h.sum() + lp.sum(), logits)
+    assert torch.isfinite(grad).all() and grad[0, 0, 2].item() == 0.0
+    # H-gradient: -p_v (log p_v + ln 2) = 0 for v = 0, 1; log-prob gradient: (1/2, -1/2)
+    assert torch.allclose(grad[0, 0, :2], torch.tensor([0.5, -0.5], dtype=torch.float64), atol=1e-15)
+
+
+def test_fused_bad_inputs():
+    with pytest.raises(ValueError, match="temperature"):
+        logprobs_and_entropy(LOGITS, torch.tensor([[0, 0]]), temperature=0.0)
+    with pytest.raises(ValueError, match="do not match"):
+        logprobs_and_entropy(LOGITS, torch.tensor([[0]]))

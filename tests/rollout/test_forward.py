@@ -79,6 +79,34 @@ def test_logprobs_entropy_logits_match_a_naive_full_forward():
     assert (plain[b[3]] - out.logprobs[b[3]]).abs().min() > 1e-6
 
 
+def _float64_rms_norm(self, x):
+    """LlamaRMSNorm without its float32 cast (which would round a float64 model's gradients to float32)."""
+    return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+
+def test_parameter_gradients_equal_the_plain_log_softmax_path(monkeypatch):
+    # policy_forward's one-pass log-probs + entropy (core.logprobs.logprobs_and_entropy, hand-written backward) vs
+    # the plain autograd of log_softmax on the naive logits: the same gradient of every parameter (float64
+    # throughout: the two paths add the log-prob and entropy gradients in different orders, a 1e-16 difference
+    # that Llama's float32 RMSNorm would round to float32 size)
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    monkeypatch.setattr(LlamaRMSNorm, "forward", _float64_rms_norm)
+    model = tiny_llama()
+    b = batch()
+    g = torch.Generator().manual_seed(0)
+    w_lp, w_h = torch.randn(b[2].shape, generator=g, dtype=torch.float64), torch.randn(b[2].shape, generator=g,
+                                                                                        dtype=torch.float64)
+    out = policy_forward(model, *b, temperature=TEMPERATURE, with_entropy=True)
+    fast = torch.autograd.grad((w_lp * out.logprobs + w_h * out.entropy).sum(), list(model.parameters()))
+    logits = naive_logits(model, *b)
+    ent = torch.where(b[3], entropy_from_logits(logits, TEMPERATURE), 0.0)
+    plain = torch.autograd.grad((w_lp * naive_logprobs(model, *b) + w_h * ent).sum(), list(model.parameters()))
+    for (name, _), f, p in zip(model.named_parameters(), fast, plain):
+        torch.testing.assert_close(f, p, rtol=0, atol=1e-12, msg=name)
+    assert max(p.abs().max().item() for p in plain) > 1e-2  # not a comparison of zeros
+
+
 def test_lm_head_sees_only_the_response_predicting_positions():
     model = tiny_llama(torch.float32)
     seen = []

@@ -10,6 +10,9 @@ from __future__ import annotations
 import torch
 
 DEFAULT_CHUNK_ROWS = 8
+# log p below this is p = 0 exactly (exp underflows below -104 in float32, -745 in float64): where log p = -inf
+# (a -inf logit) the fused entropy and its gradient use this finite value, so p · log p is 0, not nan
+_LOG_ZERO = -1e4
 
 
 def upcast(x: torch.Tensor) -> torch.Tensor:
@@ -78,3 +81,93 @@ def entropy_from_logits(
     if not out:
         return logits.new_zeros(logits.shape[:-1], dtype=upcast(logits).dtype)
     return torch.cat(out, dim=0)
+
+
+class _LogprobsEntropy(torch.autograd.Function):
+    """One pass over the logits for both the taken-token log-probs and the entropy; the backward recomputes the
+    softmax from the saved logits and writes the logits' gradient in place (no other vocabulary-sized tensor)."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, tokens: torch.Tensor, temperature: float, chunk_rows: int,
+                with_entropy: bool):
+        n, work = logits.shape[0], upcast(logits).dtype
+        logprobs = logits.new_empty(tokens.shape, dtype=work)
+        entropy = logits.new_zeros(tokens.shape if with_entropy else (0,), dtype=work)
+        lse = logits.new_empty(tokens.shape, dtype=work)
+        for start in range(0, n, chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            logp = upcast(logits[rows]) / temperature  # z, then z - max, then log p (in place)
+            m = logp.amax(dim=-1, keepdim=True)
+            m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # all -inf rows: as logsumexp does
+            logp.sub_(m)
+            p = logp.exp()
+            s = p.sum(dim=-1, keepdim=True)
+            log_s = s.log()
+            logp.sub_(log_s)
+            lse[rows] = (m + log_s).squeeze(-1)
+            logprobs[rows] = torch.gather(logp, -1, tokens[rows].long().unsqueeze(-1)).squeeze(-1)
+            if with_entropy:
+                p.div_(s)
+                entropy[rows] = -torch.linalg.vecdot(p, logp.clamp_min_(_LOG_ZERO))
+        ctx.save_for_backward(logits, tokens, lse, entropy)
+        ctx.temperature, ctx.chunk_rows = temperature, chunk_rows
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(lse)
+        return logprobs, entropy, lse
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
+        logits, tokens, lse, entropy = ctx.saved_tensors
+        t = ctx.temperature
+        work = lse.dtype
+        grad = torch.empty(logits.shape, dtype=work, device=logits.device)
+        if grad_logprobs is None and grad_entropy is None:
+            return grad.zero_().to(logits.dtype), None, None, None, None
+        g_lp = grad_logprobs if grad_logprobs is not None else torch.zeros_like(lse)
+        for start in range(0, logits.shape[0], ctx.chunk_rows):
+            rows = slice(start, start + ctx.chunk_rows)
+            g = grad[rows]
+            torch.div(upcast(logits[rows]), t, out=g)
+            g.sub_(lse[rows].unsqueeze(-1))  # log p
+            lp = g_lp[rows].unsqueeze(-1)
+            if grad_entropy is None:
+                # d logp_y / d z_v = 1[v = y] - p_v
+                g.exp_().mul_(-lp / t)
+            else:
+                # d H / d z_v = -p_v (log p_v + H)
+                p = g.exp()
+                g.clamp_min_(_LOG_ZERO).add_(entropy[rows].unsqueeze(-1)).mul_(grad_entropy[rows].unsqueeze(-1))
+                g.add_(lp).mul_(p).mul_(-1.0 / t)
+            g.scatter_add_(-1, tokens[rows].long().unsqueeze(-1), lp / t)
+        return grad.to(logits.dtype), None, None, None, None
+
+
+def logprobs_and_entropy(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    temperature: float = 1.0,
+    *,
+    with_entropy: bool = True,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`logprobs_from_logits` and :func:`entropy_from_logits` in one pass, with a hand-written backward.
+
+    Equations: as those two functions, with ``log p = z - m - log Σ_v exp(z_v - m)`` (``m = max_v z_v``, the
+    order of ``torch.log_softmax``), ``logp[b, t] = log p_y`` and ``H[b, t] = -Σ_v p_v log p_v``. Gradients
+    (w.r.t. ``z = logits / temperature``; the logits' gradient is that / temperature):
+    ``∂ logp_y / ∂ z_v = 1[v = y] - p_v`` and ``∂ H / ∂ z_v = -p_v (log p_v + H)`` (differentiate
+    ``H = lse - Σ_v p_v z_v`` with ``∂ p_u / ∂ z_v = p_u (1[u = v] - p_v)``).
+    Shapes: ``logits`` (B, T, V), ``tokens`` (B, T) -> two (B, T) tensors, float32 (float64 for float64 logits).
+    Same numbers as the two plain functions up to float rounding (tests compare values and gradients). The
+    plain path's autograd keeps ``z`` and builds several (B, T, V) tensors in its backward (the softmax, the
+    one-hot scatter, their sum, the temperature's division); here the forward allocates two per chunk of
+    ``chunk_rows`` rows and the backward only the logits' gradient (two per chunk when the entropy has a
+    gradient). An output that the loss does not use gets no backward work.
+    ``with_entropy=False`` skips the entropy (None); the log-probs are the same bits either way.
+    Source: the softmax cross-entropy gradient (e.g. Goodfellow et al., Deep Learning, §6.2.2.3).
+    """
+    _check(temperature, chunk_rows)
+    if logits.shape[:-1] != tokens.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and tokens {tuple(tokens.shape)} do not match")
+    logprobs, entropy, _ = _LogprobsEntropy.apply(logits, tokens, temperature, chunk_rows, with_entropy)
+    return logprobs, entropy if with_entropy else None

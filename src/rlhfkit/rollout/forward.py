@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from rlhfkit.core.logprobs import entropy_from_logits, logprobs_from_logits, upcast
+from rlhfkit.core.logprobs import logprobs_and_entropy, upcast
 from rlhfkit.core.masks import position_ids_from_mask
 from rlhfkit.models.loading import forward_hidden
 from rlhfkit.models.reward import RewardModel, unwrap_peft
@@ -243,10 +243,12 @@ def policy_forward(
         logits = _response_logits(model, input_ids, attention_mask, T, trunk)
     mask = response_mask.bool()
     zero = torch.zeros((), dtype=upcast(logits).dtype, device=logits.device)
-    logprobs = torch.where(mask, logprobs_from_logits(logits, response_ids, temperature), zero)
-    entropy = None
-    if with_entropy:
-        entropy = torch.where(mask, entropy_from_logits(logits, temperature), zero)
+    # one pass for both (`core.logprobs.logprobs_and_entropy`); the log-probs are the same bits with or without
+    # the entropy, so the rollout-time and update-time passes agree exactly
+    logprobs, entropy = logprobs_and_entropy(logits, response_ids, temperature, with_entropy=with_entropy)
+    logprobs = torch.where(mask, logprobs, zero)
+    if entropy is not None:
+        entropy = torch.where(mask, entropy, zero)
     return PolicyForward(logprobs=logprobs, entropy=entropy, logits=logits if with_logits else None)
 
 

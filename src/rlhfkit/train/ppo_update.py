@@ -32,7 +32,6 @@ import torch.distributed as torch_dist
 from torch import nn
 
 from rlhfkit.core.kl import kl_k1
-from rlhfkit.core.logprobs import entropy_from_logits
 from rlhfkit.core.losses import entropy_bonus, explained_variance, ppo_policy_loss, ppo_total_loss, ppo_value_loss
 from rlhfkit.core.masks import masked_mean, masked_sum, masked_var, masked_whiten
 from rlhfkit.core.rewards import ShapedRewards
@@ -346,18 +345,15 @@ def _micro_batch_loss(policy: nn.Module, critic: nn.Module, batch: UpdateBatch, 
         return None
     with_entropy = settings.entropy_coef > 0
     policy_trunk, critic_trunk = batch.trunks.rows(idx, tb) if batch.trunks is not None else (None, None)
+    # the entropy always (for the statistics; from the same pass over the logits as the log-probs)
     out, values = policy_and_values(policy, critic, args, policy_trunk, critic_trunk,
-                                    temperature=settings.temperature, with_entropy=with_entropy,
-                                    with_logits=not with_entropy, autocast_dtype=settings.autocast_dtype)
+                                    temperature=settings.temperature, with_entropy=True,
+                                    autocast_dtype=settings.autocast_dtype)
     p_loss, p_stats = ppo_policy_loss(out.logprobs, batch.old_logprobs[idx, :t], batch.advantages[idx, :t], mask,
                                       settings.clip_range, num_tokens)
     v_loss, v_stats = ppo_value_loss(values, batch.old_values[idx, :t], batch.returns[idx, :t], mask,
                                      settings.clip_range_value, num_tokens)
-    if with_entropy:
-        entropy = out.entropy
-    else:  # only for the statistics: no graph
-        with torch.no_grad():
-            entropy = entropy_from_logits(out.logits.detach(), settings.temperature)
+    entropy = out.entropy if with_entropy else out.entropy.detach()  # without the bonus: statistics only
     ent = entropy_bonus(entropy, mask, num_tokens)
     loss = ppo_total_loss(p_loss, v_loss, ent, settings.vf_coef, settings.entropy_coef)
     with torch.no_grad():
