@@ -10,7 +10,7 @@ import pytest
 import torch
 from ppo_helpers import make_config, one_thread, trainable  # noqa: F401  (one_thread: autouse fixture)
 
-from rlhfkit.core.advantages import grpo_advantages, rloo_advantages
+from rlhfkit.core.advantages import grpo_advantages, remax_advantages, rloo_advantages
 from rlhfkit.core.kl import kl_loss
 from rlhfkit.core.losses import ppo_policy_loss
 from rlhfkit.core.masks import LOSS_AGGREGATIONS, masked_sum
@@ -93,6 +93,33 @@ def test_reinforce_pp_baseline_centres_the_scores_of_each_group_first(tmp_path):
         var = (torch.where(m, per_token - mean, 0.0) ** 2).sum() / (m.sum() - 1)
         expected = torch.where(m, (per_token - mean) / torch.sqrt(var + 1e-8), 0.0)
         torch.testing.assert_close(b.advantages, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_remax_subtracts_the_score_of_the_greedy_response_to_the_prompt(tmp_path):
+    trainer = _trainer(tmp_path, advantage_estimator="remax", kl_in="loss", missing_stop_penalty=-1.0)
+    rollout, _ = trainer.rollout()
+    greedy_raw, greedy_stopped = trainer.greedy_scores(rollout)
+    assert greedy_raw.shape == greedy_stopped.shape == (4,)  # one greedy response per prompt
+    again = trainer.greedy_scores(rollout)  # greedy decoding: deterministic
+    torch.testing.assert_close(again[0], greedy_raw, rtol=0, atol=0)
+    raw = torch.tensor([3.0, 1.0, 0.0, 0.0, 2.0, 5.0, 1.0, 4.0])
+    greedy = (torch.tensor([2.0, 0.0, 3.0, 1.0]), torch.tensor([True, True, True, False]))
+    b = trainer.prepare(rollout, raw, greedy).batch
+    assert b.old_values is None and b.returns is None
+    # the greedy scores go through the samples' processing: prompt 3's greedy response has no stop -> -1.0
+    used = trainer.process_scores(raw, rollout.stopped)
+    expected = remax_advantages(used, torch.tensor([2.0, 0.0, 3.0, -1.0]), b.response_mask)
+    torch.testing.assert_close(b.advantages, expected, rtol=0, atol=0)
+    if bool(rollout.stopped.all()):  # hand-computed: (3-2, 1-2, 0-0, 0-0, 2-3, 5-3, 1+1, 4+1)
+        torch.testing.assert_close(b.advantages[:, 0], torch.tensor([1.0, -1, 0, 0, -1, 2, 2, 5]), rtol=0, atol=0)
+
+
+def test_a_process_count_that_does_not_divide_the_prompts_is_refused(tmp_path):
+    from types import SimpleNamespace
+
+    fake = SimpleNamespace(world_size=3, rank=0, device=torch.device("cpu"), is_main=True)
+    with pytest.raises(RlhfkitError, match="rollout_batch_size.*whole prompts"):
+        PPOTrainer(make_config(tmp_path, **{**CRITIC_FREE, "advantage_estimator": "grpo"}), dist=fake)
 
 
 # ------------------------------------------------------------------------------------ no critic
@@ -202,7 +229,8 @@ def test_the_aggregations_and_the_kl_loss_change_the_update(tmp_path):
     ({"advantage_estimator": "grpo", "critic_init": "policy"}, "critic_init"),
     ({"advantage_estimator": "dr_grpo", "critic": "shared"}, "critic"),
     ({"advantage_estimator": "reinforce_pp", "critic_learning_rate": 1e-4}, "critic_learning_rate"),
-    ({"advantage_estimator": "remax"}, "advantage_estimator"),
+    ({"advantage_estimator": "remax", "score_norm": "whiten"}, "score_norm"),
+    ({"advantage_estimator": "gae_v2"}, "advantage_estimator"),
     ({"samples_per_prompt": 0}, "samples_per_prompt"),
     ({"kl_in": "both"}, "kl_in"),
     ({"loss_aggregation": "sum"}, "loss_aggregation"),

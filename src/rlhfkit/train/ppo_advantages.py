@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from rlhfkit.core.advantages import (gae, group_centered_scores, grpo_advantages, reinforce_pp_advantages,
-                                     rloo_advantages)
+                                     remax_advantages, rloo_advantages)
 from rlhfkit.core.masks import masked_sum
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.train.ppo_config import PPOConfig
@@ -28,13 +28,15 @@ def estimate_advantages(
     old_values: torch.Tensor | None,
     response_mask: torch.Tensor,
     dist: Dist,
+    greedy_scores: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(advantages (B, T), returns (B, T) or None)`` of this process's rows.
 
     ``rewards``: the per-token shaped rewards (`core.rewards.shape_rewards`: the score on the last token, minus
     ``kl_coef``·KL on every token with ``kl_in=reward``, no KL with ``kl_in=loss``); ``scores`` (B,) the processed
     scores that entered them; ``shape(scores)`` gives the shaped rewards of other scores (the same KL terms);
-    ``old_values`` the critic's values (``gae`` only).
+    ``old_values`` the critic's values (``gae`` only); ``greedy_scores`` (B / k,) the processed scores of the
+    greedy responses to this process's prompts (``remax`` only).
 
     - ``gae``: `core.advantages.gae` on the rewards (scaled by their global std first with ``whiten_rewards``),
       the advantages globally whitened with ``whiten_advantages``; returns for the value loss.
@@ -44,6 +46,8 @@ def estimate_advantages(
     - ``reinforce_pp``: `core.advantages.reinforce_pp_advantages` (per-token reward-to-go with ``gamma``,
       globally whitened); ``reinforce_pp_baseline``: the same on the rewards shaped from
       `core.advantages.group_centered_scores` of the scores.
+    - ``remax``: `core.advantages.remax_advantages` of the outcome scores (as above) against the greedy
+      responses' scores (their score alone: no KL term, which would need forward passes of the greedy responses).
     """
     est, k, mask = cfg.advantage_estimator, cfg.samples_per_prompt, response_mask.bool()
 
@@ -65,6 +69,10 @@ def estimate_advantages(
             return grpo_advantages(outcome, mask, k, scale_by_std=est == "grpo"), None
         if est == "rloo":
             return rloo_advantages(outcome, mask, k), None
+        if est == "remax":
+            if greedy_scores is None:
+                raise RlhfkitError("advantage_estimator='remax' needs the greedy responses' scores")
+            return remax_advantages(outcome, greedy_scores.to(outcome.dtype), mask), None
     except ValueError as e:
         raise RlhfkitError(f"advantage_estimator={est!r}: {e}") from None
     raise RlhfkitError(f"unknown advantage_estimator {est!r}")

@@ -24,7 +24,7 @@ OVERLONG_POLICIES = ("truncate_prompt_left", "drop", "fail")
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 OLD_LOGPROBS = ("recompute", "rollout")
 ROLLOUT_ENGINES = ("hf", "vllm")
-ADVANTAGE_ESTIMATORS = ("gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
+ADVANTAGE_ESTIMATORS = ("gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "remax")
 CRITIC_FREE_ESTIMATORS = ADVANTAGE_ESTIMATORS[1:]  # no critic is built, loaded, trained or saved
 GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")  # baselines from the prompt's k samples
 KL_IN = ("reward", "loss")
@@ -145,7 +145,9 @@ class PPOConfig:
         "gae (with a critic), or critic-free (no critic is built, trained or saved): grpo ((s - mean_g) / "
         "(std_g + 1e-6) over the prompt's k samples), dr_grpo (s - mean_g), rloo (leave-one-out mean baseline, "
         "k >= 2), reinforce_pp (KL-shaped per-token reward-to-go, whitened over the batch), reinforce_pp_baseline "
-        "(the same from the group-centred score); docs: 'Critic-free estimators'", choices=list(ADVANTAGE_ESTIMATORS)))
+        "(the same from the group-centred score), remax (the score minus that of a greedy response to the same "
+        "prompt: one more greedy rollout per prompt); docs: 'Critic-free estimators'",
+        choices=list(ADVANTAGE_ESTIMATORS)))
     gamma: float = field(default=1.0, metadata=_help("discount γ"))
     gae_lambda: float = field(default=0.95, metadata=_help("GAE λ"))
     whiten_advantages: bool = field(default=True, metadata=_help(
@@ -367,6 +369,10 @@ def check_estimator(cfg: PPOConfig) -> None:
     if est in GROUP_ESTIMATORS and k < 2:
         raise RlhfkitError(f"samples_per_prompt={k}: advantage_estimator={est!r} compares the responses to one "
                            "prompt; with a single response every advantage is 0. Use samples_per_prompt >= 2")
+    if est == "remax" and cfg.score_norm in ("whiten", "running"):
+        raise RlhfkitError(f"score_norm={cfg.score_norm!r} cannot be combined with advantage_estimator='remax': the "
+                           "greedy baseline's score must be normalised like the samples' and batch statistics would "
+                           "differ; use score_norm none or reference")
     if est in CRITIC_FREE_ESTIMATORS:
         for name, default in (("critic", "separate"), ("critic_init", "auto"), ("critic_freeze_layers", 0),
                               ("critic_learning_rate", None)):

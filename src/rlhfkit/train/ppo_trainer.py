@@ -19,7 +19,8 @@ One iteration, as numbered steps (each a call into ``rollout/``, ``core/`` or ``
    ``OUTPUT/policy`` (a plain Hugging Face causal LM, LoRA merged) and ``OUTPUT/critic`` (``critic=shared``:
    ``OUTPUT/value_head.safetensors``).
 
-A critic-free ``advantage_estimator`` (grpo, dr_grpo, rloo, reinforce_pp, reinforce_pp_baseline): no critic is
+A critic-free ``advantage_estimator`` (grpo, dr_grpo, rloo, reinforce_pp, reinforce_pp_baseline, remax; remax also
+samples and scores one greedy response per prompt in step 1, `greedy_scores`, its baseline): no critic is
 built or loaded (``self.critic`` None), trained, checkpointed or saved (no ``OUTPUT/critic``), and no value loss.
 ``kl_in=loss``: the rewards carry no KL; the update adds ``kl_coef`` × the k3 KL against the reference log-probs.
 
@@ -285,6 +286,19 @@ class PPOTrainer:
                          autocast_dtype=self.autocast_dtype)
         return rollout, local
 
+    def greedy_scores(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+        """``remax``: the raw scores and stop flags (B / k,) of one greedy (temperature 0) response to each prompt
+        of the rollout (its rows p·k, prompt-major), sampled by the same engine, scored by the same sources."""
+        k = self.cfg.samples_per_prompt
+        query_ids, query_mask = rollout.query_ids[::k], rollout.query_mask[::k]
+        greedy = replace(self.generation, temperature=0.0)
+        if self.engine is not None:
+            out = self.engine.sample(query_ids, query_mask, greedy, None)
+        else:
+            out = sample(self.policy, query_ids.to(self.device), query_mask.to(self.device), greedy,
+                         tokenizer=self.tokenizer, autocast_dtype=self.autocast_dtype)
+        return self.raw_scores(out)[0], out.stopped
+
     # -- step 2: score ---------------------------------------------------------------------------------
     def raw_scores(self, rollout: Rollout) -> tuple[torch.Tensor, list[str], list[str]]:
         """The reward sources' scores (B,) of the rows, with the prompt and response texts they read."""
@@ -320,9 +334,13 @@ class PPOTrainer:
         return scores
 
     # -- steps 2-4 -------------------------------------------------------------------------------------
-    def prepare(self, rollout: Rollout, raw_scores: torch.Tensor) -> Experience:
+    def prepare(self, rollout: Rollout, raw_scores: torch.Tensor,
+                greedy: tuple[torch.Tensor, torch.Tensor] | None = None) -> Experience:
         """Steps 2 (score processing), 3 (no-grad forward passes, shaped rewards) and 4 (advantages) on a rollout
-        and its raw scores. Public so that a test can inject a fixed rollout."""
+        and its raw scores (``remax``: ``greedy`` = the raw scores and stop flags of its prompts' greedy responses,
+        processed like the samples':
+        missing-stop penalty, ``score_norm`` none or reference, clipping). Public so that a test can inject a fixed
+        rollout."""
         cfg, dist = self.cfg, self.dist
         # responses padded to the global longest, so that statistics can gather (B, T) tensors
         T = dist.max_int(rollout.response_ids.shape[1])
@@ -338,6 +356,9 @@ class PPOTrainer:
 
         # 2. scores: penalty, normalisation, clipping
         scores = self.process_scores(raw_scores, stopped)
+        greedy_scores = None
+        if greedy is not None:
+            greedy_scores = self.process_scores(greedy[0].to(self.device, torch.float32), greedy[1].to(self.device))
 
         # 3. no-grad forward passes over the first epoch's micro-batches, then the KL-shaped rewards
         start = time.perf_counter()
@@ -362,7 +383,7 @@ class PPOTrainer:
 
         # 4. advantages (and returns with the critic)
         advantages, returns = estimate_advantages(cfg, shaped.rewards, scores, lambda s: shape(s).rewards,
-                                                  fwd.old_values, response_mask, dist)
+                                                  fwd.old_values, response_mask, dist, greedy_scores)
         batch = UpdateBatch(query_ids, query_mask, response_ids, response_mask, old_logprobs, fwd.old_values,
                             advantages, returns, trunks=fwd.trunks,
                             ref_logprobs=fwd.ref_logprobs if cfg.kl_in == "loss" else None)
@@ -383,11 +404,12 @@ class PPOTrainer:
             self.critic_scheduler.step()
         return history
 
-    def learn(self, rollout: Rollout, raw_scores: torch.Tensor) -> tuple[dict[str, float], list[dict[str, float]]]:
+    def learn(self, rollout: Rollout, raw_scores: torch.Tensor,
+              greedy: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[dict[str, float], list[dict[str, float]]]:
         """Steps 2-5, the rollout statistics and the KL controller update (step 6, fed ``objective/kl``: the k1
         estimate of the sequence KL, whatever ``kl_estimator`` shapes the rewards); returns (stats, per-minibatch
-        stats)."""
-        exp = self.prepare(rollout, raw_scores)
+        stats). ``greedy``: `prepare`'s (``remax``)."""
+        exp = self.prepare(rollout, raw_scores, greedy)
         lrs = {"train/lr": self.policy_scheduler.get_last_lr()[0]}
         if self.critic is not None:  # critic=shared: the value head's param group
             lrs["train/critic_lr"] = self.policy_scheduler.get_last_lr()[1] if self.shared_critic else \
@@ -412,11 +434,13 @@ class PPOTrainer:
         cfg = self.cfg
         start = time.perf_counter()
         rollout, _ = self.rollout()
+        # remax: the greedy baseline responses (sampled before the update, by the same policy) and their scores
+        greedy = self.greedy_scores(rollout) if cfg.advantage_estimator == "remax" else None
         t_rollout = time.perf_counter() - start
         t0 = time.perf_counter()
         raw_scores, prompts, responses = self.raw_scores(rollout)
         t_score = time.perf_counter() - t0
-        stats, history = self.learn(rollout, raw_scores)
+        stats, history = self.learn(rollout, raw_scores, greedy)
         stats.update(self.monitor_stats(rollout, prompts, responses))
         # 6. statistics (the KL controller was updated in `learn`)
         elapsed = time.perf_counter() - start
