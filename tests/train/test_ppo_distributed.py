@@ -95,8 +95,8 @@ def test_two_processes_give_the_same_update_as_one(tmp_path, monkeypatch, critic
 
     real_prepare = PPOTrainer.prepare
 
-    def prepare_recording_terms(self, rollout, raw_scores):  # the one-process log-probs' rounding (heads' terms)
-        exp = real_prepare(self, rollout, raw_scores)
+    def prepare_recording_terms(self, rollout, raw_scores, greedy=None):  # the one-process log-probs' rounding (heads' terms)
+        exp = real_prepare(self, rollout, raw_scores, greedy)
         b, tol = exp.batch, 0.0
         for model, context, logprobs in ((self.policy, contextlib.nullcontext, b.old_logprobs),
                                          (self.reference, self.reference_context, exp.ref_logprobs)):
