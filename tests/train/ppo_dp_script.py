@@ -93,6 +93,8 @@ def main(tmp: Path, out: Path, critic: str = "separate") -> None:
         (out / "stats.json").write_text(json.dumps({"world_size": trainer.dist.world_size, "update": history[0],
                                                     "rollout": stats, "kl_coef": trainer.kl_controller.value}))
     trainer.dist.barrier()
+    if trainer.dist.distributed:  # an orderly gloo shutdown (exiting with the group alive aborted rank 1 once)
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
