@@ -1,7 +1,10 @@
 """One PPO learning step (steps 2-5, the rollout statistics and the KL controller update) on a fixed global
 rollout of 8 rows; run with one process (plain python) or under ``accelerate launch --num_processes 2``. Each
 process takes its share of the rows; process 0 writes the new weights and the statistics to ``OUT``. Usage: ``ppo_dp_script.py TMP OUT [CRITIC]`` (TMP holds sft/ and prompts.jsonl; CRITIC ``separate`` (default) or
-``shared``: a value head on the policy, given random weights so that the value loss reaches the trunk)."""
+``shared``: a value head on the policy, given random weights so that the value loss reaches the trunk; ``none``:
+no critic, ``advantage_estimator=rloo`` with 2 samples per prompt (the 8 rows are 4 groups of 2, each process
+holds 2 whole groups), the KL in the loss and ``loss_aggregation=seq_mean_token_mean``, asymmetric and dual
+clip on)."""
 
 from __future__ import annotations
 
@@ -47,7 +50,12 @@ def main(tmp: Path, out: Path, critic: str = "separate") -> None:
     torch.set_num_threads(1)
     shared = critic == "shared"
     extra = {"critic": "shared", "critic_init": "auto"} if shared else {}
-    cfg = make_config(tmp, output=str(out / "run"), rollout_batch_size=ROWS, ppo_epochs=1, num_minibatches=1,
+    if critic == "none":
+        extra = {"critic_init": "auto", "advantage_estimator": "rloo", "samples_per_prompt": 2, "kl_in": "loss",
+                 "loss_aggregation": "seq_mean_token_mean", "clip_range_low": 0.1, "clip_range_high": 0.3,
+                 "dual_clip": 2.0}
+    prompts = ROWS // 2 if critic == "none" else ROWS
+    cfg = make_config(tmp, output=str(out / "run"), rollout_batch_size=prompts, ppo_epochs=1, num_minibatches=1,
                       **extra, micro_batch_size=2, score_norm="whiten", whiten_rewards=True, missing_stop_penalty=1.0,
                       missing_stop_mode="subtract", kl_coef=0.2, entropy_coef=0.01, kl_estimator="mse",
                       adaptive_kl=True, kl_target=0.5, kl_horizon=100.0)
@@ -62,8 +70,10 @@ def main(tmp: Path, out: Path, critic: str = "separate") -> None:
                 p.copy_(torch.randn(p.shape, generator=g) / 6.0)
     # SGD: the new weights show the gradient itself (Adam's first step is blind to a gradient scale error)
     policy_params = [p for p in trainer.policy.parameters() if p.requires_grad]
-    critic_params = [p for p in trainer.critic.parameters() if p.requires_grad]
-    if shared:  # one optimizer over policy and head (critic_optimizer None: one joint clip, one step)
+    critic_params = [p for p in trainer.critic.parameters() if p.requires_grad] if trainer.critic is not None else []
+    if trainer.critic is None:
+        trainer.policy_optimizer = torch.optim.SGD(policy_params, lr=0.5)
+    elif shared:  # one optimizer over policy and head (critic_optimizer None: one joint clip, one step)
         trainer.policy_optimizer = torch.optim.SGD([{"params": policy_params}, {"params": critic_params}], lr=0.5)
     else:
         trainer.policy_optimizer = torch.optim.SGD(policy_params, lr=0.5)
@@ -78,10 +88,13 @@ def main(tmp: Path, out: Path, critic: str = "separate") -> None:
     if trainer.dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_file(trainable(trainer.policy), str(out / "policy.safetensors"))
-        save_file(trainable(trainer.critic), str(out / "critic.safetensors"))
+        if trainer.critic is not None:
+            save_file(trainable(trainer.critic), str(out / "critic.safetensors"))
         (out / "stats.json").write_text(json.dumps({"world_size": trainer.dist.world_size, "update": history[0],
                                                     "rollout": stats, "kl_coef": trainer.kl_controller.value}))
     trainer.dist.barrier()
+    if trainer.dist.distributed:  # an orderly gloo shutdown (exiting with the group alive aborted rank 1 once)
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ def test_iterations_total_episodes_and_defaults():
     ({"temperature": 0.0}, "temperature"),
     ({"adaptive_kl": True, "kl_target": 0.0}, "kl_target"),
     ({"adaptive_kl": True, "kl_coef": 0.0}, "kl_coef"),
-    ({"score_norm": "whiten", "rollout_batch_size": 1, "num_minibatches": 1}, "rollout_batch_size >= 2"),
+    ({"score_norm": "whiten", "rollout_batch_size": 1, "num_minibatches": 1}, "rollout_batch_size × samples_per_prompt >= 2"),
     ({"resume": True, "overwrite": True}, "exclude"),
     ({"lr_scheduler": "step"}, "lr_scheduler"),
     ({"stop_strings": [""]}, "stop_strings"),

@@ -95,8 +95,8 @@ def test_two_processes_give_the_same_update_as_one(tmp_path, monkeypatch, critic
 
     real_prepare = PPOTrainer.prepare
 
-    def prepare_recording_terms(self, rollout, raw_scores):  # the one-process log-probs' rounding (heads' terms)
-        exp = real_prepare(self, rollout, raw_scores)
+    def prepare_recording_terms(self, rollout, raw_scores, greedy=None):  # the one-process log-probs' rounding (heads' terms)
+        exp = real_prepare(self, rollout, raw_scores, greedy)
         b, tol = exp.batch, 0.0
         for model, context, logprobs in ((self.policy, contextlib.nullcontext, b.old_logprobs),
                                          (self.reference, self.reference_context, exp.ref_logprobs)):
@@ -156,6 +156,51 @@ def test_two_processes_give_the_same_update_as_one(tmp_path, monkeypatch, critic
     # the controller's error is clipped in both runs (k1 ≈ -0.40 against the target 0.5): the same float64 step
     assert two_stats["kl_coef"] == one_stats["kl_coef"]
     assert one_stats["kl_coef"] != 0.2  # the controller moved
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_same_critic_free_update_as_one(tmp_path, monkeypatch):
+    """rloo over 4 groups of 2 (each process holds 2 whole groups), the KL in the loss, seq_mean_token_mean,
+    asymmetric and dual clip on (the only minibatch has ratio 1, so they do not bind: the micro-batch test in
+    test_ppo_critic_free covers them), no critic: the same tolerance rule as above for the policy's weights."""
+    import ppo_dp_script
+
+    from rlhfkit.train.ppo_trainer import PPOTrainer
+
+    make_config(tmp_path)
+    terms = {}
+    real_update = PPOTrainer.update
+
+    def update_recording_terms(self, exp):
+        assert self.critic is None
+        history = []
+        terms["policy"] = gradient_terms(self.policy, lambda: history.append(real_update(self, exp)))
+        return history[0]
+
+    monkeypatch.setattr(PPOTrainer, "update", update_recording_terms)
+    ppo_dp_script.main(tmp_path, tmp_path / "one", "none")
+    _launch(2, [str(tmp_path), str(tmp_path / "two"), "none"])
+    one_stats = json.loads((tmp_path / "one" / "stats.json").read_text())
+    two_stats = json.loads((tmp_path / "two" / "stats.json").read_text())
+    assert (one_stats["world_size"], two_stats["world_size"]) == (1, 2)
+    assert not (tmp_path / "one" / "critic.safetensors").exists()
+    one = load_file(str(tmp_path / "one" / "policy.safetensors"))
+    two = load_file(str(tmp_path / "two" / "policy.safetensors"))
+    sft = load_file(str(tmp_path / "sft" / "model.safetensors"))
+    assert one.keys() == two.keys() == terms["policy"].keys()
+    for k in one:
+        grad = 0.5 * (gradient_factor(2) + 2 * (math.ceil(math.log2(32)) + 3) + 1) * EPS32 * terms["policy"][k]
+        assert_within(two[k], one[k], grad + EPS32 * torch.maximum(one[k].abs(), two[k].abs()), k)
+    assert max((one[k] - sft[k]).abs().max().item() for k in sft) > 0.1
+    upd_one, upd_two = one_stats["update"], two_stats["update"]
+    for key in ("policy/approx_kl", "policy/clipfrac", "policy/ratio_mean", "num_tokens"):
+        assert upd_two[key] == upd_one[key], key
+    assert upd_one["loss/kl"] > 0  # the KL acts in the loss (a perturbed policy)
+    for key in ("loss/policy", "loss/kl", "loss/total", "policy/entropy", "policy/grad_norm"):
+        assert upd_two[key] == pytest.approx(upd_one[key], rel=1e-5, abs=1e-7), key
+    assert not [k for k in upd_one if k.startswith("val/")] and "val/mean" not in one_stats["rollout"]
+    for key in ("objective/scores", "objective/scores_used", "response/length_mean"):
+        assert two_stats["rollout"][key] == one_stats["rollout"][key], key
 
 
 @pytest.mark.slow

@@ -80,7 +80,7 @@ def test_a_source_without_statistics_is_an_error_before_anything_is_written(tmp_
 def test_score_norm_reference_is_a_valid_choice_and_needs_no_batch_of_two():
     required = dict(policy="p", reward_model=["rm"], prompts="x.jsonl", output="out")
     assert PPOConfig(**required, score_norm="reference", rollout_batch_size=1).score_norm == "reference"
-    with pytest.raises(RlhfkitError, match="rollout_batch_size >= 2"):
+    with pytest.raises(RlhfkitError, match="rollout_batch_size × samples_per_prompt >= 2"):
         PPOConfig(**required, score_norm="running", rollout_batch_size=1)
     with pytest.raises(RlhfkitError, match="score_norm"):
         PPOConfig(**required, score_norm="references")

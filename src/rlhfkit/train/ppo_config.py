@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from rlhfkit.config import check_choice, check_range
+from rlhfkit.core.masks import LOSS_AGGREGATIONS
 from rlhfkit.errors import RlhfkitError
 
 CRITICS = ("separate", "shared")
@@ -23,6 +24,10 @@ OVERLONG_POLICIES = ("truncate_prompt_left", "drop", "fail")
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 OLD_LOGPROBS = ("recompute", "rollout")
 ROLLOUT_ENGINES = ("hf", "vllm")
+ADVANTAGE_ESTIMATORS = ("gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "remax")
+CRITIC_FREE_ESTIMATORS = ADVANTAGE_ESTIMATORS[1:]  # no critic is built, loaded, trained or saved
+GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")  # baselines from the prompt's k samples
+KL_IN = ("reward", "loss")
 DEFAULT_ITERATIONS = 100
 
 # Fields that may differ between a run and its ``--resume`` (they do not change the computation of the steps
@@ -35,10 +40,11 @@ RESUMABLE_CHANGES = ("resume", "overwrite", "iterations", "total_episodes", "sav
 LENGTH_FREE_SCHEDULERS = ("constant",)
 
 
-def run_length(iterations: int | None, total_episodes: int | None, rollout_batch_size: int) -> int:
-    """Iterations of a run: ``iterations``, or ``ceil(total_episodes / rollout_batch_size)``, or the default."""
+def run_length(iterations: int | None, total_episodes: int | None, episodes_per_iteration: int) -> int:
+    """Iterations of a run: ``iterations``, or ``ceil(total_episodes / episodes_per_iteration)`` (an episode is one
+    response: ``rollout_batch_size × samples_per_prompt`` per iteration), or the default."""
     if total_episodes is not None:
-        return -(-total_episodes // rollout_batch_size)
+        return -(-total_episodes // episodes_per_iteration)
     return iterations if iterations is not None else DEFAULT_ITERATIONS
 
 
@@ -91,7 +97,11 @@ class PPOConfig:
     stop_token_ids: list[int] = field(default_factory=list, metadata=_help(
         "extra stop token ids (the tokenizer's EOS always stops a response)"))
     rollout_batch_size: int = field(default=16, metadata=_help(
-        "prompts (= episodes) per iteration, over all processes; each process samples its share"))
+        "prompts per iteration, over all processes (each process samples its share, whole prompts); a rollout "
+        "holds rollout_batch_size × --samples_per_prompt responses (= episodes)"))
+    samples_per_prompt: int = field(default=1, metadata=_help(
+        "k responses sampled per prompt in one rollout, stored prompt-major (the k responses to a prompt are "
+        "consecutive rows, on one process); the group estimators of --advantage_estimator compare them"))
     rollout_engine: str = field(default="hf", metadata=_help(
         "what samples the responses: 'hf' (rlhfkit's KV-cache sampler on the policy itself) or 'vllm' (a vLLM "
         "engine in the training process, given the policy's weights before every rollout; needs the extra "
@@ -99,7 +109,8 @@ class PPOConfig:
     iterations: Optional[int] = field(default=None, metadata=_help(
         f"PPO iterations (rollout + update); default {DEFAULT_ITERATIONS} unless --total_episodes is given"))
     total_episodes: Optional[int] = field(default=None, metadata=_help(
-        "alternative to --iterations: iterations = ceil(total_episodes / rollout_batch_size)"))
+        "alternative to --iterations: iterations = ceil(total_episodes / (rollout_batch_size × "
+        "samples_per_prompt)), an episode being one response"))
 
     # -- scores -------------------------------------------------------------------------------------------
     missing_stop_penalty: Optional[float] = field(default=None, metadata=_help(
@@ -123,11 +134,25 @@ class PPOConfig:
     adaptive_kl: bool = field(default=False, metadata=_help("adapt β towards --kl_target (Ziegler et al. 2019)"))
     kl_target: float = field(default=6.0, metadata=_help("target KL (nats per response) of the adaptive controller"))
     kl_horizon: float = field(default=10000.0, metadata=_help("horizon (episodes) of the adaptive controller"))
+    kl_in: str = field(default="reward", metadata=_help(
+        "where the KL penalty acts: 'reward' (-kl_coef × KL_t of --kl_estimator in every token's reward) or 'loss' "
+        "(GRPO style: kl_coef × the k3 KL of the current policy against the reference added to the loss, "
+        "aggregated as --loss_aggregation; the rewards then carry no KL); kl_coef=0 turns either off",
+        choices=list(KL_IN)))
 
     # -- advantages ---------------------------------------------------------------------------------------
+    advantage_estimator: str = field(default="gae", metadata=_help(
+        "gae (with a critic), or critic-free (no critic is built, trained or saved): grpo ((s - mean_g) / "
+        "(std_g + 1e-6) over the prompt's k samples), dr_grpo (s - mean_g), rloo (leave-one-out mean baseline, "
+        "k >= 2), reinforce_pp (KL-shaped per-token reward-to-go, whitened over the batch), reinforce_pp_baseline "
+        "(the same from the group-centred score), remax (the score minus that of a greedy response to the same "
+        "prompt: one more greedy rollout per prompt); docs: 'Critic-free estimators'",
+        choices=list(ADVANTAGE_ESTIMATORS)))
     gamma: float = field(default=1.0, metadata=_help("discount γ"))
     gae_lambda: float = field(default=0.95, metadata=_help("GAE λ"))
-    whiten_advantages: bool = field(default=True, metadata=_help("whiten advantages over the whole rollout batch"))
+    whiten_advantages: bool = field(default=True, metadata=_help(
+        "whiten GAE advantages over the whole rollout batch (gae only: reinforce_pp always whitens, the group "
+        "estimators never do)"))
     whiten_rewards: bool = field(default=False, metadata=_help(
         "scale per-token rewards by their std over the batch (mean kept) before GAE"))
 
@@ -137,6 +162,18 @@ class PPOConfig:
     micro_batch_size: int = field(default=4, metadata=_help(
         "rows per forward/backward pass (gradient accumulation within a minibatch; does not change the result)"))
     clip_range: float = field(default=0.2, metadata=_help("PPO ratio clip ε"))
+    clip_range_low: Optional[float] = field(default=None, metadata=_help(
+        "lower ratio clip: the ratio is clipped to [1 - clip_range_low, ...] (default: --clip_range)"))
+    clip_range_high: Optional[float] = field(default=None, metadata=_help(
+        "upper ratio clip: [..., 1 + clip_range_high] (default: --clip_range; > clip_range_low is DAPO's "
+        "clip-higher)"))
+    dual_clip: float = field(default=0.0, metadata=_help(
+        "dual-clip PPO constant c > 1: a token with a negative advantage loses at most c·|A| (0 = off)"))
+    loss_aggregation: str = field(default="token_mean", metadata=_help(
+        "how the policy loss (and the KL loss) reduce over tokens: token_mean (every token of the minibatch "
+        "weighs the same), seq_mean_token_mean (the mean of each response's token mean) or "
+        "seq_mean_token_sum_norm (Dr. GRPO: token sums divided by responses × max_new_tokens)",
+        choices=list(LOSS_AGGREGATIONS)))
     clip_range_value: Optional[float] = field(default=0.2, metadata=_help(
         "value clip around the old values (None = unclipped value loss)"))
     vf_coef: float = field(default=0.1, metadata=_help("value-loss weight"))
@@ -235,8 +272,9 @@ class PPOConfig:
             raise RlhfkitError("missing_stop_penalty must be a finite number")
         check_choice("missing_stop_mode", self.missing_stop_mode, MISSING_STOP_MODES)
         check_choice("score_norm", self.score_norm, SCORE_NORMS)
-        if self.score_norm in ("whiten", "running") and self.rollout_batch_size < 2:
-            raise RlhfkitError(f"score_norm={self.score_norm!r} needs rollout_batch_size >= 2")
+        check_range("samples_per_prompt", self.samples_per_prompt, lo=1)
+        if self.score_norm in ("whiten", "running") and self.rollout_batch_size * self.samples_per_prompt < 2:
+            raise RlhfkitError(f"score_norm={self.score_norm!r} needs rollout_batch_size × samples_per_prompt >= 2")
         check_range("score_clip", self.score_clip, lo=0, lo_open=True, allow_none=True)
         check_range("kl_coef", self.kl_coef, lo=0)
         check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
@@ -244,15 +282,30 @@ class PPOConfig:
             check_range("kl_coef", self.kl_coef, lo=0, lo_open=True)
             check_range("kl_target", self.kl_target, lo=0, lo_open=True)
             check_range("kl_horizon", self.kl_horizon, lo=0, lo_open=True)
+        check_choice("kl_in", self.kl_in, KL_IN)
+        check_choice("advantage_estimator", self.advantage_estimator, ADVANTAGE_ESTIMATORS)
+        check_estimator(self)
         check_range("gamma", self.gamma, lo=0, hi=1)
         check_range("gae_lambda", self.gae_lambda, lo=0, hi=1)
         check_range("ppo_epochs", self.ppo_epochs, lo=1)
         check_range("num_minibatches", self.num_minibatches, lo=1)
         check_range("micro_batch_size", self.micro_batch_size, lo=1)
-        if self.rollout_batch_size % self.num_minibatches:
-            raise RlhfkitError(f"rollout_batch_size ({self.rollout_batch_size}) must be divisible by "
-                               f"num_minibatches ({self.num_minibatches})")
+        if (self.rollout_batch_size * self.samples_per_prompt) % self.num_minibatches:
+            raise RlhfkitError(f"rollout_batch_size × samples_per_prompt ({self.rollout_batch_size} × "
+                               f"{self.samples_per_prompt} responses) must be divisible by num_minibatches "
+                               f"({self.num_minibatches})")
         check_range("clip_range", self.clip_range, lo=0, lo_open=True)
+        check_range("clip_range_low", self.clip_range_low, lo=0, allow_none=True)
+        if self.clip_range_low is not None and self.clip_range_low >= 1:
+            raise RlhfkitError(f"invalid clip_range_low={self.clip_range_low!r}; must be < 1 (the ratio's lower "
+                               "bound 1 - clip_range_low must stay > 0)")
+        check_range("clip_range_high", self.clip_range_high, lo=0, allow_none=True)
+        if self.clip_range_low is None and self.clip_range >= 1:
+            raise RlhfkitError(f"clip_range ({self.clip_range}) is also the lower clip: it must be < 1 unless "
+                               "clip_range_low is given")
+        if self.dual_clip != 0:
+            check_range("dual_clip", self.dual_clip, lo=1, lo_open=True)
+        check_choice("loss_aggregation", self.loss_aggregation, LOSS_AGGREGATIONS)
         check_range("clip_range_value", self.clip_range_value, lo=0, lo_open=True, allow_none=True)
         check_range("vf_coef", self.vf_coef, lo=0)
         check_range("entropy_coef", self.entropy_coef, lo=0)
@@ -284,7 +337,17 @@ class PPOConfig:
     @property
     def num_iterations(self) -> int:
         """Iterations to run (`run_length` of ``iterations``, ``total_episodes``, ``rollout_batch_size``)."""
-        return run_length(self.iterations, self.total_episodes, self.rollout_batch_size)
+        return run_length(self.iterations, self.total_episodes, self.episodes_per_iteration)
+
+    @property
+    def episodes_per_iteration(self) -> int:
+        """Responses per rollout over all processes: ``rollout_batch_size × samples_per_prompt``."""
+        return self.rollout_batch_size * self.samples_per_prompt
+
+    @property
+    def critic_free(self) -> bool:
+        """The advantage estimator needs no critic (none is built, trained, checkpointed or saved)."""
+        return self.advantage_estimator in CRITIC_FREE_ESTIMATORS
 
     @property
     def policy_learning_rate(self) -> float:
@@ -293,6 +356,29 @@ class PPOConfig:
     @property
     def value_learning_rate(self) -> float:
         return self.critic_learning_rate if self.critic_learning_rate is not None else self.learning_rate
+
+
+def check_estimator(cfg: PPOConfig) -> None:
+    """The advantage estimator against ``samples_per_prompt`` and the critic's knobs (which a critic-free
+    estimator would silently ignore)."""
+    est, k = cfg.advantage_estimator, cfg.samples_per_prompt
+    if est == "rloo" and k < 2:
+        raise RlhfkitError(f"samples_per_prompt={k}: advantage_estimator='rloo' needs samples_per_prompt >= 2 (the "
+                           "leave-one-out baseline of a response is the mean score of the other responses to its "
+                           "prompt)")
+    if est in GROUP_ESTIMATORS and k < 2:
+        raise RlhfkitError(f"samples_per_prompt={k}: advantage_estimator={est!r} compares the responses to one "
+                           "prompt; with a single response every advantage is 0. Use samples_per_prompt >= 2")
+    if est == "remax" and cfg.score_norm in ("whiten", "running"):
+        raise RlhfkitError(f"score_norm={cfg.score_norm!r} cannot be combined with advantage_estimator='remax': the "
+                           "greedy baseline's score must be normalised like the samples' and batch statistics would "
+                           "differ; use score_norm none or reference")
+    if est in CRITIC_FREE_ESTIMATORS:
+        for name, default in (("critic", "separate"), ("critic_init", "auto"), ("critic_freeze_layers", 0),
+                              ("critic_learning_rate", None)):
+            if getattr(cfg, name) != default:
+                raise RlhfkitError(f"{name}={getattr(cfg, name)!r} needs advantage_estimator='gae': "
+                                   f"advantage_estimator={est!r} uses no critic; leave {name} at its default")
 
 
 def check_shared_critic(cfg: PPOConfig) -> None:

@@ -4,7 +4,8 @@ weights, optimizers, schedulers, the KL controller and the running score statist
 Checkpoint folder (``OUTPUT/checkpoints/step-NNNNNNNN/``, published atomically by `train.checkpoint`):
 
 - ``policy.safetensors`` / ``critic.safetensors``: the trainable parameters (all of them, or the LoRA adapters;
-  ``critic=shared``: the critic file holds the value head); the frozen rest is the initial model, loaded again
+  ``critic=shared``: the critic file holds the value head; a critic-free ``advantage_estimator``: no critic file,
+  the critic optimizer and schedule None); the frozen rest is the initial model, loaded again
   from ``--policy``;
 - ``optimizers.pt``, ``schedulers.pt``: torch state dicts (loaded with ``weights_only=True``; ``critic=shared``:
   the one optimizer and schedule under ``policy``, ``critic`` None);
@@ -129,7 +130,8 @@ def write_checkpoint(trainer: Any, step: int) -> Path | None:
     if dist.is_main:
         def write(folder: Path) -> None:
             save_file(trainable_state(trainer.policy), str(folder / "policy.safetensors"))
-            save_file(trainable_state(trainer.critic), str(folder / "critic.safetensors"))
+            if trainer.critic is not None:  # a critic-free estimator: no critic file
+                save_file(trainable_state(trainer.critic), str(folder / "critic.safetensors"))
             save_state(folder / "optimizers.pt", {"policy": trainer.policy_optimizer.state_dict(),
                                                   "critic": _state_or_none(trainer.critic_optimizer)})
             save_state(folder / "schedulers.pt", {"policy": trainer.policy_scheduler.state_dict(),
@@ -158,7 +160,8 @@ def _state_or_none(obj: Any) -> dict | None:
 
 def _load_into(obj: Any, state: dict | None, path: Path) -> None:
     if (obj is None) != (state is None):
-        raise RlhfkitError(f"{path}: the checkpoint's critic optimizer / schedule does not match this run's --critic")
+        raise RlhfkitError(f"{path}: the checkpoint's critic optimizer / schedule does not match this run's --critic "
+                           "/ --advantage_estimator")
     if obj is not None:
         obj.load_state_dict(state)
 
@@ -176,7 +179,7 @@ def check_resume_config(cfg: PPOConfig, ckpt: Path) -> None:
         detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed[:6])
         raise RlhfkitError(f"--resume: the configuration differs from the checkpoint's ({detail}); resume with "
                            f"the same settings (only {', '.join(RESUMABLE_CHANGES)} may change)")
-    before = run_length(saved.get("iterations"), saved.get("total_episodes"), cfg.rollout_batch_size)
+    before = run_length(saved.get("iterations"), saved.get("total_episodes"), cfg.episodes_per_iteration)
     if cfg.lr_scheduler not in LENGTH_FREE_SCHEDULERS and before != cfg.num_iterations:
         raise RlhfkitError(
             f"--resume: the run's length changed from {before} iterations ({_length_setting(saved)}) to "
@@ -205,7 +208,8 @@ def read_checkpoint(trainer: Any, ckpt: Path) -> int:
         raise RlhfkitError(f"--resume: the checkpoint was written by {state['num_processes']} processes, this run has "
                            f"{dist.world_size}; resume with the same number of processes")
     load_trainable_state(trainer.policy, ckpt / "policy.safetensors", "policy")
-    load_trainable_state(trainer.critic, ckpt / "critic.safetensors", "critic")
+    if trainer.critic is not None:
+        load_trainable_state(trainer.critic, ckpt / "critic.safetensors", "critic")
     optimizers = load_state(ckpt / "optimizers.pt")
     trainer.policy_optimizer.load_state_dict(optimizers["policy"])
     _load_into(trainer.critic_optimizer, optimizers["critic"], ckpt / "optimizers.pt")
@@ -254,7 +258,7 @@ def truncate_jsonl(path: Path, last_step: int) -> None:
 
 def save_final(trainer: Any) -> None:
     """Write ``OUTPUT/policy`` (plain HF causal LM, LoRA merged) and ``OUTPUT/critic`` (``critic=shared``:
-    ``OUTPUT/value_head.safetensors``, `models.value_head`), each atomically."""
+    ``OUTPUT/value_head.safetensors``, `models.value_head`; a critic-free estimator: nothing), each atomically."""
     from rlhfkit.models.adapters import has_lora, merge_lora_for_save
     from rlhfkit.models.value_head import VALUE_HEAD_FILE
 
@@ -265,7 +269,9 @@ def save_final(trainer: Any) -> None:
     with atomic_dir(trainer.output / "policy") as tmp:
         policy.save_pretrained(tmp, safe_serialization=True)
         trainer.tokenizer.save_pretrained(tmp)
-    if trainer.shared_critic:
+    if trainer.critic is None:
+        pass  # a critic-free estimator: the policy is the whole result
+    elif trainer.shared_critic:
         final = trainer.output / VALUE_HEAD_FILE
         tmp_file = final.with_name(f".{final.name}.tmp-{os.getpid()}")
         trainer.critic.save(tmp_file)

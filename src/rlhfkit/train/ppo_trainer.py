@@ -2,20 +2,27 @@
 
 One iteration, as numbered steps (each a call into ``rollout/``, ``core/`` or ``train/ppo_update.py``):
 
-1. rollout: sample responses to this process's share of the next ``rollout_batch_size`` prompts;
+1. rollout: sample ``samples_per_prompt`` = k responses to each prompt of this process's share of the next
+   ``rollout_batch_size`` prompts (prompt-major: rows p·k … p·k + k - 1 answer prompt p, whole groups per process);
 2. score: reward sources on prompt + response text (with ``score_norm=reference`` each reward model applies its
    stored statistics first); missing-stop penalty; batch normalisation; clipping;
 3. forward passes without gradients over the first epoch's micro-batches: old log-probs (policy; or the
    sampler's with ``old_logprobs=rollout``), reference log-probs (the initial policy, or the same weights with
    LoRA adapters off), old values (critic; with ``critic=shared`` from the policy's own pass), the frozen lower
    blocks once for all of them and the update (`ppo_trunk`); per-token rewards by `core.rewards.shape_rewards`;
-4. advantages and returns by `core.advantages.gae` (rewards / advantages whitened over the global batch);
+4. advantages (and returns) by ``advantage_estimator`` (`ppo_advantages.estimate_advantages`: GAE with the critic,
+   or a critic-free estimator of `core.advantages`);
 5. update: ppo_epochs × minibatches × micro-batches (`ppo_update.ppo_update`), then the LR schedules step;
 6. statistics (namespaced metrics, see ``docs/``) to ``metrics.jsonl`` + TensorBoard, a sample table every
    ``sample_table_every`` iterations, and the KL controller update;
 7. a checkpoint every ``save_every`` iterations and after the last one (none with ``save_every=0``); at the end
    ``OUTPUT/policy`` (a plain Hugging Face causal LM, LoRA merged) and ``OUTPUT/critic`` (``critic=shared``:
    ``OUTPUT/value_head.safetensors``).
+
+A critic-free ``advantage_estimator`` (grpo, dr_grpo, rloo, reinforce_pp, reinforce_pp_baseline, remax; remax also
+samples and scores one greedy response per prompt in step 1, `greedy_scores`, its baseline): no critic is
+built or loaded (``self.critic`` None), trained, checkpointed or saved (no ``OUTPUT/critic``), and no value loss.
+``kl_in=loss``: the rewards carry no KL; the update adds ``kl_coef`` × the k3 KL against the reference log-probs.
 
 ``critic=shared``: the critic is a `models.value_head.ValueHead` on the policy's last hidden state instead of a
 model of its own; `ppo_update` then runs one forward per micro-batch for log-probs and values, and one optimizer
@@ -34,7 +41,7 @@ import copy
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -42,7 +49,6 @@ import torch
 from transformers import get_scheduler
 
 from rlhfkit.config import save_config
-from rlhfkit.core.advantages import gae
 from rlhfkit.core.kl_control import make_kl_controller
 from rlhfkit.core.rewards import (RunningMoments, ShapedRewards, clip_scores, missing_stop_penalty, shape_rewards,
                                   whiten_scores)
@@ -57,10 +63,11 @@ from rlhfkit.rollout.sampling import GenerationConfig, Rollout, sample
 from rlhfkit.rollout.scoring import load_reward
 from rlhfkit.train import ppo_state
 from rlhfkit.train.checkpoint import checkpoint_step, require_latest_checkpoint
+from rlhfkit.train.ppo_advantages import estimate_advantages
 from rlhfkit.train.ppo_config import PPOConfig
 from rlhfkit.train.ppo_trunk import TrunkSharing
-from rlhfkit.train.ppo_update import (Dist, UpdateBatch, UpdateSettings, draw_plan, global_whiten, mean_stats,
-                                      micro_batches, pad_columns, ppo_update, rollout_forward, rollout_stats)
+from rlhfkit.train.ppo_update import (Dist, UpdateBatch, UpdateSettings, draw_plan, mean_stats, micro_batches,
+                                      pad_columns, ppo_update, rollout_forward, rollout_stats)
 from rlhfkit.utils import MetricsLogger, progress, set_seed, warn_if_slow_bf16
 
 CONFIG = PPOConfig
@@ -116,10 +123,17 @@ class PPOTrainer:
             warn_if_slow_bf16(cfg.bf16, self.device, "ppo --bf16")
         self.num_iterations = cfg.num_iterations
         world = self.dist.world_size
-        if cfg.rollout_batch_size % world or (cfg.rollout_batch_size // world) % cfg.num_minibatches:
-            raise RlhfkitError(f"rollout_batch_size ({cfg.rollout_batch_size}) must be a multiple of the number of "
-                               f"processes ({world}) × num_minibatches ({cfg.num_minibatches})")
-        self.local_batch_size = cfg.rollout_batch_size // world
+        # rollout_batch_size counts prompts: each process takes whole prompts, so whole groups of k responses
+        k = cfg.samples_per_prompt
+        if cfg.rollout_batch_size % world:
+            raise RlhfkitError(f"rollout_batch_size ({cfg.rollout_batch_size} prompts) must be a multiple of the number "
+                               f"of processes ({world}): each process holds the k={k} responses of whole prompts")
+        self.local_prompts = cfg.rollout_batch_size // world
+        self.local_batch_size = self.local_prompts * k  # rows (responses) of this process
+        if self.local_batch_size % cfg.num_minibatches:
+            raise RlhfkitError(f"each process holds {self.local_prompts} prompts × samples_per_prompt {k} = "
+                               f"{self.local_batch_size} responses, not divisible by num_minibatches "
+                               f"({cfg.num_minibatches}); change rollout_batch_size or num_minibatches")
         set_seed(cfg.seed)  # LoRA weights (a new value head starts at zero: no random draw)
 
         # data
@@ -145,9 +159,12 @@ class PPOTrainer:
         if cfg.freeze_layers:
             freeze_lower_layers(self.policy, cfg.freeze_layers)
         self.policy.eval()
-        self.shared_critic = cfg.critic == "shared"
-        if self.shared_critic:  # a zero value head on the policy's trunk (no random draw)
-            self.critic: torch.nn.Module = ValueHead.for_model(self.policy).eval()
+        self.shared_critic = cfg.critic == "shared" and not cfg.critic_free
+        self.critic: torch.nn.Module | None = None  # a critic-free estimator: no critic at all
+        if cfg.critic_free:
+            pass
+        elif self.shared_critic:  # a zero value head on the policy's trunk (no random draw)
+            self.critic = ValueHead.for_model(self.policy).eval()
         else:
             self.critic = load_critic(self._critic_source(), tokenizer=self.tokenizer).to(self.device).eval()
             self.critic.requires_grad_(True)
@@ -171,13 +188,17 @@ class PPOTrainer:
         self.update_settings = UpdateSettings(
             clip_range=cfg.clip_range, clip_range_value=cfg.clip_range_value, vf_coef=cfg.vf_coef,
             entropy_coef=cfg.entropy_coef, temperature=cfg.temperature, micro_batch_size=cfg.micro_batch_size,
-            max_grad_norm=cfg.max_grad_norm, target_kl=cfg.target_kl, autocast_dtype=self.autocast_dtype)
+            max_grad_norm=cfg.max_grad_norm, target_kl=cfg.target_kl, autocast_dtype=self.autocast_dtype,
+            clip_range_low=cfg.clip_range_low, clip_range_high=cfg.clip_range_high,
+            dual_clip=cfg.dual_clip or None, loss_aggregation=cfg.loss_aggregation, max_length=cfg.max_new_tokens)
         self.engine = self._rollout_engine()
 
         # optimisation state (critic=shared: one optimizer and schedule, the value head its second param group)
         self.critic_optimizer: torch.optim.Optimizer | None = None
         self.critic_scheduler: Any = None
-        if self.shared_critic:
+        if self.critic is None:
+            self.policy_optimizer = self._optimizer((self.policy, cfg.learning_rate))
+        elif self.shared_critic:
             self.policy_optimizer = self._optimizer((self.policy, cfg.learning_rate),
                                                     (self.critic, cfg.value_learning_rate))
         else:
@@ -250,11 +271,12 @@ class PPOTrainer:
 
     # -- step 1: rollout -------------------------------------------------------------------------------
     def rollout(self) -> tuple[Rollout, list[int]]:
-        """Sample responses to this process's share of the next global prompt batch (with ``rollout_engine=vllm``
-        the engine first gets the policy's current weights: after the last update, or those of a resumed run)."""
+        """Sample ``samples_per_prompt`` responses to each prompt of this process's share of the next global prompt
+        batch, prompt-major; returns the rollout and each row's prompt index (with ``rollout_engine=vllm`` the
+        engine first gets the policy's current weights: after the last update, or those of a resumed run)."""
         indices = self.sampler.next_batch(self.cfg.rollout_batch_size)
-        rank, n = self.dist.rank, self.local_batch_size
-        local = indices[rank * n:(rank + 1) * n]
+        rank, n, k = self.dist.rank, self.local_prompts, self.cfg.samples_per_prompt
+        local = [i for i in indices[rank * n:(rank + 1) * n] for _ in range(k)]
         query_ids, query_mask = left_pad([self.prompt_ids[i] for i in local], self.tokenizer.pad_token_id)
         if self.engine is not None:
             self.engine.sync_weights(self.policy)
@@ -263,6 +285,19 @@ class PPOTrainer:
                          generator=self.sampling_generator, tokenizer=self.tokenizer,
                          autocast_dtype=self.autocast_dtype)
         return rollout, local
+
+    def greedy_scores(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+        """``remax``: the raw scores and stop flags (B / k,) of one greedy (temperature 0) response to each prompt
+        of the rollout (its rows p·k, prompt-major), sampled by the same engine, scored by the same sources."""
+        k = self.cfg.samples_per_prompt
+        query_ids, query_mask = rollout.query_ids[::k], rollout.query_mask[::k]
+        greedy = replace(self.generation, temperature=0.0)
+        if self.engine is not None:
+            out = self.engine.sample(query_ids, query_mask, greedy, None)
+        else:
+            out = sample(self.policy, query_ids.to(self.device), query_mask.to(self.device), greedy,
+                         tokenizer=self.tokenizer, autocast_dtype=self.autocast_dtype)
+        return self.raw_scores(out)[0], out.stopped
 
     # -- step 2: score ---------------------------------------------------------------------------------
     def raw_scores(self, rollout: Rollout) -> tuple[torch.Tensor, list[str], list[str]]:
@@ -299,9 +334,13 @@ class PPOTrainer:
         return scores
 
     # -- steps 2-4 -------------------------------------------------------------------------------------
-    def prepare(self, rollout: Rollout, raw_scores: torch.Tensor) -> Experience:
+    def prepare(self, rollout: Rollout, raw_scores: torch.Tensor,
+                greedy: tuple[torch.Tensor, torch.Tensor] | None = None) -> Experience:
         """Steps 2 (score processing), 3 (no-grad forward passes, shaped rewards) and 4 (advantages) on a rollout
-        and its raw scores. Public so that a test can inject a fixed rollout."""
+        and its raw scores (``remax``: ``greedy`` = the raw scores and stop flags of its prompts' greedy responses,
+        processed like the samples':
+        missing-stop penalty, ``score_norm`` none or reference, clipping). Public so that a test can inject a fixed
+        rollout."""
         cfg, dist = self.cfg, self.dist
         # responses padded to the global longest, so that statistics can gather (B, T) tensors
         T = dist.max_int(rollout.response_ids.shape[1])
@@ -317,6 +356,9 @@ class PPOTrainer:
 
         # 2. scores: penalty, normalisation, clipping
         scores = self.process_scores(raw_scores, stopped)
+        greedy_scores = None
+        if greedy is not None:
+            greedy_scores = self.process_scores(greedy[0].to(self.device, torch.float32), greedy[1].to(self.device))
 
         # 3. no-grad forward passes over the first epoch's micro-batches, then the KL-shaped rewards
         start = time.perf_counter()
@@ -331,39 +373,47 @@ class PPOTrainer:
         old_logprobs = fwd.old_logprobs if recompute else torch.where(
             response_mask, rollout_logprobs.to(fwd.ref_logprobs.dtype), 0.0)
         kl_coef = self.kl_controller.value
-        shaped = shape_rewards(scores, old_logprobs, fwd.ref_logprobs, response_mask, kl_coef,
-                               cfg.kl_estimator, fwd.logits, fwd.ref_logits, cfg.temperature)
+        reward_kl_coef = kl_coef if cfg.kl_in == "reward" else 0.0  # kl_in=loss: the KL acts in the update
 
-        # 4. advantages and returns
-        rewards = shaped.rewards
-        if cfg.whiten_rewards:
-            rewards = global_whiten(rewards, response_mask, dist, shift_mean=False)
-        advantages, returns = gae(rewards, fwd.old_values, response_mask, cfg.gamma, cfg.gae_lambda)
-        if cfg.whiten_advantages:
-            advantages = global_whiten(advantages, response_mask, dist)
+        def shape(s: torch.Tensor) -> ShapedRewards:
+            return shape_rewards(s, old_logprobs, fwd.ref_logprobs, response_mask, reward_kl_coef,
+                                 cfg.kl_estimator, fwd.logits, fwd.ref_logits, cfg.temperature)
+
+        shaped = shape(scores)
+
+        # 4. advantages (and returns with the critic)
+        advantages, returns = estimate_advantages(cfg, shaped.rewards, scores, lambda s: shape(s).rewards,
+                                                  fwd.old_values, response_mask, dist, greedy_scores)
         batch = UpdateBatch(query_ids, query_mask, response_ids, response_mask, old_logprobs, fwd.old_values,
-                            advantages, returns, trunks=fwd.trunks)
+                            advantages, returns, trunks=fwd.trunks,
+                            ref_logprobs=fwd.ref_logprobs if cfg.kl_in == "loss" else None)
         return Experience(batch, plan, fwd.ref_logprobs, rollout_logprobs, stopped, raw_scores, scores, shaped,
                           kl_coef, time.perf_counter() - start)
 
     # -- step 5 ----------------------------------------------------------------------------------------
     def update(self, exp: Experience) -> list[dict[str, float]]:
-        """The PPO update on a prepared batch, then one step of the learning-rate schedules."""
+        """The PPO update on a prepared batch (``kl_in=loss``: with the rollout's ``kl_coef`` on the KL loss), then
+        one step of the learning-rate schedules."""
+        settings = self.update_settings
+        if self.cfg.kl_in == "loss":
+            settings = replace(settings, kl_loss_coef=exp.kl_coef)
         history = ppo_update(self.policy, self.critic, self.policy_optimizer, self.critic_optimizer, exp.batch,
-                             exp.plan, self.update_settings, self.dist)
+                             exp.plan, settings, self.dist)
         self.policy_scheduler.step()
         if self.critic_scheduler is not None:
             self.critic_scheduler.step()
         return history
 
-    def learn(self, rollout: Rollout, raw_scores: torch.Tensor) -> tuple[dict[str, float], list[dict[str, float]]]:
+    def learn(self, rollout: Rollout, raw_scores: torch.Tensor,
+              greedy: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[dict[str, float], list[dict[str, float]]]:
         """Steps 2-5, the rollout statistics and the KL controller update (step 6, fed ``objective/kl``: the k1
         estimate of the sequence KL, whatever ``kl_estimator`` shapes the rewards); returns (stats, per-minibatch
-        stats)."""
-        exp = self.prepare(rollout, raw_scores)
-        critic_lr = self.policy_scheduler.get_last_lr()[1] if self.shared_critic else \
-            self.critic_scheduler.get_last_lr()[0]  # critic=shared: the value head's param group
-        lrs = {"train/lr": self.policy_scheduler.get_last_lr()[0], "train/critic_lr": critic_lr}
+        stats). ``greedy``: `prepare`'s (``remax``)."""
+        exp = self.prepare(rollout, raw_scores, greedy)
+        lrs = {"train/lr": self.policy_scheduler.get_last_lr()[0]}
+        if self.critic is not None:  # critic=shared: the value head's param group
+            lrs["train/critic_lr"] = self.policy_scheduler.get_last_lr()[1] if self.shared_critic else \
+                self.critic_scheduler.get_last_lr()[0]
         start = time.perf_counter()
         history = self.update(exp)
         t_update = time.perf_counter() - start
@@ -372,7 +422,7 @@ class PPOTrainer:
                               kl_coef=exp.kl_coef, old_logprobs=b.old_logprobs, ref_logprobs=exp.ref_logprobs,
                               rollout_logprobs=exp.rollout_logprobs, old_values=b.old_values, returns=b.returns,
                               response_mask=b.response_mask, stopped=exp.stopped)
-        self.kl_controller.update(stats["objective/kl"], self.cfg.rollout_batch_size)
+        self.kl_controller.update(stats["objective/kl"], self.cfg.episodes_per_iteration)
         stats.update(mean_stats(history))
         stats.update(lrs)
         stats.update({"time/forward": exp.time_forward, "time/update": t_update})
@@ -384,19 +434,22 @@ class PPOTrainer:
         cfg = self.cfg
         start = time.perf_counter()
         rollout, _ = self.rollout()
+        # remax: the greedy baseline responses (sampled before the update, by the same policy) and their scores
+        greedy = self.greedy_scores(rollout) if cfg.advantage_estimator == "remax" else None
         t_rollout = time.perf_counter() - start
         t0 = time.perf_counter()
         raw_scores, prompts, responses = self.raw_scores(rollout)
         t_score = time.perf_counter() - t0
-        stats, history = self.learn(rollout, raw_scores)
+        stats, history = self.learn(rollout, raw_scores, greedy)
         stats.update(self.monitor_stats(rollout, prompts, responses))
         # 6. statistics (the KL controller was updated in `learn`)
         elapsed = time.perf_counter() - start
-        tokens = stats["response/length_mean"] * cfg.rollout_batch_size
-        stats.update({"train/episodes": float(step * cfg.rollout_batch_size), "time/rollout": t_rollout,
+        episodes = cfg.episodes_per_iteration
+        tokens = stats["response/length_mean"] * episodes
+        stats.update({"train/episodes": float(step * episodes), "time/rollout": t_rollout,
                       "time/score": t_score, "time/iteration": elapsed,
                       "throughput/tokens_per_s": tokens / elapsed,
-                      "throughput/episodes_per_s": cfg.rollout_batch_size / elapsed})
+                      "throughput/episodes_per_s": episodes / elapsed})
         samples = []
         if cfg.sample_table_every and step % cfg.sample_table_every == 0:
             samples = [{"step": step, "prompt": p, "response": r, "score": float(s), "stopped": bool(st)}

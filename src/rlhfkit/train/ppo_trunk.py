@@ -149,11 +149,12 @@ def shared_depth(a: nn.Module, b: nn.Module, limit: int) -> int:
     return depth
 
 
-def plan_trunks(policy: nn.Module, reference: nn.Module, critic: nn.Module, policy_layers: int,
+def plan_trunks(policy: nn.Module, reference: nn.Module, critic: nn.Module | None, policy_layers: int,
                 critic_layers: int) -> TrunkPlan:
     """The `TrunkPlan` for these models with ``freeze_layers = policy_layers`` and ``critic_freeze_layers =
     critic_layers`` (the module docstring says when each part applies)."""
-    decoder, critic_decoder = trunk_decoder(policy), trunk_decoder(critic)
+    decoder = trunk_decoder(policy)
+    critic_decoder = trunk_decoder(critic) if critic is not None else None  # None: a critic-free estimator
     k = policy_layers if decoder is not None and 0 < policy_layers <= num_blocks(decoder) else 0
     if k and not _frozen(decoder, k):
         k = 0
@@ -181,7 +182,7 @@ class TrunkSharing:
         parts: list[Any] = [id(policy), id(reference), id(critic)]
         for model, layers in ((policy, self.policy_layers), (reference, self.policy_layers),
                               (critic, self.critic_layers)):
-            decoder = trunk_decoder(model)
+            decoder = trunk_decoder(model) if model is not None else None
             parts.append(None if decoder is None else id(decoder))
             if decoder is not None:
                 modules = embedding_and_blocks(decoder, min(layers, num_blocks(decoder)))

@@ -31,9 +31,10 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
-from rlhfkit.core.kl import kl_k1
-from rlhfkit.core.losses import entropy_bonus, explained_variance, ppo_policy_loss, ppo_total_loss, ppo_value_loss
-from rlhfkit.core.masks import masked_mean, masked_sum, masked_var, masked_whiten
+from rlhfkit.core.kl import kl_k1, kl_loss
+from rlhfkit.core.losses import (ValueStats, entropy_bonus, explained_variance, ppo_policy_loss, ppo_total_loss,
+                                 ppo_value_loss)
+from rlhfkit.core.masks import aggregation_count, masked_mean, masked_sum, masked_var, masked_whiten
 from rlhfkit.core.rewards import ShapedRewards
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.models.trunk import Trunk
@@ -171,32 +172,36 @@ def micro_batches(rows: Sequence[int], micro_batch_size: int) -> list[list[int]]
 # ----------------------------------------------------------------------------------------------------------
 # Step 3: rollout-time forward passes
 # ----------------------------------------------------------------------------------------------------------
-def policy_and_values(policy: nn.Module, critic: nn.Module, args: tuple[torch.Tensor, ...],
+def policy_and_values(policy: nn.Module, critic: nn.Module | None, args: tuple[torch.Tensor, ...],
                       policy_trunk: Trunk | None = None, critic_trunk: Trunk | None = None, policy_pass: bool = True,
                       autocast_dtype: torch.dtype | None = None,
-                      **kwargs: Any) -> tuple[PolicyForward | None, torch.Tensor]:
+                      **kwargs: Any) -> tuple[PolicyForward | None, torch.Tensor | None]:
     """The policy's `policy_forward` (None with ``policy_pass=False``) and the values (B, T) of a micro-batch
     ``args = (query_ids, query_mask, response_ids, response_mask)``.
 
     ``critic`` a `ValueHead` (``critic=shared``): ONE forward of the policy gives both (`policy_value_forward`;
     it runs even with ``policy_pass=False``, the values need it). Else the policy's pass and the critic model's
-    own pass (`critic_forward`), each from its trunk. ``kwargs`` go to `policy_forward`."""
+    own pass (`critic_forward`), each from its trunk; ``critic=None`` (a critic-free estimator): no values (None).
+    ``kwargs`` go to `policy_forward`."""
     if isinstance(critic, ValueHead):
         out, values = policy_value_forward(policy, critic, *args, autocast_dtype=autocast_dtype, trunk=policy_trunk,
                                            **kwargs)
         return (out if policy_pass else None), values
     out = policy_forward(policy, *args, autocast_dtype=autocast_dtype, trunk=policy_trunk, **kwargs) \
         if policy_pass else None
+    if critic is None:
+        return out, None
     return out, critic_forward(critic, *args, autocast_dtype=autocast_dtype, trunk=critic_trunk)
 
 
 class RolloutForward(NamedTuple):
-    """(B, T) old log-probs (None without the policy pass), reference log-probs and old values; (B, T, V) logits
+    """(B, T) old log-probs (None without the policy pass), reference log-probs and old values (None without a
+    critic); (B, T, V) logits
     for the ``full`` KL; the trunks the update reuses (None when the plan holds none)."""
 
     old_logprobs: torch.Tensor | None
     ref_logprobs: torch.Tensor
-    old_values: torch.Tensor
+    old_values: torch.Tensor | None
     logits: torch.Tensor | None
     ref_logits: torch.Tensor | None
     trunks: TrunkStates | None = None
@@ -206,7 +211,7 @@ def rollout_forward(
     policy: nn.Module,
     reference: nn.Module,
     reference_context: Callable[[], contextlib.AbstractContextManager],
-    critic: nn.Module,
+    critic: nn.Module | None,
     query_ids: torch.Tensor,
     query_mask: torch.Tensor,
     response_ids: torch.Tensor,
@@ -245,14 +250,16 @@ def rollout_forward(
             logits = (tb.restore(pf.logits) if pf is not None else None, tb.restore(rf.logits)) if with_logits \
                 else (None, None)
             parts.append((rows, tb.restore(pf.logprobs) if pf is not None else None, tb.restore(rf.logprobs),
-                          tb.restore(values), *logits))
+                          tb.restore(values) if values is not None else None, *logits))
     # outside inference mode: fresh normal tensors, usable in autograd-recording ops later
     device = response_ids.device
     outputs: list[torch.Tensor | None] = []
     for k in range(5):
         first = parts[0][k + 1] if parts else None
-        if first is None:  # logits unless requested, old log-probs without the policy pass; else no rows at all
-            outputs.append(None if k >= 3 or (k == 0 and not policy_pass) else torch.zeros(B, T, device=device))
+        if first is None:  # logits unless requested, old log-probs without the policy pass, values without a
+            # critic; else no rows at all
+            absent = k >= 3 or (k == 0 and not policy_pass) or (k == 2 and critic is None)
+            outputs.append(None if absent else torch.zeros(B, T, device=device))
             continue
         full = torch.zeros(B, *first.shape[1:], dtype=first.dtype, device=device)
         for part in parts:
@@ -272,17 +279,20 @@ def rollout_forward(
 @dataclass
 class UpdateBatch:
     """This process's rollout rows with everything the update needs; all (B, P) / (B, T); ``trunks``: the frozen
-    trunks of the rows (`train.ppo_trunk`), which the update's forwards run from (None: the plain path)."""
+    trunks of the rows (`train.ppo_trunk`), which the update's forwards run from (None: the plain path).
+    ``old_values`` and ``returns`` are None without a critic (a critic-free estimator); ``ref_logprobs`` is needed
+    only with the KL in the loss (``UpdateSettings.kl_loss_coef``)."""
 
     query_ids: torch.Tensor
     query_mask: torch.Tensor
     response_ids: torch.Tensor
     response_mask: torch.Tensor
     old_logprobs: torch.Tensor
-    old_values: torch.Tensor
+    old_values: torch.Tensor | None
     advantages: torch.Tensor
-    returns: torch.Tensor
+    returns: torch.Tensor | None
     trunks: TrunkStates | None = None
+    ref_logprobs: torch.Tensor | None = None
 
 
 @dataclass
@@ -298,13 +308,29 @@ class UpdateSettings:
     max_grad_norm: float | None = None
     target_kl: float | None = None
     autocast_dtype: torch.dtype | None = None
+    clip_range_low: float | None = None
+    clip_range_high: float | None = None
+    dual_clip: float | None = None
+    loss_aggregation: str = "token_mean"
+    max_length: int | None = None  # seq_mean_token_sum_norm's constant (max_new_tokens)
+    kl_loss_coef: float | None = None  # the KL in the loss (k3 against ``UpdateBatch.ref_logprobs``); None: off
+
+    def normalisers(self, num_tokens: torch.Tensor, num_sequences: torch.Tensor) -> dict[str, Any]:
+        """The keyword normalisers of `core.masks.aggregate_token_losses` for ``loss_aggregation``, given the
+        minibatch's global token and sequence counts."""
+        if self.loss_aggregation == "token_mean":
+            return {"num_tokens": num_tokens}
+        if self.loss_aggregation == "seq_mean_token_mean":
+            return {"num_sequences": num_sequences}
+        return {"num_sequences": num_sequences, "max_length": self.max_length}
 
 
 # per-minibatch statistics: token-weighted sums over micro-batches and processes, divided by the token count
 _WEIGHTED = ("policy/approx_kl", "policy/clipfrac", "policy/ratio_mean", "policy/ratio_var", "val/clipfrac",
-             "val/error", "val/value_mean")
+             "val/error", "val/value_mean", "policy/dual_clipfrac")
 # already divided by the global token count: summing over micro-batches and processes gives the minibatch value
-_SUMMED = ("policy/entropy", "loss/policy", "loss/value", "loss/entropy", "loss/total")
+_SUMMED = ("policy/entropy", "loss/policy", "loss/value", "loss/entropy", "loss/total", "loss/kl")
+_CRITIC_STATS = ("val/clipfrac", "val/error", "val/value_mean", "loss/value", "val/grad_norm")  # none without one
 
 
 def _trainable(model: nn.Module) -> list[nn.Parameter]:
@@ -333,10 +359,13 @@ def _clip_grads(policy_params: list[nn.Parameter], critic_params: list[nn.Parame
     return p_norm, v_norm
 
 
-def _micro_batch_loss(policy: nn.Module, critic: nn.Module, batch: UpdateBatch, rows: list[int],
-                      num_tokens: torch.Tensor, settings: UpdateSettings) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The loss of one (trimmed) micro-batch, its token losses divided by the minibatch's global ``num_tokens``,
-    and its statistics (``_WEIGHTED`` × the micro-batch's token count, then ``_SUMMED``); None without tokens."""
+def _micro_batch_loss(policy: nn.Module, critic: nn.Module | None, batch: UpdateBatch, rows: list[int],
+                      num_tokens: torch.Tensor, settings: UpdateSettings,
+                      num_sequences: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The loss of one (trimmed) micro-batch, its token losses divided by the minibatch's global ``num_tokens``
+    (the policy and KL losses: the normalisers of ``settings.loss_aggregation``, with the minibatch's global
+    ``num_sequences``), and its statistics (``_WEIGHTED`` × the micro-batch's token count, then ``_SUMMED``); None
+    without tokens. ``critic=None``: no value loss (its statistics are 0)."""
     idx = torch.tensor(rows, dtype=torch.long, device=batch.response_ids.device)
     tb = trim_batch(batch.query_ids[idx], batch.query_mask[idx], batch.response_ids[idx], batch.response_mask[idx])
     args, t, mask = (tb.query_ids, tb.query_mask, tb.response_ids, tb.response_mask), tb.response_end, tb.response_mask
@@ -349,24 +378,35 @@ def _micro_batch_loss(policy: nn.Module, critic: nn.Module, batch: UpdateBatch, 
     out, values = policy_and_values(policy, critic, args, policy_trunk, critic_trunk,
                                     temperature=settings.temperature, with_entropy=True,
                                     autocast_dtype=settings.autocast_dtype)
+    agg = dict(aggregation=settings.loss_aggregation, **settings.normalisers(num_tokens, num_sequences))
     p_loss, p_stats = ppo_policy_loss(out.logprobs, batch.old_logprobs[idx, :t], batch.advantages[idx, :t], mask,
-                                      settings.clip_range, num_tokens)
-    v_loss, v_stats = ppo_value_loss(values, batch.old_values[idx, :t], batch.returns[idx, :t], mask,
-                                     settings.clip_range_value, num_tokens)
+                                      settings.clip_range, clip_range_low=settings.clip_range_low,
+                                      clip_range_high=settings.clip_range_high, dual_clip=settings.dual_clip, **agg)
+    v_loss, v_stats = None, None
+    if critic is not None:
+        v_loss, v_stats = ppo_value_loss(values, batch.old_values[idx, :t], batch.returns[idx, :t], mask,
+                                         settings.clip_range_value, num_tokens)
+    k_loss = None
+    if settings.kl_loss_coef is not None:
+        k_loss = kl_loss(out.logprobs, batch.ref_logprobs[idx, :t], mask, "k3", **agg)
     entropy = out.entropy if with_entropy else out.entropy.detach()  # without the bonus: statistics only
     ent = entropy_bonus(entropy, mask, num_tokens)
-    loss = ppo_total_loss(p_loss, v_loss, ent, settings.vf_coef, settings.entropy_coef)
+    loss = ppo_total_loss(p_loss, v_loss, ent, settings.vf_coef, settings.entropy_coef, k_loss,
+                          settings.kl_loss_coef or 0.0)
     with torch.no_grad():
+        none = torch.zeros((), dtype=torch.float64, device=loss.device)
+        v_stats = v_stats or ValueStats(none, none, none, none)
         weighted = [p_stats.approx_kl, p_stats.clipfrac, p_stats.ratio_mean, p_stats.ratio_var, v_stats.clipfrac,
-                    v_stats.error, v_stats.value_mean]
-        summed = [ent, p_loss, v_loss, -settings.entropy_coef * ent, loss]
+                    v_stats.error, v_stats.value_mean, p_stats.dual_clipfrac]
+        summed = [ent, p_loss, none if v_loss is None else v_loss, -settings.entropy_coef * ent, loss,
+                  none if k_loss is None else k_loss]
         stats = torch.stack([w.double() * n_local for w in weighted] + [x.detach().double() for x in summed])
     return loss, stats
 
 
 def ppo_update(
     policy: nn.Module,
-    critic: nn.Module,
+    critic: nn.Module | None,
     policy_optimizer: torch.optim.Optimizer,
     critic_optimizer: torch.optim.Optimizer | None,
     batch: UpdateBatch,
@@ -381,6 +421,10 @@ def ppo_update(
     are summed over processes, each model's gradient norm is clipped to ``max_grad_norm``, both optimizers step.
     ``critic_optimizer=None`` (``critic=shared``: ``critic`` is a `ValueHead` whose parameters ``policy_optimizer``
     also holds): one norm over policy and head is clipped (`_clip_grads`) and the one optimizer steps.
+    ``critic=None`` (a critic-free estimator, no critic optimizer): no value loss, and no ``val/*`` /
+    ``loss/value`` statistics. The policy and KL losses are reduced by ``settings.loss_aggregation`` with the
+    minibatch's global counts (`core.masks.aggregation_count` summed over micro-batches and processes), so the
+    accumulated gradient is the whole minibatch's in every mode; ``loss/kl`` is 0 unless the KL is in the loss.
     A non-finite loss or gradient norm raises `RlhfkitError` before any optimizer step (gradients are cleared, so
     parameters and optimizer states are untouched). With ``target_kl``, a minibatch whose approx-KL exceeds it
     is not applied (its stats have ``applied = 0``) and the update ends. Both models stay in eval mode (dropout
@@ -388,13 +432,16 @@ def ppo_update(
     the minibatch (``ratio_var`` is the token-weighted mean of the micro-batch variances); each dict also holds
     ``epoch``, ``minibatch``, ``num_tokens`` and ``applied``.
     """
-    policy_params, critic_params = _trainable(policy), _trainable(critic)
+    policy_params, critic_params = _trainable(policy), (_trainable(critic) if critic is not None else [])
+    dropped = _CRITIC_STATS if critic is None else ()
     history: list[dict[str, float]] = []
     device = batch.response_ids.device
     for epoch, minibatches in enumerate(plan):
         for mb_index, rows in enumerate(minibatches):
             idx_all = torch.tensor(rows, dtype=torch.long, device=device)
-            num_tokens = dist.sum(batch.response_mask[idx_all].sum().to(torch.float64))
+            mb_mask = batch.response_mask[idx_all]
+            num_tokens = dist.sum(mb_mask.sum().to(torch.float64))
+            num_sequences = dist.sum(aggregation_count(mb_mask, "seq_mean_token_mean").to(torch.float64))
             n_global = float(num_tokens.item())
             if n_global == 0:
                 raise RlhfkitError("a minibatch holds no response token (all responses empty)")
@@ -402,7 +449,7 @@ def ppo_update(
             finite = True
             _zero(policy_optimizer, critic_optimizer)
             for micro in micro_batches(rows, settings.micro_batch_size):
-                result = _micro_batch_loss(policy, critic, batch, micro, num_tokens, settings)
+                result = _micro_batch_loss(policy, critic, batch, micro, num_tokens, settings, num_sequences)
                 if result is None:
                     continue
                 loss, micro_stats = result
@@ -426,6 +473,8 @@ def ppo_update(
             max_norm = settings.max_grad_norm if settings.max_grad_norm is not None else math.inf
             p_norm, v_norm = _clip_grads(policy_params, critic_params, max_norm, joint=critic_optimizer is None)
             stats.update({"policy/grad_norm": p_norm, "val/grad_norm": v_norm})
+            for name in dropped:
+                del stats[name]
             if not (math.isfinite(p_norm) and math.isfinite(v_norm)):
                 _zero(policy_optimizer, critic_optimizer)
                 raise RlhfkitError(
@@ -468,8 +517,8 @@ def rollout_stats(
     old_logprobs: torch.Tensor,
     ref_logprobs: torch.Tensor,
     rollout_logprobs: torch.Tensor,
-    old_values: torch.Tensor,
-    returns: torch.Tensor,
+    old_values: torch.Tensor | None,
+    returns: torch.Tensor | None,
     response_mask: torch.Tensor,
     stopped: torch.Tensor,
 ) -> dict[str, float]:
@@ -481,7 +530,8 @@ def rollout_stats(
     ``objective/rlhf_reward``: mean Σ_t rewards_t (score + non-score reward); ``objective/scores``: mean raw
     reward-source score; ``objective/scores_used``: mean score entering the rewards (after penalty,
     normalisation, clipping); ``objective/entropy``: mean -Σ_t old log-prob (a sample estimate of the sequence
-    entropy); ``val/*`` and ``returns/*`` over the response tokens; ``rollout/logprob_diff``: mean
+    entropy); ``val/*`` and ``returns/*`` over the response tokens (absent without a critic: ``old_values`` and
+    ``returns`` None); ``rollout/logprob_diff``: mean
     |sampling-time - training-time log-prob| (numerical drift between the KV-cache sampler and the full forward).
     """
     mask = dist.gather(response_mask.bool())
@@ -496,9 +546,8 @@ def rollout_stats(
     ], dim=1).double()
     rows = dist.gather(per_row).mean(dim=0).tolist()
     raw, used = dist.gather(raw_scores.double()), dist.gather(scores.double())
-    values, rets = dist.gather(old_values), dist.gather(returns)
     drift = dist.gather((rollout_logprobs.to(old_logprobs.dtype) - old_logprobs).abs())
-    return {
+    out = {
         "objective/kl": rows[0],
         "objective/kl_penalty": rows[1],
         "objective/kl_coef": float(kl_coef),
@@ -510,9 +559,12 @@ def rollout_stats(
         "objective/scores_used": float(used.mean()),
         "response/length_mean": rows[5],
         "response/stop_rate": rows[6],
-        "val/mean": float(masked_mean(values, mask)),
-        "val/explained_variance": float(explained_variance(values, rets, mask)),
-        "returns/mean": float(masked_mean(rets, mask)),
-        "returns/var": float(masked_var(rets, mask, unbiased=False)),
         "rollout/logprob_diff": float(masked_mean(drift, mask)),
     }
+    if old_values is not None:
+        values, rets = dist.gather(old_values), dist.gather(returns)
+        out.update({"val/mean": float(masked_mean(values, mask)),
+                    "val/explained_variance": float(explained_variance(values, rets, mask)),
+                    "returns/mean": float(masked_mean(rets, mask)),
+                    "returns/var": float(masked_var(rets, mask, unbiased=False))})
+    return out
