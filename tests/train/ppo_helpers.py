@@ -101,6 +101,22 @@ def trainable(model) -> dict:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+# the statistics that a micro-batch split must not change (the update invariance tests)
+SPLIT_INVARIANT_STATS = ("loss/policy", "loss/value", "loss/total", "policy/approx_kl", "policy/clipfrac",
+                         "policy/entropy", "val/clipfrac", "policy/grad_norm", "val/grad_norm")
+
+
+def assert_same_update(weights: tuple[dict, ...], stats: dict, expected_weights: tuple[dict, ...],
+                       expected_stats: dict, keys: tuple[str, ...] = SPLIT_INVARIANT_STATS) -> None:
+    """Float64 updates of the same batch split differently are equal to 1e-12: every weight of each model's
+    ``trainable`` dict, and the statistics ``keys``."""
+    for got, want in zip(weights, expected_weights, strict=True):
+        for n in want:
+            torch.testing.assert_close(got[n], want[n], rtol=0, atol=1e-12)
+    for key in keys:
+        assert stats[key] == pytest.approx(expected_stats[key], rel=1e-12, abs=1e-14), key
+
+
 def randomize_value_head(critic, seed: int = 0) -> None:
     """Give a critic started from the policy (value head 0: every value exactly 0) a random head, as a reward
     model's, so that tests of values and of the critic's gradients see non-trivial numbers."""

@@ -12,7 +12,8 @@ from statistics import mean
 
 import pytest
 import torch
-from ppo_helpers import (PAD, REWARD, make_config, make_policy_folder, one_thread,  # noqa: F401  (autouse fixture)
+from ppo_helpers import (PAD, REWARD, assert_same_update, make_config, make_policy_folder,
+                         one_thread,  # noqa: F401  (autouse fixture)
                          trainable)
 from safetensors.torch import load_file
 from test_ppo_update import _synthetic_batch
@@ -158,13 +159,7 @@ def test_shared_micro_batches_accumulate_to_the_same_update_and_the_value_loss_t
     assert 0 < s4["policy/clipfrac"] < 1
     for micro in (2, 1, 3):
         p, h, s = _shared_update(trainer, batch, micro, rows)
-        for n in p4:
-            torch.testing.assert_close(p[n], p4[n], rtol=0, atol=1e-12)
-        for n in h4:
-            torch.testing.assert_close(h[n], h4[n], rtol=0, atol=1e-12)
-        for key in ("loss/policy", "loss/value", "loss/total", "policy/approx_kl", "policy/clipfrac",
-                    "policy/entropy", "val/clipfrac", "policy/grad_norm", "val/grad_norm"):
-            assert s[key] == pytest.approx(s4[key], rel=1e-12, abs=1e-14), key
+        assert_same_update((p, h), s, (p4, h4), s4)
     # the value loss's gradient flows into the policy's trunk: without it (vf_coef 0, no clipping) the trunk's
     # update differs, by far more than float64 rounding; with it, the head's update is the value loss's alone
     p0, h0, _ = _shared_update(trainer, batch, 4, rows, vf_coef=0.0, max_grad_norm=None)

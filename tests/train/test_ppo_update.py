@@ -7,7 +7,8 @@ import copy
 
 import pytest
 import torch
-from ppo_helpers import (make_config, make_policy_folder, one_thread,  # noqa: F401  (one_thread: autouse fixture)
+from ppo_helpers import (assert_same_update, make_config, make_policy_folder,
+                         one_thread,  # noqa: F401  (one_thread: autouse fixture)
                          randomize_value_head, trainable)
 from tolerances import assert_within, sum_tolerance
 
@@ -148,13 +149,7 @@ def test_micro_batches_accumulate_to_the_same_update(tmp_path):
     assert 0 < s4["policy/clipfrac"] < 1  # both branches of the clip occur
     for micro in (2, 1, 3):
         p, c, s = _update_with(trainer, batch, micro, rows)
-        for n in p4:
-            torch.testing.assert_close(p[n], p4[n], rtol=0, atol=1e-12)
-        for n in c4:
-            torch.testing.assert_close(c[n], c4[n], rtol=0, atol=1e-12)
-        for key in ("loss/policy", "loss/value", "loss/total", "policy/approx_kl", "policy/clipfrac",
-                    "policy/entropy", "val/clipfrac", "policy/grad_norm", "val/grad_norm"):
-            assert s[key] == pytest.approx(s4[key], rel=1e-12, abs=1e-14), key
+        assert_same_update((p, c), s, (p4, c4), s4)
 
 
 # ------------------------------------------------------------------------------------ padding invariance
