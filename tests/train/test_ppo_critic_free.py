@@ -8,7 +8,8 @@ import copy
 
 import pytest
 import torch
-from ppo_helpers import assert_same_update, make_config, one_thread, trainable  # noqa: F401  (one_thread: autouse fixture)
+from ppo_helpers import (assert_same_update, make_config, one_thread,  # noqa: F401  (one_thread: autouse fixture)
+                         trainable)
 
 from rlhfkit.core.advantages import grpo_advantages, remax_advantages, rloo_advantages
 from rlhfkit.core.kl import kl_loss
