@@ -6,6 +6,8 @@ import math
 import pytest
 import torch
 
+from tolerances import EPS32
+
 from rlhfkit.core.kl import kl_loss
 from rlhfkit.core.losses import entropy_bonus, explained_variance, ppo_policy_loss, ppo_total_loss, ppo_value_loss
 from rlhfkit.core.masks import LOSS_AGGREGATIONS, aggregate_token_losses, aggregation_count
@@ -86,6 +88,22 @@ def test_value_loss_both_branches_by_hand():
     loss.backward()
     # clipped branch: v_clip is constant in v -> gradient 0; unclipped: (v - R)/4: b 0.5/4, c -0.9/4
     assert torch.allclose(values.grad, f64([[0.0, 0.125, 0.0], [-0.225, 0.0, 0.0]]), rtol=0, atol=1e-15)
+
+
+def test_value_inside_the_clip_range_is_never_counted_as_clipped():
+    # v - v_old = -0.173 is inside ±0.2, so v^clip = v and clipfrac = 0. In float32, v_old + (v - v_old) rounds to
+    # -0.028176158666610718, not v = -0.028176162391901016: a clip written as v_old + clamp(v - v_old, ±c) would
+    # put v^clip 3.7e-9 farther from R = -0.03 and count the token as clipped; clamping v itself keeps v^clip = v.
+    old = torch.tensor([[0.1450241208076477]])
+    values = torch.tensor([[-0.028176162391901016]], requires_grad=True)
+    assert (old + (values - old)).item() != values.item()  # the rounding that the old formula tripped on
+    returns = torch.tensor([[-0.03]])
+    loss, stats = ppo_value_loss(values, old, returns, torch.ones(1, 1, dtype=torch.bool), clip_range_value=0.2)
+    assert stats.clipfrac.item() == 0.0
+    error = (values.detach() - returns).item()  # the unclipped branch, in float32
+    assert loss.item() == pytest.approx(0.5 * error ** 2, rel=EPS32)
+    loss.backward()
+    assert values.grad.item() == pytest.approx(error, rel=EPS32)  # the unclipped branch's
 
 
 def test_value_loss_unclipped():

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from tolerances import assert_close_f32, assert_within, forward_factor, linear_terms, logprob_tolerance
+from tolerances import (assert_close_f32, assert_within, float64_rms_norm, forward_factor, linear_terms,
+                        logprob_tolerance)
 from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
 from rlhfkit.core.logprobs import entropy_from_logits
@@ -79,11 +80,6 @@ def test_logprobs_entropy_logits_match_a_naive_full_forward():
     assert (plain[b[3]] - out.logprobs[b[3]]).abs().min() > 1e-6
 
 
-def _float64_rms_norm(self, x):
-    """LlamaRMSNorm without its float32 cast (which would round a float64 model's gradients to float32)."""
-    return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
-
-
 def test_parameter_gradients_equal_the_plain_log_softmax_path(monkeypatch):
     # policy_forward's one-pass log-probs + entropy (core.logprobs.logprobs_and_entropy, hand-written backward) vs
     # the plain autograd of log_softmax on the naive logits: the same gradient of every parameter (float64
@@ -91,7 +87,7 @@ def test_parameter_gradients_equal_the_plain_log_softmax_path(monkeypatch):
     # that Llama's float32 RMSNorm would round to float32 size)
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    monkeypatch.setattr(LlamaRMSNorm, "forward", _float64_rms_norm)
+    monkeypatch.setattr(LlamaRMSNorm, "forward", float64_rms_norm)
     model = tiny_llama()
     b = batch()
     g = torch.Generator().manual_seed(0)

@@ -155,8 +155,9 @@ def test_fast_path_gives_the_plain_paths_update_float64(tmp_path):
 def test_fast_path_rollout_numbers_are_the_plain_paths_bits_in_float32(tmp_path):
     """The trunks are computed over the first epoch's micro-batches, the very shapes of the plain path: the old
     and reference log-probs and the values are equal to the last bit (the later epochs' other groupings differ
-    by rounding only, as the float64 tests show)."""
-    fast, plain, a, b = _pair(tmp_path, torch.float32)
+    by rounding only, as the float64 tests show). Padded micro-batches: a packed one runs the trunk's padded
+    states in the packed layout, the same numbers up to rounding (the float64 tests and tests/train/test_ppo_packing.py)."""
+    fast, plain, a, b = _pair(tmp_path, torch.float32, packing="off")
     for name in ("old_logprobs", "old_values", "advantages", "returns"):
         assert torch.equal(getattr(a.batch, name), getattr(b.batch, name)), name
     assert torch.equal(a.ref_logprobs, b.ref_logprobs)
@@ -190,7 +191,8 @@ def _blocks(trainer: PPOTrainer) -> dict[str, torch.nn.Module]:
 
 @pytest.mark.parametrize("reuse", [True, False])
 def test_lower_blocks_run_once_per_row_per_rollout(tmp_path, reuse):
-    trainer = _trainer(tmp_path, torch.float32, reuse_frozen_trunk=reuse, ppo_epochs=3)
+    # padded micro-batches, so that a block's input rows are the batch rows it runs
+    trainer = _trainer(tmp_path, torch.float32, reuse_frozen_trunk=reuse, ppo_epochs=3, packing="off")
     rollout, _ = trainer.rollout()
     counts, handles = _count_rows(_blocks(trainer))
     try:
@@ -211,7 +213,8 @@ def test_lower_blocks_run_once_per_row_per_rollout(tmp_path, reuse):
 
 @pytest.mark.parametrize("freeze", [0, 2])
 def test_rollout_old_logprobs_skip_the_policy_pass(tmp_path, freeze):
-    trainer = _trainer(tmp_path, torch.float32, old_logprobs="rollout", freeze_layers=freeze, ppo_epochs=1)
+    trainer = _trainer(tmp_path, torch.float32, old_logprobs="rollout", freeze_layers=freeze, ppo_epochs=1,
+                       packing="off")  # padded: the head's input rows are the batch rows
     rollout, _ = trainer.rollout()
     counts, handles = _count_rows({"head": trainer.policy.lm_head, "reference": trainer.reference.lm_head})
     try:

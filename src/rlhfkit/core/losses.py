@@ -247,7 +247,8 @@ def ppo_value_loss(
     Equation: ``v^clip_t = clip(v_t, v^old_t - c, v^old_t + c)``,
     ``ℓ_t = ½ max((v_t - R_t)², (v^clip_t - R_t)²)`` (``½ (v_t - R_t)²`` when ``clip_range_value`` is None),
     ``loss = Σ_t m_t ℓ_t / num_tokens``. Stats (masked means): ``clipfrac`` = fraction of tokens where the
-    clipped error is strictly larger, ``value_mean``, ``return_mean``, ``error`` = mean ``(v - R)²``.
+    clipped error is strictly larger (0 for every token inside the range: ``v^clip_t = v_t`` exactly there),
+    ``value_mean``, ``return_mean``, ``error`` = mean ``(v - R)²``.
     Shapes: all inputs (B, T); ``num_tokens`` defaults to ``Σ m`` -> ``(scalar loss, ValueStats)``.
     Source: the value clipping of OpenAI baselines ppo2 (Dhariwal et al. 2017), also in Ziegler et al. 2019's
     lm-human-preferences; discussed by Engstrom et al. 2020 ("Implementation matters") §3.
@@ -262,7 +263,10 @@ def ppo_value_loss(
         per_token = error
         clipfrac = torch.zeros((), dtype=values.dtype, device=values.device)
     else:
-        clipped_values = old_values + (values - old_values).clamp(-clip_range_value, clip_range_value)
+        # clamp to [v_old - c, v_old + c] (not v_old + clamp(v - v_old, ±c)): inside the range v^clip IS v, bit
+        # for bit, so no rounding tie of the two errors is counted in clipfrac
+        clipped_values = torch.minimum(torch.maximum(values, old_values - clip_range_value),
+                                       old_values + clip_range_value)
         clipped_error = (clipped_values - returns).square()
         per_token = torch.maximum(error, clipped_error)
         clipfrac = masked_mean((clipped_error > error).to(values.dtype), mask)

@@ -50,6 +50,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from rlhfkit.models.loading import forward_hidden
+from rlhfkit.models.trunk import Trunk, run_blocks
 
 __all__ = ["VARLEN_ATTENTION", "PackedLayout", "Segment", "packed_hidden", "shared_prompt_layout", "varlen_layout",
            "varlen_problem"]
@@ -78,7 +79,8 @@ class PackedLayout:
     input_ids, position_ids: (G, Lp) long. Dense layout: ``attention_mask`` (G, 1, Lp, Lp) bool (True = may
     attend), ``segments`` None. Variable-length layout: G = 1, no padding, ``segments`` the ordered segments covering
     the packed row, ``masks`` for each segment its bool (1, 1, n, C + n) mask over [context | own] keys (None for a
-    segment without context: causal), ``attention_mask`` None. gather_index: (N, L) long, for each original row and
+    segment without context: causal), ``attention_mask`` None, ``source`` (T,) long the flat index ``r * L + j`` in
+    the original batch of each packed token (the inverse of ``gather_index`` on real tokens). gather_index: (N, L) long, for each original row and
     position the flat index ``g * Lp + j`` of its token in the packed batch (padding positions point at index 0 of
     the row's group; mask them with the original ``attention_mask``). ``tokens`` / ``packed_tokens``: real tokens
     before / after packing.
@@ -92,11 +94,19 @@ class PackedLayout:
     packed_tokens: int
     segments: tuple[Segment, ...] | None = None
     masks: tuple[torch.Tensor | None, ...] | None = None
+    source: torch.Tensor | None = None
 
     def unpack(self, packed: torch.Tensor) -> torch.Tensor:
         """Per-token outputs (G, Lp, ...) of the packed batch → (N, L, ...) in the original layout."""
         flat = packed.reshape(packed.shape[0] * packed.shape[1], *packed.shape[2:])
         return flat[self.gather_index]
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-token inputs (N, L, ...) in the original layout → (1, T, ...) in the packed row (variable-length
+        layout only; a shared prompt takes its first row's values)."""
+        if self.source is None:
+            raise ValueError("pack needs a variable-length layout")
+        return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])[self.source][None]
 
 
 def _group_by_prompt(prompts: list[tuple[int, ...] | None]) -> list[list[int]]:
@@ -175,6 +185,7 @@ def varlen_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor, respons
         packed_tokens=length,
         segments=tuple(segments),
         masks=masks,
+        source=source,
     )
 
 
@@ -223,11 +234,15 @@ def varlen_problem(backbone: nn.Module) -> str | None:
     return None
 
 
-def packed_hidden(backbone: nn.Module, layout: PackedLayout) -> torch.Tensor:
+def packed_hidden(backbone: nn.Module, layout: PackedLayout, trunk: Trunk | None = None) -> torch.Tensor:
     """Last hidden states (G, Lp, H) of ``backbone`` on a packed batch; unpack per-token outputs with
     ``layout.unpack``. A variable-length layout switches the backbone's SDPA to :data:`VARLEN_ATTENTION` (module
-    docstring) and hands it the segments."""
+    docstring) and hands it the segments. ``trunk`` (variable-length layouts; a backbone that
+    `models.trunk.supports_split`): the hidden states (N, L, H) of the UNPACKED batch after the backbone's first
+    ``trunk.layers`` blocks; they are packed (:meth:`PackedLayout.pack`) and only the blocks above run."""
     if layout.segments is None:
+        if trunk is not None:
+            raise ValueError("a trunk needs a variable-length layout")
         return forward_hidden(backbone, layout.input_ids, layout.attention_mask, layout.position_ids)
     problem = varlen_problem(backbone)
     if problem is not None:
@@ -237,6 +252,12 @@ def packed_hidden(backbone: nn.Module, layout: PackedLayout) -> torch.Tensor:
     # an all-True 2-D mask: transformers then builds no mask (SDPA's is_causal path) and does not re-derive
     # packed segments from the position ids
     ones = torch.ones_like(layout.input_ids, dtype=torch.bool)
+    if trunk is not None:
+        if trunk.hidden.shape[:2] != layout.gather_index.shape:
+            raise ValueError(f"trunk hidden states {tuple(trunk.hidden.shape)} do not match the batch "
+                             f"{tuple(layout.gather_index.shape)}")
+        return run_blocks(backbone, ones, trunk.layers, hidden=layout.pack(trunk.hidden),
+                          position_ids=layout.position_ids, **{SEGMENTS_KWARG: layout})
     return forward_hidden(backbone, layout.input_ids, ones, layout.position_ids, **{SEGMENTS_KWARG: layout})
 
 

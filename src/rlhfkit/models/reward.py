@@ -339,24 +339,25 @@ class RewardModel(nn.Module):
         ``response_mask``); used by a decoder with SDPA attention when a response mask is given, else ignored.
         Both give the same outputs up to float rounding.
         ``trunk``: the backbone's hidden states after its first ``trunk.layers`` blocks for this batch
-        (`rlhfkit.models.trunk`); only the blocks above run (a decoder whose backbone `models.trunk.supports_split`);
-        no packing then.
+        (`rlhfkit.models.trunk`); only the blocks above run (a decoder whose backbone `models.trunk.supports_split`),
+        packed with ``packing`` (the trunk's real tokens), else padded (no dense ``share_prompts`` packing).
         """
         attention_mask = attention_mask.bool()
         layout = None
-        if trunk is None and packing and self.packing_problem() is None:
+        if packing and self.packing_problem() is None:
             layout = varlen_layout(input_ids, attention_mask, response_mask, share_prompts)
         elif trunk is None and share_prompts and response_mask is not None and self.packs_prompts:
             layout = shared_prompt_layout(input_ids, attention_mask, response_mask, self.pad_token_id or 0)
         backbone = self._backbone()
-        if trunk is not None:
+        if layout is not None:
+            # back to (B, L, K)
+            per_token = layout.unpack(self._head()(packed_hidden(backbone, layout, trunk)))
+        elif trunk is not None:
             hidden = run_blocks(backbone, attention_mask, trunk.layers, hidden=trunk.hidden)
             per_token = self._head()(hidden)
-        elif layout is None:
+        else:
             hidden = forward_hidden(backbone, input_ids, attention_mask)  # (B, L, H)
             per_token = self._head()(hidden)  # (B, L, K), computed in the model's dtype (as HF does)
-        else:
-            per_token = layout.unpack(self._head()(packed_hidden(backbone, layout)))  # back to (B, L, K)
         per_token = per_token.to(torch.promote_types(per_token.dtype, torch.float32))  # bf16 -> fp32 outputs
         per_token = torch.where(attention_mask[..., None], per_token, 0.0)
         if self.aggregation in ("last", "cls"):

@@ -25,7 +25,7 @@ Only the exact classes qualify (a subclass may change ``forward``); every other 
 from __future__ import annotations
 
 import inspect
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -94,13 +94,16 @@ def embedding_and_blocks(decoder: nn.Module, stop: int) -> list[nn.Module]:
 
 
 def run_blocks(decoder: nn.Module, attention_mask: torch.Tensor, start: int, stop: int | None = None,
-               input_ids: torch.Tensor | None = None, hidden: torch.Tensor | None = None) -> torch.Tensor:
+               input_ids: torch.Tensor | None = None, hidden: torch.Tensor | None = None,
+               position_ids: torch.Tensor | None = None, **attention_kwargs: Any) -> torch.Tensor:
     """Blocks ``start .. stop-1`` of a supported decoder; (B, L, H).
 
     ``start == 0`` embeds ``input_ids`` (B, L); otherwise ``hidden`` (B, L, H) holds the hidden states after block
     ``start`` (from an earlier call). ``stop=None`` runs the remaining blocks and the final norm: the decoder's
     ``last_hidden_state``. ``attention_mask`` (B, L) is the padding mask; positions come from it
-    (`core.masks.position_ids_from_mask`, as `models.loading.forward_hidden` passes them).
+    (`core.masks.position_ids_from_mask`, as `models.loading.forward_hidden` passes them), or are given as
+    ``position_ids`` (B, L) (a packed row, `models.packing.packed_hidden`); ``attention_kwargs`` reach every
+    block's attention function (the segment plan of a packed row).
     """
     if not supports_split(decoder):
         raise ValueError(f"{type(decoder).__name__} is not a decoder whose blocks can be run in parts")
@@ -122,7 +125,8 @@ def run_blocks(decoder: nn.Module, attention_mask: torch.Tensor, start: int, sto
         raise ValueError(f"hidden states in {hidden.dtype}, the embeddings in {decoder.embed_tokens.weight.dtype}")
     if stop > start:
         mask = attention_mask.long()
-        position_ids = position_ids_from_mask(attention_mask)
+        if position_ids is None:
+            position_ids = position_ids_from_mask(attention_mask)
         kinds = mask_kinds(decoder)[start:stop]
         masks = {kind: _MASKS[kind](config=decoder.config, inputs_embeds=hidden, attention_mask=mask,
                                     position_ids=position_ids, **{_CACHE_KEYWORDS[kind]: None})
@@ -130,5 +134,5 @@ def run_blocks(decoder: nn.Module, attention_mask: torch.Tensor, start: int, sto
         position_embeddings = decoder.rotary_emb(hidden, position_ids)
         for layer, kind in zip(decoder.layers[start:stop], kinds):
             hidden = layer(hidden, attention_mask=masks[kind], position_embeddings=position_embeddings,
-                           position_ids=position_ids, use_cache=False)
+                           position_ids=position_ids, use_cache=False, **attention_kwargs)
     return decoder.norm(hidden) if final else hidden

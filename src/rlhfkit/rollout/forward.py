@@ -29,13 +29,14 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from rlhfkit.core.logprobs import logprobs_and_entropy, upcast
+from rlhfkit.core.logprobs import DEFAULT_CHUNK_ROWS, logprobs_and_entropy, upcast
 from rlhfkit.core.masks import position_ids_from_mask
 from rlhfkit.models.loading import forward_hidden
+from rlhfkit.models.packing import packed_hidden, varlen_layout, varlen_problem
 from rlhfkit.models.reward import RewardModel, unwrap_peft
 from rlhfkit.models.trunk import Trunk, run_blocks, supports_split
 
-__all__ = ["PolicyForward", "TrimmedBatch", "critic_forward", "policy_forward", "policy_value_forward",
+__all__ = ["PolicyForward", "TrimmedBatch", "critic_forward", "packing_problem", "policy_forward", "policy_value_forward",
            "response_positions", "trim_batch", "trunk_decoder", "trunk_forward"]
 
 # Config attributes of transformers models whose causal-LM forward transforms the LM head's output
@@ -182,6 +183,19 @@ def _check_trunk(trunk: Trunk, input_ids: torch.Tensor) -> None:
                          f"{tuple(input_ids.shape)}")
 
 
+def _head_path(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """``(decoder, lm_head)`` when the LM head can be applied by hand to the decoder's hidden states (no logit
+    transform, no DistributedDataParallel wrapper, both findable); None: call the model whole."""
+    lm = _unwrap(model)
+    decoder = _find_decoder(lm)
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    # a DistributedDataParallel wrapper must see the forward call (it prepares the gradient all-reduce there)
+    wrapped = isinstance(model, nn.parallel.DistributedDataParallel)
+    if decoder is None or head is None or wrapped or _has_logit_transform(lm):
+        return None
+    return decoder, head
+
+
 def _response_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, T: int,
                      trunk: Trunk | None = None) -> torch.Tensor:
     """Next-token logits (B, T, V) at the response-predicting positions, nothing else through the LM head; with
@@ -193,12 +207,9 @@ def _response_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: 
         decoder = _split_decoder(model)
         hidden = run_blocks(decoder, attention_mask, trunk.layers, hidden=trunk.hidden)
         return model.get_output_embeddings()(hidden[:, positions])
-    lm = _unwrap(model)
-    decoder = _find_decoder(lm)
-    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
-    # a DistributedDataParallel wrapper must see the forward call (it prepares the gradient all-reduce there)
-    wrapped = isinstance(model, nn.parallel.DistributedDataParallel)
-    if decoder is not None and head is not None and not wrapped and not _has_logit_transform(lm):
+    path = _head_path(model)
+    if path is not None:
+        decoder, head = path
         hidden = forward_hidden(decoder, input_ids, attention_mask)
         return head(hidden[:, positions])
     # Fallback (models with a logit transform, DDP-wrapped models, models without a findable decoder/head): the
@@ -214,6 +225,52 @@ def _response_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: 
     return out.logits
 
 
+def packing_problem(model: nn.Module, trunk: Trunk | None = None) -> str | None:
+    """Why `policy_forward` cannot pack ``model``'s batches padding-free (``packing=True`` then takes the padded
+    path); None if it can: the LM head applied by hand (`_head_path`; with a ``trunk``, a `trunk_decoder`) and a
+    decoder that `models.packing.varlen_problem` accepts."""
+    if trunk is not None:
+        decoder = trunk_decoder(model)
+        if decoder is None:
+            return f"{type(model).__name__} cannot run from a trunk"
+    else:
+        path = _head_path(model)
+        if path is None:
+            return (f"{type(model).__name__}'s LM head cannot be applied by hand (a logit transform, a "
+                    "DistributedDataParallel wrapper, or no findable decoder and head)")
+        decoder = path[0]
+    return varlen_problem(decoder)
+
+
+def _packed_response_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                            response_mask: torch.Tensor, trunk: Trunk | None = None) -> torch.Tensor | None:
+    """Next-token logits (N, V) of the N real response tokens only (row-major order of ``response_mask`` (B, T)),
+    from ONE padding-free packed forward of the batch (`models.packing.varlen_layout`; rows that share their prompt
+    run it once); None when :func:`packing_problem` says no or the batch has no response token."""
+    if packing_problem(model, trunk) is not None:
+        return None
+    B, T = response_mask.shape
+    P = input_ids.shape[1] - T
+    mask = response_mask.bool()
+    if not bool(mask.any()):
+        return None
+    if trunk is not None:
+        _check_trunk(trunk, input_ids)
+    decoder = trunk_decoder(model) if trunk is not None else _head_path(model)[0]
+    head = _unwrap(model).get_output_embeddings()
+    sequence_response = torch.cat([torch.zeros_like(attention_mask[:, :P]), mask], dim=1)
+    layout = varlen_layout(input_ids, attention_mask, sequence_response, share_prompts=True)
+    hidden = packed_hidden(decoder, layout, trunk)  # (1, sum of real tokens, H)
+    return head(hidden[0, layout.gather_index[:, response_positions(P, T)][mask]])
+
+
+def _scatter(mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """(B, T, ...) zeros with ``values`` (N, ...) at the N True positions of ``mask`` (B, T), row-major; keeps the
+    gradient."""
+    out = values.new_zeros((*mask.shape, *values.shape[1:]))
+    return out.index_put((mask,), values)
+
+
 def policy_forward(
     model: nn.Module,
     query_ids: torch.Tensor,
@@ -225,6 +282,7 @@ def policy_forward(
     with_logits: bool = False,
     autocast_dtype: torch.dtype | None = None,
     trunk: Trunk | None = None,
+    packing: bool = False,
 ) -> PolicyForward:
     """Log-probs (and optionally entropy, logits) of the response tokens under a causal LM.
 
@@ -234,14 +292,25 @@ def policy_forward(
     (e.g. ``torch.bfloat16``) runs the model under ``torch.autocast`` on its device type; log-probs and entropy
     are always computed in float32. ``trunk`` (`trunk_forward` of this batch): run only the decoder's blocks above
     it (a model `trunk_decoder` accepts); the same numbers as the plain forward when the trunk came from the
-    same model's frozen lower blocks on the same batch.
+    same model's frozen lower blocks on the same batch. ``packing``: run the batch as one padding-free packed
+    sequence of its real tokens (`models.packing.varlen_layout`, the prompt of rows that share it once) and apply
+    the LM head to the real response tokens only; the same numbers up to float rounding (the padded path where
+    :func:`packing_problem` says no).
     Shapes: query (B, P) left-padded, response (B, T) right-padded -> :class:`PolicyForward` of (B, T) tensors.
     """
     input_ids, attention_mask = _sequence(query_ids, query_mask, response_ids, response_mask)
     T = response_ids.shape[1]
-    with _autocast(input_ids.device, autocast_dtype):
-        logits = _response_logits(model, input_ids, attention_mask, T, trunk)
     mask = response_mask.bool()
+    with _autocast(input_ids.device, autocast_dtype):
+        packed = _packed_response_logits(model, input_ids, attention_mask, mask, trunk) if packing else None
+        logits = _response_logits(model, input_ids, attention_mask, T, trunk) if packed is None else None
+    if packed is not None:
+        # (N, 1, V) rows: chunks of DEFAULT_CHUNK_ROWS × T tokens, the padded path's (B, T, V) chunk size
+        logprobs, entropy = logprobs_and_entropy(packed[:, None], response_ids[mask][:, None], temperature,
+                                                 with_entropy=with_entropy, chunk_rows=DEFAULT_CHUNK_ROWS * T)
+        return PolicyForward(logprobs=_scatter(mask, logprobs[:, 0]),
+                             entropy=_scatter(mask, entropy[:, 0]) if entropy is not None else None,
+                             logits=_scatter(mask, packed) if with_logits else None)
     zero = torch.zeros((), dtype=upcast(logits).dtype, device=logits.device)
     # one pass for both (`core.logprobs.logprobs_and_entropy`); the log-probs are the same bits with or without
     # the entropy, so the rollout-time and update-time passes agree exactly
@@ -268,10 +337,11 @@ def policy_value_forward(
 
     The head reads exactly what the LM head reads: the final hidden states (B, T, H) at the response-predicting
     positions ``P - 1 … P + T - 2`` (captured on their way into the LM head, whichever path `policy_forward`
-    takes: decoder + head, trunk, or the whole model with ``logits_to_keep``), so value ``t`` is
+    takes: decoder + head, trunk, packed (only the real response positions), or the whole model with
+    ``logits_to_keep``), so value ``t`` is
     ``value_head(h_{P-1+t})``, the state before response token ``t``: the position `critic_forward` reads.
     Values are float32 (float64 for a float64 model), 0 on padding; gradients flow into the head and the trunk
-    iff grad is enabled. ``kwargs`` go to `policy_forward` (temperature, with_entropy, with_logits).
+    iff grad is enabled. ``kwargs`` go to `policy_forward` (temperature, with_entropy, with_logits, packing).
     """
     head = _unwrap(model).get_output_embeddings()
     captured: list[torch.Tensor] = []
@@ -282,13 +352,19 @@ def policy_value_forward(
     finally:
         handle.remove()
     B, T = response_ids.shape
-    if len(captured) != 1 or captured[0].shape[:2] != (B, T):
+    mask = response_mask.bool()
+    n = int(mask.sum())
+    # the head's input: (B, T, H), or (N, H) on the N real response tokens of a packed forward
+    packed = len(captured) == 1 and captured[0].dim() == 2 and captured[0].shape[0] == n
+    if len(captured) != 1 or not (packed or captured[0].shape[:2] == (B, T)):
         raise ValueError(f"critic=shared: the LM head of {type(model).__name__} ran {len(captured)} times "
                          f"(shapes {[tuple(c.shape) for c in captured]}), not once on the ({B}, {T}) response "
                          "positions; the value head cannot read the policy's hidden states")
     with _autocast(query_ids.device, autocast_dtype):
         values = upcast(value_head(captured[0])).squeeze(-1)
-    return out, torch.where(response_mask.bool(), values, torch.zeros((), dtype=values.dtype, device=values.device))
+    if packed:
+        return out, _scatter(mask, values)
+    return out, torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device))
 
 
 def _token_values(output: Any) -> torch.Tensor:
@@ -310,6 +386,7 @@ def critic_forward(
     response_mask: torch.Tensor,
     autocast_dtype: torch.dtype | None = None,
     trunk: Trunk | None = None,
+    packing: bool = False,
 ) -> torch.Tensor:
     """Values (B, T) float32 (float64 for a float64 critic) of the states before each response token; 0 on padding.
 
@@ -317,14 +394,19 @@ def critic_forward(
     :class:`rlhfkit.models.reward.RewardModel` (``.token_scores``); value ``t`` is read at sequence position
     ``P - 1 + t`` (the last query token values the state before the first response token). ``trunk``: as in
     `policy_forward`, passed on as ``critic(..., trunk=trunk)`` (a `RewardModel` that `trunk_decoder` accepts).
+    ``packing``: a decoder `RewardModel` runs the batch padding-free packed (``RewardModel.forward(packing=True)``,
+    the prompt of rows that share it once); other critics ignore it. Same values up to float rounding.
     """
     input_ids, attention_mask = _sequence(query_ids, query_mask, response_ids, response_mask)
     P, T = query_ids.shape[1], response_ids.shape[1]
-    extra = {}
+    extra: dict[str, Any] = {}
     if trunk is not None:
         _check_trunk(trunk, input_ids)
         _split_decoder(critic)
         extra = {"trunk": trunk}
+    if packing and isinstance(critic, RewardModel):
+        response = torch.cat([torch.zeros_like(attention_mask[:, :P]), response_mask.bool()], dim=1)
+        extra.update(packing=True, share_prompts=True, response_mask=response)
     with _autocast(input_ids.device, autocast_dtype):
         token_values = _token_values(critic(input_ids, attention_mask, **extra))
     if token_values.shape[:2] != input_ids.shape:

@@ -28,6 +28,7 @@ ADVANTAGE_ESTIMATORS = ("gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinf
 CRITIC_FREE_ESTIMATORS = ADVANTAGE_ESTIMATORS[1:]  # no critic is built, loaded, trained or saved
 GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")  # baselines from the prompt's k samples
 KL_IN = ("reward", "loss")
+PACKING = ("auto", "on", "off")
 DEFAULT_ITERATIONS = 100
 
 # Fields that may differ between a run and its ``--resume`` (they do not change the computation of the steps
@@ -208,6 +209,13 @@ class PPOConfig:
         "rollout and run only the blocks above them for the old and reference log-probs, the values and every "
         "epoch (the same numbers up to float rounding; Llama, Mistral and Qwen2/3 decoders without LoRA, other "
         "models take the plain path)"))
+    packing: str = field(default="auto", metadata=_help(
+        "padding-free packing of the no-grad forwards and the update: each micro-batch runs as ONE sequence of its "
+        "rows' real tokens (position ids restarting per row, attention within each row, the prompt of rows that "
+        "share it once), and the LM head runs on the real response tokens only; the same numbers up to float "
+        "rounding. 'auto': where the model allows it (SDPA attention, no sliding window, an LM head without a "
+        "logit transform), 'on': the same but refuse a policy it cannot apply to, 'off': padded micro-batches",
+        choices=list(PACKING)))
 
     # -- LoRA ---------------------------------------------------------------------------------------------
     lora_r: int = field(default=0, metadata=_help(
@@ -247,6 +255,7 @@ class PPOConfig:
             if not getattr(self, name):
                 raise RlhfkitError(f"{name} is required")
         check_choice("critic", self.critic, CRITICS)
+        check_choice("packing", self.packing, PACKING)
         check_choice("critic_init", self.critic_init, CRITIC_INITS)
         check_choice("overlong", self.overlong, OVERLONG_POLICIES)
         check_range("max_prompt_length", self.max_prompt_length, lo=1)

@@ -59,6 +59,7 @@ from rlhfkit.models.adapters import apply_lora, freeze_lower_layers
 from rlhfkit.models.loading import ensure_pad_token, hf_folder, load_causal_lm, load_tokenizer
 from rlhfkit.models.reward import critic_problem, is_reward_model_folder, load_critic
 from rlhfkit.models.value_head import ValueHead
+from rlhfkit.rollout.forward import packing_problem
 from rlhfkit.rollout.sampling import GenerationConfig, Rollout, sample
 from rlhfkit.rollout.scoring import load_reward
 from rlhfkit.train import ppo_state
@@ -190,7 +191,11 @@ class PPOTrainer:
             entropy_coef=cfg.entropy_coef, temperature=cfg.temperature, micro_batch_size=cfg.micro_batch_size,
             max_grad_norm=cfg.max_grad_norm, target_kl=cfg.target_kl, autocast_dtype=self.autocast_dtype,
             clip_range_low=cfg.clip_range_low, clip_range_high=cfg.clip_range_high,
-            dual_clip=cfg.dual_clip or None, loss_aggregation=cfg.loss_aggregation, max_length=cfg.max_new_tokens)
+            dual_clip=cfg.dual_clip or None, loss_aggregation=cfg.loss_aggregation, max_length=cfg.max_new_tokens,
+            packing=cfg.packing != "off")
+        if cfg.packing == "on" and packing_problem(self.policy) is not None:
+            raise RlhfkitError(f"--packing on: the policy {cfg.policy} cannot be packed padding-free: "
+                               f"{packing_problem(self.policy)}; use --packing auto or off")
         self.engine = self._rollout_engine()
 
         # optimisation state (critic=shared: one optimizer and schedule, the value head its second param group)
@@ -369,7 +374,7 @@ class PPOTrainer:
                               query_mask, response_ids, response_mask, groups, cfg.temperature,
                               self.autocast_dtype, with_logits=cfg.kl_estimator == "full",
                               trunk_plan=self.trunks.plan(self.policy, self.reference, self.critic),
-                              policy_pass=recompute)
+                              policy_pass=recompute, packing=self.update_settings.packing)
         old_logprobs = fwd.old_logprobs if recompute else torch.where(
             response_mask, rollout_logprobs.to(fwd.ref_logprobs.dtype), 0.0)
         kl_coef = self.kl_controller.value

@@ -174,7 +174,7 @@ def micro_batches(rows: Sequence[int], micro_batch_size: int) -> list[list[int]]
 # ----------------------------------------------------------------------------------------------------------
 def policy_and_values(policy: nn.Module, critic: nn.Module | None, args: tuple[torch.Tensor, ...],
                       policy_trunk: Trunk | None = None, critic_trunk: Trunk | None = None, policy_pass: bool = True,
-                      autocast_dtype: torch.dtype | None = None,
+                      autocast_dtype: torch.dtype | None = None, packing: bool = False,
                       **kwargs: Any) -> tuple[PolicyForward | None, torch.Tensor | None]:
     """The policy's `policy_forward` (None with ``policy_pass=False``) and the values (B, T) of a micro-batch
     ``args = (query_ids, query_mask, response_ids, response_mask)``.
@@ -182,16 +182,16 @@ def policy_and_values(policy: nn.Module, critic: nn.Module | None, args: tuple[t
     ``critic`` a `ValueHead` (``critic=shared``): ONE forward of the policy gives both (`policy_value_forward`;
     it runs even with ``policy_pass=False``, the values need it). Else the policy's pass and the critic model's
     own pass (`critic_forward`), each from its trunk; ``critic=None`` (a critic-free estimator): no values (None).
-    ``kwargs`` go to `policy_forward`."""
+    ``packing``: every pass padding-free packed where its model allows it. ``kwargs`` go to `policy_forward`."""
     if isinstance(critic, ValueHead):
         out, values = policy_value_forward(policy, critic, *args, autocast_dtype=autocast_dtype, trunk=policy_trunk,
-                                           **kwargs)
+                                           packing=packing, **kwargs)
         return (out if policy_pass else None), values
-    out = policy_forward(policy, *args, autocast_dtype=autocast_dtype, trunk=policy_trunk, **kwargs) \
-        if policy_pass else None
+    out = policy_forward(policy, *args, autocast_dtype=autocast_dtype, trunk=policy_trunk, packing=packing,
+                         **kwargs) if policy_pass else None
     if critic is None:
         return out, None
-    return out, critic_forward(critic, *args, autocast_dtype=autocast_dtype, trunk=critic_trunk)
+    return out, critic_forward(critic, *args, autocast_dtype=autocast_dtype, trunk=critic_trunk, packing=packing)
 
 
 class RolloutForward(NamedTuple):
@@ -222,6 +222,7 @@ def rollout_forward(
     with_logits: bool = False,
     trunk_plan: TrunkPlan = TrunkPlan(),
     policy_pass: bool = True,
+    packing: bool = False,
 ) -> RolloutForward:
     """Old log-probs (policy), reference log-probs and old values (critic; a `ValueHead`: from the policy's
     pass, `policy_and_values`) of every row, no grad.
@@ -230,7 +231,9 @@ def rollout_forward(
     update will trim it. ``reference_context()`` wraps the reference pass (e.g. peft's ``disable_adapter``).
     ``trunk_plan`` (`train.ppo_trunk`): the frozen trunks computed once here, run from by every pass of this
     function and returned for the update. ``policy_pass=False`` skips the policy's pass (``old_logprobs`` and
-    ``logits`` are then None: the caller takes the sampler's log-probs).
+    ``logits`` are then None: the caller takes the sampler's log-probs). ``packing``: every pass padding-free
+    packed where its model allows it (`policy_forward`), as the update's passes (the same micro-batches, the same
+    layouts, so the first epoch's ratio is exactly 1).
     """
     B, T = response_ids.shape
     parts: list[tuple[list[int], Any, Any, Any, Any, Any, Any]] = []
@@ -242,7 +245,8 @@ def rollout_forward(
             args = (tb.query_ids, tb.query_mask, tb.response_ids, tb.response_mask)
             policy_trunk, critic_trunk = trunk_plan.compute(policy, critic, *args, autocast_dtype=autocast_dtype)
             trunk_parts.append((rows, tb, policy_trunk, critic_trunk))
-            common = dict(temperature=temperature, with_logits=with_logits, autocast_dtype=autocast_dtype)
+            common = dict(temperature=temperature, with_logits=with_logits, autocast_dtype=autocast_dtype,
+                          packing=packing)
             pf, values = policy_and_values(policy, critic, args, policy_trunk, critic_trunk, policy_pass, **common)
             with reference_context():
                 rf = policy_forward(reference, *args, **common,
@@ -314,6 +318,7 @@ class UpdateSettings:
     loss_aggregation: str = "token_mean"
     max_length: int | None = None  # seq_mean_token_sum_norm's constant (max_new_tokens)
     kl_loss_coef: float | None = None  # the KL in the loss (k3 against ``UpdateBatch.ref_logprobs``); None: off
+    packing: bool = False  # micro-batches padding-free packed where the models allow it (`policy_forward`)
 
     def normalisers(self, num_tokens: torch.Tensor, num_sequences: torch.Tensor) -> dict[str, Any]:
         """The keyword normalisers of `core.masks.aggregate_token_losses` for ``loss_aggregation``, given the
@@ -377,7 +382,7 @@ def _micro_batch_loss(policy: nn.Module, critic: nn.Module | None, batch: Update
     # the entropy always (for the statistics; from the same pass over the logits as the log-probs)
     out, values = policy_and_values(policy, critic, args, policy_trunk, critic_trunk,
                                     temperature=settings.temperature, with_entropy=True,
-                                    autocast_dtype=settings.autocast_dtype)
+                                    autocast_dtype=settings.autocast_dtype, packing=settings.packing)
     agg = dict(aggregation=settings.loss_aggregation, **settings.normalisers(num_tokens, num_sequences))
     p_loss, p_stats = ppo_policy_loss(out.logprobs, batch.old_logprobs[idx, :t], batch.advantages[idx, :t], mask,
                                       settings.clip_range, clip_range_low=settings.clip_range_low,
