@@ -467,3 +467,36 @@ def test_rm_packing_ratio_tiny():
     widths = [max(len(chosen[i]), len(rejected[i])) for i in range(2)]
     assert out[1]["padded_tokens"] == 2 * sum(widths) and out[2]["padded_tokens"] == 4 * max(widths)
     assert all(r["packed_s"] > 0 and r["padded_s"] > 0 for r in out.values())
+
+
+@pytest.mark.slow
+@needs_shared
+def test_ppo_packing_ratio_tiny():
+    """The one-process packed-vs-padded PPO measurement runs on one rollout (tiny random model)."""
+    import ppo_packing_ratio
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        out = ppo_packing_ratio.main(["--tiny", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    assert out["rows"] == 4 and 0 < out["real_tokens"] <= out["padded_tokens"]
+    assert out["packed_s"] > 0 and out["padded_s"] > 0
+
+
+@pytest.mark.slow
+@needs_shared
+def test_quickstart_algorithms_table_tiny(tmp_path):
+    """Two algorithms through the whole tiny quickstart, one process each: the table and the results file."""
+    pytest.importorskip("vaderSentiment")
+    import quickstart_algorithms
+
+    out = quickstart_algorithms.main(["--scale", "tiny", "--algorithms", "ppo", "rloo", "--out", str(tmp_path)])
+    assert list(out["runs"]) == ["ppo", "rloo"]
+    for algorithm, run in out["runs"].items():
+        assert run["summary"]["algorithm"] == algorithm and 0 <= run["summary"]["win_rate"] <= 1
+        assert run["peak_rss_gib"] > 0.1
+    # the same labels and reward model for both (the RL step is the only difference)
+    assert out["runs"]["ppo"]["summary"]["rm_accuracy"] == out["runs"]["rloo"]["summary"]["rm_accuracy"]
+    assert "| rloo" in out["table"] and len(list(tmp_path.glob("quickstart-algorithms-tiny-*.json"))) == 1

@@ -206,6 +206,16 @@ _BF16_MATRIX_FLAGS = ("amx_bf16",)           # tile units: bf16 much faster than
 _BF16_VECTOR_FLAGS = ("avx512_bf16", "bf16")  # bf16 dot products (x86 AVX512_BF16, Arm FEAT_BF16): no emulation
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident set size so far, in MiB (``getrusage``'s ``ru_maxrss``: KiB on Linux, bytes on
+    macOS)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
 def cpu_flags(cpuinfo: str | None = None) -> set[str]:
     """The CPU feature flags of this machine (``flags`` on x86, ``Features`` on Arm, from ``/proc/cpuinfo``; empty
     where that file does not exist). ``cpuinfo`` replaces the file's text (for tests)."""

