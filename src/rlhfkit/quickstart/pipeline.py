@@ -179,6 +179,12 @@ def sample_responses(model, tokenizer, prompts: list[str], n_per_prompt: int, ma
     return out
 
 
+def default_device() -> torch.device:
+    """The device the quickstart's own sampling and evaluation run on: the first GPU if there is one (as the
+    `rm train` and `ppo` steps then use it), else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def use_bf16(precision: str, device: torch.device | str | None = None) -> bool:
     """Whether the quickstart runs under bf16 autocast: ``precision`` 'bf16' or 'fp32', or 'auto': bf16 on a GPU
     whose bf16 is fast (`rlhfkit.utils.bf16_speed`), float32 on a CPU (default device: the GPU if there is one).
@@ -191,9 +197,7 @@ def use_bf16(precision: str, device: torch.device | str | None = None) -> bool:
 
     if precision != "auto":
         return precision == "bf16"
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    device = torch.device(device) if device is not None else default_device()
     return device.type != "cpu" and bf16_speed(device) == "fast"
 
 
@@ -275,6 +279,7 @@ def evaluate_policy(policy, tokenizer, prompts: list[str], rm_reward, max_new_to
         idx = list(range(start, min(start + batch_size, len(prompts))))
         q, qm = left_pad([ids[i] for i in idx], tokenizer.pad_token_id)
         r = sample(policy, q, qm, gen, generator, tokenizer=tokenizer, autocast_dtype=autocast_dtype)
+        q, qm = q.to(r.response_ids.device), qm.to(r.response_ids.device)
         texts = [tokenizer.decode(r.response_ids[b][r.response_mask[b]].tolist(), skip_special_tokens=True).strip()
                  for b in range(len(idx))]
         prompt_texts = [tokenizer.decode(q[b][qm[b]].tolist()) for b in range(len(idx))]
@@ -336,7 +341,8 @@ def run(cfg: QuickstartConfig) -> dict[str, Any]:
     tokenizer = ensure_pad_token(load_tokenizer(sft))
     bf16 = use_bf16(cfg.precision)
     autocast = torch.bfloat16 if bf16 else None
-    policy0 = load_causal_lm(sft).eval()
+    device = default_device()  # label sampling and evaluation run where `rm train` and `ppo` do
+    policy0 = load_causal_lm(sft).eval().to(device)
     if out.exists():
         import shutil
 
@@ -398,8 +404,8 @@ def run(cfg: QuickstartConfig) -> dict[str, Any]:
 
     # 4. Held-out evaluation: the same prompts and sampling seed for the SFT and the trained policy.
     t0 = time.perf_counter()
-    policy1 = load_causal_lm(str(ppo_dir / "policy")).eval()
-    proxy = RMReward(str(rm_dir), tokenizer)
+    policy1 = load_causal_lm(str(ppo_dir / "policy")).eval().to(device)
+    proxy = RMReward(str(rm_dir), tokenizer, device=device)
     before = evaluate_policy(policy0, tokenizer, heldout_prompts, proxy, preset.max_new_tokens, 1.0, cfg.seed + 2,
                              desc="4/5 evaluating SFT policy", autocast_dtype=autocast)
     after = evaluate_policy(policy1, tokenizer, heldout_prompts, proxy, preset.max_new_tokens, 1.0, cfg.seed + 2,
