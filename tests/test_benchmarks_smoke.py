@@ -499,4 +499,5 @@ def test_quickstart_algorithms_table_tiny(tmp_path):
         assert run["peak_rss_gib"] > 0.1
     # the same labels and reward model for both (the RL step is the only difference)
     assert out["runs"]["ppo"]["summary"]["rm_accuracy"] == out["runs"]["rloo"]["summary"]["rm_accuracy"]
+    assert "reused_from" in out["runs"]["rloo"]["summary"] and "reused_from" not in out["runs"]["ppo"]["summary"]
     assert "| rloo" in out["table"] and len(list(tmp_path.glob("quickstart-algorithms-tiny-*.json"))) == 1

@@ -46,6 +46,16 @@ def test_quickstart_tiny_real_model_end_to_end(tmp_path, capsys):
     assert untimed(json.loads((again / "summary.json").read_text())) == untimed(summary)
     rows_again = [json.loads(line) for line in (again / "metrics/ppo.jsonl").read_text().splitlines()]
     assert [untimed(r) for r in rows_again] == [untimed(r) for r in rows]
+    # --from_run: the labels and reward model of the first run, steps 3-5 only: the same numbers again
+    reused = tmp_path / "reused"
+    assert main(["quickstart", "--scale", "tiny", "--output", str(reused), "--seed", "3", "--from_run", str(out)]) == 0
+    summary_reused = json.loads((reused / "summary.json").read_text())
+    assert summary_reused.pop("reused_from") == str(out) and "time_labels_s" not in summary_reused
+    assert {k: v for k, v in untimed(summary_reused).items()} == \
+        {k: v for k, v in untimed(summary).items()}
+    assert (reused / "data/preferences.jsonl").read_bytes() == (out / "data/preferences.jsonl").read_bytes()
+    rows_reused = [json.loads(line) for line in (reused / "metrics/ppo.jsonl").read_text().splitlines()]
+    assert [untimed(r) for r in rows_reused] == [untimed(r) for r in rows]
 
 
 def test_quickstart_rejects_contradicting_flags(capsys):
@@ -142,20 +152,17 @@ def test_precision_auto_takes_bf16_only_on_a_gpu_where_it_is_fast(monkeypatch):
 @pytest.mark.parametrize("algorithm", ["ppo", "rloo", "grpo", "dr_grpo", "reinforce_pp", "reinforce_pp_baseline",
                                        "remax"])
 def test_every_algorithm_samples_the_presets_responses_per_iteration_with_a_valid_ppo_config(algorithm, scale):
-    from rlhfkit.quickstart.pipeline import ALGORITHMS, PRESETS, QuickstartConfig, algorithm_settings
-    from rlhfkit.train.ppo_config import PPOConfig
+    from rlhfkit.quickstart.pipeline import ALGORITHMS, PRESETS, QuickstartConfig, rl_step_config
 
     assert sorted(ALGORITHMS) == sorted(["ppo", "rloo", "grpo", "dr_grpo", "reinforce_pp", "reinforce_pp_baseline",
                                          "remax"])
     preset = PRESETS[scale]
-    settings = algorithm_settings(algorithm, preset.ppo_batch)
-    k = settings.get("samples_per_prompt", 1)
-    assert settings["rollout_batch_size"] * k == preset.ppo_batch  # the same responses per iteration as PPO
-    cfg = PPOConfig(policy="sft", reward_model=["m:f"], prompts="p.jsonl", output="out", **settings,
-                    ppo_epochs=preset.ppo_epochs, num_minibatches=preset.ppo_minibatches,
-                    micro_batch_size=preset.ppo_micro_batch)  # validates the combination
+    # the step-3 config the pipeline runs (PPOConfig validates the combination)
+    cfg = rl_step_config(QuickstartConfig(scale=scale, algorithm=algorithm), "sft", "rm", "p.jsonl", "out", False)
+    assert cfg.rollout_batch_size * cfg.samples_per_prompt == preset.ppo_batch  # the same responses as PPO
     assert cfg.critic_free == (algorithm != "ppo")
-    assert QuickstartConfig(algorithm=algorithm).algorithm == algorithm
+    assert (cfg.critic_freeze_layers == preset.critic_freeze_layers) == (algorithm == "ppo")
+    assert cfg.advantage_estimator == ("gae" if algorithm == "ppo" else algorithm)
 
 
 def test_an_unknown_algorithm_is_refused_naming_the_choices():
@@ -164,3 +171,32 @@ def test_an_unknown_algorithm_is_refused_naming_the_choices():
 
     with pytest.raises(RlhfkitError, match="algorithm.*ppo.*rloo"):
         QuickstartConfig(algorithm="a2c")
+
+
+def test_from_run_refuses_a_folder_that_is_not_a_finished_run_of_the_same_settings(tmp_path):
+    import yaml
+
+    from rlhfkit.errors import RlhfkitError
+    from rlhfkit.quickstart.pipeline import FROM_RUN_FILES, QuickstartConfig, check_from_run
+
+    src = tmp_path / "earlier"
+    cfg = lambda **kw: QuickstartConfig(output=str(tmp_path / "new"), from_run=str(src), **kw)  # noqa: E731
+    with pytest.raises(RlhfkitError, match="no such run folder"):
+        check_from_run(cfg())
+    for rel in FROM_RUN_FILES:  # a finished run's files
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        if rel == "models/reward_model":
+            (src / rel).mkdir()
+        else:
+            (src / rel).write_text("{}")
+    saved = {"scale": "default", "seed": 0, "model": "", "label_temperature": 0.1, "precision": "auto"}
+    (src / "config.yaml").write_text(yaml.safe_dump(saved))
+    (src / "summary.json").write_text(json.dumps({"label_agreement": 0.9, "label_agreement_expected": 0.91}))
+    assert check_from_run(cfg())["summary"]["label_agreement"] == 0.9
+    with pytest.raises(RlhfkitError, match="seed=0.*seed=1"):
+        check_from_run(cfg(seed=1))
+    with pytest.raises(RlhfkitError, match="--output"):  # the output folder is replaced: never the source
+        check_from_run(QuickstartConfig(output=str(src), from_run=str(src)))
+    (src / "rm_eval.json").unlink()
+    with pytest.raises(RlhfkitError, match="rm_eval.json is missing"):
+        check_from_run(cfg())

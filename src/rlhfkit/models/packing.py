@@ -76,14 +76,14 @@ class Segment:
 class PackedLayout:
     """A packed batch and the way back.
 
-    input_ids, position_ids: (G, Lp) long. Dense layout: ``attention_mask`` (G, 1, Lp, Lp) bool (True = may
-    attend), ``segments`` None. Variable-length layout: G = 1, no padding, ``segments`` the ordered segments covering
-    the packed row, ``masks`` for each segment its bool (1, 1, n, C + n) mask over [context | own] keys (None for a
+    input_ids, position_ids: (G, Lp) long. Dense layout: ``attention_mask`` (G, 1, Lp, Lp) bool (True = may attend),
+    ``segments`` None. Variable-length layout: G = 1, no padding, ``segments`` the ordered segments covering the
+    packed row, ``masks`` for each segment its bool (1, 1, n, C + n) mask over [context | own] keys (None for a
     segment without context: causal), ``attention_mask`` None, ``source`` (T,) long the flat index ``r * L + j`` in
-    the original batch of each packed token (the inverse of ``gather_index`` on real tokens). gather_index: (N, L) long, for each original row and
-    position the flat index ``g * Lp + j`` of its token in the packed batch (padding positions point at index 0 of
-    the row's group; mask them with the original ``attention_mask``). ``tokens`` / ``packed_tokens``: real tokens
-    before / after packing.
+    the original batch of each packed token (the inverse of ``gather_index`` on real tokens). gather_index: (N, L)
+    long, for each original row and position the flat index ``g * Lp + j`` of its token in the packed batch (padding
+    positions point at index 0 of the row's group; mask them with the original ``attention_mask``). ``tokens`` /
+    ``packed_tokens``: real tokens before / after packing.
     """
 
     input_ids: torch.Tensor

@@ -55,6 +55,10 @@ class QuickstartConfig:
                 "reinforce_pp, reinforce_pp_baseline, remax); the same responses per iteration for all "
                 "(the group estimators draw samples_per_prompt = 4 responses to a quarter of the prompts), the "
                 "same reward model, update shape and learning rate (docs/ppo.md, 'Critic-free estimators')"})
+    from_run: str = field(default="", metadata={
+        "help": "reuse the labels and the reward model of an earlier quickstart run folder with the same scale, "
+                "seed, model, label temperature and precision, and run only the RL step and the evaluation (e.g. "
+                "another --algorithm against the same reward model); empty = run everything"})
     precision: str = field(default="auto", metadata={
         "help": "'fp32', 'bf16' (autocast) or 'auto': bf16 on a GPU with fast bf16, fp32 on a CPU (bf16 is ~400x "
                 "slower on AVX2-only CPUs; on AMX CPUs it is faster but not yet shown to train as well)"})
@@ -91,6 +95,24 @@ def algorithm_settings(algorithm: str, prompts_per_iteration: int) -> dict[str, 
     settings = dict(ALGORITHMS[algorithm])
     k = settings.get("samples_per_prompt", 1)
     return {**settings, "rollout_batch_size": max(1, prompts_per_iteration // k)}
+
+
+def rl_step_config(cfg: QuickstartConfig, policy: str, reward_model: str, prompts: str, output: str,
+                   bf16: bool) -> Any:
+    """The `PPOConfig` of step 3: the preset's RL settings, ``--algorithm``'s estimator settings, and the critic's
+    settings for PPO only (a critic-free estimator holds no critic and refuses them)."""
+    from rlhfkit.train.ppo_config import PPOConfig
+
+    preset = PRESETS[cfg.scale]
+    settings = algorithm_settings(cfg.algorithm, preset.ppo_batch)
+    critic = {} if settings["advantage_estimator"] != "gae" else {
+        "critic_freeze_layers": preset.critic_freeze_layers, "critic_learning_rate": preset.critic_lr}
+    return PPOConfig(
+        policy=policy, reward_model=[reward_model], prompts=prompts, output=output, monitor_rewards=[GOLD_REWARD],
+        max_new_tokens=preset.max_new_tokens, temperature=1.0, iterations=preset.ppo_iterations,
+        ppo_epochs=preset.ppo_epochs, num_minibatches=preset.ppo_minibatches, micro_batch_size=preset.ppo_micro_batch,
+        freeze_layers=preset.policy_freeze_layers, learning_rate=preset.policy_lr, kl_coef=preset.kl_coef,
+        bf16=bf16, seed=cfg.seed, sample_table_every=max(1, preset.ppo_iterations // 3), **settings, **critic)
 
 
 @dataclass(frozen=True)
@@ -254,6 +276,45 @@ def check_output(out: Path) -> None:
                            f"--output")
 
 
+# what --from_run reads from the earlier run, and the settings both runs must share (they decide those files)
+FROM_RUN_FILES = ("config.yaml", "summary.json", "rm_eval.json", "data/preferences.jsonl",
+                  "data/heldout_gold_pairs.jsonl", "data/ppo_prompts.jsonl", "models/reward_model")
+FROM_RUN_SAME = ("scale", "seed", "model", "label_temperature", "precision")
+
+
+def check_from_run(cfg: QuickstartConfig) -> dict[str, Any]:
+    """The earlier run of ``--from_run``: its folder, summary and RM metrics, after checking that it holds every
+    file of :data:`FROM_RUN_FILES`, was made with the same :data:`FROM_RUN_SAME` settings, and is not the output
+    folder (which is replaced) or inside it. Raises `RlhfkitError` naming the folder, file or setting."""
+    src, out = Path(cfg.from_run), Path(cfg.output)
+    if not src.is_dir():
+        raise RlhfkitError(f"--from_run {src}: no such run folder")
+    if src.resolve() == out.resolve() or out.resolve() in src.resolve().parents:
+        raise RlhfkitError(f"--from_run {src} is (inside) --output {out}, which the run replaces; give another "
+                           f"--output")
+    for rel in FROM_RUN_FILES:
+        if not (src / rel).exists():
+            raise RlhfkitError(f"--from_run {src}: {rel} is missing (a finished quickstart run folder holds it)")
+    try:
+        saved = yaml.safe_load((src / "config.yaml").read_text())
+        summary = json.loads((src / "summary.json").read_text())
+        rm_eval = json.loads((src / "rm_eval.json").read_text())
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        raise RlhfkitError(f"--from_run {src}: cannot read its config.yaml, summary.json or rm_eval.json "
+                           f"({e})") from None
+    if not isinstance(saved, dict):
+        raise RlhfkitError(f"--from_run {src}: config.yaml is not a quickstart configuration")
+    for name in FROM_RUN_SAME:
+        if saved.get(name) != getattr(cfg, name):
+            raise RlhfkitError(f"--from_run {src} was made with {name}={saved.get(name)!r}, this run has "
+                               f"{name}={getattr(cfg, name)!r}: the labels and reward model depend on it; use the "
+                               f"same {name}")
+    for key in ("label_agreement", "label_agreement_expected"):
+        if key not in summary:
+            raise RlhfkitError(f"--from_run {src}: summary.json has no {key!r}")
+    return {"dir": src, "summary": summary, "rm_eval": rm_eval}
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
@@ -320,13 +381,13 @@ def run(cfg: QuickstartConfig) -> dict[str, Any]:
     from rlhfkit.quickstart.report import eval_headline, regenerate
     from rlhfkit.rollout.scoring import RMReward
     from rlhfkit.train import ppo_trainer, reward_trainer, rm_eval
-    from rlhfkit.train.ppo_config import PPOConfig
     from rlhfkit.train.rm_config import RMTrainConfig
     from rlhfkit.data.preference import parse_preferences
 
     preset = PRESETS[cfg.scale]
     out = Path(cfg.output)
     check_output(out)  # before anything is loaded
+    reused = check_from_run(cfg) if cfg.from_run else None
     times: dict[str, float] = {}
     t_start = time.perf_counter()
     set_seed(cfg.seed)
@@ -351,53 +412,55 @@ def run(cfg: QuickstartConfig) -> dict[str, Any]:
     save_config(cfg, out / "config.yaml")
     times["time_setup_s"] = time.perf_counter() - t0
 
-    # 1. Responses of the SFT policy, labelled by the simulated human (Bradley-Terry over gold scores).
-    t0 = time.perf_counter()
-    train_resp = sample_responses(policy0, tokenizer, train_prompts, preset.responses_per_prompt,
-                                  preset.max_new_tokens, cfg.seed, desc="1/5 sampling for labels",
-                                  autocast_dtype=autocast)
-    held_resp = sample_responses(policy0, tokenizer, heldout_prompts, preset.heldout_responses,
-                                 preset.max_new_tokens, cfg.seed + 1,
-                                 desc="1/5 sampling held-out pairs", autocast_dtype=autocast)
-    pref_rows, agreement, expected = preference_rows(train_prompts, train_resp, cfg.label_temperature, cfg.seed)
-    eval_rows = gold_ordered_pairs(heldout_prompts, held_resp)
-    write_jsonl(out / "data/preferences.jsonl", pref_rows)
-    write_jsonl(out / "data/heldout_gold_pairs.jsonl", eval_rows)
-    ppo_prompts = all_train_prompts if cfg.scale != "tiny" else train_prompts
-    write_jsonl(out / "data/ppo_prompts.jsonl", [{"prompt": user_messages(p)} for p in ppo_prompts])
-    times["time_labels_s"] = time.perf_counter() - t0
+    if reused is not None:  # steps 1-2 from an earlier run (check_from_run): its labels, reward model, RM metrics
+        import shutil
 
-    # 2. Reward model: the ordinary `rm train` path, then accuracy/calibration against the noiseless gold order.
-    t0 = time.perf_counter()
-    rm_dir = out / "models/reward_model"
-    rm_batch = min(preset.rm_batch, len(pref_rows))
-    rm_micro = preset.rm_micro_batch if rm_batch % preset.rm_micro_batch == 0 else rm_batch
-    reward_trainer.run(RMTrainConfig(
-        model=sft, data=str(out / "data/preferences.jsonl"), output=str(rm_dir), eval_fraction=0.0,
-        epochs=preset.rm_epochs, learning_rate=preset.rm_lr, batch_size=rm_batch, micro_batch_size=rm_micro,
-        aggregation="mean", group_by_prompt=True, bf16=bf16,
-        freeze_layers=preset.rm_freeze_layers, max_length=256, logging_steps=5, seed=cfg.seed,
-        warmup_ratio=0.1))
-    rm_model, rm_tok = rm_eval.load_scoring_model(str(rm_dir))
-    rm_metrics = rm_eval.evaluate_reward_model(rm_model, rm_tok, parse_preferences(eval_rows, "held-out pairs"),
-                                               bf16=bf16, source="held-out pairs")
-    atomic_write_json(out / "rm_eval.json", rm_metrics)
-    del rm_model
-    times["time_reward_model_s"] = time.perf_counter() - t0
+        shutil.copytree(reused["dir"] / "data", out / "data", dirs_exist_ok=True)
+        shutil.copytree(reused["dir"] / "models/reward_model", out / "models/reward_model")
+        rm_metrics = reused["rm_eval"]
+        atomic_write_json(out / "rm_eval.json", rm_metrics)
+        agreement, expected = reused["summary"]["label_agreement"], reused["summary"]["label_agreement_expected"]
+        pref_rows = read_jsonl(out / "data/preferences.jsonl")
+        rm_dir = out / "models/reward_model"
+    else:
+        # 1. Responses of the SFT policy, labelled by the simulated human (Bradley-Terry over gold scores).
+        t0 = time.perf_counter()
+        train_resp = sample_responses(policy0, tokenizer, train_prompts, preset.responses_per_prompt,
+                                      preset.max_new_tokens, cfg.seed, desc="1/5 sampling for labels",
+                                      autocast_dtype=autocast)
+        held_resp = sample_responses(policy0, tokenizer, heldout_prompts, preset.heldout_responses,
+                                     preset.max_new_tokens, cfg.seed + 1,
+                                     desc="1/5 sampling held-out pairs", autocast_dtype=autocast)
+        pref_rows, agreement, expected = preference_rows(train_prompts, train_resp, cfg.label_temperature, cfg.seed)
+        eval_rows = gold_ordered_pairs(heldout_prompts, held_resp)
+        write_jsonl(out / "data/preferences.jsonl", pref_rows)
+        write_jsonl(out / "data/heldout_gold_pairs.jsonl", eval_rows)
+        ppo_prompts = all_train_prompts if cfg.scale != "tiny" else train_prompts
+        write_jsonl(out / "data/ppo_prompts.jsonl", [{"prompt": user_messages(p)} for p in ppo_prompts])
+        times["time_labels_s"] = time.perf_counter() - t0
+
+        # 2. Reward model: the ordinary `rm train` path, then accuracy/calibration against the noiseless gold order.
+        t0 = time.perf_counter()
+        rm_dir = out / "models/reward_model"
+        rm_batch = min(preset.rm_batch, len(pref_rows))
+        rm_micro = preset.rm_micro_batch if rm_batch % preset.rm_micro_batch == 0 else rm_batch
+        reward_trainer.run(RMTrainConfig(
+            model=sft, data=str(out / "data/preferences.jsonl"), output=str(rm_dir), eval_fraction=0.0,
+            epochs=preset.rm_epochs, learning_rate=preset.rm_lr, batch_size=rm_batch, micro_batch_size=rm_micro,
+            aggregation="mean", group_by_prompt=True, bf16=bf16,
+            freeze_layers=preset.rm_freeze_layers, max_length=256, logging_steps=5, seed=cfg.seed,
+            warmup_ratio=0.1))
+        rm_model, rm_tok = rm_eval.load_scoring_model(str(rm_dir))
+        rm_metrics = rm_eval.evaluate_reward_model(rm_model, rm_tok, parse_preferences(eval_rows, "held-out pairs"),
+                                                   bf16=bf16, source="held-out pairs")
+        atomic_write_json(out / "rm_eval.json", rm_metrics)
+        del rm_model
+        times["time_reward_model_s"] = time.perf_counter() - t0
 
     # 3. PPO against the reward model (the ordinary `ppo` path), monitoring the gold score of every rollout batch.
     t0 = time.perf_counter()
     ppo_dir = out / "ppo"
-    ppo_trainer.run(PPOConfig(
-        policy=sft, reward_model=[str(rm_dir)], prompts=str(out / "data/ppo_prompts.jsonl"), output=str(ppo_dir),
-        monitor_rewards=[GOLD_REWARD], max_new_tokens=preset.max_new_tokens, temperature=1.0,
-        **algorithm_settings(cfg.algorithm, preset.ppo_batch), iterations=preset.ppo_iterations,
-        ppo_epochs=preset.ppo_epochs,
-        num_minibatches=preset.ppo_minibatches, micro_batch_size=preset.ppo_micro_batch,
-        freeze_layers=preset.policy_freeze_layers, critic_freeze_layers=preset.critic_freeze_layers,
-        learning_rate=preset.policy_lr,
-        critic_learning_rate=preset.critic_lr, kl_coef=preset.kl_coef, bf16=bf16, seed=cfg.seed,
-        sample_table_every=max(1, preset.ppo_iterations // 3)))
+    ppo_trainer.run(rl_step_config(cfg, sft, str(rm_dir), str(out / "data/ppo_prompts.jsonl"), str(ppo_dir), bf16))
     (out / "metrics").mkdir(exist_ok=True)
     write_jsonl(out / "metrics/ppo.jsonl", ppo_metrics_for_report(ppo_dir / "metrics.jsonl"))
     times["time_ppo_s"] = time.perf_counter() - t0
@@ -427,6 +490,8 @@ def run(cfg: QuickstartConfig) -> dict[str, Any]:
                "label_agreement_expected": expected, "label_temperature": cfg.label_temperature,
                **eval_headline(before, after), "scale": cfg.scale, "seed": cfg.seed, "algorithm": cfg.algorithm,
                "precision": "bf16" if bf16 else "fp32", "peak_rss_mib": round(peak_rss_mib(), 1), **times}
+    if reused is not None:
+        summary["reused_from"] = str(reused["dir"])
     atomic_write_json(out / "summary.json", summary)
     regenerate(out)
     print(f"\nrun folder: {out}\n" + "\n".join(f"  {k}: {v:.4g}" if isinstance(v, float) else f"  {k}: {v}"

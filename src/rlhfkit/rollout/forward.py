@@ -36,8 +36,8 @@ from rlhfkit.models.packing import packed_hidden, varlen_layout, varlen_problem
 from rlhfkit.models.reward import RewardModel, unwrap_peft
 from rlhfkit.models.trunk import Trunk, run_blocks, supports_split
 
-__all__ = ["PolicyForward", "TrimmedBatch", "critic_forward", "packing_problem", "policy_forward", "policy_value_forward",
-           "response_positions", "trim_batch", "trunk_decoder", "trunk_forward"]
+__all__ = ["PolicyForward", "TrimmedBatch", "critic_forward", "packing_problem", "policy_forward",
+           "policy_value_forward", "response_positions", "trim_batch", "trunk_decoder", "trunk_forward"]
 
 # Config attributes of transformers models whose causal-LM forward transforms the LM head's output
 # (Gemma 2/3 soft-capping, Cohere's logit_scale, Granite's logits_scaling). Applying the LM head by hand would
