@@ -34,7 +34,7 @@ def make_t5_folder(path: Path, seed: int = 0) -> Path:
     """A tiny random T5 (float32, dropout 0.1 in its config: rlhfkit must turn it off) + tokenizer, as an HF folder."""
     torch.manual_seed(seed)
     config = T5Config(vocab_size=len(VOCAB), d_model=32, d_kv=8, d_ff=64, num_layers=ENC_LAYERS,
-                      num_decoder_layers=DEC_LAYERS, num_heads=4, relative_attention_num_buckets=8,
+                      num_decoder_layers=DEC_LAYERS, num_heads=4, relative_attention_num_buckets=32,
                       dropout_rate=0.1, pad_token_id=PAD, eos_token_id=EOS, decoder_start_token_id=PAD)
     T5ForConditionalGeneration(config).save_pretrained(path)
     make_tokenizer().save_pretrained(path)
