@@ -61,7 +61,9 @@ def answer_token_ids(tokenizer: Any) -> tuple[int, int]:
                                f"single token (they are for T5's tokenizer)")
         ids.append(encoded[0])
     if ids[0] == ids[1]:
-        raise RlhfkitError(f"the tokenizer encodes 'A' and 'B' as the same token {ids[0]}")
+        raise RlhfkitError(f"the tokenizer encodes 'A' and 'B' as the same token {ids[0]} (not in its vocabulary?); "
+                           f"a seq2seq preference model reads one logit per answer, so they must be two distinct "
+                           f"single tokens (they are for T5's tokenizer)")
     return ids[0], ids[1]
 
 
@@ -128,7 +130,10 @@ class Seq2SeqRanker(Ranker):
                                                           trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as e:
             raise RlhfkitError(f"cannot load an encoder-decoder (seq2seq) LM from {str(path)!r}: {e}") from e
-        return cls(model, tokenizer, max_length)
+        try:
+            return cls(model, tokenizer, max_length)
+        except RlhfkitError as e:
+            raise RlhfkitError(f"{path}: {e}") from None
 
     def metadata(self) -> dict:
         """The ``rlhfkit.json`` content."""

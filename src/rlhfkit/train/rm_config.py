@@ -144,7 +144,7 @@ class RMTrainConfig:
                 "is computed and attention costs Σ n_i² rather than (Σ n_i)²; with --share_prompts, rows that "
                 "share a prompt run it once. Same scores and gradients up to float rounding. 'auto': on for "
                 "decoder reward models with SDPA attention and no sliding window, off elsewhere (encoder, "
-                "PairRM); 'on': the same, but refuse a model it cannot apply to; 'off': padded batches."})
+                "PairRM, seq2seq); 'on': the same, but refuse a model it cannot apply to; 'off': padded batches."})
     share_prompts: bool = field(default=True, metadata={
         "help": "Decoder reward models with SDPA attention: the rows of a micro-batch that share their prompt run "
                 "it once (inside the packed sequence with --packing; else packed into one padded sequence with a "
