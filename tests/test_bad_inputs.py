@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -67,6 +68,7 @@ class Models:
     sft: Path          # a tiny causal LM (HF folder with tokenizer): rm train's --model, ppo's --policy
     rm: Path           # a reward model saved by rlhfkit (decoder, last token)
     not_a_model: Path  # a folder holding a README only
+    ranker: Path       # a seq2seq (SteamSHP-style) ranker on a tiny T5
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +81,12 @@ def models(tmp_path_factory) -> Models:
     (root / "not_a_model" / "README.md").write_text("notes, not a model\n")
     (root / "bad_rewards.py").write_text(BAD_REWARDS)
     (root / "bad_rewards_broken.py").write_text(BROKEN_MODULE)
-    return Models(root, sft, root / "rm", root / "not_a_model")
+    from seq2seq_helpers import make_t5_folder
+
+    from rlhfkit.models.seq2seq import Seq2SeqRanker
+
+    Seq2SeqRanker.from_backbone(make_t5_folder(root / "t5"), max_length=64).save_pretrained(root / "ranker")
+    return Models(root, sft, root / "rm", root / "not_a_model", root / "ranker")
 
 
 def edited(rows: list[dict], edit: dict[int, dict] | None, drop: dict[int, str] | None) -> list[dict]:
@@ -327,6 +334,22 @@ def _(w):
     return w.rm_train(model=w.m.not_a_model), ("not_a_model' has no config.json and no .gguf file",)
 
 
+@case("rm-train-seq2seq-answers-not-tokens", "rm train", "--model_kind seq2seq on a T5 whose tokenizer has no "
+      "'A'/'B' tokens")
+def _(w):
+    folder = w.tmp / "t5-words"
+    shutil.copytree(w.m.root / "t5", folder)
+    make_tokenizer().save_pretrained(folder)  # the word-level tokenizer: 'A' and 'B' are both <unk>
+    return (w.rm_train(None, "--model_kind", "seq2seq", model=folder),
+            ("t5-words: the tokenizer encodes 'A' and 'B' as the same token 2",))
+
+
+@case("rm-train-seq2seq-freeze-layers", "rm train", "--freeze_layers with --model_kind seq2seq")
+def _(w):
+    return (w.rm_train(None, "--model_kind", "seq2seq", "--freeze_layers", "1"),
+            ("--freeze_layers does not apply to model_kind=seq2seq",))
+
+
 @case("rm-train-yaml-unknown-key", "rm train", "a YAML config with an unknown key")
 def _(w):
     config = w.text("rm.yaml", f"model: {w.m.sft}\ndata: {w.prefs()}\noutput: {w.out}\nlearnign_rate: 0.1\n")
@@ -448,6 +471,11 @@ def _(w):
     return w.score(data, "--max_length", "16", "--overlong", "fail"), ("rows.jsonl, row 5: too long",)
 
 
+@case("score-ranker", "score", "a ranker folder (seq2seq), which compares two responses")
+def _(w):
+    return w.score(model=w.m.ranker), ("is a seq2seq (SteamSHP-style) ranker: it compares two responses",)
+
+
 @case("score-causal-lm", "score", "a causal LM folder where a reward model is expected")
 def _(w):
     return w.score(model=w.m.sft), ("is not a reward model folder", "LlamaForCausalLM")
@@ -567,6 +595,18 @@ def _(w):
 @case("ppo-reward-causal-lm", "ppo", "a causal LM folder as --reward_model")
 def _(w):
     return w.ppo(reward=str(w.m.sft)), ("is not a reward model folder", "LlamaForCausalLM")
+
+
+@case("ppo-ranker-reference-missing", "ppo", "a ranker --reward_model with prompts that have no 'reference'")
+def _(w):
+    return w.ppo(reward=str(w.m.ranker)), ("prompts.jsonl, row 1, field 'reference': missing field",)
+
+
+@case("ppo-ranker-reference-empty", "ppo", "a ranker --reward_model with an empty 'reference'")
+def _(w):
+    rows = [{"prompt": f"w{3 + i} w{5 + i}", "reference": "w9 w10" if i != 2 else " "} for i in range(4)]
+    return (w.ppo(reward=str(w.m.ranker), prompts=w.prompts(rows=rows)),
+            ("prompts.jsonl, row 3, field 'reference': empty or whitespace-only text",))
 
 
 @case("ppo-reward-weights-count", "ppo", "two --reward_weights for one reward source")

@@ -185,7 +185,7 @@ def test_reward_modeling_page_documents_exactly_the_logged_metrics(tmp_path):
     logged = set().union(*read_jsonl(out / "metrics.jsonl"), json.loads((out / "eval_results.json").read_text()))
     # the other objectives' statistics, named by the trainer's own code
     for extra in [dict(loss="bce"), dict(loss="ce2"), dict(loss="mse"), dict(loss="multi_objective", aspects=["a"]),
-                  dict(model_kind="pairrm")]:
+                  dict(model_kind="pairrm"), dict(model_kind="seq2seq")]:
         cfg = RMTrainConfig(model="m", data="d", output="o", **extra)
         objective = (PairwiseObjective if cfg.pairwise else PointwiseObjective)(cfg, 0)
         for prefix in ("rm", "eval"):
@@ -218,7 +218,8 @@ DESIGN = ROOT.parent / "shared" / "DESIGN.md"  # the team's design guide, beside
 NAME_PAGES = sorted(DOCS.glob("*.md")) + [ROOT / "README.md"] + ([DESIGN] if DESIGN.is_file() else [])
 CONTRACT_PAGE = "architecture.md"  # its bare class names and `function(args)` signatures are rlhfkit's contracts
 # Bare names of other libraries on the contract page, each checked to exist in its library (not allow-listed blind).
-FOREIGN = {"AutoModelForSequenceClassification": "transformers", "DatasetDict": "datasets",
+FOREIGN = {"AutoModelForSequenceClassification": "transformers", "AutoModelForSeq2SeqLM": "transformers",
+           "DatasetDict": "datasets",
            "GenericForSequenceClassification": "transformers.modeling_layers"}
 # `fn(prompts, responses) -> list[float]`: the user's reward function; `source(prompts, ...)`: any reward source
 PLACEHOLDERS = {"fn", "source"}

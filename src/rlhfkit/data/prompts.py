@@ -1,7 +1,9 @@
 """PPO prompts, and the field checks shared by every data parser.
 
 A prompt is either a text (``str``) or a conversation: a non-empty list of ``{"role", "content"}`` messages
-(both strings, content not blank). Message dicts are normalised to exactly those two keys.
+(both strings, content not blank). Message dicts are normalised to exactly those two keys. A prompt row may also
+carry a ``reference`` response text, which a ranker reward source compares each policy response with
+(:func:`load_references`).
 """
 
 from __future__ import annotations
@@ -124,3 +126,16 @@ def parse_prompts(rows: list[dict[str, Any]], source: Any = None) -> list[Prompt
 def load_prompts(path: str | PathLike, split: str | None = None) -> list[Prompt]:
     """Read and validate PPO prompts from ``path`` (any format of :func:`rlhfkit.data.sources.read_rows`)."""
     return parse_prompts(read_rows(path, split), path)
+
+
+def parse_references(rows: list[dict[str, Any]], source: Any = None) -> list[str]:
+    """The ``reference`` response text of every row (required on each; non-blank text), in row order."""
+    if not rows:
+        raise data_error(source, None, None, "no rows")
+    return [check_text(require(row, "reference", source, i), source, i, "reference")
+            for i, row in enumerate(rows, start=1)]
+
+
+def load_references(path: str | PathLike, split: str | None = None) -> list[str]:
+    """The reference responses of the PPO prompts file ``path``, one per row (see :func:`parse_references`)."""
+    return parse_references(read_rows(path, split), path)

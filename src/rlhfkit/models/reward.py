@@ -522,6 +522,8 @@ def critic_problem(path: str | os.PathLike, tokenizer: Any = None, trust_remote_
     """
     folder = Path(path)
     meta = _read_metadata(folder)
+    if meta is not None and meta["kind"] in ("pairrm", "seq2seq"):
+        return f"it holds a {meta['kind']} ranker, which compares two responses and has no per-token scores"
     kind = meta.get("backbone_kind", meta["kind"]) if meta is not None else "decoder"
     if kind != "decoder":
         return f"it holds an {kind} model; the critic needs a decoder (causal) model"

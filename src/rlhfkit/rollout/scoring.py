@@ -10,6 +10,10 @@ left-padded, responses (B, T) right-padded, with boolean masks (True = real toke
 where the response ended (EOS, an extra stop id or a stop string; ``Rollout.stopped``) and False where it hit
 ``max_new_tokens``. Function rewards see only the texts (``fn(prompts, responses)``).
 
+A source whose attribute ``needs_references`` is True (a ranker) also takes ``references``: the reference response
+text (B,) of each row's prompt (the PPO prompts file's ``reference`` field), as a keyword. Callers pass it through
+:func:`call_source`, which gives it only to such sources, so every other source keeps the seven arguments.
+
 Every source returns ``scores`` as a float32 tensor of shape (B,) **on the CPU** (so that sources on different
 devices combine; the caller moves the scores to the policy device), and raises :class:`RlhfkitError` naming the
 source when a score is not finite.
@@ -20,6 +24,8 @@ Sources:
   ``AutoModelForSequenceClassification`` folder). An rlhfkit model whose tokenizer has the policy's vocabulary
   reads the policy's ids directly; otherwise the texts are rendered with its own tokenizer by the rendering rule
   of RM training (:func:`rlhfkit.data.tokenize.encode_for_rm`, under the model's convention).
+* :class:`RankerReward` — a frozen pairwise ranker (PairRM or seq2seq/SteamSHP-style folder): the score of a
+  response is the ranker's symmetric logit of (response vs the prompt's reference response).
 * :class:`FunctionReward` — a Python function ``fn(prompts, responses) -> list[float]``, named
   ``"package.module:function"`` (rule-based rewards, gold judges).
 * :class:`CombinedReward` — a weighted sum of sources.
@@ -41,9 +47,11 @@ import torch
 from rlhfkit.data.tokenize import encode_for_rm, end_with_eos, fit_prompt, right_pad
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.models.loading import load_tokenizer, same_vocabulary
+from rlhfkit.models.rankers import load_ranker, ranker_kind
 from rlhfkit.models.reward import RewardModel, reward_pad_token_id
 
-__all__ = ["CombinedReward", "FunctionReward", "RMReward", "RewardSource", "check_scores", "load_reward"]
+__all__ = ["CombinedReward", "FunctionReward", "RMReward", "RankerReward", "RewardSource", "call_source",
+           "check_scores", "load_reward", "needs_references"]
 
 
 class RewardSource(Protocol):
@@ -61,6 +69,16 @@ class RewardSource(Protocol):
         response_mask: torch.Tensor,
         stopped: torch.Tensor,
     ) -> torch.Tensor: ...
+
+
+def needs_references(source: Any) -> bool:
+    """True for a source that scores responses against reference responses (its ``needs_references``)."""
+    return bool(getattr(source, "needs_references", False))
+
+
+def call_source(source: RewardSource, *args: Any, references: Sequence[str] | None = None) -> torch.Tensor:
+    """``source(*args)``, plus ``references=`` for a source that needs them (module docstring)."""
+    return source(*args, references=references) if needs_references(source) else source(*args)
 
 
 def check_scores(values: Any, batch_size: int, name: str) -> torch.Tensor:
@@ -221,6 +239,65 @@ class RMReward:
         return check_scores(result, B, self.name)
 
 
+# ---------------------------------------------------------------------------------------------- ranker
+class RankerReward:
+    """Scores from a frozen pairwise ranker (a PairRM or seq2seq folder) against a reference response per prompt.
+
+    A ranker compares two responses and gives no score to one alone, so each response is compared with the
+    REFERENCE response of its prompt (``references``, the prompts file's ``reference`` field)::
+
+        score = (logit(response, reference) - logit(reference, response)) / 2
+
+    the ranker's symmetric logit (`rlhfkit.models.pairrm.Ranker.symmetric_logits`): the log-odds that the response
+    beats the reference, averaged over both orders so that position bias cancels; 0 = as good as the reference.
+    The ranker reads texts: the prompt is the query decoded with the policy tokenizer WITHOUT special tokens
+    (chat-template markers dropped), the response text as given; inputs are built with the ranker's own
+    tokenizer and the ``max_length`` it was trained with (its equal length cap). ``stopped`` plays no part
+    (``--missing_stop_penalty`` handles unfinished responses). No stored normalisation statistics exist for a
+    ranker: ``normalize=True`` is an :class:`RlhfkitError`.
+    """
+
+    needs_references = True
+
+    def __init__(self, path: str | os.PathLike, policy_tokenizer: Any, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32, batch_size: int = 16, normalize: bool = False) -> None:
+        if batch_size < 1:
+            raise RlhfkitError(f"reward batch_size must be at least 1, got {batch_size}")
+        self.name = f"ranker {str(path)!r}"
+        if normalize:
+            raise RlhfkitError(f"{self.name} has no normalisation statistics for score normalisation 'reference': its "
+                               f"score is already relative to the prompt's reference response (0 = as good as it); "
+                               f"choose another score normalisation")
+        self.device = torch.device(device)
+        self.model = load_ranker(path, dtype=dtype).to(self.device).eval().requires_grad_(False)
+        self.policy_tokenizer = policy_tokenizer
+        self.batch_size = batch_size
+
+    def __call__(
+        self,
+        prompts: Sequence[str],
+        responses: Sequence[str],
+        query_ids: torch.Tensor,
+        query_mask: torch.Tensor,
+        response_ids: torch.Tensor,
+        response_mask: torch.Tensor,
+        stopped: torch.Tensor,
+        references: Sequence[str] | None = None,
+    ) -> torch.Tensor:
+        B = query_ids.shape[0]
+        if references is None:
+            raise RlhfkitError(f"{self.name} scores each response against its prompt's reference response; give the "
+                               f"prompts file a 'reference' field (the reference response text) on every row")
+        if len(responses) != B or len(references) != B:
+            raise ValueError(f"{len(responses)} responses and {len(references)} references for a batch of {B}")
+        rows = [query_ids[b][query_mask[b].bool()].tolist() for b in range(B)]
+        texts = self.policy_tokenizer.batch_decode(rows, skip_special_tokens=True)
+        scores = [self.model.symmetric_logits(texts[i:i + self.batch_size], list(responses[i:i + self.batch_size]),
+                                              list(references[i:i + self.batch_size]))
+                  for i in range(0, B, self.batch_size)]
+        return check_scores(torch.cat(scores) if scores else torch.zeros(0), B, self.name)
+
+
 # ---------------------------------------------------------------------------------------------- functions
 def user_exception(error: BaseException) -> str:
     """``"ValueError: text (at file.py:12, in fn)"``: a user function's exception and the line that raised it."""
@@ -294,6 +371,7 @@ class CombinedReward:
         self.sources = list(sources)
         self.weights = [float(w) for w in weights]
         self.name = " + ".join(f"{w:g} * {s.name}" for s, w in zip(self.sources, self.weights))
+        self.needs_references = any(needs_references(s) for s in self.sources)
 
     def __call__(
         self,
@@ -304,11 +382,13 @@ class CombinedReward:
         response_ids: torch.Tensor,
         response_mask: torch.Tensor,
         stopped: torch.Tensor,
+        references: Sequence[str] | None = None,
     ) -> torch.Tensor:
         total = torch.zeros(len(responses), dtype=torch.float32)
         for source, weight in zip(self.sources, self.weights):
-            scores = check_scores(source(prompts, responses, query_ids, query_mask, response_ids, response_mask,
-                                         stopped), len(responses), source.name)
+            scores = check_scores(call_source(source, prompts, responses, query_ids, query_mask, response_ids,
+                                              response_mask, stopped, references=references), len(responses),
+                                  source.name)
             total = total + weight * scores
         return check_scores(total, len(responses), self.name)
 
@@ -322,8 +402,9 @@ def load_reward(
     batch_size: int = 16,
     normalize: bool = False,
 ) -> RewardSource:
-    """A reward source from specs: ``"module:function"`` (a spec with ':' that is not an existing path) or a
-    reward-model folder. One spec without weights gives that source itself; otherwise a :class:`CombinedReward`
+    """A reward source from specs: ``"module:function"`` (a spec with ':' that is not an existing path), a ranker
+    folder (PairRM or seq2seq: a :class:`RankerReward`, scoring against reference responses) or a reward-model
+    folder. One spec without weights gives that source itself; otherwise a :class:`CombinedReward`
     (weights default to 1 each). ``normalize=True``: every source is a reward model that applies its stored
     statistics before the combination (:class:`RMReward`); a function, or a model never fitted, is an
     :class:`RlhfkitError`."""
@@ -347,8 +428,9 @@ def load_reward(
         if not path.exists():
             raise RlhfkitError(f"reward model folder {spec!r} does not exist (for a reward function write "
                                f"'package.module:function')")
-        sources.append(RMReward(path, policy_tokenizer, device=device, dtype=dtype, batch_size=batch_size,
-                                normalize=normalize))
+        source_cls = RankerReward if ranker_kind(path) is not None else RMReward
+        sources.append(source_cls(path, policy_tokenizer, device=device, dtype=dtype, batch_size=batch_size,
+                                  normalize=normalize))
     if len(sources) == 1 and weights is None:
         return sources[0]
     return CombinedReward(sources, list(weights) if weights is not None else [1.0] * len(sources))

@@ -61,10 +61,12 @@ class PPOConfig:
     policy: str = field(metadata=_help("the SFT policy to start from: an HF folder, a .gguf file, or a folder "
                                        "holding one .gguf"))
     reward_model: list[str] = field(metadata=_help(
-        "reward source(s): an rlhfkit reward-model folder, an HF sequence-classification folder, or a rule "
+        "reward source(s): an rlhfkit reward-model folder, an HF sequence-classification folder, a ranker folder "
+        "(PairRM or seq2seq: scores each response against the prompt's 'reference' response), or a rule "
         "'module:function' (fn(prompts, responses) -> list[float]); several are combined with --reward_weights"))
     prompts: str = field(metadata=_help("prompt file (.jsonl/.json/.csv/.parquet or a saved dataset) with a "
-                                        "'prompt' or 'messages' field"))
+                                        "'prompt' or 'messages' field, and a 'reference' response text on every "
+                                        "row when a reward source is a ranker"))
     output: str = field(metadata=_help("run folder: metrics.jsonl, samples.jsonl, tensorboard/, checkpoints/, and "
                                        "at the end policy/ and critic/ (--critic shared: value_head.safetensors)"))
     reward_weights: Optional[list[float]] = field(default=None, metadata=_help(

@@ -52,7 +52,7 @@ from rlhfkit.config import save_config
 from rlhfkit.core.kl_control import make_kl_controller
 from rlhfkit.core.rewards import (RunningMoments, ShapedRewards, clip_scores, missing_stop_penalty, shape_rewards,
                                   whiten_scores)
-from rlhfkit.data.prompts import load_prompts
+from rlhfkit.data.prompts import load_prompts, load_references
 from rlhfkit.data.tokenize import left_pad, tokenize_prompts
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.models.adapters import apply_lora, freeze_lower_layers
@@ -61,7 +61,7 @@ from rlhfkit.models.reward import critic_problem, is_reward_model_folder, load_c
 from rlhfkit.models.value_head import ValueHead
 from rlhfkit.rollout.forward import packing_problem
 from rlhfkit.rollout.sampling import GenerationConfig, Rollout, sample
-from rlhfkit.rollout.scoring import load_reward
+from rlhfkit.rollout.scoring import call_source, load_reward, needs_references
 from rlhfkit.train import ppo_state
 from rlhfkit.train.checkpoint import checkpoint_step, require_latest_checkpoint
 from rlhfkit.train.ppo_advantages import estimate_advantages
@@ -179,6 +179,11 @@ class PPOTrainer:
                                   normalize=cfg.score_norm == "reference")
         self.monitors = {monitor_name(spec): load_reward([spec], None, self.tokenizer, device=self.device)
                          for spec in cfg.monitor_rewards}
+        # a ranker reward compares each response with its prompt's reference response (the 'reference' field)
+        self.references: list[str] | None = None
+        if any(needs_references(s) for s in (self.reward, *self.monitors.values())):
+            references = load_references(cfg.prompts)
+            self.references = [r for row, r in enumerate(references, start=1) if row not in dropped]
 
         eos = self.tokenizer.eos_token_id
         stops = ([eos] if eos is not None else []) + [t for t in cfg.stop_token_ids if t != eos]
@@ -291,9 +296,10 @@ class PPOTrainer:
                          autocast_dtype=self.autocast_dtype)
         return rollout, local
 
-    def greedy_scores(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+    def greedy_scores(self, rollout: Rollout, indices: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``remax``: the raw scores and stop flags (B / k,) of one greedy (temperature 0) response to each prompt
-        of the rollout (its rows p·k, prompt-major), sampled by the same engine, scored by the same sources."""
+        of the rollout (its rows p·k, prompt-major, ``indices`` their prompt indices), sampled by the same engine,
+        scored by the same sources."""
         k = self.cfg.samples_per_prompt
         query_ids, query_mask = rollout.query_ids[::k], rollout.query_mask[::k]
         greedy = replace(self.generation, temperature=0.0)
@@ -302,23 +308,37 @@ class PPOTrainer:
         else:
             out = sample(self.policy, query_ids.to(self.device), query_mask.to(self.device), greedy,
                          tokenizer=self.tokenizer, autocast_dtype=self.autocast_dtype)
-        return self.raw_scores(out)[0], out.stopped
+        return self.raw_scores(out, indices[::k] if indices is not None else None)[0], out.stopped
 
     # -- step 2: score ---------------------------------------------------------------------------------
-    def raw_scores(self, rollout: Rollout) -> tuple[torch.Tensor, list[str], list[str]]:
-        """The reward sources' scores (B,) of the rows, with the prompt and response texts they read."""
+    def row_references(self, indices: list[int] | None) -> list[str] | None:
+        """The reference response of each row's prompt (``indices``: the rows' prompt indices) when a reward
+        source compares with references; else None."""
+        if self.references is None:
+            return None
+        if indices is None:
+            raise ValueError("a ranker reward source needs the rows' prompt indices to find their references")
+        return [self.references[i] for i in indices]
+
+    def raw_scores(self, rollout: Rollout, indices: list[int] | None = None
+                   ) -> tuple[torch.Tensor, list[str], list[str]]:
+        """The reward sources' scores (B,) of the rows, with the prompt and response texts they read
+        (``indices``: each row's prompt index, needed by a ranker source for the prompt's reference response)."""
         prompts = decode_rows(self.tokenizer, rollout.query_ids, rollout.query_mask, skip_special_tokens=False)
         responses = decode_rows(self.tokenizer, rollout.response_ids, rollout.response_mask, skip_special_tokens=True)
-        scores = self.reward(prompts, responses, rollout.query_ids, rollout.query_mask, rollout.response_ids,
-                             rollout.response_mask, rollout.stopped)
+        scores = call_source(self.reward, prompts, responses, rollout.query_ids, rollout.query_mask,
+                             rollout.response_ids, rollout.response_mask, rollout.stopped,
+                             references=self.row_references(indices))
         return scores.to(self.device, torch.float32), prompts, responses
 
-    def monitor_stats(self, rollout: Rollout, prompts: list[str], responses: list[str]) -> dict[str, float]:
+    def monitor_stats(self, rollout: Rollout, prompts: list[str], responses: list[str],
+                      indices: list[int] | None = None) -> dict[str, float]:
         """Mean score of each monitor reward over the global rollout batch (logged, never trained on)."""
         out = {}
         for name, source in self.monitors.items():
-            scores = source(prompts, responses, rollout.query_ids, rollout.query_mask, rollout.response_ids,
-                            rollout.response_mask, rollout.stopped).to(self.device, torch.float32)
+            scores = call_source(source, prompts, responses, rollout.query_ids, rollout.query_mask,
+                                 rollout.response_ids, rollout.response_mask, rollout.stopped,
+                                 references=self.row_references(indices)).to(self.device, torch.float32)
             out[f"monitor/{name}"] = float(self.dist.gather(scores).mean())
         return out
 
@@ -438,15 +458,15 @@ class PPOTrainer:
         """Steps 1-6 of iteration ``step`` (1-based); the KL controller is updated after the update."""
         cfg = self.cfg
         start = time.perf_counter()
-        rollout, _ = self.rollout()
+        rollout, indices = self.rollout()
         # remax: the greedy baseline responses (sampled before the update, by the same policy) and their scores
-        greedy = self.greedy_scores(rollout) if cfg.advantage_estimator == "remax" else None
+        greedy = self.greedy_scores(rollout, indices) if cfg.advantage_estimator == "remax" else None
         t_rollout = time.perf_counter() - start
         t0 = time.perf_counter()
-        raw_scores, prompts, responses = self.raw_scores(rollout)
+        raw_scores, prompts, responses = self.raw_scores(rollout, indices)
         t_score = time.perf_counter() - t0
         stats, history = self.learn(rollout, raw_scores, greedy)
-        stats.update(self.monitor_stats(rollout, prompts, responses))
+        stats.update(self.monitor_stats(rollout, prompts, responses, indices))
         # 6. statistics (the KL controller was updated in `learn`)
         elapsed = time.perf_counter() - start
         episodes = cfg.episodes_per_iteration

@@ -1,4 +1,4 @@
-"""``rlhfkit rm train``: train a reward model (or a PairRM ranker) on preference or pointwise data.
+"""``rlhfkit rm train``: train a reward model (or a PairRM / seq2seq ranker) on preference or pointwise data.
 
 The run reads as numbered steps (see :func:`run`):
 
@@ -57,7 +57,7 @@ from rlhfkit.data.tokenize import (
 )
 from rlhfkit.errors import RlhfkitError, data_error
 from rlhfkit.train.checkpoint import load_state, require_latest_checkpoint, save_checkpoint, save_state
-from rlhfkit.train.rm_config import RMTrainConfig
+from rlhfkit.train.rm_config import RANKER_KINDS, RMTrainConfig
 from rlhfkit.train.rm_eval import (
     collate_pair_items,
     forward_pairs,
@@ -90,15 +90,17 @@ class StepOut:
 
 
 class PairwiseObjective:
-    """Preference pairs; reward models (chosen rows then rejected rows) or PairRM (both orders, BCE)."""
+    """Preference pairs; reward models (chosen rows then rejected rows) or rankers (both orders, BCE).
 
-    def __init__(self, cfg: RMTrainConfig, pad_id: int):
-        self.loss_name = "pairrm" if cfg.model_kind == "pairrm" else cfg.loss
+    ``kind``: the resolved model kind (default ``cfg.model_kind``; `rm train` passes what 'auto' resolved to)."""
+
+    def __init__(self, cfg: RMTrainConfig, pad_id: int, kind: str | None = None):
+        self.loss_name = "ranker" if (kind or cfg.model_kind) in RANKER_KINDS else cfg.loss
         self.center = cfg.center_rewards_coef
         self.share_prompts = cfg.share_prompts
         self.packing = cfg.packing != "off"
         self.pad_id = pad_id
-        self.names = ("accuracy", "margin") + (() if self.loss_name == "pairrm" else ("chosen_mean", "rejected_mean"))
+        self.names = ("accuracy", "margin") + (() if self.loss_name == "ranker" else ("chosen_mean", "rejected_mean"))
 
     def collate(self, items: Sequence[Any]) -> dict[str, Any]:
         return collate_pair_items(items, self.pad_id)
@@ -108,7 +110,7 @@ class PairwiseObjective:
 
     def step(self, model: Any, batch: dict[str, Any]) -> StepOut:
         diff, chosen, rejected, out = forward_pairs(model, batch, self.share_prompts, self.packing)
-        if self.loss_name == "pairrm":  # out = logits of (c, r) rows then (r, c) rows
+        if self.loss_name == "ranker":  # out = logits of (c, r) rows then (r, c) rows
             half = out.shape[0] // 2
             labels = torch.cat([torch.ones(half), torch.zeros(half)]).to(out.device)
             loss = pointwise_bce(out, labels)
@@ -132,7 +134,7 @@ class PairwiseObjective:
 class PointwiseObjective:
     """One response per example: bce/ce2 (0/1 label), mse (score), multi_objective (aspect scores)."""
 
-    def __init__(self, cfg: RMTrainConfig, pad_id: int):
+    def __init__(self, cfg: RMTrainConfig, pad_id: int, kind: str | None = None):
         self.loss_name = cfg.loss
         self.share_prompts = cfg.share_prompts
         self.packing = cfg.packing != "off"
@@ -173,7 +175,7 @@ def _check_targets(examples: Sequence[Any], cfg: RMTrainConfig, source: str) -> 
     """The loss's required column is present on every row (the loaders check types and values)."""
     need = {"margin": "margin", "bce": "label", "ce2": "label", "mse": "score", "multi_objective": "scores"}
     field = need.get(cfg.loss)
-    if field is None or cfg.model_kind == "pairrm":
+    if field is None or cfg.model_kind in RANKER_KINDS:
         return
     for i, ex in enumerate(examples, start=1):
         if getattr(ex, field) is None:
@@ -211,10 +213,13 @@ def load_examples(cfg: RMTrainConfig) -> tuple[list, list, str | None]:
             [ex for i, ex in enumerate(train) if i in eval_idx], cfg.data)
 
 
-def tokenize_examples(cfg: RMTrainConfig, tokenizer: Any, examples: Sequence[Any], source: str) -> tuple[list, Any]:
+def tokenize_examples(cfg: RMTrainConfig, tokenizer: Any, examples: Sequence[Any], source: str,
+                      kind: str | None = None) -> tuple[list, Any]:
+    """Tokenised items for the (resolved) model ``kind`` (default ``cfg.model_kind``); errors name ``source``."""
+    kind = kind or cfg.model_kind
     if cfg.pairwise:
-        items, report = tokenize_pairs(cfg.model_kind == "pairrm", tokenizer, examples, cfg.max_length, cfg.overlong,
-                                       source)
+        items, report = tokenize_pairs(kind if kind in RANKER_KINDS else None, tokenizer, examples, cfg.max_length,
+                                       cfg.overlong, source)
         if cfg.loss == "token_level":
             for p in items:
                 if p.chosen_ids == p.rejected_ids:
@@ -231,8 +236,9 @@ def tokenize_examples(cfg: RMTrainConfig, tokenizer: Any, examples: Sequence[Any
 # Step 2: model
 # ----------------------------------------------------------------------------------------------------------
 def resolve_kind(cfg: RMTrainConfig) -> str:
-    """decoder / encoder / pairrm; 'auto' looks at the model's config (encoders: BERT-like model types) and then
-    holds the settings to the detected kind's rules (`RMTrainConfig.check_model_kind`)."""
+    """decoder / encoder / pairrm / seq2seq; 'auto' looks at the model's config (an encoder-decoder config: seq2seq;
+    encoders: BERT-like model types; else decoder) and then holds the settings to the detected kind's rules
+    (`RMTrainConfig.check_model_kind`)."""
     if cfg.model_kind != "auto":
         return cfg.model_kind
     from transformers import AutoConfig
@@ -242,7 +248,7 @@ def resolve_kind(cfg: RMTrainConfig) -> str:
     config = AutoConfig.from_pretrained(hf_folder(cfg.model), trust_remote_code=cfg.trust_remote_code)
     archs = config.architectures or []
     encoder = config.model_type in ENCODER_MODEL_TYPES or any(a.endswith("ForMaskedLM") for a in archs)
-    kind = "encoder" if encoder else "decoder"
+    kind = "seq2seq" if getattr(config, "is_encoder_decoder", False) else "encoder" if encoder else "decoder"
     cfg.check_model_kind(kind)
     return kind
 
@@ -252,12 +258,16 @@ def build_model(cfg: RMTrainConfig, kind: str, tokenizer: Any) -> torch.nn.Modul
     from rlhfkit.models.adapters import apply_lora, freeze_lower_layers
     from rlhfkit.models.pairrm import PairRanker
     from rlhfkit.models.reward import RewardModel, unwrap_peft
+    from rlhfkit.models.seq2seq import Seq2SeqRanker
 
     set_seed(cfg.seed)
     common = dict(tokenizer=tokenizer, trust_remote_code=cfg.trust_remote_code)
+    rm = None  # the RewardModel holding the transformer (none for the seq2seq kind: `model.model` is it)
     if kind == "pairrm":
         model = PairRanker.from_backbone(cfg.model, max_length=cfg.max_length, **common)
         rm = model.rm
+    elif kind == "seq2seq":
+        model = Seq2SeqRanker.from_backbone(cfg.model, max_length=cfg.max_length, **common)
     else:
         aspects: dict[str, Any] = {}
         if cfg.loss == "ce2":  # two logits; the scalar score is z_good - z_bad
@@ -266,7 +276,9 @@ def build_model(cfg: RMTrainConfig, kind: str, tokenizer: Any) -> torch.nn.Modul
             aspects = dict(num_aspects=len(cfg.aspects), aspect_names=cfg.aspects, aspect_weights=cfg.aspect_weights)
         aggregation = cfg.aggregation if kind == "decoder" else cfg.pooling
         model = rm = RewardModel.from_backbone(cfg.model, kind=kind, aggregation=aggregation, **aspects, **common)
-    if cfg.lora_r > 0:
+    if cfg.lora_r > 0 and kind == "seq2seq":  # a peft model around the transformers model (its LM head not adapted)
+        model.model = apply_lora(model.model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+    elif cfg.lora_r > 0:
         apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
     if cfg.freeze_layers == -1:  # the head only (decoder: `score`, encoder: `head`); also final norms and adapters
         for name, p in model.named_parameters():
@@ -274,11 +286,11 @@ def build_model(cfg: RMTrainConfig, kind: str, tokenizer: Any) -> torch.nn.Modul
                 p.requires_grad_(False)
     elif cfg.freeze_layers > 0:
         freeze_lower_layers(model, cfg.freeze_layers)
-    if cfg.packing == "on" and rm.packing_problem() is not None:
+    if cfg.packing == "on" and rm is not None and rm.packing_problem() is not None:
         raise RlhfkitError(f"--packing on: {cfg.model} cannot be packed padding-free: {rm.packing_problem()}; use "
                            f"--packing auto or off")
     if cfg.gradient_checkpointing:
-        hf = unwrap_peft(rm.model)
+        hf = unwrap_peft(rm.model if rm is not None else model.model)
         if hasattr(hf, "activation_checkpointing_enable"):  # transformers >= 5.x name
             hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
@@ -482,13 +494,14 @@ def run(cfg: RMTrainConfig) -> dict[str, float]:
                            f"{cfg.micro_batch_size} × {n_proc}")
     out_dir = Path(cfg.output)
     resume_from = check_output(cfg)
-    kind = resolve_kind(cfg)  # 'auto' -> decoder / encoder, checked against the settings before any work
+    kind = resolve_kind(cfg)  # 'auto' -> decoder / encoder / seq2seq, checked against the settings before any work
 
     # 1. Data: load and validate everything, split, tokenise (errors name file, row and field).
     train_ex, eval_ex, eval_source = load_examples(cfg)
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    train_items, report = tokenize_examples(cfg, tokenizer, train_ex, cfg.data)
-    eval_items, eval_report = tokenize_examples(cfg, tokenizer, eval_ex, eval_source) if eval_ex else ([], None)
+    train_items, report = tokenize_examples(cfg, tokenizer, train_ex, cfg.data, kind)
+    eval_items, eval_report = (tokenize_examples(cfg, tokenizer, eval_ex, eval_source, kind) if eval_ex
+                               else ([], None))
     if is_main:
         accumulation = cfg.batch_size // (cfg.micro_batch_size * n_proc)
         print(f"processes: {n_proc}; {cfg.batch_size} examples per optimizer step = {n_proc} process(es) × "
@@ -503,7 +516,7 @@ def run(cfg: RMTrainConfig) -> dict[str, float]:
 
     # 2. Tokenizer and model (seeded head; LoRA; frozen layers).
     model = build_model(cfg, kind, tokenizer)
-    objective = (PairwiseObjective if cfg.pairwise else PointwiseObjective)(cfg, pad_id_of(model))
+    objective = (PairwiseObjective if cfg.pairwise else PointwiseObjective)(cfg, pad_id_of(model), kind)
     model.train()
 
     # 3. Batch plan: a seeded (length-grouped) order of global batches; process `rank` takes batch[rank::n_proc].

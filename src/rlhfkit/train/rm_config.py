@@ -15,7 +15,8 @@ from rlhfkit.errors import RlhfkitError
 PAIRWISE_LOSSES: tuple[str, ...] = ("logsigmoid", "logexp", "margin", "token_level")
 POINTWISE_LOSSES: tuple[str, ...] = ("bce", "ce2", "mse")
 LOSSES: tuple[str, ...] = PAIRWISE_LOSSES + POINTWISE_LOSSES + ("multi_objective",)
-MODEL_KINDS: tuple[str, ...] = ("auto", "decoder", "encoder", "pairrm")
+MODEL_KINDS: tuple[str, ...] = ("auto", "decoder", "encoder", "pairrm", "seq2seq")
+RANKER_KINDS: tuple[str, ...] = ("pairrm", "seq2seq")  # one input holds both responses; BCE on both orders
 AGGREGATIONS: tuple[str, ...] = ("last", "mean", "sum")
 POOLINGS: tuple[str, ...] = ("cls", "mean")
 OVERLONG: tuple[str, ...] = ("truncate_prompt_left", "drop", "fail")
@@ -66,7 +67,9 @@ class RMTrainConfig:
     model_kind: str = field(default="auto", metadata={
         "help": "Reward-model architecture: 'decoder' (causal LM backbone), 'encoder' (bidirectional "
                 "backbone), 'pairrm' (one input holds the prompt and both responses; trained with BCE on both "
-                "orders), 'auto' = decoder or encoder from the model's config."})
+                "orders), 'seq2seq' (SteamSHP style: an encoder-decoder LM such as T5 reads the prompt and both "
+                "responses and scores the answer 'A' against 'B' at its first decoder step; BCE on both orders), "
+                "'auto' = decoder, encoder or (an encoder-decoder config) seq2seq from the model's config."})
     aggregation: str = field(default="last", metadata={
         "help": "Decoder models: how per-token scores become one score: 'last' real token (the standard, "
                 "loadable by AutoModelForSequenceClassification), 'mean' or 'sum' over response tokens."})
@@ -141,7 +144,7 @@ class RMTrainConfig:
                 "is computed and attention costs Σ n_i² rather than (Σ n_i)²; with --share_prompts, rows that "
                 "share a prompt run it once. Same scores and gradients up to float rounding. 'auto': on for "
                 "decoder reward models with SDPA attention and no sliding window, off elsewhere (encoder, "
-                "PairRM); 'on': the same, but refuse a model it cannot apply to; 'off': padded batches."})
+                "PairRM, seq2seq); 'on': the same, but refuse a model it cannot apply to; 'off': padded batches."})
     share_prompts: bool = field(default=True, metadata={
         "help": "Decoder reward models with SDPA attention: the rows of a micro-batch that share their prompt run "
                 "it once (inside the packed sequence with --packing; else packed into one padded sequence with a "
@@ -197,35 +200,44 @@ class RMTrainConfig:
             self.check_model_kind(self.model_kind)
 
     def check_model_kind(self, kind: str) -> None:
-        """Reject settings that the reward-model kind (decoder, encoder or pairrm) cannot use.
+        """Reject settings that the reward-model kind (decoder, encoder, pairrm or seq2seq) cannot use.
 
         Called here for an explicit --model_kind, and by `rm train` once 'auto' is resolved from the model's config
         (before anything is written), so that an auto-detected encoder is held to the same rules.
         """
         which = (f"model_kind={kind}" if kind == self.model_kind
                  else f"model_kind=auto resolved to {kind!r} for {self.model}")
-        if kind == "pairrm":
+        if kind in RANKER_KINDS:
+            ranker = {"pairrm": "PairRM", "seq2seq": "a seq2seq ranker"}[kind]
             if self.loss != "logsigmoid":
-                raise RlhfkitError("model_kind=pairrm is trained with its own BCE on both orders of each pair; "
-                                   "leave loss at its default 'logsigmoid' (preference data)")
+                raise RlhfkitError(f"{which}: a ranker is trained with its own BCE on both orders of each pair; "
+                                   f"leave loss at its default 'logsigmoid' (preference data)")
             if self.center_rewards_coef > 0:
-                raise RlhfkitError("center_rewards_coef does not apply to model_kind=pairrm: PairRM outputs the "
-                                   "probability that one response beats the other, not per-response rewards to "
-                                   "centre; leave center_rewards_coef at 0")
+                raise RlhfkitError(f"center_rewards_coef does not apply to {which}: {ranker} outputs the "
+                                   f"probability that one response beats the other, not per-response rewards to "
+                                   f"centre; leave center_rewards_coef at 0")
+            if self.group_by_prompt:
+                raise RlhfkitError(f"--group_by_prompt does not apply to {which}: each ranker input holds the prompt "
+                                   f"and both responses, so no sequence is shared between pairs")
+        if kind == "seq2seq" and self.freeze_layers != 0:
+            raise RlhfkitError(f"--freeze_layers does not apply to {which}: an encoder-decoder has two stacks of "
+                               f"blocks and no separate head (its LM head reads the answers); train it in full or "
+                               f"with --lora_r")
         if self.loss == "token_level" and kind != "decoder":
             raise RlhfkitError(f"loss=token_level needs the causal per-token scores of a decoder model, but {which} "
                                f"(a bidirectional backbone: each token's output sees the whole sequence); use a "
                                f"decoder backbone or a sequence-level loss such as logsigmoid")
         if self.aggregation != "last" and kind != "decoder":
             raise RlhfkitError(f"--aggregation {self.aggregation} applies to decoder reward models, but {which}"
-                               + (" (PairRM reads the last token)" if kind == "pairrm"
-                                  else "; encoders pool with --pooling cls|mean"))
+                               + {"pairrm": " (PairRM reads the last token)",
+                                  "seq2seq": " (a seq2seq ranker reads its first decoder step)"}.get(
+                                   kind, "; encoders pool with --pooling cls|mean"))
         if self.packing == "on" and kind != "decoder":
             raise RlhfkitError(f"--packing on needs a decoder reward model (causal attention within each packed "
                                f"row), but {which}; use --packing auto (packs decoders only) or off")
         if self.pooling != "cls" and kind != "encoder":
             raise RlhfkitError(f"--pooling {self.pooling} applies to encoder reward models, but {which}"
-                               + ("" if kind == "pairrm" else "; decoders aggregate with --aggregation last|mean|sum"))
+                               + ("" if kind in RANKER_KINDS else "; decoders aggregate with --aggregation last|mean|sum"))
 
     @property
     def pairwise(self) -> bool:

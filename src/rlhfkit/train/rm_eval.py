@@ -11,8 +11,9 @@ Definitions (``r_c``, ``r_r`` the scores of the chosen and the rejected response
   ``acc_b`` their accuracy (as above) and ``conf_b`` their mean confidence; the expected calibration error is
   ``ECE = Σ_b n_b / N · |acc_b - conf_b|`` (Guo et al. 2017, "On calibration of modern neural networks", eq. 3).
 
-For a PairRM ranker, ``d`` is the symmetric logit ``(logit(c, r) - logit(r, c)) / 2``, so ``p = σ(d)`` is the
-ranker's own symmetric P(chosen better), and the same definitions apply.
+For a ranker (PairRM, or the seq2seq SteamSHP-style kind), ``d`` is the symmetric logit
+``(logit(c, r) - logit(r, c)) / 2``, so ``p = σ(d)`` is the ranker's own symmetric P(chosen better), and the same
+definitions apply.
 
 :func:`evaluate_reward_model` is the Python entry point (used by the trainer's held-out evaluation and by the
 quickstart); :func:`pairwise_metrics` is the pure metric computation on scores.
@@ -20,19 +21,19 @@ quickstart); :func:`pairwise_metrics` is the pure metric computation on scores.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from rlhfkit.data.preference import PreferenceExample, load_preferences
 from rlhfkit.data.tokenize import TokenizeReport, collate_pairs, tokenize_preferences
 from rlhfkit.errors import RlhfkitError, data_error
-from rlhfkit.models.pairrm import PairRanker, build_input, pad_right
-from rlhfkit.models.reward import METADATA_FILE, RewardModel
+from rlhfkit.models.pairrm import Ranker, pad_right
+from rlhfkit.models.rankers import RANKERS, load_ranker, ranker_kind
+from rlhfkit.models.reward import RewardModel
 from rlhfkit.train.rm_config import RMEvalConfig
 
 CONFIG = RMEvalConfig
@@ -99,20 +100,21 @@ def pairwise_metrics(diff: torch.Tensor, num_bins: int = 10, chosen: torch.Tenso
 # ----------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RankerPair:
-    """A PairRM input in both orders: (prompt, chosen, rejected) and (prompt, rejected, chosen)."""
+    """A ranker input in both orders: (prompt, chosen, rejected) and (prompt, rejected, chosen)."""
 
     ab_ids: list[int]
     ba_ids: list[int]
     row: int
 
 
-def tokenize_ranker_pairs(tokenizer: Any, examples: Sequence[PreferenceExample], max_length: int,
+def tokenize_ranker_pairs(build: Callable[..., list[int]], examples: Sequence[PreferenceExample], max_length: int,
                           overlong: str) -> tuple[list[RankerPair], TokenizeReport]:
-    """PairRM inputs with the over-long policy: truncate (the ranker's symmetric cap), drop, or fail."""
+    """Ranker inputs (``build`` = a ranker kind's ``input_builder(tokenizer)``) with the over-long policy: truncate
+    (the ranker's symmetric cap), drop, or fail."""
     items, n_truncated, dropped = [], 0, []
     for index, ex in enumerate(examples):
         row = ex.row if ex.row is not None else index + 1
-        ab = build_input(tokenizer, ex.prompt, ex.chosen, ex.rejected)
+        ab = build(ex.prompt, ex.chosen, ex.rejected)
         if len(ab) > max_length:
             if overlong == "fail":
                 raise data_error(None, row, None, f"too long: the ranker input has {len(ab)} tokens > max_length "
@@ -121,8 +123,8 @@ def tokenize_ranker_pairs(tokenizer: Any, examples: Sequence[PreferenceExample],
                 dropped.append(row)
                 continue
             n_truncated += 1
-            ab = build_input(tokenizer, ex.prompt, ex.chosen, ex.rejected, max_length)
-        ba = build_input(tokenizer, ex.prompt, ex.rejected, ex.chosen, max_length)  # the cap is symmetric in A, B
+            ab = build(ex.prompt, ex.chosen, ex.rejected, max_length)
+        ba = build(ex.prompt, ex.rejected, ex.chosen, max_length)  # the cap is symmetric in A, B
         items.append(RankerPair(ab, ba, row))
     return items, TokenizeReport(len(examples), n_truncated, len(dropped), max_length, overlong, tuple(dropped))
 
@@ -132,13 +134,13 @@ def with_source(error: RlhfkitError, source: Any) -> RlhfkitError:
     return RlhfkitError(f"{source}, {error}") if source is not None else error
 
 
-def tokenize_pairs(ranker: bool, tokenizer: Any, examples: Sequence[PreferenceExample], max_length: int,
+def tokenize_pairs(ranker: str | None, tokenizer: Any, examples: Sequence[PreferenceExample], max_length: int,
                    overlong: str, source: Any = None, convention: str = "rlhfkit") -> tuple[list, TokenizeReport]:
-    """``TokenizedPair``s for a reward model (rendered under its ``convention``), ``RankerPair``s for a PairRM
-    ranker; errors name ``source``."""
+    """``TokenizedPair``s for a reward model (``ranker`` None or False; rendered under its ``convention``),
+    ``RankerPair``s for a ranker of kind ``ranker`` ('pairrm' or 'seq2seq'); errors name ``source``."""
     try:
         if ranker:
-            return tokenize_ranker_pairs(tokenizer, examples, max_length, overlong)
+            return tokenize_ranker_pairs(RANKERS[ranker].input_builder(tokenizer), examples, max_length, overlong)
         return tokenize_preferences(tokenizer, examples, max_length, overlong, convention=convention)
     except RlhfkitError as e:
         raise with_source(e, source) from None
@@ -146,8 +148,9 @@ def tokenize_pairs(ranker: bool, tokenizer: Any, examples: Sequence[PreferenceEx
 
 def pad_id_of(model: Any) -> int:
     """The id batches for this model are padded with (never EOS; see ``reward_pad_token_id``)."""
-    rm = model.rm if isinstance(model, PairRanker) else model
-    return rm.pad_token_id if rm.pad_token_id is not None else 0
+    if isinstance(model, Ranker):
+        return model.pad_id
+    return model.pad_token_id if model.pad_token_id is not None else 0
 
 
 def pair_length(item: Any) -> int:
@@ -173,9 +176,9 @@ def forward_pairs(model: Any, batch: dict[str, Any], share_prompts: bool = True,
     ``share_prompts``: a decoder reward model runs each prompt of the batch once (`rlhfkit.models.packing`):
     a pair's chosen and rejected rows share their prompt, and so do all K responses of a prompt in K-wise batches.
     ``packing``: a decoder reward model runs the batch as one padding-free packed sequence
-    (`RewardModel.forward`); a PairRM ranker ignores both.
+    (`RewardModel.forward`); a ranker ignores both.
     """
-    if isinstance(getattr(model, "module", None), PairRanker) or isinstance(model, PairRanker):
+    if isinstance(getattr(model, "module", None), Ranker) or isinstance(model, Ranker):
         logits = model(batch["input_ids"], batch["attention_mask"])
         half = logits.shape[0] // 2
         return (logits[:half] - logits[half:]) / 2, None, None, logits
@@ -253,12 +256,12 @@ def score_pair_items(model: Any, items: Sequence[Any], batch_size: int, bf16: bo
 def evaluate_reward_model(model: Any, tokenizer: Any, examples: Sequence[PreferenceExample], batch_size: int = 16,
                           max_length: int = 1024, overlong: str = "truncate_prompt_left", num_bins: int = 10,
                           bf16: bool = False, source: Any = None) -> dict[str, Any]:
-    """Pairwise metrics of a ``RewardModel`` or ``PairRanker`` on preference examples (module docstring).
+    """Pairwise metrics of a ``RewardModel`` or a ranker on preference examples (module docstring).
 
     Returns ``{"n", "accuracy", "margin", "ties", "ece", "bins", "chosen_mean", "rejected_mean" (reward models),
     "n_dropped", "n_truncated"}``. Raises RlhfkitError when no pair is left after the over-long policy.
     """
-    ranker = isinstance(model, PairRanker)
+    ranker = model.kind if isinstance(model, Ranker) else None
     items, report = tokenize_pairs(ranker, tokenizer, examples, max_length, overlong, source,
                                    convention="rlhfkit" if ranker else model.convention)
     if not items:
@@ -270,21 +273,15 @@ def evaluate_reward_model(model: Any, tokenizer: Any, examples: Sequence[Prefere
 
 
 def load_scoring_model(path: str, trust_remote_code: bool = False) -> tuple[Any, Any]:
-    """``(model, tokenizer)`` from a folder written by ``rlhfkit rm train``: a ``RewardModel`` or a ``PairRanker``."""
+    """``(model, tokenizer)`` from a folder written by ``rlhfkit rm train``: a ``RewardModel`` or a ranker
+    (``PairRanker``, ``Seq2SeqRanker``, by the kind its ``rlhfkit.json`` says)."""
     from rlhfkit.models.loading import load_tokenizer
 
     folder = Path(path)
     if not folder.is_dir():
         raise RlhfkitError(f"reward model folder {path!r} not found")
-    meta_path = folder / METADATA_FILE
-    kind = None
-    if meta_path.is_file():
-        try:
-            kind = json.loads(meta_path.read_text()).get("kind")
-        except json.JSONDecodeError as e:
-            raise RlhfkitError(f"{meta_path}: not valid JSON ({e})") from None
-    if kind == "pairrm":
-        model = PairRanker.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    if ranker_kind(folder) is not None:
+        model = load_ranker(folder, trust_remote_code=trust_remote_code)
         tokenizer = model.tokenizer or load_tokenizer(folder, trust_remote_code=trust_remote_code)
     else:
         model = RewardModel.from_pretrained(folder, trust_remote_code=trust_remote_code)

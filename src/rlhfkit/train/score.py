@@ -26,7 +26,7 @@ from rlhfkit.data.prompts import check_prompt, require
 from rlhfkit.data.sources import read_rows
 from rlhfkit.data.tokenize import collate_points, tokenize_pointwise
 from rlhfkit.errors import RlhfkitError, data_error
-from rlhfkit.models.pairrm import PairRanker
+from rlhfkit.models.pairrm import Ranker
 from rlhfkit.models.reward import METADATA_FILE, RewardModel
 from rlhfkit.train.rm_config import ScoreConfig
 from rlhfkit.train.rm_eval import load_scoring_model, pad_id_of, to_device, with_source
@@ -119,9 +119,10 @@ def run(cfg: ScoreConfig) -> list[dict[str, Any]]:
     reference = load_scoring_rows(cfg.fit_reference)[1] if cfg.fit_reference else None
     # 2. Model.
     model, tokenizer = load_scoring_model(cfg.model, cfg.trust_remote_code)
-    if isinstance(model, PairRanker):
-        raise RlhfkitError(f"{cfg.model} is a PairRM ranker: it compares two responses and gives no score to one; "
-                           f"use a reward model")
+    if isinstance(model, Ranker):
+        raise RlhfkitError(f"{cfg.model} is a {model.label} ranker: it compares two responses and gives no score to "
+                           f"one; use a reward model (as a PPO reward, a ranker scores each response against the "
+                           f"prompt's 'reference' response: docs/reward_modeling.md)")
     if cfg.normalize == "reference" and reference is None and model.normalization is None:
         raise RlhfkitError(f"{cfg.model}: --normalize reference needs reference statistics; run once with "
                            f"--fit_reference FILE (reference outputs, e.g. the SFT model's responses)")
