@@ -46,7 +46,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from transformers import get_scheduler
 
 from rlhfkit.config import save_config
 from rlhfkit.core.kl_control import make_kl_controller
@@ -62,6 +61,7 @@ from rlhfkit.models.value_head import ValueHead
 from rlhfkit.rollout.sampling import GenerationConfig, Rollout, sample
 from rlhfkit.rollout.scoring import load_reward
 from rlhfkit.train import ppo_state
+from rlhfkit.train.engine.optim import ModuleGroup, build_optimizer, build_scheduler, module_lr
 from rlhfkit.train.checkpoint import checkpoint_step, require_latest_checkpoint
 from rlhfkit.train.ppo_advantages import estimate_advantages
 from rlhfkit.train.ppo_config import PPOConfig
@@ -72,7 +72,6 @@ from rlhfkit.utils import MetricsLogger, progress, set_seed, warn_if_slow_bf16
 
 CONFIG = PPOConfig
 logger = logging.getLogger(__name__)
-_SCHEDULERS = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
 
 
 @dataclass
@@ -196,14 +195,14 @@ class PPOTrainer:
         # optimisation state (critic=shared: one optimizer and schedule, the value head its second param group)
         self.critic_optimizer: torch.optim.Optimizer | None = None
         self.critic_scheduler: Any = None
-        if self.critic is None:
-            self.policy_optimizer = self._optimizer((self.policy, cfg.learning_rate))
-        elif self.shared_critic:
-            self.policy_optimizer = self._optimizer((self.policy, cfg.learning_rate),
-                                                    (self.critic, cfg.value_learning_rate))
+        policy_group = ModuleGroup("policy", self.policy, cfg.learning_rate)
+        critic_group = ModuleGroup("critic", self.critic, cfg.value_learning_rate) if self.critic is not None else None
+        if critic_group is None or self.shared_critic:
+            self.policy_optimizer = build_optimizer([policy_group] + ([critic_group] if critic_group else []),
+                                                    cfg.weight_decay)
         else:
-            self.policy_optimizer = self._optimizer((self.policy, cfg.learning_rate))
-            self.critic_optimizer = self._optimizer((self.critic, cfg.value_learning_rate))
+            self.policy_optimizer = build_optimizer([policy_group], cfg.weight_decay)
+            self.critic_optimizer = build_optimizer([critic_group], cfg.weight_decay)
             self.critic_scheduler = self._scheduler(self.critic_optimizer)
         self.policy_scheduler = self._scheduler(self.policy_optimizer)
         try:
@@ -252,22 +251,8 @@ class PPOTrainer:
                           max_num_seqs=self.local_batch_size, seed=cfg.seed,
                           dtype="bfloat16" if cfg.bf16 else "float32", device=self.device, tokenizer=self.tokenizer)
 
-    def _optimizer(self, *groups: tuple[torch.nn.Module, float]) -> torch.optim.Optimizer:
-        """AdamW over the trainable parameters of each (model, learning rate), one param group per model."""
-        param_groups = []
-        for model, lr in groups:
-            params = [p for p in model.parameters() if p.requires_grad]
-            if not params:
-                raise RlhfkitError(f"{type(model).__name__} has no trainable parameter")
-            param_groups.append({"params": params, "lr": lr})
-        # the fused kernel is ~3x faster than the per-tensor loop on CPU (and exists on CUDA)
-        fused = all(p.dtype.is_floating_point and p.device.type in ("cpu", "cuda")
-                    for g in param_groups for p in g["params"])
-        return torch.optim.AdamW(param_groups, weight_decay=self.cfg.weight_decay, fused=fused or None)
-
     def _scheduler(self, optimizer: torch.optim.Optimizer) -> Any:
-        return get_scheduler(_SCHEDULERS[self.cfg.lr_scheduler], optimizer,
-                             num_warmup_steps=self.cfg.warmup_iterations, num_training_steps=self.num_iterations)
+        return build_scheduler(self.cfg.lr_scheduler, optimizer, self.cfg.warmup_iterations, self.num_iterations)
 
     # -- step 1: rollout -------------------------------------------------------------------------------
     def rollout(self) -> tuple[Rollout, list[int]]:
@@ -410,10 +395,9 @@ class PPOTrainer:
         estimate of the sequence KL, whatever ``kl_estimator`` shapes the rewards); returns (stats, per-minibatch
         stats). ``greedy``: `prepare`'s (``remax``)."""
         exp = self.prepare(rollout, raw_scores, greedy)
-        lrs = {"train/lr": self.policy_scheduler.get_last_lr()[0]}
+        lrs = {"train/lr": module_lr(self.policy_scheduler, self.policy)}
         if self.critic is not None:  # critic=shared: the value head's param group
-            lrs["train/critic_lr"] = self.policy_scheduler.get_last_lr()[1] if self.shared_critic else \
-                self.critic_scheduler.get_last_lr()[0]
+            lrs["train/critic_lr"] = module_lr(self.critic_scheduler or self.policy_scheduler, self.critic)
         start = time.perf_counter()
         history = self.update(exp)
         t_update = time.perf_counter() - start

@@ -57,6 +57,7 @@ from rlhfkit.data.tokenize import (
 )
 from rlhfkit.errors import RlhfkitError, data_error
 from rlhfkit.train.checkpoint import load_state, require_latest_checkpoint, save_checkpoint, save_state
+from rlhfkit.train.engine.optim import ModuleGroup, build_optimizer, build_scheduler, trainable_parameters
 from rlhfkit.train.rm_config import RMTrainConfig
 from rlhfkit.train.rm_eval import (
     collate_pair_items,
@@ -312,10 +313,6 @@ def check_output(cfg: RMTrainConfig) -> Path | None:
     return None
 
 
-def trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-
-
 def write_checkpoint(folder: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any, state: dict) -> None:
     """Trainable weights (safetensors) + optimizer, scheduler, trainer state and RNG (torch.save, plain data)."""
     from safetensors.torch import save_file
@@ -469,8 +466,6 @@ def make_accelerator() -> Any:
 
 def run(cfg: RMTrainConfig) -> dict[str, float]:
     """Train (see the module docstring for the steps); returns the last held-out metrics (empty without)."""
-    from transformers import get_scheduler
-
     from rlhfkit.models.loading import load_tokenizer
 
     accelerator = make_accelerator()
@@ -517,12 +512,9 @@ def run(cfg: RMTrainConfig) -> dict[str, float]:
 
     # 4. Optimizer (decay on matrices only) and learning-rate schedule.
     params = trainable_parameters(model)
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for _, p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-         {"params": [p for _, p in params if p.ndim < 2], "weight_decay": 0.0}], lr=cfg.learning_rate)
+    optimizer = build_optimizer([ModuleGroup("model", model, cfg.learning_rate)], cfg.weight_decay)
     warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
-    scheduler = get_scheduler("constant_with_warmup" if cfg.lr_scheduler == "constant" else cfg.lr_scheduler,
-                              optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    scheduler = build_scheduler(cfg.lr_scheduler, optimizer, warmup, total_steps)
     n_stats = 3 + len(objective.names)
     state = {"step": 0, "epoch": 0, "next_batch": 0, "window": [0.0] * n_stats, "window_grad_norm": 0.0,
              "window_steps": 0, "total_steps": total_steps, "train_examples": len(train_items)}
