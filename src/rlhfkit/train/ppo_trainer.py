@@ -61,12 +61,13 @@ from rlhfkit.models.value_head import ValueHead
 from rlhfkit.rollout.sampling import GenerationConfig, Rollout, sample
 from rlhfkit.rollout.scoring import load_reward
 from rlhfkit.train import ppo_state
-from rlhfkit.train.engine.optim import ModuleGroup, build_optimizer, build_scheduler, module_lr
 from rlhfkit.train.checkpoint import checkpoint_step, require_latest_checkpoint
+from rlhfkit.train.engine.optim import ModuleGroup, build_optimizer, build_scheduler, module_lr
+from rlhfkit.train.engine.processes import Processes
 from rlhfkit.train.ppo_advantages import estimate_advantages
 from rlhfkit.train.ppo_config import PPOConfig
 from rlhfkit.train.ppo_trunk import TrunkSharing
-from rlhfkit.train.ppo_update import (Dist, UpdateBatch, UpdateSettings, draw_plan, mean_stats, micro_batches,
+from rlhfkit.train.ppo_update import (UpdateBatch, UpdateSettings, draw_plan, mean_stats, micro_batches,
                                       pad_columns, ppo_update, rollout_forward, rollout_stats)
 from rlhfkit.utils import MetricsLogger, progress, set_seed, warn_if_slow_bf16
 
@@ -112,9 +113,9 @@ class PPOTrainer:
     folder is touched.
     """
 
-    def __init__(self, cfg: PPOConfig, dist: Dist | None = None) -> None:
+    def __init__(self, cfg: PPOConfig, dist: Processes | None = None) -> None:
         self.cfg = cfg
-        self.dist = dist or Dist()
+        self.dist = dist or Processes.start("ppo")
         self.output = Path(cfg.output)
         self.device = self.dist.device
         self.autocast_dtype = torch.bfloat16 if cfg.bf16 else None

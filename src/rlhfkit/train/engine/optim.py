@@ -65,11 +65,11 @@ def build_optimizer(groups: Sequence[ModuleGroup], weight_decay: float) -> torch
 
 
 def module_lr(scheduler: Any, module: nn.Module) -> float:
-    """The current learning rate of ``module``: that of the scheduler's param group holding its first trainable
-    parameter (found by identity, so any optimizer's groups, in any order, are read right)."""
-    first = next(p for _, p in trainable_parameters(module))
+    """The current learning rate of ``module``: that of the first of the scheduler's param groups that holds one of
+    its parameters (found by identity, so any optimizer's groups, in any order, are read right)."""
+    mine = {id(p) for p in module.parameters()}
     for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
-        if any(p is first for p in group["params"]):
+        if any(id(p) in mine for p in group["params"]):
             return float(lr)
     raise KeyError(f"the scheduler's optimizer does not hold the parameters of {type(module).__name__}")
 
