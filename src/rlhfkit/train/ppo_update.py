@@ -1,4 +1,5 @@
-"""The tensor side of a PPO iteration: the rollout-time forward passes (step 3) and the update loop (step 5). The trainer (`ppo_trainer.py`) calls these with plain tensors, so a test can inject a fixed rollout.
+"""The tensor side of a PPO iteration: the rollout-time forward passes (step 3) and the update loop (step 5).
+The trainer (`ppo_trainer.py`) calls these with plain tensors, so a test can inject a fixed rollout.
 
 Exactness of the first minibatch
 --------------------------------
@@ -30,8 +31,8 @@ import torch
 from torch import nn
 
 from rlhfkit.core.kl import kl_k1, kl_loss
-from rlhfkit.core.losses import (PolicyStats, ValueStats, entropy_bonus, explained_variance, ppo_policy_loss, ppo_total_loss,
-                                 ppo_value_loss)
+from rlhfkit.core.losses import (PolicyStats, ValueStats, entropy_bonus, explained_variance, ppo_policy_loss,
+                                 ppo_total_loss, ppo_value_loss)
 from rlhfkit.core.masks import aggregation_count, masked_mean, masked_sum, masked_var, masked_whiten
 from rlhfkit.core.rewards import ShapedRewards
 from rlhfkit.errors import RlhfkitError

@@ -1,19 +1,23 @@
 """``rlhfkit rm train``: train a reward model (or a PairRM ranker) on preference or pointwise data.
 
-The run reads as numbered steps (see :func:`run`):
+`RewardTrainer` holds the run; its construction runs steps 1-4 (writing nothing), `RewardTrainer.step` is one
+optimizer step (5-6), `RewardTrainer.train` the loop and step 7:
 
 1. load and validate the data (every error before any training; the over-long report is printed), split off the
    held-out set, tokenise;
 2. tokenizer and model (LoRA, frozen layers, gradient checkpointing);
 3. the batch plan: a seeded, length-grouped order of global batches; each process takes its shard
    (``batch[rank::num_processes]``) and splits it into micro-batches;
-4. optimizer (AdamW) and learning-rate schedule (``transformers.get_scheduler``);
-5. the loop: epochs × optimizer steps × micro-batches with gradient accumulation, gradient clipping, metrics,
+4. optimizer and learning-rate schedule (`train.engine.optim`: AdamW, decay on matrices only);
+5. one optimizer step: micro-batches with gradient accumulation, gradient clipping, the named statistics
+   (`train.engine.stats.NamedSums`, one all-reduce) into the logging window, metrics every ``logging_steps``,
    held-out evaluation every ``eval_steps``;
-6. checkpoints every ``save_steps`` (``train/checkpoint.py``); ``--resume`` continues exactly;
+6. checkpoints every ``save_steps`` (`train.checkpoint`: weights, `RewardTrainer.state_dict`, each process's RNG);
+   ``--resume`` continues exactly;
 7. the final model, saved with ``save_pretrained`` into the output folder (built under a temporary name, then
    published file by file, ``config.json`` and ``rlhfkit.json`` last), LoRA merged.
 
+Processes come from `train.engine.processes` (accelerate; the model is wrapped by ``accelerator.prepare``, DDP).
 Gradient accumulation is exact: the loss of a global batch is the mean over its examples (for multi_objective,
 over its observed aspect targets), so each micro-batch's mean loss is weighted by ``n_micro / n_global`` and by
 the number of processes (data-parallel gradients are averaged over processes); 1 process and N processes give the
@@ -33,9 +37,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-import yaml
 
-from rlhfkit.config import changed_settings, save_config
+from rlhfkit.config import save_config
 from rlhfkit.core.losses import (
     mse_regression,
     multi_objective_regression,
@@ -56,7 +59,8 @@ from rlhfkit.data.tokenize import (
     tokenize_pointwise,
 )
 from rlhfkit.errors import RlhfkitError, data_error
-from rlhfkit.train.checkpoint import load_state, require_latest_checkpoint, save_checkpoint, save_state
+from rlhfkit.train.checkpoint import (check_format, check_resume_settings, checkpoint_writer, read_training_checkpoint,
+                                      require_latest_checkpoint, save_checkpoint)
 from rlhfkit.train.engine.optim import ModuleGroup, build_optimizer, build_scheduler, trainable_parameters
 from rlhfkit.train.engine.processes import Processes
 from rlhfkit.train.engine.stats import NamedSums
@@ -297,13 +301,8 @@ def check_output(cfg: RMTrainConfig) -> Path | None:
     out = Path(cfg.output)
     if cfg.resume:
         ckpt = require_latest_checkpoint(out)
-        saved_path = out / "config.yaml"
-        if saved_path.is_file():
-            saved = yaml.safe_load(saved_path.read_text()) or {}
-            changed = changed_settings(cfg, saved, RESUMABLE_CHANGES)
-            if changed:
-                raise RlhfkitError(f"--resume: the configuration differs from the run in {out} in {changed}; resume "
-                                   f"with the same settings (only {sorted(RESUMABLE_CHANGES)} may change)")
+        check_format(ckpt)
+        check_resume_settings(cfg, ckpt, RESUMABLE_CHANGES)
         return ckpt
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not cfg.overwrite:
@@ -313,37 +312,6 @@ def check_output(cfg: RMTrainConfig) -> Path | None:
             raise RlhfkitError(f"--overwrite: {out} does not look like an rlhfkit run folder (none of {RUN_FILES}); "
                                f"refusing to delete it")
     return None
-
-
-def write_checkpoint(folder: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any, state: dict) -> None:
-    """Trainable weights (safetensors) + optimizer, scheduler, trainer state and RNG (torch.save, plain data)."""
-    from safetensors.torch import save_file
-
-    save_file({n: p.detach().cpu().contiguous() for n, p in trainable_parameters(model)},
-              str(folder / "trainable.safetensors"))
-    save_state(folder / "optimizer.pt", optimizer.state_dict())
-    save_state(folder / "scheduler.pt", scheduler.state_dict())
-    save_state(folder / "trainer_state.pt", {**state, "rng": rng_state()})
-
-
-def read_checkpoint(folder: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any) -> dict:
-    from safetensors.torch import load_file
-
-    weights_path = folder / "trainable.safetensors"
-    if not weights_path.is_file():
-        raise RlhfkitError(f"{folder}: trainable.safetensors missing (incomplete checkpoint)")
-    weights = load_file(str(weights_path))
-    params = dict(trainable_parameters(model))
-    if set(weights) != set(params):
-        raise RlhfkitError(f"{folder}: the checkpoint's weights do not match this model configuration")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(weights[name])
-    optimizer.load_state_dict(load_state(folder / "optimizer.pt"))
-    scheduler.load_state_dict(load_state(folder / "scheduler.pt"))
-    state = load_state(folder / "trainer_state.pt")
-    set_rng_state(state.pop("rng"))
-    return state
 
 
 def check_resume_length(state: dict, total_steps: int, train_examples: int, data: str) -> None:
@@ -507,7 +475,10 @@ class RewardTrainer:
         self.window = NamedSums()
         self.window_tokens, self.t_window = 0.0, time.perf_counter()
         if self.resume_from is not None:
-            self.load_state_dict(read_checkpoint(self.resume_from, model, self.optimizer, self.scheduler))
+            _, state, rank_state = read_training_checkpoint(procs, self.resume_from, "rm train", {"model": model},
+                                                            same_processes=False)
+            self.load_state_dict(state)
+            set_rng_state(rank_state)
         self.unwrapped = model
         self.model = procs.accelerator.prepare(model)
         self.eval_metrics: dict[str, float] = {}
@@ -516,18 +487,18 @@ class RewardTrainer:
 
     # -- state ---------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """The run's position (optimizer steps done; the epoch and the next global batch of it), its logging window
-        and the counts a resume is checked against (optimizer, scheduler and RNG states: `write_checkpoint`)."""
+        """Everything but the weights and the RNG that a resumed run needs: the run's position (optimizer steps
+        done; the epoch and the next global batch of it), its logging window, the optimizer and schedule, and the
+        counts a resume is checked against."""
         return {"step": self.step_count, "epoch": self.epoch, "next_batch": self.next_batch,
                 "window": self.window.state_dict(), "total_steps": self.total_steps,
-                "train_examples": len(self.train_items)}
+                "train_examples": len(self.train_items), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if not isinstance(state.get("window"), dict):
-            raise RlhfkitError(f"{self.resume_from}: a checkpoint of an older rlhfkit format (its statistics window "
-                               f"is a list); finish that run with the rlhfkit version that wrote it, or start a new "
-                               f"run")
         check_resume_length(state, self.total_steps, len(self.train_items), self.cfg.data)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
         self.step_count, self.epoch, self.next_batch = int(state["step"]), int(state["epoch"]), int(state["next_batch"])
         self.window = NamedSums.from_state_dict(state["window"])
 
@@ -570,10 +541,10 @@ class RewardTrainer:
         # 6. checkpoint (position = the next batch of this epoch)
         if cfg.save_steps and step % cfg.save_steps == 0 and step < self.total_steps:
             self.epoch, self.next_batch = epoch, b + 1
+            write = checkpoint_writer(procs, step, command="rm train", models={"model": self.unwrapped},
+                                      state=self.state_dict(), rank_state=rng_state(), config=cfg)
             if procs.is_main:
-                save_checkpoint(self.output, step, lambda f: write_checkpoint(f, self.unwrapped, self.optimizer,
-                                                                              self.scheduler, self.state_dict()),
-                                cfg.keep_checkpoints)
+                save_checkpoint(self.output, step, write, cfg.keep_checkpoints)
             procs.barrier()
         return row
 
