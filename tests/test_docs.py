@@ -172,7 +172,7 @@ def test_reward_modeling_page_documents_exactly_the_logged_metrics(tmp_path):
     import rm_helpers
 
     from rlhfkit.cli import main
-    from rlhfkit.train.reward_trainer import PairwiseObjective, PointwiseObjective, window_metrics
+    from rlhfkit.train.reward_trainer import PairwiseObjective, PointwiseObjective, StepOut, micro_batch_sums
     from rlhfkit.train.rm_config import RMTrainConfig
     from rlhfkit.utils import read_jsonl
 
@@ -188,8 +188,9 @@ def test_reward_modeling_page_documents_exactly_the_logged_metrics(tmp_path):
                   dict(model_kind="pairrm"), dict(model_kind="seq2seq")]:
         cfg = RMTrainConfig(model="m", data="d", output="o", **extra)
         objective = (PairwiseObjective if cfg.pairwise else PointwiseObjective)(cfg, 0)
+        zero = torch.zeros((), dtype=torch.float64)
         for prefix in ("rm", "eval"):
-            logged |= set(window_metrics(prefix, objective.names, [1.0] * (3 + len(objective.names))))
+            logged |= set(micro_batch_sums(StepOut(zero, {n: zero for n in objective.names}), 1.0, 1).values(prefix))
     logged -= {"step"}
     documented = documented_metrics(PAGES["reward_modeling.md"].read_text())
     assert documented == logged, (f"docs/reward_modeling.md lists {sorted(documented - logged)} that are not logged "

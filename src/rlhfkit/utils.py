@@ -165,7 +165,7 @@ def set_seed(seed: int) -> None:
 def rng_state() -> dict[str, Any]:
     """Capture the global RNG states (python, numpy, torch CPU and CUDA)."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    # Only tensors and plain python values, so that checkpoints load with torch.load(weights_only=True).
+    # Only tensors and plain python values, so that `train.checkpoint.save_state` stores it (JSON + safetensors).
     state = {
         "python": random.getstate(),
         "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),

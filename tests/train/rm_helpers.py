@@ -119,8 +119,11 @@ def accumulate(model, objective, items, split: list[int]) -> tuple[dict[str, tor
     model.zero_grad(set_to_none=True)
     starts = [sum(split[:k]) for k in range(len(split))]
     parts = [items[a: a + n] for a, n in zip(starts, split)]
-    totals = reward_trainer.backward_global_batch(model, objective, parts, objective.weight(items),
-                                                  Accelerator(cpu=True), bf16=False)
+    sums = reward_trainer.backward_global_batch(model, objective, parts, objective.weight(items),
+                                                Accelerator(cpu=True), bf16=False)
+    names = objective.names  # the named sums as the vector [loss·w, w, count, *sums, tokens] of the bounds below
+    totals = torch.tensor([sums.total("loss"), sums.weight("loss"), sums.weight(names[0]),
+                           *[sums.total(n) for n in names], sums.total("tokens")], dtype=torch.float64)
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, totals
 
 
@@ -187,7 +190,7 @@ def first_step(flags: list[str]) -> tuple[dict[str, float], dict[str, torch.Tens
     (grads, totals), = runs
     tol = totals_tolerances(model, objective, batch)
     weight, count = float(totals[1]), float(totals[2])
-    out = {"rm/loss": float(tol[0]) / weight}  # window_metrics: loss·w / w and sums / count
+    out = {"rm/loss": float(tol[0]) / weight}  # the logged means: loss·w / w and sums / count
     out.update({f"rm/{n}": float(tol[3 + k]) / count for k, n in enumerate(objective.names)})
     # the gradient's norm moves by (g / ‖g‖)·Δg (first order) under the per-tensor bounds of the 2 decoder layers'
     # gradients, plus the float32 norm's own rounding (log2 N levels and the square root, two evaluations)

@@ -213,7 +213,7 @@ def test_two_process_training_run_and_resume_through_the_cli(tmp_path):
     _launch(2, [*args, "--iterations", "2"], module=True)
     rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2]
-    assert (tmp_path / "run" / "checkpoints" / "step-00000002" / "rng-rank1.pt").is_file()
+    assert (tmp_path / "run" / "checkpoints" / "step-00000002" / "rng-rank1.json").is_file()
     _launch(2, [*args, "--iterations", "3", "--resume"], module=True)
     resumed = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert without_timing(resumed[:2]) == without_timing(rows)

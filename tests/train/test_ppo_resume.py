@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.models.reward import RewardModel
 from rlhfkit.rollout.forward import critic_forward, policy_forward
-from rlhfkit.train import ppo_state
+from rlhfkit.train import checkpoint, ppo_state
 from rlhfkit.train.checkpoint import find_latest_checkpoint
 from rlhfkit.train.ppo_trainer import PPOTrainer
 from rlhfkit.utils import read_jsonl
@@ -97,7 +97,7 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(tmp_path, monkeyp
 def test_a_kill_while_writing_a_checkpoint_leaves_the_previous_one_and_resume_works(tmp_path, monkeypatch):
     cfg = make_config(tmp_path, iterations=4, save_every=2)
     out = Path(cfg.output)
-    original = ppo_state.save_state
+    original = checkpoint.save_state
     calls = {"n": 0}
 
     def dying_save_state(path, obj):
@@ -107,7 +107,7 @@ def test_a_kill_while_writing_a_checkpoint_leaves_the_previous_one_and_resume_wo
                 raise Crash
         original(path, obj)
 
-    monkeypatch.setattr(ppo_state, "save_state", dying_save_state)
+    monkeypatch.setattr(checkpoint, "save_state", dying_save_state)
     with pytest.raises(Crash):
         PPOTrainer(cfg).train()
     assert calls["n"] == 2
@@ -118,7 +118,7 @@ def test_a_kill_while_writing_a_checkpoint_leaves_the_previous_one_and_resume_wo
     rows_before = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in rows_before] == [1, 2, 3, 4]
 
-    monkeypatch.setattr(ppo_state, "save_state", original)
+    monkeypatch.setattr(checkpoint, "save_state", original)
     PPOTrainer(make_config(tmp_path, iterations=4, save_every=2, resume=True)).train()
     rows_after = read_jsonl(out / "metrics.jsonl")
     assert without_timing(rows_after) == without_timing(rows_before)
@@ -189,6 +189,17 @@ def test_resume_refuses_a_changed_configuration_or_a_missing_checkpoint(tmp_path
     # more iterations is allowed: the run continues from iteration 3
     results = PPOTrainer(make_config(tmp_path, resume=True, save_every=5, iterations=3)).train()
     assert len(results) == 1
+
+
+def test_a_checkpoint_of_the_older_format_is_refused_with_an_error_saying_so(tmp_path):
+    """The format before the run layer: torch .pt state files and no checkpoint.json (docs/architecture.md)."""
+    PPOTrainer(make_config(tmp_path, save_every=1)).train()
+    ckpt = find_latest_checkpoint(tmp_path / "run")
+    for name in ("checkpoint.json", "trainer_state.json", "trainer_state.safetensors"):
+        (ckpt / name).unlink()
+    torch.save({"policy": {}}, ckpt / "optimizers.pt")
+    with pytest.raises(RlhfkitError, match=r"older rlhfkit format \(torch \.pt state files.*version that wrote it"):
+        PPOTrainer(make_config(tmp_path, save_every=1, resume=True)).train()
 
 
 def test_a_checkpoint_written_before_a_field_existed_resumes_at_that_fields_default(tmp_path):

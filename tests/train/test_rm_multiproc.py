@@ -50,4 +50,4 @@ def test_two_processes_give_the_same_run_as_one(tmp_path):
         assert_within(rows_two[0][k], rows_one[0][k], tolerance[k], k)
     wa, wb = read_weights(one), read_weights(two)
     assert wa.keys() == wb.keys() and all(wa[k].shape == wb[k].shape for k in wa)
-    assert (two / "checkpoints" / "step-00000003" / "trainable.safetensors").is_file()
+    assert (two / "checkpoints" / "step-00000003" / "model.safetensors").is_file()

@@ -106,7 +106,7 @@ def trl_run(tmp_path_factory):
     trainer.train()
     trainer.save_model(str(root / "rm"))
     # TRL's Trainer left its accelerate state (bf16 where the CPU supports it) in this process; rlhfkit's own
-    # commands refuse such a state (`reward_trainer.make_accelerator`), and a user's fresh process has none
+    # commands refuse such a state (`train.engine.processes.make_accelerator`), and a user's fresh process has none
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(True)

@@ -1,20 +1,27 @@
-"""Checkpoints written atomically and found again for ``--resume``.
+"""Checkpoints written atomically and found again for ``--resume``; the one on-disk format of both trainers.
 
 Layout: ``OUTPUT/checkpoints/step-00000012/`` (one folder per saved step) and ``OUTPUT/checkpoints/latest``
 (a text file naming the newest complete folder). A folder is built under a temporary name and renamed into
 place in one step, and `latest` is replaced atomically after it, so a kill at any moment leaves the previous
-checkpoint intact and `latest` pointing at a complete folder. Tensors and states are saved with `torch.save` and
-loaded with ``weights_only=True`` (no arbitrary pickle is ever executed); model weights are safetensors.
+checkpoint intact and `latest` pointing at a complete folder.
+
+Format (``FORMAT_VERSION`` 2, named in the folder's ``checkpoint.json``): trainable weights as safetensors, and
+every other state (optimizers, schedules, trainer state, RNG) by `save_state` as a JSON file of its plain values
+plus one safetensors file of its tensors; nothing is pickled, so loading runs no code. `check_format` refuses,
+with an `RlhfkitError` saying so, a checkpoint of the earlier format (torch ``.pt`` state files; rlhfkit before
+the run layer): such a run resumes only with the rlhfkit version that wrote it.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from torch import nn
 
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.utils import atomic_dir, atomic_write_text
@@ -75,14 +82,206 @@ def checkpoint_step(ckpt: Path) -> int:
     return int(m.group(1))
 
 
+FORMAT_VERSION = 2
+INFO_FILE = "checkpoint.json"
+_TENSOR, _TUPLE, _ITEMS = "__tensor__", "__tuple__", "__items__"
+
+
+def _encode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """A JSON value for ``obj``: tensors become ``{"__tensor__": key}`` (stored in ``tensors``), tuples
+    ``{"__tuple__": [...]}``, dicts with keys other than strings (optimizer states are keyed by int)
+    ``{"__items__": [[key, value], ...]}``."""
+    if isinstance(obj, torch.Tensor):
+        key = f"t{len(tensors)}"
+        tensors[key] = obj.detach().cpu().contiguous().clone()
+        return {_TENSOR: key}
+    if isinstance(obj, tuple):
+        return {_TUPLE: [_encode(x, tensors) for x in obj]}
+    if isinstance(obj, list):
+        return [_encode(x, tensors) for x in obj]
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) and not k.startswith("__") for k in obj):
+            return {k: _encode(v, tensors) for k, v in obj.items()}
+        return {_ITEMS: [[_encode(k, tensors), _encode(v, tensors)] for k, v in obj.items()]}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"save_state: cannot store a {type(obj).__name__} (tensors and plain values only)")
+
+
+def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, list):
+        return [_decode(x, tensors) for x in obj]
+    if isinstance(obj, dict):
+        if _TENSOR in obj:
+            return tensors[obj[_TENSOR]]
+        if _TUPLE in obj:
+            return tuple(_decode(x, tensors) for x in obj[_TUPLE])
+        if _ITEMS in obj:
+            return {_decode(k, tensors): _decode(v, tensors) for k, v in obj[_ITEMS]}
+        return {k: _decode(v, tensors) for k, v in obj.items()}
+    return obj
+
+
+def _tensor_file(path: Path) -> Path:
+    return path.with_name(path.stem + ".safetensors")
+
+
 def save_state(path: Path | str, obj: Any) -> None:
-    """Save optimizer/scheduler/RNG states (tensors and plain values only)."""
-    torch.save(obj, path)
+    """Save a state (nested dicts, lists and tuples of tensors and plain values, e.g. an optimizer's
+    ``state_dict()``): its plain values as JSON at ``path``, its tensors in ``<stem>.safetensors`` beside it."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tensors: dict[str, torch.Tensor] = {}
+    text = json.dumps(_encode(obj, tensors))
+    if tensors:
+        save_file(tensors, str(_tensor_file(path)))
+    path.write_text(text + "\n")
 
 
 def load_state(path: Path | str) -> Any:
-    """Load a state saved by `save_state`, refusing anything but tensors and plain values."""
+    """Load a state saved by `save_state` (tensors on the CPU)."""
+    from safetensors.torch import load_file
+
     p = Path(path)
     if not p.is_file():
         raise RlhfkitError(f"{p}: checkpoint file missing (the checkpoint folder is incomplete)")
-    return torch.load(p, map_location="cpu", weights_only=True)
+    try:
+        encoded = json.loads(p.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise RlhfkitError(f"{p}: not a state file of this rlhfkit version (JSON); a checkpoint of an older format "
+                           f"resumes only with the rlhfkit version that wrote it") from None
+    tensor_path = _tensor_file(p)
+    tensors = load_file(str(tensor_path)) if tensor_path.is_file() else {}
+    try:
+        return _decode(encoded, tensors)
+    except KeyError:
+        raise RlhfkitError(f"{tensor_path}: checkpoint file missing or incomplete") from None
+
+
+def write_info(folder: Path, **info: Any) -> None:
+    """``checkpoint.json``: the format version and what the trainer records about the checkpoint."""
+    (Path(folder) / INFO_FILE).write_text(json.dumps({"format": FORMAT_VERSION, **info}, indent=2) + "\n")
+
+
+def check_format(ckpt: Path) -> dict[str, Any]:
+    """The checkpoint's ``checkpoint.json``; an `RlhfkitError` for a checkpoint of another format."""
+    ckpt = Path(ckpt)
+    info_path = ckpt / INFO_FILE
+    if not info_path.is_file():
+        if any(ckpt.glob("*.pt")):
+            raise RlhfkitError(f"{ckpt}: a checkpoint of an older rlhfkit format (torch .pt state files, before "
+                               f"format {FORMAT_VERSION}); resume it with the rlhfkit version that wrote it, or start "
+                               f"a new run")
+        raise RlhfkitError(f"{info_path}: checkpoint file missing (the checkpoint folder is incomplete)")
+    info = json.loads(info_path.read_text())
+    if info.get("format") != FORMAT_VERSION:
+        raise RlhfkitError(f"{ckpt}: checkpoint format {info.get('format')!r}, this rlhfkit reads format "
+                           f"{FORMAT_VERSION}; resume it with the rlhfkit version that wrote it, or start a new run")
+    return info
+
+
+def save_weights(path: Path | str, model: nn.Module) -> None:
+    """The trainable parameters of ``model`` by name, as safetensors."""
+    from safetensors.torch import save_file
+
+    save_file({n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}, str(path))
+
+
+def load_weights(path: Path | str, model: nn.Module, what: str) -> None:
+    """Copy the tensors of ``path`` into the trainable parameters of ``model`` (names and shapes must match)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise RlhfkitError(f"{path}: checkpoint file missing (the checkpoint folder is incomplete)")
+    saved = load_file(str(path))
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(saved) != set(params):
+        missing, extra = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
+        raise RlhfkitError(f"{path}: the saved {what} weights do not match the model (missing {missing[:3]}, "
+                           f"unexpected {extra[:3]}); resume with the same model and LoRA / freezing settings")
+    with torch.no_grad():
+        for name, param in params.items():
+            if saved[name].shape != param.shape:
+                raise RlhfkitError(f"{path}: {what} parameter {name} has shape {tuple(saved[name].shape)}, the "
+                                   f"model {tuple(param.shape)}")
+            param.copy_(saved[name].to(param.device, param.dtype))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A trainer's checkpoint: weights, state, per-process RNG, config (the layout both trainers write)
+# ----------------------------------------------------------------------------------------------------------
+STATE_FILE = "trainer_state.json"
+
+
+def rank_file(rank: int) -> str:
+    return f"rng-rank{rank}.json"
+
+
+def checkpoint_writer(procs: Any, step: int, *, command: str, models: dict[str, nn.Module], state: dict[str, Any],
+                      rank_state: dict[str, Any], config: Any) -> Callable[[Path], None]:
+    """The folder writer of checkpoint ``step`` for `save_checkpoint` (collective: every process calls it, with its
+    own ``rank_state``; only process 0 then calls `save_checkpoint` with it).
+
+    The folder holds ``checkpoint.json`` (format, ``command``, step, process count), ``<name>.safetensors``: the
+    trainable weights of each of ``models``, ``trainer_state.json`` (+ ``.safetensors``): the trainer's
+    ``state_dict()`` (optimizers, schedules, positions, ...), ``rng-rank<r>.json`` (+ ``.safetensors``): each
+    process's ``rank_state`` (RNG states), and ``config.yaml``: the run's configuration.
+    """
+    import yaml
+
+    from rlhfkit.config import config_to_dict
+
+    rank_states = procs.gather_object(rank_state)
+
+    def write(folder: Path) -> None:
+        for name, model in models.items():
+            save_weights(folder / f"{name}.safetensors", model)
+        save_state(folder / STATE_FILE, state)
+        for rank, s in enumerate(rank_states):
+            save_state(folder / rank_file(rank), s)
+        (folder / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+        write_info(folder, command=command, step=step, num_processes=procs.world_size)
+
+    return write
+
+
+def read_training_checkpoint(procs: Any, ckpt: Path, command: str, models: dict[str, nn.Module],
+                             same_processes: bool = True) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Load what `write_training_checkpoint` saved: the weights into ``models``; returns ``(info, state, this
+    process's rank state)``. ``same_processes``: refuse a checkpoint written by another number of processes (else
+    a process without a saved rank state takes process 0's)."""
+    ckpt = Path(ckpt)
+    info = check_format(ckpt)
+    if info.get("command") != command:
+        raise RlhfkitError(f"{ckpt}: a checkpoint of `rlhfkit {info.get('command')}`, not of `rlhfkit {command}`")
+    saved_procs = int(info["num_processes"])
+    if same_processes and saved_procs != procs.world_size:
+        raise RlhfkitError(f"--resume: the checkpoint was written by {saved_procs} processes, this run has "
+                           f"{procs.world_size}; resume with the same number of processes")
+    for name, model in models.items():
+        load_weights(ckpt / f"{name}.safetensors", model, name)
+    state = load_state(ckpt / STATE_FILE)
+    rank_state = load_state(ckpt / rank_file(procs.rank if procs.rank < saved_procs else 0))
+    return info, state, rank_state
+
+
+def check_resume_settings(cfg: Any, ckpt: Path, may_change: Any) -> dict[str, Any]:
+    """The checkpoint's saved configuration (``config.yaml``); an `RlhfkitError` naming every setting that differs
+    from ``cfg`` (old and new values), except those in ``may_change`` (`config.changed_settings`)."""
+    import yaml
+
+    from rlhfkit.config import changed_settings, config_to_dict
+
+    path = Path(ckpt) / "config.yaml"
+    if not path.is_file():
+        raise RlhfkitError(f"{path}: checkpoint file missing (the checkpoint folder is incomplete)")
+    saved = yaml.safe_load(path.read_text()) or {}
+    changed = changed_settings(cfg, saved, may_change)
+    if changed:
+        now = config_to_dict(cfg)
+        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed[:6])
+        raise RlhfkitError(f"--resume: the configuration differs from the checkpoint's ({detail}); resume with "
+                           f"the same settings (only {', '.join(sorted(may_change))} may change)")
+    return saved

@@ -17,7 +17,8 @@ from rlhfkit.core.advantages import (gae, group_centered_scores, grpo_advantages
 from rlhfkit.core.masks import masked_sum
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.train.ppo_config import PPOConfig
-from rlhfkit.train.ppo_update import Dist, global_whiten
+from rlhfkit.train.engine.processes import Processes
+from rlhfkit.train.ppo_update import global_whiten
 
 
 def estimate_advantages(
@@ -27,7 +28,7 @@ def estimate_advantages(
     shape: Callable[[torch.Tensor], torch.Tensor],
     old_values: torch.Tensor | None,
     response_mask: torch.Tensor,
-    dist: Dist,
+    dist: Processes,
     greedy_scores: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(advantages (B, T), returns (B, T) or None)`` of this process's rows.

@@ -184,7 +184,8 @@ class PPOConfig:
     learning_rate: float = field(default=1e-5, metadata=_help("policy learning rate (AdamW)"))
     critic_learning_rate: Optional[float] = field(default=None, metadata=_help(
         "critic learning rate (--critic shared: the value head's param group; default: --learning_rate)"))
-    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay"))
+    weight_decay: float = field(default=0.0, metadata=_help(
+        "AdamW decoupled weight decay, applied to matrices only (not to biases and norm weights)"))
     lr_scheduler: str = field(default="constant", metadata=_help(
         "learning-rate schedule over the iterations", choices=list(LR_SCHEDULERS)))
     warmup_iterations: int = field(default=0, metadata=_help("linear warm-up iterations of the schedule"))

@@ -1,17 +1,20 @@
 """Everything a PPO run must restore to continue exactly: the prompt sampler's position, the random streams,
 weights, optimizers, schedulers, the KL controller and the running score statistics; plus the final save.
 
-Checkpoint folder (``OUTPUT/checkpoints/step-NNNNNNNN/``, published atomically by `train.checkpoint`):
+Checkpoint folder (``OUTPUT/checkpoints/step-NNNNNNNN/``, the layout of
+`train.checkpoint.write_training_checkpoint`, published atomically):
 
 - ``policy.safetensors`` / ``critic.safetensors``: the trainable parameters (all of them, or the LoRA adapters;
   ``critic=shared``: the critic file holds the value head; a critic-free ``advantage_estimator``: no critic file,
   the critic optimizer and schedule None); the frozen rest is the initial model, loaded again
   from ``--policy``;
-- ``optimizers.pt``, ``schedulers.pt``: torch state dicts (loaded with ``weights_only=True``; ``critic=shared``:
-  the one optimizer and schedule under ``policy``, ``critic`` None);
-- ``trainer_state.json``: iteration, KL controller, running score moments, prompt-sampler position, process count;
-- ``rng-rank{r}.pt``: each process's global RNG states and its sampling / shuffling generators;
-- ``config.yaml``: the run's configuration (``--resume`` refuses a different one, except `RESUMABLE_CHANGES`).
+- ``trainer_state.json`` (+ ``trainer_state.safetensors``, its tensors): `PPOTrainer.state_dict`: iteration, KL
+  controller, running score moments, prompt-sampler position, optimizers and schedules (``critic=shared``: the one
+  optimizer and schedule under ``policy``, ``critic`` None);
+- ``rng-rank{r}.json`` (+ ``.safetensors``): each process's global RNG states and its sampling / shuffling
+  generators (`PPOTrainer.rank_state_dict`);
+- ``config.yaml``: the run's configuration (``--resume`` refuses a different one, except `RESUMABLE_CHANGES`);
+- ``checkpoint.json``: the format version, the command, the iteration and the process count.
 """
 
 from __future__ import annotations
@@ -23,15 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from rlhfkit.config import changed_settings, config_to_dict
+from rlhfkit.config import config_to_dict
 from rlhfkit.errors import RlhfkitError
-from rlhfkit.train.checkpoint import load_state, save_checkpoint, save_state
+from rlhfkit.train.checkpoint import check_resume_settings
 from rlhfkit.train.ppo_config import LENGTH_FREE_SCHEDULERS, RESUMABLE_CHANGES, PPOConfig, run_length
-from rlhfkit.utils import atomic_dir, atomic_write_text, read_jsonl, rng_state, set_rng_state
+from rlhfkit.utils import atomic_dir, atomic_write_text, read_jsonl
 
 # Offsets that separate the random streams derived from the one --seed.
 _SAMPLING_STREAM = 1_000_003
@@ -90,95 +91,14 @@ class PromptSampler:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Trainable weights
-# ----------------------------------------------------------------------------------------------------------
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The trainable parameters by name (contiguous CPU copies)."""
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def load_trainable_state(model: nn.Module, path: Path, what: str) -> None:
-    """Copy the tensors of ``path`` into the trainable parameters of ``model`` (names and shapes must match)."""
-    if not path.is_file():
-        raise RlhfkitError(f"{path}: checkpoint file missing (the checkpoint folder is incomplete)")
-    saved = load_file(str(path))
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if set(saved) != set(params):
-        missing, extra = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
-        raise RlhfkitError(f"{path}: the saved {what} weights do not match the model (missing {missing[:3]}, "
-                           f"unexpected {extra[:3]}); resume with the same --policy / LoRA settings")
-    with torch.no_grad():
-        for name, param in params.items():
-            if saved[name].shape != param.shape:
-                raise RlhfkitError(f"{path}: {what} parameter {name} has shape {tuple(saved[name].shape)}, the "
-                                   f"model {tuple(param.shape)}")
-            param.copy_(saved[name].to(param.device, param.dtype))
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Checkpoints
 # ----------------------------------------------------------------------------------------------------------
-def rank_rng_state(sampling: torch.Generator, shuffle: torch.Generator) -> dict[str, Any]:
-    return {"global": rng_state(), "sampling": sampling.get_state(), "shuffle": shuffle.get_state()}
-
-
-def write_checkpoint(trainer: Any, step: int) -> Path | None:
-    """Save the full training state after iteration ``step`` (collective: every process must call it)."""
-    dist = trainer.dist
-    rng_states = dist.gather_object(rank_rng_state(trainer.sampling_generator, trainer.shuffle_generator))
-    path = None
-    if dist.is_main:
-        def write(folder: Path) -> None:
-            save_file(trainable_state(trainer.policy), str(folder / "policy.safetensors"))
-            if trainer.critic is not None:  # a critic-free estimator: no critic file
-                save_file(trainable_state(trainer.critic), str(folder / "critic.safetensors"))
-            save_state(folder / "optimizers.pt", {"policy": trainer.policy_optimizer.state_dict(),
-                                                  "critic": _state_or_none(trainer.critic_optimizer)})
-            save_state(folder / "schedulers.pt", {"policy": trainer.policy_scheduler.state_dict(),
-                                                  "critic": _state_or_none(trainer.critic_scheduler)})
-            for rank, state in enumerate(rng_states):
-                save_state(folder / f"rng-rank{rank}.pt", state)
-            state = {
-                "step": step,
-                "kl_controller": trainer.kl_controller.state_dict(),
-                "running_scores": trainer.running_scores.state_dict(),
-                "prompt_sampler": trainer.sampler.state_dict(),
-                "num_processes": dist.world_size,
-            }
-            (folder / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
-            (folder / "config.yaml").write_text(yaml.safe_dump(config_to_dict(trainer.cfg), sort_keys=False))
-
-        path = save_checkpoint(trainer.output, step, write, keep_last=trainer.cfg.keep_checkpoints)
-    dist.barrier()
-    return path
-
-
-def _state_or_none(obj: Any) -> dict | None:
-    """The state dict of an optimizer or scheduler; None for none (``critic=shared`` has no critic optimizer)."""
-    return None if obj is None else obj.state_dict()
-
-
-def _load_into(obj: Any, state: dict | None, path: Path) -> None:
-    if (obj is None) != (state is None):
-        raise RlhfkitError(f"{path}: the checkpoint's critic optimizer / schedule does not match this run's --critic "
-                           "/ --advantage_estimator")
-    if obj is not None:
-        obj.load_state_dict(state)
-
-
 def check_resume_config(cfg: PPOConfig, ckpt: Path) -> None:
     """Refuse to resume with settings that would change the computation (only `RESUMABLE_CHANGES` may differ,
-    and the run's length only under a schedule that does not depend on it, `LENGTH_FREE_SCHEDULERS`)."""
-    path = ckpt / "config.yaml"
-    if not path.is_file():
-        raise RlhfkitError(f"{path}: checkpoint file missing (the checkpoint folder is incomplete)")
-    saved = yaml.safe_load(path.read_text()) or {}
+    `train.checkpoint.check_resume_settings`, and the run's length only under a schedule that does not depend on
+    it, `LENGTH_FREE_SCHEDULERS`)."""
+    saved = check_resume_settings(cfg, ckpt, RESUMABLE_CHANGES)
     now = config_to_dict(cfg)
-    changed = changed_settings(cfg, saved, RESUMABLE_CHANGES)
-    if changed:
-        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed[:6])
-        raise RlhfkitError(f"--resume: the configuration differs from the checkpoint's ({detail}); resume with "
-                           f"the same settings (only {', '.join(RESUMABLE_CHANGES)} may change)")
     before = run_length(saved.get("iterations"), saved.get("total_episodes"), cfg.episodes_per_iteration)
     if cfg.lr_scheduler not in LENGTH_FREE_SCHEDULERS and before != cfg.num_iterations:
         raise RlhfkitError(
@@ -195,35 +115,6 @@ def _length_setting(config: dict) -> str:
         return f"total_episodes={config['total_episodes']}"
     iterations = config.get("iterations")
     return f"iterations={iterations}" if iterations is not None else "the default iterations"
-
-
-def read_checkpoint(trainer: Any, ckpt: Path) -> int:
-    """Restore the state saved by `write_checkpoint` into ``trainer``; returns the checkpoint's iteration."""
-    dist = trainer.dist
-    state_path = ckpt / "trainer_state.json"
-    if not state_path.is_file():
-        raise RlhfkitError(f"{state_path}: checkpoint file missing (the checkpoint folder is incomplete)")
-    state = json.loads(state_path.read_text())
-    if int(state["num_processes"]) != dist.world_size:
-        raise RlhfkitError(f"--resume: the checkpoint was written by {state['num_processes']} processes, this run has "
-                           f"{dist.world_size}; resume with the same number of processes")
-    load_trainable_state(trainer.policy, ckpt / "policy.safetensors", "policy")
-    if trainer.critic is not None:
-        load_trainable_state(trainer.critic, ckpt / "critic.safetensors", "critic")
-    optimizers = load_state(ckpt / "optimizers.pt")
-    trainer.policy_optimizer.load_state_dict(optimizers["policy"])
-    _load_into(trainer.critic_optimizer, optimizers["critic"], ckpt / "optimizers.pt")
-    schedulers = load_state(ckpt / "schedulers.pt")
-    trainer.policy_scheduler.load_state_dict(schedulers["policy"])
-    _load_into(trainer.critic_scheduler, schedulers["critic"], ckpt / "schedulers.pt")
-    trainer.kl_controller.load_state_dict(state["kl_controller"])
-    trainer.running_scores.load_state_dict(state["running_scores"])
-    trainer.sampler.load_state_dict(state["prompt_sampler"])
-    rng = load_state(ckpt / f"rng-rank{dist.rank}.pt")
-    set_rng_state(rng["global"])
-    trainer.sampling_generator.set_state(rng["sampling"])
-    trainer.shuffle_generator.set_state(rng["shuffle"])
-    return int(state["step"])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -256,27 +147,24 @@ def truncate_jsonl(path: Path, last_step: int) -> None:
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
-def save_final(trainer: Any) -> None:
-    """Write ``OUTPUT/policy`` (plain HF causal LM, LoRA merged) and ``OUTPUT/critic`` (``critic=shared``:
-    ``OUTPUT/value_head.safetensors``, `models.value_head`; a critic-free estimator: nothing), each atomically."""
+def save_final(procs: Any, output: Path, tokenizer: Any, policy: nn.Module, critic: nn.Module | None) -> None:
+    """Write ``OUTPUT/policy`` (plain HF causal LM, LoRA merged) and ``OUTPUT/critic`` (a `ValueHead`, ``critic=
+    shared``: ``OUTPUT/value_head.safetensors``, `models.value_head`; None, a critic-free estimator: nothing), each
+    atomically (collective: process 0 writes)."""
     from rlhfkit.models.adapters import has_lora, merge_lora_for_save
-    from rlhfkit.models.value_head import VALUE_HEAD_FILE
+    from rlhfkit.models.value_head import VALUE_HEAD_FILE, ValueHead
 
-    if not trainer.dist.is_main:
-        trainer.dist.barrier()
-        return
-    policy = merge_lora_for_save(trainer.policy) if has_lora(trainer.policy) else trainer.policy
-    with atomic_dir(trainer.output / "policy") as tmp:
-        policy.save_pretrained(tmp, safe_serialization=True)
-        trainer.tokenizer.save_pretrained(tmp)
-    if trainer.critic is None:
-        pass  # a critic-free estimator: the policy is the whole result
-    elif trainer.shared_critic:
-        final = trainer.output / VALUE_HEAD_FILE
-        tmp_file = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-        trainer.critic.save(tmp_file)
-        os.replace(tmp_file, final)
-    else:
-        with atomic_dir(trainer.output / "critic") as tmp:
-            trainer.critic.save_pretrained(tmp, trainer.tokenizer)
-    trainer.dist.barrier()
+    if procs.is_main:
+        merged = merge_lora_for_save(policy) if has_lora(policy) else policy
+        with atomic_dir(output / "policy") as tmp:
+            merged.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+        if isinstance(critic, ValueHead):
+            final = output / VALUE_HEAD_FILE
+            tmp_file = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+            critic.save(tmp_file)
+            os.replace(tmp_file, final)
+        elif critic is not None:
+            with atomic_dir(output / "critic") as tmp:
+                critic.save_pretrained(tmp, tokenizer)
+    procs.barrier()

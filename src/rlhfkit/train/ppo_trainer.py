@@ -1,6 +1,7 @@
 """``rlhfkit ppo``: PPO fine-tuning of a policy against frozen reward source(s).
 
-One iteration, as numbered steps (each a call into ``rollout/``, ``core/`` or ``train/ppo_update.py``):
+One iteration (`PPOTrainer.iteration`), as numbered steps (each a call into ``rollout/``, ``core/`` or
+``train/ppo_update.py``):
 
 1. rollout: sample ``samples_per_prompt`` = k responses to each prompt of this process's share of the next
    ``rollout_batch_size`` prompts (prompt-major: rows p·k … p·k + k - 1 answer prompt p, whole groups per process);
@@ -15,7 +16,8 @@ One iteration, as numbered steps (each a call into ``rollout/``, ``core/`` or ``
 5. update: ppo_epochs × minibatches × micro-batches (`ppo_update.ppo_update`), then the LR schedules step;
 6. statistics (namespaced metrics, see ``docs/``) to ``metrics.jsonl`` + TensorBoard, a sample table every
    ``sample_table_every`` iterations, and the KL controller update;
-7. a checkpoint every ``save_every`` iterations and after the last one (none with ``save_every=0``); at the end
+7. a checkpoint every ``save_every`` iterations and after the last one (none with ``save_every=0``; weights,
+   `PPOTrainer.state_dict` and each process's `PPOTrainer.rank_state_dict`, `train.checkpoint`); at the end
    ``OUTPUT/policy`` (a plain Hugging Face causal LM, LoRA merged) and ``OUTPUT/critic`` (``critic=shared``:
    ``OUTPUT/value_head.safetensors``).
 
@@ -46,7 +48,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from transformers import get_scheduler
 
 from rlhfkit.config import save_config
 from rlhfkit.core.kl_control import make_kl_controller
@@ -63,17 +64,19 @@ from rlhfkit.rollout.forward import packing_problem
 from rlhfkit.rollout.sampling import GenerationConfig, Rollout, sample
 from rlhfkit.rollout.scoring import call_source, load_reward, needs_references
 from rlhfkit.train import ppo_state
-from rlhfkit.train.checkpoint import checkpoint_step, require_latest_checkpoint
+from rlhfkit.train.checkpoint import (check_format, checkpoint_step, checkpoint_writer, read_training_checkpoint,
+                                      require_latest_checkpoint, save_checkpoint)
+from rlhfkit.train.engine.optim import ModuleGroup, build_optimizer, build_scheduler, module_lr
+from rlhfkit.train.engine.processes import Processes
 from rlhfkit.train.ppo_advantages import estimate_advantages
 from rlhfkit.train.ppo_config import PPOConfig
 from rlhfkit.train.ppo_trunk import TrunkSharing
-from rlhfkit.train.ppo_update import (Dist, UpdateBatch, UpdateSettings, draw_plan, mean_stats, micro_batches,
+from rlhfkit.train.ppo_update import (UpdateBatch, UpdateSettings, draw_plan, mean_stats, micro_batches,
                                       pad_columns, ppo_update, rollout_forward, rollout_stats)
-from rlhfkit.utils import MetricsLogger, progress, set_seed, warn_if_slow_bf16
+from rlhfkit.utils import MetricsLogger, progress, rng_state, set_rng_state, set_seed, warn_if_slow_bf16
 
 CONFIG = PPOConfig
 logger = logging.getLogger(__name__)
-_SCHEDULERS = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
 
 
 @dataclass
@@ -114,9 +117,9 @@ class PPOTrainer:
     folder is touched.
     """
 
-    def __init__(self, cfg: PPOConfig, dist: Dist | None = None) -> None:
+    def __init__(self, cfg: PPOConfig, dist: Processes | None = None) -> None:
         self.cfg = cfg
-        self.dist = dist or Dist()
+        self.dist = dist or Processes.start("ppo")
         self.output = Path(cfg.output)
         self.device = self.dist.device
         self.autocast_dtype = torch.bfloat16 if cfg.bf16 else None
@@ -206,14 +209,14 @@ class PPOTrainer:
         # optimisation state (critic=shared: one optimizer and schedule, the value head its second param group)
         self.critic_optimizer: torch.optim.Optimizer | None = None
         self.critic_scheduler: Any = None
-        if self.critic is None:
-            self.policy_optimizer = self._optimizer((self.policy, cfg.learning_rate))
-        elif self.shared_critic:
-            self.policy_optimizer = self._optimizer((self.policy, cfg.learning_rate),
-                                                    (self.critic, cfg.value_learning_rate))
+        policy_group = ModuleGroup("policy", self.policy, cfg.learning_rate)
+        critic_group = ModuleGroup("critic", self.critic, cfg.value_learning_rate) if self.critic is not None else None
+        if critic_group is None or self.shared_critic:
+            self.policy_optimizer = build_optimizer([policy_group] + ([critic_group] if critic_group else []),
+                                                    cfg.weight_decay)
         else:
-            self.policy_optimizer = self._optimizer((self.policy, cfg.learning_rate))
-            self.critic_optimizer = self._optimizer((self.critic, cfg.value_learning_rate))
+            self.policy_optimizer = build_optimizer([policy_group], cfg.weight_decay)
+            self.critic_optimizer = build_optimizer([critic_group], cfg.weight_decay)
             self.critic_scheduler = self._scheduler(self.critic_optimizer)
         self.policy_scheduler = self._scheduler(self.policy_optimizer)
         try:
@@ -262,22 +265,8 @@ class PPOTrainer:
                           max_num_seqs=self.local_batch_size, seed=cfg.seed,
                           dtype="bfloat16" if cfg.bf16 else "float32", device=self.device, tokenizer=self.tokenizer)
 
-    def _optimizer(self, *groups: tuple[torch.nn.Module, float]) -> torch.optim.Optimizer:
-        """AdamW over the trainable parameters of each (model, learning rate), one param group per model."""
-        param_groups = []
-        for model, lr in groups:
-            params = [p for p in model.parameters() if p.requires_grad]
-            if not params:
-                raise RlhfkitError(f"{type(model).__name__} has no trainable parameter")
-            param_groups.append({"params": params, "lr": lr})
-        # the fused kernel is ~3x faster than the per-tensor loop on CPU (and exists on CUDA)
-        fused = all(p.dtype.is_floating_point and p.device.type in ("cpu", "cuda")
-                    for g in param_groups for p in g["params"])
-        return torch.optim.AdamW(param_groups, weight_decay=self.cfg.weight_decay, fused=fused or None)
-
     def _scheduler(self, optimizer: torch.optim.Optimizer) -> Any:
-        return get_scheduler(_SCHEDULERS[self.cfg.lr_scheduler], optimizer,
-                             num_warmup_steps=self.cfg.warmup_iterations, num_training_steps=self.num_iterations)
+        return build_scheduler(self.cfg.lr_scheduler, optimizer, self.cfg.warmup_iterations, self.num_iterations)
 
     # -- step 1: rollout -------------------------------------------------------------------------------
     def rollout(self) -> tuple[Rollout, list[int]]:
@@ -429,19 +418,11 @@ class PPOTrainer:
             self.critic_scheduler.step()
         return history
 
-    def learn(self, rollout: Rollout, raw_scores: torch.Tensor,
-              greedy: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[dict[str, float], list[dict[str, float]]]:
-        """Steps 2-5, the rollout statistics and the KL controller update (step 6, fed ``objective/kl``: the k1
-        estimate of the sequence KL, whatever ``kl_estimator`` shapes the rewards); returns (stats, per-minibatch
-        stats). ``greedy``: `prepare`'s (``remax``)."""
-        exp = self.prepare(rollout, raw_scores, greedy)
-        lrs = {"train/lr": self.policy_scheduler.get_last_lr()[0]}
-        if self.critic is not None:  # critic=shared: the value head's param group
-            lrs["train/critic_lr"] = self.policy_scheduler.get_last_lr()[1] if self.shared_critic else \
-                self.critic_scheduler.get_last_lr()[0]
-        start = time.perf_counter()
-        history = self.update(exp)
-        t_update = time.perf_counter() - start
+    # -- step 6 ----------------------------------------------------------------------------------------
+    def statistics(self, exp: Experience, history: list[dict[str, float]], lrs: dict[str, float]) -> dict[str, float]:
+        """The rollout statistics over all processes, the update's per-minibatch means and the learning rates the
+        update used (``lrs``), then the KL controller update, fed ``objective/kl`` (the k1 estimate of the sequence
+        KL, whatever ``kl_estimator`` shapes the rewards)."""
         b = exp.batch
         stats = rollout_stats(self.dist, raw_scores=exp.raw_scores, scores=exp.scores, shaped=exp.shaped,
                               kl_coef=exp.kl_coef, old_logprobs=b.old_logprobs, ref_logprobs=exp.ref_logprobs,
@@ -450,37 +431,110 @@ class PPOTrainer:
         self.kl_controller.update(stats["objective/kl"], self.cfg.episodes_per_iteration)
         stats.update(mean_stats(history))
         stats.update(lrs)
-        stats.update({"time/forward": exp.time_forward, "time/update": t_update})
-        return stats, history
+        return stats
+
+    def learning_rates(self) -> dict[str, float]:
+        lrs = {"train/lr": module_lr(self.policy_scheduler, self.policy)}
+        if self.critic is not None:  # critic=shared: the value head's param group
+            lrs["train/critic_lr"] = module_lr(self.critic_scheduler or self.policy_scheduler, self.critic)
+        return lrs
+
+    def learn(self, rollout: Rollout, raw_scores: torch.Tensor,
+              greedy: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[dict[str, float], list[dict[str, float]]]:
+        """Steps 2-6 of `iteration` on a given rollout and its raw scores (how a test injects a fixed rollout);
+        returns (stats, per-minibatch stats). ``greedy``: `prepare`'s (``remax``)."""
+        exp = self.prepare(rollout, raw_scores, greedy)
+        lrs = self.learning_rates()
+        history = self.update(exp)
+        return self.statistics(exp, history, lrs), history
 
     # -- one iteration ---------------------------------------------------------------------------------
     def iteration(self, step: int) -> IterationResult:
-        """Steps 1-6 of iteration ``step`` (1-based); the KL controller is updated after the update."""
+        """Iteration ``step`` (1-based), steps 1-6 of the module docstring."""
         cfg = self.cfg
         start = time.perf_counter()
+        # 1. rollout; remax: the greedy baseline responses too (sampled before the update, by the same policy)
         rollout, indices = self.rollout()
-        # remax: the greedy baseline responses (sampled before the update, by the same policy) and their scores
         greedy = self.greedy_scores(rollout, indices) if cfg.advantage_estimator == "remax" else None
         t_rollout = time.perf_counter() - start
+        # 2. the reward sources' raw scores (and the monitors')
         t0 = time.perf_counter()
         raw_scores, prompts, responses = self.raw_scores(rollout, indices)
         t_score = time.perf_counter() - t0
-        stats, history = self.learn(rollout, raw_scores, greedy)
+        # 2-4. score processing, the no-grad forward passes and shaped rewards, advantages
+        exp = self.prepare(rollout, raw_scores, greedy)
+        # 5. the update, then the learning-rate schedules' step
+        lrs = self.learning_rates()
+        t0 = time.perf_counter()
+        history = self.update(exp)
+        t_update = time.perf_counter() - t0
+        # 6. statistics and the KL controller update; a sample table every sample_table_every iterations
+        stats = self.statistics(exp, history, lrs)
         stats.update(self.monitor_stats(rollout, prompts, responses, indices))
-        # 6. statistics (the KL controller was updated in `learn`)
         elapsed = time.perf_counter() - start
         episodes = cfg.episodes_per_iteration
         tokens = stats["response/length_mean"] * episodes
-        stats.update({"train/episodes": float(step * episodes), "time/rollout": t_rollout,
-                      "time/score": t_score, "time/iteration": elapsed,
-                      "throughput/tokens_per_s": tokens / elapsed,
-                      "throughput/episodes_per_s": episodes / elapsed})
+        stats.update({"train/episodes": float(step * episodes), "time/rollout": t_rollout, "time/score": t_score,
+                      "time/forward": exp.time_forward, "time/update": t_update, "time/iteration": elapsed,
+                      "throughput/tokens_per_s": tokens / elapsed, "throughput/episodes_per_s": episodes / elapsed})
         samples = []
         if cfg.sample_table_every and step % cfg.sample_table_every == 0:
             samples = [{"step": step, "prompt": p, "response": r, "score": float(s), "stopped": bool(st)}
                        for p, r, s, st in zip(prompts, responses, raw_scores.tolist(), rollout.stopped.tolist())
                        ][:cfg.sample_table_rows]
         return IterationResult(stats, history, samples)
+
+    # -- state -----------------------------------------------------------------------------------------------
+    def trained_models(self) -> dict[str, torch.nn.Module]:
+        """The models whose trainable weights a checkpoint holds: the policy and the critic (none without one)."""
+        return {"policy": self.policy, **({"critic": self.critic} if self.critic is not None else {})}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything but the weights and the random streams that a resumed run needs: optimizers and schedules
+        (``critic`` None with ``critic=shared`` or without a critic), the KL controller, the running score moments,
+        the prompt sampler's position and the process count."""
+        def state(obj: Any) -> dict | None:
+            return None if obj is None else obj.state_dict()
+
+        return {"kl_controller": self.kl_controller.state_dict(), "running_scores": self.running_scores.state_dict(),
+                "prompt_sampler": self.sampler.state_dict(), "num_processes": self.dist.world_size,
+                "optimizers": {"policy": self.policy_optimizer.state_dict(), "critic": state(self.critic_optimizer)},
+                "schedulers": {"policy": self.policy_scheduler.state_dict(), "critic": state(self.critic_scheduler)}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        def load(obj: Any, saved: dict | None, what: str) -> None:
+            if (obj is None) != (saved is None):
+                raise RlhfkitError(f"--resume: the checkpoint's critic {what} does not match this run's --critic / "
+                                   f"--advantage_estimator")
+            if obj is not None:
+                obj.load_state_dict(saved)
+
+        self.policy_optimizer.load_state_dict(state["optimizers"]["policy"])
+        load(self.critic_optimizer, state["optimizers"]["critic"], "optimizer")
+        self.policy_scheduler.load_state_dict(state["schedulers"]["policy"])
+        load(self.critic_scheduler, state["schedulers"]["critic"], "schedule")
+        self.kl_controller.load_state_dict(state["kl_controller"])
+        self.running_scores.load_state_dict(state["running_scores"])
+        self.sampler.load_state_dict(state["prompt_sampler"])
+
+    def rank_state_dict(self) -> dict[str, Any]:
+        """This process's random streams: the global RNG states and the sampling / shuffling generators."""
+        return {"global": rng_state(), "sampling": self.sampling_generator.get_state(),
+                "shuffle": self.shuffle_generator.get_state()}
+
+    def load_rank_state_dict(self, state: dict[str, Any]) -> None:
+        set_rng_state(state["global"])
+        self.sampling_generator.set_state(state["sampling"])
+        self.shuffle_generator.set_state(state["shuffle"])
+
+    def save_checkpoint(self, step: int) -> None:
+        """Checkpoint iteration ``step`` (collective; `train.checkpoint.checkpoint_writer`'s layout)."""
+        write = checkpoint_writer(self.dist, step, command="ppo", models=self.trained_models(),
+                                  state={"step": step, **self.state_dict()}, rank_state=self.rank_state_dict(),
+                                  config=self.cfg)
+        if self.dist.is_main:
+            save_checkpoint(self.output, step, write, keep_last=self.cfg.keep_checkpoints)
+        self.dist.barrier()
 
     # -- the run -----------------------------------------------------------------------------------------
     def open_output(self) -> int:
@@ -489,8 +543,12 @@ class PPOTrainer:
         last = 0
         if cfg.resume:
             ckpt = require_latest_checkpoint(self.output)
+            check_format(ckpt)
             ppo_state.check_resume_config(cfg, ckpt)
-            last = ppo_state.read_checkpoint(self, ckpt)
+            _, state, rank_state = read_training_checkpoint(dist, ckpt, "ppo", self.trained_models())
+            self.load_state_dict(state)
+            self.load_rank_state_dict(rank_state)
+            last = int(state["step"])
             if last != checkpoint_step(ckpt):
                 raise RlhfkitError(f"{ckpt}: its trainer_state.json names iteration {last}")
         elif dist.is_main:
@@ -525,8 +583,8 @@ class PPOTrainer:
         A fresh run checks its output folder, then runs iteration 1 before it writes anything: a reward source
         that fails on the first rollout leaves the folder (and a previous run that --overwrite would replace) as
         it was."""
-        pending = None
-        if not self.cfg.resume:
+        cfg, pending = self.cfg, None
+        if not cfg.resume:
             ppo_state.check_fresh_output(self.output, self.cfg.overwrite)  # read-only: every process checks
             pending = self.iteration(1)
         first = self.open_output()
@@ -542,10 +600,10 @@ class PPOTrainer:
                 bar.set_postfix(score=f"{result.stats['objective/scores']:.3g}",
                                 kl=f"{result.stats['objective/kl']:.3g}")
                 # 7. checkpoint
-                every = self.cfg.save_every
+                every = cfg.save_every
                 if every and (step % every == 0 or step == self.num_iterations):
-                    ppo_state.write_checkpoint(self, step)
-            ppo_state.save_final(self)
+                    self.save_checkpoint(step)
+            ppo_state.save_final(self.dist, self.output, self.tokenizer, self.policy, self.critic)
         finally:
             bar.close()
             if self.logger is not None:

@@ -1,5 +1,5 @@
-"""The tensor side of a PPO iteration: process groups, the rollout-time forward passes (step 3) and the update
-loop (step 5). The trainer (`ppo_trainer.py`) calls these with plain tensors, so a test can inject a fixed rollout.
+"""The tensor side of a PPO iteration: the rollout-time forward passes (step 3) and the update loop (step 5).
+The trainer (`ppo_trainer.py`) calls these with plain tensors, so a test can inject a fixed rollout.
 
 Exactness of the first minibatch
 --------------------------------
@@ -15,9 +15,9 @@ Each process holds its share of the rollout batch (``B_local = rollout_batch_siz
 responses padded to the global longest ``T``). Statistics over the batch (score normalisation, reward and
 advantage whitening) are computed on the gathered global batch; the token count that normalises the losses is
 the minibatch's global count. Gradients are summed over processes with one all-reduce per optimizer step
-(no DDP wrapper: the policy and critic stay plain modules so that the same code runs with one process), and
-since every process's loss is already divided by the global token count the sum is exactly the gradient of the
-whole minibatch.
+(`train.engine.processes.Processes.sum_grads`; no DDP wrapper: the policy and critic stay plain modules so that
+the same code runs with one process), and since every process's loss is already divided by the global token
+count the sum is exactly the gradient of the whole minibatch.
 """
 
 from __future__ import annotations
@@ -28,12 +28,11 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import torch
-import torch.distributed as torch_dist
 from torch import nn
 
 from rlhfkit.core.kl import kl_k1, kl_loss
-from rlhfkit.core.losses import (ValueStats, entropy_bonus, explained_variance, ppo_policy_loss, ppo_total_loss,
-                                 ppo_value_loss)
+from rlhfkit.core.losses import (PolicyStats, ValueStats, entropy_bonus, explained_variance, ppo_policy_loss,
+                                 ppo_total_loss, ppo_value_loss)
 from rlhfkit.core.masks import aggregation_count, masked_mean, masked_sum, masked_var, masked_whiten
 from rlhfkit.core.rewards import ShapedRewards
 from rlhfkit.errors import RlhfkitError
@@ -41,100 +40,12 @@ from rlhfkit.models.trunk import Trunk
 from rlhfkit.models.value_head import ValueHead
 from rlhfkit.rollout.forward import (PolicyForward, TrimmedBatch, critic_forward, policy_forward,
                                      policy_value_forward, trim_batch)
+from rlhfkit.train.engine.processes import Processes
+from rlhfkit.train.engine.stats import NamedSums
 from rlhfkit.train.ppo_trunk import TrunkPlan, TrunkStates, assemble
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Processes
-# ----------------------------------------------------------------------------------------------------------
-class Dist:
-    """The process group of a run (accelerate's ``PartialState``): gather / sum across processes.
-
-    With one process every operation is the identity, so the single-process path runs no collective. Processes
-    come from ``accelerate launch --multi_gpu --num_processes N`` (torchrun underneath; on a machine without a GPU
-    the group is CPU/gloo) or ``torchrun --nproc_per_node N``.
-    """
-
-    def __init__(self) -> None:
-        from accelerate import PartialState
-        from accelerate.utils import parse_flag_from_env
-
-        # accelerate only builds a CPU (gloo) process group when told to use the CPU
-        cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
-        state = PartialState(cpu=cpu)
-        self.rank: int = state.process_index
-        self.world_size: int = state.num_processes
-        self.device: torch.device = state.device
-        self.is_main: bool = state.is_main_process
-        self._state = state
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    def gather(self, x: torch.Tensor) -> torch.Tensor:
-        """Concatenate every process's ``x`` along dim 0, in rank order (all shapes must be equal)."""
-        if not self.distributed:
-            return x
-        is_bool = x.dtype == torch.bool
-        y = x.to(torch.uint8) if is_bool else x  # gloo has no bool collectives
-        parts = [torch.empty_like(y) for _ in range(self.world_size)]
-        torch_dist.all_gather(parts, y.contiguous())
-        out = torch.cat(parts, dim=0)
-        return out.bool() if is_bool else out
-
-    def local(self, x: torch.Tensor) -> torch.Tensor:
-        """This process's rows of a gathered (global) tensor."""
-        n = x.shape[0] // self.world_size
-        return x[self.rank * n:(self.rank + 1) * n]
-
-    def sum(self, x: torch.Tensor) -> torch.Tensor:
-        """Element-wise sum over processes (a new tensor)."""
-        x = x.clone()
-        if self.distributed:
-            torch_dist.all_reduce(x, op=torch_dist.ReduceOp.SUM)
-        return x
-
-    def max_int(self, n: int) -> int:
-        if not self.distributed:
-            return int(n)
-        t = torch.tensor([int(n)], dtype=torch.long, device=self.device)
-        torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
-        return int(t.item())
-
-    def all_true(self, flag: bool) -> bool:
-        if not self.distributed:
-            return bool(flag)
-        t = torch.tensor([1 if flag else 0], dtype=torch.long, device=self.device)
-        torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MIN)
-        return bool(t.item())
-
-    def gather_object(self, obj: Any) -> list[Any]:
-        if not self.distributed:
-            return [obj]
-        out: list[Any] = [None] * self.world_size
-        torch_dist.all_gather_object(out, obj)
-        return out
-
-    def barrier(self) -> None:
-        if self.distributed:
-            torch_dist.barrier()
-
-    def sum_grads(self, params: Sequence[nn.Parameter]) -> None:
-        """Replace every gradient by its sum over processes (one flat all-reduce; missing grads count as 0)."""
-        if not self.distributed or not params:
-            return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        torch_dist.all_reduce(flat, op=torch_dist.ReduceOp.SUM)
-        offset = 0
-        for p, g in zip(params, grads):
-            n = g.numel()
-            p.grad = flat[offset:offset + n].view_as(p).clone()
-            offset += n
-
-
-def global_whiten(x: torch.Tensor, mask: torch.Tensor, dist: Dist, shift_mean: bool = True) -> torch.Tensor:
+def global_whiten(x: torch.Tensor, mask: torch.Tensor, dist: Processes, shift_mean: bool = True) -> torch.Tensor:
     """`core.masks.masked_whiten` with the statistics of the whole (gathered) batch; returns this process's rows."""
     return dist.local(masked_whiten(dist.gather(x), dist.gather(mask.bool()), shift_mean=shift_mean))
 
@@ -330,14 +241,6 @@ class UpdateSettings:
         return {"num_sequences": num_sequences, "max_length": self.max_length}
 
 
-# per-minibatch statistics: token-weighted sums over micro-batches and processes, divided by the token count
-_WEIGHTED = ("policy/approx_kl", "policy/clipfrac", "policy/ratio_mean", "policy/ratio_var", "val/clipfrac",
-             "val/error", "val/value_mean", "policy/dual_clipfrac")
-# already divided by the global token count: summing over micro-batches and processes gives the minibatch value
-_SUMMED = ("policy/entropy", "loss/policy", "loss/value", "loss/entropy", "loss/total", "loss/kl")
-_CRITIC_STATS = ("val/clipfrac", "val/error", "val/value_mean", "loss/value", "val/grad_norm")  # none without one
-
-
 def _trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
@@ -366,11 +269,11 @@ def _clip_grads(policy_params: list[nn.Parameter], critic_params: list[nn.Parame
 
 def _micro_batch_loss(policy: nn.Module, critic: nn.Module | None, batch: UpdateBatch, rows: list[int],
                       num_tokens: torch.Tensor, settings: UpdateSettings,
-                      num_sequences: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+                      num_sequences: torch.Tensor | None = None) -> tuple[torch.Tensor, NamedSums] | None:
     """The loss of one (trimmed) micro-batch, its token losses divided by the minibatch's global ``num_tokens``
     (the policy and KL losses: the normalisers of ``settings.loss_aggregation``, with the minibatch's global
-    ``num_sequences``), and its statistics (``_WEIGHTED`` × the micro-batch's token count, then ``_SUMMED``); None
-    without tokens. ``critic=None``: no value loss (its statistics are 0)."""
+    ``num_sequences``), and its statistics (`micro_batch_stats`); None without tokens. ``critic=None``: no value
+    loss (and no value statistics)."""
     idx = torch.tensor(rows, dtype=torch.long, device=batch.response_ids.device)
     tb = trim_batch(batch.query_ids[idx], batch.query_mask[idx], batch.response_ids[idx], batch.response_mask[idx])
     args, t, mask = (tb.query_ids, tb.query_mask, tb.response_ids, tb.response_mask), tb.response_end, tb.response_mask
@@ -399,14 +302,45 @@ def _micro_batch_loss(policy: nn.Module, critic: nn.Module | None, batch: Update
     loss = ppo_total_loss(p_loss, v_loss, ent, settings.vf_coef, settings.entropy_coef, k_loss,
                           settings.kl_loss_coef or 0.0)
     with torch.no_grad():
-        none = torch.zeros((), dtype=torch.float64, device=loss.device)
-        v_stats = v_stats or ValueStats(none, none, none, none)
-        weighted = [p_stats.approx_kl, p_stats.clipfrac, p_stats.ratio_mean, p_stats.ratio_var, v_stats.clipfrac,
-                    v_stats.error, v_stats.value_mean, p_stats.dual_clipfrac]
-        summed = [ent, p_loss, none if v_loss is None else v_loss, -settings.entropy_coef * ent, loss,
-                  none if k_loss is None else k_loss]
-        stats = torch.stack([w.double() * n_local for w in weighted] + [x.detach().double() for x in summed])
-    return loss, stats
+        losses = UpdateLosses(ent, p_loss, v_loss, -settings.entropy_coef * ent, loss, k_loss)
+        return loss, micro_batch_stats(n_local, p_stats, v_stats, losses)
+
+
+class UpdateLosses(NamedTuple):
+    """A micro-batch's loss terms (0-dim), each already divided by the minibatch's global normaliser, so that their
+    sums over micro-batches and processes are the minibatch's: the entropy bonus term, the policy loss, the value
+    loss (None without a critic), ``-entropy_coef`` × the entropy, the total loss, the KL loss (None: off)."""
+
+    entropy: torch.Tensor
+    policy: torch.Tensor
+    value: torch.Tensor | None
+    entropy_term: torch.Tensor
+    total: torch.Tensor
+    kl: torch.Tensor | None
+
+
+def micro_batch_stats(n_local: int, policy: PolicyStats, value: ValueStats | None,
+                      losses: UpdateLosses) -> NamedSums:
+    """The named statistics of one micro-batch of ``n_local`` response tokens: the per-token statistics as
+    token-weighted means (total = statistic × ``n_local``, weight ``n_local``: their minibatch value is the
+    token-weighted mean; ``ratio_var`` that of the micro-batch variances), the losses as sums (``loss/kl`` 0 unless
+    the KL is in the loss). Without a critic (``value`` None) no ``val/*`` nor ``loss/value``."""
+    sums = NamedSums()
+    weighted = {"policy/approx_kl": policy.approx_kl, "policy/clipfrac": policy.clipfrac,
+                "policy/ratio_mean": policy.ratio_mean, "policy/ratio_var": policy.ratio_var}
+    if value is not None:
+        weighted.update({"val/clipfrac": value.clipfrac, "val/error": value.error, "val/value_mean": value.value_mean})
+    weighted["policy/dual_clipfrac"] = policy.dual_clipfrac
+    for name, stat in weighted.items():
+        sums.add(name, stat.double() * n_local, n_local)
+    summed = {"policy/entropy": losses.entropy, "loss/policy": losses.policy, "loss/value": losses.value,
+              "loss/entropy": losses.entropy_term, "loss/total": losses.total, "loss/kl": losses.kl}
+    for name, x in summed.items():
+        if name == "loss/kl" and x is None:
+            x = torch.zeros((), dtype=torch.float64)
+        if x is not None:
+            sums.add(name, x.detach().double())
+    return sums
 
 
 def ppo_update(
@@ -417,7 +351,7 @@ def ppo_update(
     batch: UpdateBatch,
     plan: list[list[list[int]]],
     settings: UpdateSettings,
-    dist: Dist,
+    dist: Processes,
 ) -> list[dict[str, float]]:
     """``ppo_epochs × minibatches × micro-batches`` of clipped-PPO optimisation; returns per-minibatch stats.
 
@@ -438,7 +372,6 @@ def ppo_update(
     ``epoch``, ``minibatch``, ``num_tokens`` and ``applied``.
     """
     policy_params, critic_params = _trainable(policy), (_trainable(critic) if critic is not None else [])
-    dropped = _CRITIC_STATS if critic is None else ()
     history: list[dict[str, float]] = []
     device = batch.response_ids.device
     for epoch, minibatches in enumerate(plan):
@@ -450,7 +383,7 @@ def ppo_update(
             n_global = float(num_tokens.item())
             if n_global == 0:
                 raise RlhfkitError("a minibatch holds no response token (all responses empty)")
-            sums = torch.zeros(len(_WEIGHTED) + len(_SUMMED), dtype=torch.float64, device=device)
+            sums = NamedSums()
             finite = True
             _zero(policy_optimizer, critic_optimizer)
             for micro in micro_batches(rows, settings.micro_batch_size):
@@ -462,24 +395,24 @@ def ppo_update(
                     finite = False
                     break
                 loss.backward()
-                sums += micro_stats
+                sums.update(micro_stats)
             if not dist.all_true(finite):
                 _zero(policy_optimizer, critic_optimizer)
                 raise RlhfkitError(
                     f"non-finite PPO loss in epoch {epoch + 1}, minibatch {mb_index + 1}: the update was stopped "
                     f"before the optimizer step; check the reward scores (try score_norm/score_clip), lower the "
                     f"learning rate, or disable bf16")
-            sums = dist.sum(sums)
-            stats = {name: float(sums[i].item()) / n_global for i, name in enumerate(_WEIGHTED)}
-            stats.update({name: float(sums[len(_WEIGHTED) + i].item()) for i, name in enumerate(_SUMMED)})
+            if not sums:  # no response token of this minibatch on this process: zero sums, the same names
+                sums = _no_token_stats(critic is not None)
+            stats = sums.reduce(dist).values()
             stats.update({"epoch": epoch, "minibatch": mb_index, "num_tokens": n_global})
             dist.sum_grads(policy_params)
             dist.sum_grads(critic_params)
             max_norm = settings.max_grad_norm if settings.max_grad_norm is not None else math.inf
             p_norm, v_norm = _clip_grads(policy_params, critic_params, max_norm, joint=critic_optimizer is None)
-            stats.update({"policy/grad_norm": p_norm, "val/grad_norm": v_norm})
-            for name in dropped:
-                del stats[name]
+            stats["policy/grad_norm"] = p_norm
+            if critic is not None:
+                stats["val/grad_norm"] = v_norm
             if not (math.isfinite(p_norm) and math.isfinite(v_norm)):
                 _zero(policy_optimizer, critic_optimizer)
                 raise RlhfkitError(
@@ -499,6 +432,14 @@ def ppo_update(
     return history
 
 
+def _no_token_stats(with_critic: bool) -> NamedSums:
+    """`micro_batch_stats` of a process without any response token in the minibatch: every statistic 0."""
+    zero = torch.zeros((), dtype=torch.float64)
+    value = ValueStats(*[zero] * len(ValueStats._fields)) if with_critic else None
+    return micro_batch_stats(0, PolicyStats(*[zero] * len(PolicyStats._fields)), value,
+                             UpdateLosses(zero, zero, zero if with_critic else None, zero, zero, None))
+
+
 _BOOKKEEPING = ("epoch", "minibatch", "num_tokens", "applied")
 
 
@@ -514,7 +455,7 @@ def mean_stats(history: list[dict[str, float]]) -> dict[str, float]:
 
 
 def rollout_stats(
-    dist: Dist,
+    dist: Processes,
     raw_scores: torch.Tensor,
     scores: torch.Tensor,
     shaped: ShapedRewards,
@@ -540,32 +481,28 @@ def rollout_stats(
     |sampling-time - training-time log-prob| (numerical drift between the KV-cache sampler and the full forward).
     """
     mask = dist.gather(response_mask.bool())
-    per_row = torch.stack([
-        masked_sum(kl_k1(old_logprobs, ref_logprobs), response_mask, dim=1),
-        masked_sum(shaped.kl, response_mask, dim=1),
-        masked_sum(shaped.non_score_reward, response_mask, dim=1),
-        masked_sum(shaped.rewards, response_mask, dim=1),
-        -masked_sum(old_logprobs, response_mask, dim=1),
-        response_mask.sum(dim=1).to(old_logprobs.dtype),
-        stopped.to(old_logprobs.dtype),
-    ], dim=1).double()
-    rows = dist.gather(per_row).mean(dim=0).tolist()
+    per_row = {  # per-sequence values, averaged over the global batch by name
+        "objective/kl": masked_sum(kl_k1(old_logprobs, ref_logprobs), response_mask, dim=1),
+        "objective/kl_penalty": masked_sum(shaped.kl, response_mask, dim=1),
+        "objective/non_score_reward": masked_sum(shaped.non_score_reward, response_mask, dim=1),
+        "objective/rlhf_reward": masked_sum(shaped.rewards, response_mask, dim=1),
+        "objective/entropy": -masked_sum(old_logprobs, response_mask, dim=1),
+        "response/length_mean": response_mask.sum(dim=1).to(old_logprobs.dtype),
+        "response/stop_rate": stopped.to(old_logprobs.dtype),
+    }
+    sums = NamedSums()
+    for name, x in per_row.items():
+        sums.add(name, x.double().sum(), x.shape[0])
+    out = sums.reduce(dist).values()
     raw, used = dist.gather(raw_scores.double()), dist.gather(scores.double())
     drift = dist.gather((rollout_logprobs.to(old_logprobs.dtype) - old_logprobs).abs())
-    out = {
-        "objective/kl": rows[0],
-        "objective/kl_penalty": rows[1],
+    out.update({
         "objective/kl_coef": float(kl_coef),
-        "objective/non_score_reward": rows[2],
-        "objective/rlhf_reward": rows[3],
-        "objective/entropy": rows[4],
         "objective/scores": float(raw.mean()),
         "objective/scores_std": float(raw.std()) if raw.numel() > 1 else 0.0,
         "objective/scores_used": float(used.mean()),
-        "response/length_mean": rows[5],
-        "response/stop_rate": rows[6],
         "rollout/logprob_diff": float(masked_mean(drift, mask)),
-    }
+    })
     if old_values is not None:
         values, rets = dist.gather(old_values), dist.gather(returns)
         out.update({"val/mean": float(masked_mean(values, mask)),

@@ -1,19 +1,23 @@
 """``rlhfkit rm train``: train a reward model (or a PairRM / seq2seq ranker) on preference or pointwise data.
 
-The run reads as numbered steps (see :func:`run`):
+`RewardTrainer` holds the run; its construction runs steps 1-4 (writing nothing), `RewardTrainer.step` is one
+optimizer step (5-6), `RewardTrainer.train` the loop and step 7:
 
 1. load and validate the data (every error before any training; the over-long report is printed), split off the
    held-out set, tokenise;
 2. tokenizer and model (LoRA, frozen layers, gradient checkpointing);
 3. the batch plan: a seeded, length-grouped order of global batches; each process takes its shard
    (``batch[rank::num_processes]``) and splits it into micro-batches;
-4. optimizer (AdamW) and learning-rate schedule (``transformers.get_scheduler``);
-5. the loop: epochs × optimizer steps × micro-batches with gradient accumulation, gradient clipping, metrics,
+4. optimizer and learning-rate schedule (`train.engine.optim`: AdamW, decay on matrices only);
+5. one optimizer step: micro-batches with gradient accumulation, gradient clipping, the named statistics
+   (`train.engine.stats.NamedSums`, one all-reduce) into the logging window, metrics every ``logging_steps``,
    held-out evaluation every ``eval_steps``;
-6. checkpoints every ``save_steps`` (``train/checkpoint.py``); ``--resume`` continues exactly;
+6. checkpoints every ``save_steps`` (`train.checkpoint`: weights, `RewardTrainer.state_dict`, each process's RNG);
+   ``--resume`` continues exactly;
 7. the final model, saved with ``save_pretrained`` into the output folder (built under a temporary name, then
    published file by file, ``config.json`` and ``rlhfkit.json`` last), LoRA merged.
 
+Processes come from `train.engine.processes` (accelerate; the model is wrapped by ``accelerator.prepare``, DDP).
 Gradient accumulation is exact: the loss of a global batch is the mean over its examples (for multi_objective,
 over its observed aspect targets), so each micro-batch's mean loss is weighted by ``n_micro / n_global`` and by
 the number of processes (data-parallel gradients are averaged over processes); 1 process and N processes give the
@@ -33,9 +37,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-import yaml
 
-from rlhfkit.config import changed_settings, config_to_dict, save_config
+from rlhfkit.config import save_config
 from rlhfkit.core.losses import (
     mse_regression,
     multi_objective_regression,
@@ -56,7 +59,11 @@ from rlhfkit.data.tokenize import (
     tokenize_pointwise,
 )
 from rlhfkit.errors import RlhfkitError, data_error
-from rlhfkit.train.checkpoint import load_state, require_latest_checkpoint, save_checkpoint, save_state
+from rlhfkit.train.checkpoint import (check_format, check_resume_settings, checkpoint_writer, read_training_checkpoint,
+                                      require_latest_checkpoint, save_checkpoint)
+from rlhfkit.train.engine.optim import ModuleGroup, build_optimizer, build_scheduler, trainable_parameters
+from rlhfkit.train.engine.processes import Processes
+from rlhfkit.train.engine.stats import NamedSums
 from rlhfkit.train.rm_config import RANKER_KINDS, RMTrainConfig
 from rlhfkit.train.rm_eval import (
     collate_pair_items,
@@ -85,7 +92,7 @@ RUN_FILES = ("config.yaml", "metrics.jsonl", "rlhfkit.json", "checkpoints")
 @dataclass
 class StepOut:
     loss: torch.Tensor  # mean over the micro-batch (the loss's own normaliser)
-    sums: torch.Tensor  # (len(names),) float64 sums over the micro-batch's examples
+    sums: dict[str, torch.Tensor]  # per statistic name: its float64 sum over the micro-batch's examples
     diff: torch.Tensor | None = None  # pairwise: r_c - r_r per pair
 
 
@@ -125,10 +132,10 @@ class PairwiseObjective:
         if self.center > 0:
             loss = loss + reward_centering(chosen, rejected, self.center)
         d = diff.detach().double()
-        sums = [pairwise_correct(d).sum(), d.sum()]
+        sums = {"accuracy": pairwise_correct(d).sum(), "margin": d.sum()}
         if chosen is not None:
-            sums += [chosen.detach().double().sum(), rejected.detach().double().sum()]
-        return StepOut(loss, torch.stack(sums), d)
+            sums.update(chosen_mean=chosen.detach().double().sum(), rejected_mean=rejected.detach().double().sum())
+        return StepOut(loss, sums, d)
 
 
 class PointwiseObjective:
@@ -152,20 +159,20 @@ class PointwiseObjective:
     def step(self, model: Any, batch: dict[str, Any]) -> StepOut:
         out = model(batch["input_ids"], batch["attention_mask"], batch["response_mask"],
                     share_prompts=self.share_prompts, packing=self.packing)
-        sums = []
+        sums = {}
         if self.loss_name in ("bce", "ce2"):
             labels = batch["labels"]
             loss = pointwise_bce(out.scores, labels) if self.loss_name == "bce" else pointwise_ce2(out.aspect_scores,
                                                                                                     labels)
             # ce2: score = z_good - z_bad (aspect weights [-1, 1]); right when its sign matches the label
-            sums.append(pairwise_correct(out.scores.detach().double() * (2 * labels.double() - 1)).sum())
+            sums["accuracy"] = pairwise_correct(out.scores.detach().double() * (2 * labels.double() - 1)).sum()
         elif self.loss_name == "mse":
             loss = mse_regression(out.scores, batch["scores"])
         else:
             pred = out.aspect_scores if out.aspect_scores is not None else out.scores[:, None]
             loss = multi_objective_regression(pred, batch["scores"], batch["scores_mask"])
-        sums.append(out.scores.detach().double().sum())
-        return StepOut(loss, torch.stack(sums))
+        sums["score_mean"] = out.scores.detach().double().sum()
+        return StepOut(loss, sums)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -306,13 +313,8 @@ def check_output(cfg: RMTrainConfig) -> Path | None:
     out = Path(cfg.output)
     if cfg.resume:
         ckpt = require_latest_checkpoint(out)
-        saved_path = out / "config.yaml"
-        if saved_path.is_file():
-            saved = yaml.safe_load(saved_path.read_text()) or {}
-            changed = changed_settings(cfg, saved, RESUMABLE_CHANGES)
-            if changed:
-                raise RlhfkitError(f"--resume: the configuration differs from the run in {out} in {changed}; resume "
-                                   f"with the same settings (only {sorted(RESUMABLE_CHANGES)} may change)")
+        check_format(ckpt)
+        check_resume_settings(cfg, ckpt, RESUMABLE_CHANGES)
         return ckpt
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not cfg.overwrite:
@@ -322,41 +324,6 @@ def check_output(cfg: RMTrainConfig) -> Path | None:
             raise RlhfkitError(f"--overwrite: {out} does not look like an rlhfkit run folder (none of {RUN_FILES}); "
                                f"refusing to delete it")
     return None
-
-
-def trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-
-
-def write_checkpoint(folder: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any, state: dict) -> None:
-    """Trainable weights (safetensors) + optimizer, scheduler, trainer state and RNG (torch.save, plain data)."""
-    from safetensors.torch import save_file
-
-    save_file({n: p.detach().cpu().contiguous() for n, p in trainable_parameters(model)},
-              str(folder / "trainable.safetensors"))
-    save_state(folder / "optimizer.pt", optimizer.state_dict())
-    save_state(folder / "scheduler.pt", scheduler.state_dict())
-    save_state(folder / "trainer_state.pt", {**state, "rng": rng_state()})
-
-
-def read_checkpoint(folder: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any) -> dict:
-    from safetensors.torch import load_file
-
-    weights_path = folder / "trainable.safetensors"
-    if not weights_path.is_file():
-        raise RlhfkitError(f"{folder}: trainable.safetensors missing (incomplete checkpoint)")
-    weights = load_file(str(weights_path))
-    params = dict(trainable_parameters(model))
-    if set(weights) != set(params):
-        raise RlhfkitError(f"{folder}: the checkpoint's weights do not match this model configuration")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(weights[name])
-    optimizer.load_state_dict(load_state(folder / "optimizer.pt"))
-    scheduler.load_state_dict(load_state(folder / "scheduler.pt"))
-    state = load_state(folder / "trainer_state.pt")
-    set_rng_state(state.pop("rng"))
-    return state
 
 
 def check_resume_length(state: dict, total_steps: int, train_examples: int, data: str) -> None:
@@ -388,42 +355,40 @@ def publish_model(model: torch.nn.Module, tokenizer: Any, out: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Evaluation and metrics
+# Statistics and evaluation
 # ----------------------------------------------------------------------------------------------------------
-def window_metrics(prefix: str, names: Sequence[str], totals: Sequence[float]) -> dict[str, float]:
-    """totals = [loss·weight, weight, count, *sums] -> {prefix/loss, prefix/<name> = sum/count}."""
-    loss_sum, weight, count, *sums = totals
-    out = {f"{prefix}/loss": loss_sum / weight}
-    out.update({f"{prefix}/{n}": s / count for n, s in zip(names, sums)})
-    return out
+def micro_batch_sums(out: StepOut, weight: float, count: int) -> NamedSums:
+    """A micro-batch's named statistics: ``loss`` as a mean weighted by ``weight`` (examples, or observed targets),
+    each of the objective's sums (`StepOut.sums`) as a mean over its ``count`` examples."""
+    sums = NamedSums()
+    sums.add("loss", out.loss.item() * weight, weight)
+    for name, total in out.sums.items():
+        sums.add(name, total, count)
+    return sums
 
 
 @torch.no_grad()
-def evaluate(model: Any, objective: Any, items: Sequence[Any], accelerator: Any, micro_batch_size: int,
+def evaluate(model: Any, objective: Any, items: Sequence[Any], procs: Processes, micro_batch_size: int,
              bf16: bool) -> tuple[dict[str, float], list[float]]:
     """Held-out metrics over all processes (each scores a shard); also the per-pair diffs (pairwise)."""
-    device = accelerator.device
+    device = procs.device
     order = sorted(range(len(items)), key=lambda i: -pair_length_or_len(items[i]))
-    shard = order[accelerator.process_index::accelerator.num_processes]
-    totals = torch.zeros(3 + len(objective.names), dtype=torch.float64, device=device)
+    shard = order[procs.rank::procs.world_size]
+    sums = NamedSums()
     diffs: list[float] = []
     model.eval()
     for start in range(0, len(shard), micro_batch_size):
         chunk = [items[i] for i in shard[start: start + micro_batch_size]]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             out = objective.step(model, to_device(objective.collate(chunk), device))
-        w = objective.weight(chunk)
-        totals += torch.cat([torch.tensor([out.loss.item() * w, w, len(chunk)], dtype=torch.float64, device=device),
-                             out.sums.to(device)])
+        sums.update(micro_batch_sums(out, objective.weight(chunk), len(chunk)))
         if out.diff is not None:
             diffs += out.diff.tolist()
     model.train()
-    totals = accelerator.reduce(totals, "sum")
-    if accelerator.num_processes > 1:
-        from accelerate.utils import gather_object
-
-        diffs = gather_object(diffs)
-    return window_metrics("eval", objective.names, totals.tolist()), diffs
+    metrics = sums.reduce(procs).values("eval")
+    if procs.distributed:
+        diffs = [d for part in procs.gather_object(diffs) for d in part]
+    return metrics, diffs
 
 
 def pair_length_or_len(item: Any) -> int:
@@ -431,16 +396,16 @@ def pair_length_or_len(item: Any) -> int:
 
 
 def backward_global_batch(model: Any, objective: Any, micro_batches: Sequence[Sequence[Any]], total_weight: float,
-                          accelerator: Any, bf16: bool) -> torch.Tensor:
+                          accelerator: Any, bf16: bool) -> NamedSums:
     """Accumulate into ``.grad`` this process's share of the gradient of the global batch's mean loss.
 
     Each micro-batch's mean loss is weighted by ``w_micro / w_global`` (w = examples, or observed targets), times
     the number of processes because data-parallel gradients are averaged over processes; gradients are
-    all-reduced only after the last micro-batch. Returns this process's totals ``[loss·w, w, count, *sums,
-    tokens]`` (float64).
+    all-reduced only after the last micro-batch. Returns this process's statistics (`micro_batch_sums`, plus
+    ``tokens``: the sum of the attention masks).
     """
     device, n_proc = accelerator.device, accelerator.num_processes
-    totals = torch.zeros(4 + len(objective.names), dtype=torch.float64, device=device)
+    sums = NamedSums()
     for k, items in enumerate(micro_batches):
         batch = to_device(objective.collate(items), device)
         w = objective.weight(items)
@@ -448,179 +413,210 @@ def backward_global_batch(model: Any, objective: Any, micro_batches: Sequence[Se
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 out = objective.step(model, batch)
             accelerator.backward(out.loss * (w * n_proc / total_weight))
-        totals += torch.cat([torch.tensor([out.loss.item() * w, w, len(items)], dtype=torch.float64, device=device),
-                             out.sums.to(device), batch["attention_mask"].sum().double().reshape(1)])
-    return totals
+        sums.update(micro_batch_sums(out, w, len(items)))
+        sums.add("tokens", batch["attention_mask"].sum())
+    return sums
 
 
 # ----------------------------------------------------------------------------------------------------------
 # The run
 # ----------------------------------------------------------------------------------------------------------
-def make_accelerator() -> Any:
-    """The run's ``accelerate.Accelerator``, with accelerate's own mixed precision off: the trainer applies bf16
-    autocast itself (``--bf16``), and ``prepare`` would otherwise wrap the model's forward in whatever autocast the
-    process's accelerate state holds. That state is shared by every Accelerator of a process, so one created
-    before (e.g. by a transformers or TRL Trainer with bf16, TRL's default) would silently make this run bf16;
-    that is refused with an error instead. Without a GPU, ``cpu=True`` lets ``torchrun --nproc_per_node N`` /
-    ``accelerate launch --multi_gpu`` run N gloo processes."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
+class RewardTrainer:
+    """The models, optimizer and state of an ``rm train`` run; `train` runs it, `step` runs one optimizer step.
 
-    try:
-        return Accelerator(cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
-                           mixed_precision="no")
-    except ValueError as e:
-        if "already been initialized" not in str(e):
-            raise
-        raise RlhfkitError(
-            f"rm train: this process already holds an accelerate state with mixed_precision="
-            f"{AcceleratorState().mixed_precision!r} (created by another Accelerator, e.g. a transformers or TRL "
-            f"Trainer); rlhfkit sets the precision with --bf16 and would otherwise train under that autocast; run "
-            f"it in a fresh process") from None
+    Construction runs steps 1-4 (and, with ``--resume``, restores the latest checkpoint) and writes nothing, so a
+    bad input fails before the output folder is touched.
+    """
+
+    def __init__(self, cfg: RMTrainConfig, procs: Processes | None = None) -> None:
+        from rlhfkit.models.loading import load_tokenizer
+
+        self.cfg = cfg
+        self.procs = procs = procs or Processes.start("rm train")
+        if procs.is_main:
+            warn_if_slow_bf16(cfg.bf16, procs.device, "rm train --bf16")
+        n_proc = procs.world_size
+        if cfg.batch_size % (cfg.micro_batch_size * n_proc):
+            raise RlhfkitError(f"batch_size={cfg.batch_size} must be a multiple of micro_batch_size × processes = "
+                               f"{cfg.micro_batch_size} × {n_proc}")
+        self.output = Path(cfg.output)
+        self.resume_from = check_output(cfg)
+        kind = resolve_kind(cfg)  # 'auto' -> decoder / encoder / seq2seq, checked against the settings first
+
+        # 1. Data: load and validate everything, split, tokenise (errors name file, row and field).
+        train_ex, eval_ex, eval_source = load_examples(cfg)
+        self.tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        self.train_items, report = tokenize_examples(cfg, self.tokenizer, train_ex, cfg.data, kind)
+        self.eval_items, eval_report = tokenize_examples(cfg, self.tokenizer, eval_ex, eval_source, kind) if eval_ex \
+            else ([], None)
+        if procs.is_main:
+            accumulation = cfg.batch_size // (cfg.micro_batch_size * n_proc)
+            print(f"processes: {n_proc}; {cfg.batch_size} examples per optimizer step = {n_proc} process(es) × "
+                  f"{accumulation} micro-batch(es) × {cfg.micro_batch_size}")
+            print(f"train: {report.describe()}")
+            if eval_report is not None:
+                print(f"eval:  {eval_report.describe()}")
+        self.steps_per_epoch = len(self.train_items) // cfg.batch_size
+        if self.steps_per_epoch == 0:
+            raise RlhfkitError(f"{cfg.data}: {len(self.train_items)} training examples, fewer than batch_size="
+                               f"{cfg.batch_size}")
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+
+        # 2. Tokenizer and model (seeded head; LoRA; frozen layers).
+        model = build_model(cfg, kind, self.tokenizer)
+        self.objective = (PairwiseObjective if cfg.pairwise else PointwiseObjective)(cfg, pad_id_of(model), kind)
+        model.train()
+
+        # 3. Batch plan: a seeded (length-grouped) order of global batches; process `rank` takes its shard.
+        if cfg.group_by_prompt:  # K-wise: a prompt's pairs in one batch, each distinct sequence run once
+            self.sampler = PromptGroupedBatchSampler([prompt_key(it) for it in self.train_items], cfg.batch_size,
+                                                     cfg.seed, drop_last=True)
+        else:
+            self.sampler = LengthGroupedBatchSampler([pair_length_or_len(it) for it in self.train_items],
+                                                     cfg.batch_size, cfg.seed, drop_last=True,
+                                                     group_size_multiplier=50 if cfg.group_by_length else 1)
+
+        # 4. Optimizer (decay on matrices only) and learning-rate schedule.
+        self.trainable = [p for _, p in trainable_parameters(model)]
+        self.optimizer = build_optimizer([ModuleGroup("model", model, cfg.learning_rate)], cfg.weight_decay)
+        warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * self.total_steps)
+        self.scheduler = build_scheduler(cfg.lr_scheduler, self.optimizer, warmup, self.total_steps)
+
+        # the run's position and its logging window (global sums since the last logged step)
+        self.step_count, self.epoch, self.next_batch = 0, 0, 0
+        self.window = NamedSums()
+        self.window_tokens, self.t_window = 0.0, time.perf_counter()
+        if self.resume_from is not None:
+            _, state, rank_state = read_training_checkpoint(procs, self.resume_from, "rm train", {"model": model},
+                                                            same_processes=False)
+            self.load_state_dict(state)
+            set_rng_state(rank_state)
+        self.unwrapped = model
+        self.model = procs.accelerator.prepare(model)
+        self.eval_metrics: dict[str, float] = {}
+        self.last_eval_diffs: list[float] = []
+        self.logger: MetricsLogger | None = None
+
+    # -- state ---------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything but the weights and the RNG that a resumed run needs: the run's position (optimizer steps
+        done; the epoch and the next global batch of it), its logging window, the optimizer and schedule, and the
+        counts a resume is checked against."""
+        return {"step": self.step_count, "epoch": self.epoch, "next_batch": self.next_batch,
+                "window": self.window.state_dict(), "total_steps": self.total_steps,
+                "train_examples": len(self.train_items), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        check_resume_length(state, self.total_steps, len(self.train_items), self.cfg.data)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step_count, self.epoch, self.next_batch = int(state["step"]), int(state["epoch"]), int(state["next_batch"])
+        self.window = NamedSums.from_state_dict(state["window"])
+
+    # -- one optimizer step ----------------------------------------------------------------------------------
+    def step(self, epoch: int, b: int, indices: Sequence[int]) -> dict[str, float]:
+        """The optimizer step on global batch ``b`` of ``epoch`` (the training items ``indices``); returns its
+        metrics row (empty when none is due)."""
+        cfg, procs, objective = self.cfg, self.procs, self.objective
+        # 5a. this process's shard of the global batch, in micro-batches: K-wise batches shard contiguously (a
+        # prompt's pairs stay on one process), others interleave
+        global_items = [self.train_items[i] for i in indices]
+        rank, n_proc = procs.rank, procs.world_size
+        shard = (global_items[rank * len(global_items) // n_proc:(rank + 1) * len(global_items) // n_proc]
+                 if cfg.group_by_prompt else global_items[rank::n_proc])
+        micro = [shard[i: i + cfg.micro_batch_size] for i in range(0, len(shard), cfg.micro_batch_size)]
+        # 5b. forward and backward, accumulated over the micro-batches (exact: see the module docstring)
+        sums = backward_global_batch(self.model, objective, micro, objective.weight(global_items), procs.accelerator,
+                                     cfg.bf16)
+        # 5c. gradient clipping, optimizer and schedule step
+        grad_norm = procs.accelerator.clip_grad_norm_(self.trainable, cfg.max_grad_norm or float("inf"))
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step_count += 1
+        step = self.step_count
+        # 5d. statistics: one all-reduce by name, added to the logging window
+        sums = sums.reduce(procs)
+        self.window_tokens += sums.pop("tokens")
+        self.window.update(sums)
+        self.window.add("grad_norm", float(grad_norm), 1)
+        # 5e. the window's metrics every logging_steps; held-out metrics every eval_steps
+        row: dict[str, float] = {}
+        if step % cfg.logging_steps == 0 or step == self.total_steps:
+            row.update(self.window_metrics(lr, step))
+        if self.eval_items and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == self.total_steps):
+            self.eval_metrics, self.last_eval_diffs = evaluate(self.unwrapped, objective, self.eval_items, procs,
+                                                               cfg.micro_batch_size, cfg.bf16)
+            row.update(self.eval_metrics)
+        # 6. checkpoint (position = the next batch of this epoch)
+        if cfg.save_steps and step % cfg.save_steps == 0 and step < self.total_steps:
+            self.epoch, self.next_batch = epoch, b + 1
+            write = checkpoint_writer(procs, step, command="rm train", models={"model": self.unwrapped},
+                                      state=self.state_dict(), rank_state=rng_state(), config=cfg)
+            if procs.is_main:
+                save_checkpoint(self.output, step, write, cfg.keep_checkpoints)
+            procs.barrier()
+        return row
+
+    def window_metrics(self, lr: float, step: int) -> dict[str, float]:
+        """The logging window's metrics (``rm/*``, ``train/*``, throughput), then a new window."""
+        elapsed = time.perf_counter() - self.t_window
+        steps = self.window.weight("grad_norm")
+        row = {k: v for k, v in self.window.values("rm").items() if k != "rm/grad_norm"}
+        row.update({"train/lr": lr, "train/grad_norm": self.window.value("grad_norm"),
+                    "train/epoch": step / self.steps_per_epoch,
+                    "throughput/tokens_per_s": self.window_tokens / elapsed, "time/step": elapsed / steps})
+        self.window = NamedSums()
+        self.window_tokens, self.t_window = 0.0, time.perf_counter()
+        return row
+
+    # -- the run ---------------------------------------------------------------------------------------------
+    def open_output(self) -> None:
+        """The run folder, written only now that every check passed: config.yaml and the metrics log."""
+        cfg, procs = self.cfg, self.procs
+        if procs.is_main:
+            if cfg.overwrite and not cfg.resume and self.output.exists():
+                shutil.rmtree(self.output)
+            self.output.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.output / "config.yaml")
+        procs.barrier()
+        self.logger = MetricsLogger(self.output / "metrics.jsonl", self.output / "tensorboard", enabled=procs.is_main,
+                                    resume_step=self.step_count if self.resume_from is not None else None)
+
+    def train(self) -> dict[str, float]:
+        """Run (or continue) the training; returns the last held-out metrics (empty without)."""
+        cfg, procs = self.cfg, self.procs
+        self.open_output()
+        bar = progress(total=self.total_steps, initial=self.step_count, desc="rm train", enabled=procs.is_main)
+        start_epoch, start_batch = self.epoch, self.next_batch
+        for epoch in range(start_epoch, cfg.epochs):
+            batches = self.sampler.batches(epoch)
+            for b in range(start_batch if epoch == start_epoch else 0, len(batches)):
+                row = self.step(epoch, b, batches[b])
+                bar.update(1)
+                if "rm/loss" in row:
+                    bar.set_postfix(loss=f"{row['rm/loss']:.4f}", **({"acc": f"{row['rm/accuracy']:.3f}"}
+                                                                     if "rm/accuracy" in row else {}))
+                if row:
+                    self.logger.log(self.step_count, row)
+        bar.close()
+        self.logger.close()
+        # 7. Final model (LoRA merged), published atomically; final held-out metrics as JSON.
+        if procs.is_main:
+            publish_model(self.unwrapped, self.tokenizer, self.output)
+            if self.eval_metrics:
+                summary = dict(self.eval_metrics)
+                if self.last_eval_diffs:
+                    summary.update({f"eval/{k}": v
+                                    for k, v in pairwise_metrics(torch.tensor(self.last_eval_diffs)).items()})
+                atomic_write_json(self.output / "eval_results.json", {"step": self.total_steps, **summary})
+                print("final held-out: " + ", ".join(f"{k}={v:.4f}" for k, v in self.eval_metrics.items()))
+        procs.barrier()
+        return self.eval_metrics
 
 
 def run(cfg: RMTrainConfig) -> dict[str, float]:
-    """Train (see the module docstring for the steps); returns the last held-out metrics (empty without)."""
-    from transformers import get_scheduler
-
-    from rlhfkit.models.loading import load_tokenizer
-
-    accelerator = make_accelerator()
-    if accelerator.is_main_process:
-        warn_if_slow_bf16(cfg.bf16, accelerator.device, "rm train --bf16")
-    is_main, n_proc, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
-    if cfg.batch_size % (cfg.micro_batch_size * n_proc):
-        raise RlhfkitError(f"batch_size={cfg.batch_size} must be a multiple of micro_batch_size × processes = "
-                           f"{cfg.micro_batch_size} × {n_proc}")
-    out_dir = Path(cfg.output)
-    resume_from = check_output(cfg)
-    kind = resolve_kind(cfg)  # 'auto' -> decoder / encoder / seq2seq, checked against the settings before any work
-
-    # 1. Data: load and validate everything, split, tokenise (errors name file, row and field).
-    train_ex, eval_ex, eval_source = load_examples(cfg)
-    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    train_items, report = tokenize_examples(cfg, tokenizer, train_ex, cfg.data, kind)
-    eval_items, eval_report = (tokenize_examples(cfg, tokenizer, eval_ex, eval_source, kind) if eval_ex
-                               else ([], None))
-    if is_main:
-        accumulation = cfg.batch_size // (cfg.micro_batch_size * n_proc)
-        print(f"processes: {n_proc}; {cfg.batch_size} examples per optimizer step = {n_proc} process(es) × "
-              f"{accumulation} micro-batch(es) × {cfg.micro_batch_size}")
-        print(f"train: {report.describe()}")
-        if eval_report is not None:
-            print(f"eval:  {eval_report.describe()}")
-    steps_per_epoch = len(train_items) // cfg.batch_size
-    if steps_per_epoch == 0:
-        raise RlhfkitError(f"{cfg.data}: {len(train_items)} training examples, fewer than batch_size={cfg.batch_size}")
-    total_steps = steps_per_epoch * cfg.epochs
-
-    # 2. Tokenizer and model (seeded head; LoRA; frozen layers).
-    model = build_model(cfg, kind, tokenizer)
-    objective = (PairwiseObjective if cfg.pairwise else PointwiseObjective)(cfg, pad_id_of(model), kind)
-    model.train()
-
-    # 3. Batch plan: a seeded (length-grouped) order of global batches; process `rank` takes batch[rank::n_proc].
-    if cfg.group_by_prompt:  # K-wise: a prompt's pairs in one batch, each distinct sequence run once
-        sampler = PromptGroupedBatchSampler([prompt_key(it) for it in train_items], cfg.batch_size, cfg.seed,
-                                            drop_last=True)
-    else:
-        sampler = LengthGroupedBatchSampler([pair_length_or_len(it) for it in train_items], cfg.batch_size,
-                                            cfg.seed, drop_last=True,
-                                            group_size_multiplier=50 if cfg.group_by_length else 1)
-
-    # 4. Optimizer (decay on matrices only) and learning-rate schedule.
-    params = trainable_parameters(model)
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for _, p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-         {"params": [p for _, p in params if p.ndim < 2], "weight_decay": 0.0}], lr=cfg.learning_rate)
-    warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
-    scheduler = get_scheduler("constant_with_warmup" if cfg.lr_scheduler == "constant" else cfg.lr_scheduler,
-                              optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
-    n_stats = 3 + len(objective.names)
-    state = {"step": 0, "epoch": 0, "next_batch": 0, "window": [0.0] * n_stats, "window_grad_norm": 0.0,
-             "window_steps": 0, "total_steps": total_steps, "train_examples": len(train_items)}
-    if resume_from is not None:
-        state = read_checkpoint(resume_from, model, optimizer, scheduler)
-        check_resume_length(state, total_steps, len(train_items), cfg.data)
-    model = accelerator.prepare(model)
-    unwrapped = accelerator.unwrap_model(model)
-    trainable = [p for _, p in params]
-
-    # The run folder is written only now, after every check passed.
-    if is_main:
-        if cfg.overwrite and not cfg.resume and out_dir.exists():
-            shutil.rmtree(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out_dir / "config.yaml")
-    accelerator.wait_for_everyone()
-    logger = MetricsLogger(out_dir / "metrics.jsonl", out_dir / "tensorboard", enabled=is_main,
-                           resume_step=state["step"] if resume_from is not None else None)
-    bar = progress(total=total_steps, initial=state["step"], desc="rm train", enabled=is_main)
-
-    # 5. Loop: epochs × optimizer steps × micro-batches.
-    eval_metrics: dict[str, float] = {}
-    last_eval_diffs: list[float] = []
-    window_tokens, t_window = 0.0, time.perf_counter()
-    start_epoch, start_batch = state["epoch"], state["next_batch"]
-    for epoch in range(start_epoch, cfg.epochs):
-        batches = sampler.batches(epoch)
-        for b in range(start_batch if epoch == start_epoch else 0, len(batches)):
-            global_items = [train_items[i] for i in batches[b]]
-            # K-wise batches shard contiguously (a prompt's pairs stay on one process); others interleave
-            shard = (global_items[rank * len(global_items) // n_proc:(rank + 1) * len(global_items) // n_proc]
-                     if cfg.group_by_prompt else global_items[rank::n_proc])
-            micro = [shard[i: i + cfg.micro_batch_size] for i in range(0, len(shard), cfg.micro_batch_size)]
-            totals = backward_global_batch(model, objective, micro, objective.weight(global_items), accelerator,
-                                           cfg.bf16)
-            grad_norm = accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm or float("inf"))
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            totals = accelerator.reduce(totals, "sum").tolist()
-            state["step"] += 1
-            step = state["step"]
-            state["window"] = [a + t for a, t in zip(state["window"], totals[:n_stats])]
-            state["window_grad_norm"] += float(grad_norm)
-            state["window_steps"] += 1
-            window_tokens += totals[n_stats]
-            bar.update(1)
-            row: dict[str, float] = {}
-            if step % cfg.logging_steps == 0 or step == total_steps:
-                elapsed = time.perf_counter() - t_window
-                row.update(window_metrics("rm", objective.names, state["window"]))
-                row.update({"train/lr": lr, "train/grad_norm": state["window_grad_norm"] / state["window_steps"],
-                            "train/epoch": step / steps_per_epoch,
-                            "throughput/tokens_per_s": window_tokens / elapsed,
-                            "time/step": elapsed / state["window_steps"]})
-                bar.set_postfix(loss=f"{row['rm/loss']:.4f}", **({"acc": f"{row['rm/accuracy']:.3f}"}
-                                                                 if "rm/accuracy" in row else {}))
-                state.update(window=[0.0] * n_stats, window_grad_norm=0.0, window_steps=0)
-                window_tokens, t_window = 0.0, time.perf_counter()
-            if eval_items and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == total_steps):
-                eval_metrics, last_eval_diffs = evaluate(unwrapped, objective, eval_items, accelerator,
-                                                         cfg.micro_batch_size, cfg.bf16)
-                row.update(eval_metrics)
-            if row:
-                logger.log(step, row)
-            # 6. Checkpoint (position = the next batch of this epoch).
-            if cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps:
-                state.update(epoch=epoch, next_batch=b + 1)
-                if is_main:
-                    save_checkpoint(out_dir, step, lambda f: write_checkpoint(f, unwrapped, optimizer, scheduler,
-                                                                              state), cfg.keep_checkpoints)
-                accelerator.wait_for_everyone()
-    bar.close()
-    logger.close()
-
-    # 7. Final model (LoRA merged), published atomically; final held-out metrics as JSON.
-    if is_main:
-        publish_model(unwrapped, tokenizer, out_dir)
-        if eval_metrics:
-            summary = dict(eval_metrics)
-            if last_eval_diffs:
-                summary.update({f"eval/{k}": v for k, v in pairwise_metrics(torch.tensor(last_eval_diffs)).items()})
-            atomic_write_json(out_dir / "eval_results.json", {"step": total_steps, **summary})
-            print("final held-out: " + ", ".join(f"{k}={v:.4f}" for k, v in eval_metrics.items()))
-    accelerator.wait_for_everyone()
-    return eval_metrics
+    """The ``rlhfkit rm train`` command (see the module docstring for the steps)."""
+    return RewardTrainer(cfg).train()
