@@ -10,7 +10,7 @@ import math
 from os import PathLike
 from typing import Any, Union
 
-from rlhfkit.data.sources import read_rows
+from rlhfkit.data.sources import DataSource, rows_of
 from rlhfkit.errors import data_error
 
 Message = dict[str, str]
@@ -121,6 +121,11 @@ def parse_prompts(rows: list[dict[str, Any]], source: Any = None) -> list[Prompt
     return prompts
 
 
-def load_prompts(path: str | PathLike, split: str | None = None) -> list[Prompt]:
-    """Read and validate PPO prompts from ``path`` (any format of :func:`rlhfkit.data.sources.read_rows`)."""
-    return parse_prompts(read_rows(path, split), path)
+def load_prompts(path: str | PathLike | DataSource, split: str | None = None, name: str = "prompts") -> list[Prompt]:
+    """Read and validate PPO prompts from ``path`` (any format of :func:`rlhfkit.data.sources.read_rows`), or from
+    in-memory rows (`rlhfkit.data.sources.rows_of`: a list of dicts or a ``datasets.Dataset``; errors name them
+    ``name``); in a list, a plain text is the row ``{"prompt": text}``."""
+    if isinstance(path, (list, tuple)):
+        path = [{"prompt": row} if isinstance(row, str) else row for row in path]
+    rows, source = rows_of(path, name, split)
+    return parse_prompts(rows, source)

@@ -182,33 +182,56 @@ def _check_targets(examples: Sequence[Any], cfg: RMTrainConfig, source: str) -> 
             raise data_error(source, ex.row or i, field, f"loss={cfg.loss} needs {what} on every row")
 
 
-def load_examples(cfg: RMTrainConfig) -> tuple[list, list, str | None]:
-    """Validated training and held-out examples (held-out: --eval_data, else a seeded --eval_fraction split)."""
+def data_sources(cfg: RMTrainConfig, data: Any = None, eval_data: Any = None) -> tuple[Any, Any]:
+    """The training and held-out data: the config's paths, or in-memory rows (a list of dicts or a
+    ``datasets.Dataset``, the Python API's `RewardTrainer`) given instead; each at most once."""
+    for name, given in (("data", data), ("eval_data", eval_data)):
+        if given is not None and getattr(cfg, name) is not None:
+            raise RlhfkitError(f"{name} is given twice, as RMTrainConfig.{name}={getattr(cfg, name)!r} and as an "
+                               f"argument; give it once")
+    train = data if data is not None else cfg.data
+    if train is None:
+        raise RlhfkitError("data is required (RMTrainConfig.data, --data, or RewardTrainer(data=...))")
+    return train, eval_data if eval_data is not None else cfg.eval_data
+
+
+def source_label(source: Any, name: str) -> Any:
+    """What errors call a data source: its path, or the argument name of in-memory rows."""
+    return source if isinstance(source, (str, os.PathLike)) else name
+
+
+def load_examples(cfg: RMTrainConfig, data: Any = None, eval_data: Any = None) -> tuple[list, list, Any]:
+    """Validated training and held-out examples (held-out: --eval_data, else a seeded --eval_fraction split);
+    ``data`` / ``eval_data``: in-memory rows instead of the config's paths (`data_sources`)."""
+    train_source, eval_source = data_sources(cfg, data, eval_data)
     if cfg.pairwise:
-        def load(path: str) -> list:
-            examples = load_preferences(path, skip_invalid=cfg.skip_invalid)
+        def load(source: Any, name: str) -> list:
+            examples = load_preferences(source, skip_invalid=cfg.skip_invalid, name=name)
             if examples.skipped:
-                print(f"skipped {len(examples.skipped)} invalid row(s) of {path}: " + "; ".join(examples.skipped[:5])
-                      + (" ..." if len(examples.skipped) > 5 else ""))
+                print(f"skipped {len(examples.skipped)} invalid row(s) of {source_label(source, name)}: "
+                      + "; ".join(examples.skipped[:5]) + (" ..." if len(examples.skipped) > 5 else ""))
             return examples
     else:
-        load = lambda path: load_pointwise(path, aspects=cfg.aspects if cfg.loss == "multi_objective" else None)  # noqa
-    train = list(load(cfg.data))
-    _check_targets(train, cfg, cfg.data)
-    if cfg.eval_data:
-        held_out = list(load(cfg.eval_data))
-        _check_targets(held_out, cfg, cfg.eval_data)
-        return train, held_out, cfg.eval_data
+        def load(source: Any, name: str) -> list:
+            return load_pointwise(source, aspects=cfg.aspects if cfg.loss == "multi_objective" else None, name=name)
+    label = source_label(train_source, "data")
+    train = list(load(train_source, "data"))
+    _check_targets(train, cfg, label)
+    if eval_source is not None:
+        eval_label = source_label(eval_source, "eval_data")
+        held_out = list(load(eval_source, "eval_data"))
+        _check_targets(held_out, cfg, eval_label)
+        return train, held_out, eval_label
     if cfg.eval_fraction == 0:
         return train, [], None
     n_eval = max(1, round(len(train) * cfg.eval_fraction))
     if n_eval >= len(train):
-        raise RlhfkitError(f"{cfg.data}: {len(train)} rows are too few to hold out eval_fraction="
+        raise RlhfkitError(f"{label}: {len(train)} rows are too few to hold out eval_fraction="
                            f"{cfg.eval_fraction}; add rows, pass --eval_data, or set --eval_fraction 0")
     perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     eval_idx = set(perm[:n_eval])
     return ([ex for i, ex in enumerate(train) if i not in eval_idx],
-            [ex for i, ex in enumerate(train) if i in eval_idx], cfg.data)
+            [ex for i, ex in enumerate(train) if i in eval_idx], label)
 
 
 def tokenize_examples(cfg: RMTrainConfig, tokenizer: Any, examples: Sequence[Any], source: str) -> tuple[list, Any]:
@@ -467,12 +490,20 @@ def make_accelerator() -> Any:
             f"it in a fresh process") from None
 
 
-def run(cfg: RMTrainConfig) -> dict[str, float]:
-    """Train (see the module docstring for the steps); returns the last held-out metrics (empty without)."""
+def run(cfg: RMTrainConfig, data: Any = None, eval_data: Any = None,
+        callbacks: Sequence[Any] = ()) -> dict[str, float]:
+    """Train (see the module docstring for the steps); returns the last held-out metrics (empty without).
+
+    The Python API (`rlhfkit.api.RewardTrainer`) may pass ``data`` / ``eval_data`` as in-memory rows instead of the
+    config's paths (validated like file rows, errors naming ``data, row N, field ...``) and ``callbacks``, each
+    called as ``callback(step, metrics)`` with every logged row (`rlhfkit.utils.MetricsLogger`)."""
     from transformers import get_scheduler
 
     from rlhfkit.models.loading import load_tokenizer
 
+    if cfg.model is None:
+        raise RlhfkitError("model is required (RMTrainConfig.model, --model, or RewardTrainer(model=...))")
+    data_sources(cfg, data, eval_data)  # given once each, before the accelerator and the output folder
     accelerator = make_accelerator()
     if accelerator.is_main_process:
         warn_if_slow_bf16(cfg.bf16, accelerator.device, "rm train --bf16")
@@ -485,9 +516,10 @@ def run(cfg: RMTrainConfig) -> dict[str, float]:
     kind = resolve_kind(cfg)  # 'auto' -> decoder / encoder, checked against the settings before any work
 
     # 1. Data: load and validate everything, split, tokenise (errors name file, row and field).
-    train_ex, eval_ex, eval_source = load_examples(cfg)
+    train_ex, eval_ex, eval_source = load_examples(cfg, data, eval_data)
+    train_source = source_label(data_sources(cfg, data, eval_data)[0], "data")
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    train_items, report = tokenize_examples(cfg, tokenizer, train_ex, cfg.data)
+    train_items, report = tokenize_examples(cfg, tokenizer, train_ex, train_source)
     eval_items, eval_report = tokenize_examples(cfg, tokenizer, eval_ex, eval_source) if eval_ex else ([], None)
     if is_main:
         accumulation = cfg.batch_size // (cfg.micro_batch_size * n_proc)
@@ -498,7 +530,8 @@ def run(cfg: RMTrainConfig) -> dict[str, float]:
             print(f"eval:  {eval_report.describe()}")
     steps_per_epoch = len(train_items) // cfg.batch_size
     if steps_per_epoch == 0:
-        raise RlhfkitError(f"{cfg.data}: {len(train_items)} training examples, fewer than batch_size={cfg.batch_size}")
+        raise RlhfkitError(f"{train_source}: {len(train_items)} training examples, fewer than batch_size="
+                           f"{cfg.batch_size}")
     total_steps = steps_per_epoch * cfg.epochs
 
     # 2. Tokenizer and model (seeded head; LoRA; frozen layers).
@@ -528,7 +561,7 @@ def run(cfg: RMTrainConfig) -> dict[str, float]:
              "window_steps": 0, "total_steps": total_steps, "train_examples": len(train_items)}
     if resume_from is not None:
         state = read_checkpoint(resume_from, model, optimizer, scheduler)
-        check_resume_length(state, total_steps, len(train_items), cfg.data)
+        check_resume_length(state, total_steps, len(train_items), train_source)
     model = accelerator.prepare(model)
     unwrapped = accelerator.unwrap_model(model)
     trainable = [p for _, p in params]
@@ -541,7 +574,7 @@ def run(cfg: RMTrainConfig) -> dict[str, float]:
         save_config(cfg, out_dir / "config.yaml")
     accelerator.wait_for_everyone()
     logger = MetricsLogger(out_dir / "metrics.jsonl", out_dir / "tensorboard", enabled=is_main,
-                           resume_step=state["step"] if resume_from is not None else None)
+                           resume_step=state["step"] if resume_from is not None else None, callbacks=callbacks)
     bar = progress(total=total_steps, initial=state["step"], desc="rm train", enabled=is_main)
 
     # 5. Loop: epochs × optimizer steps × micro-batches.
