@@ -65,6 +65,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--iterations", type=int, default=None, help="PPO iterations (default: 20 tiny, 10 real)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()  # rlhfkit's progress bar and the callback's lines only
+    transformers.utils.logging.disable_progress_bar()
 
     if a.real:  # a path (or the name 'smollm2'): rlhfkit loads the model and its tokenizer
         policy, tokenizer, prompts = "smollm2", None, REAL_PROMPTS

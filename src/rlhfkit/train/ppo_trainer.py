@@ -121,10 +121,10 @@ class PPOTrainer:
     raises stops the run with an `RlhfkitError` naming it; `rlhfkit.utils.MetricsLogger`).
     """
 
-    def __init__(self, cfg: PPOConfig, dist: Dist | None = None, *, policy: Any = None, tokenizer: Any = None,
+    def __init__(self, config: PPOConfig, dist: Dist | None = None, *, policy: Any = None, tokenizer: Any = None,
                  prompts: Any = None, reward_fn: RewardFn | None = None, reward_fn_weight: float = 1.0,
                  callbacks: Sequence[Callable[[int, dict[str, float]], Any]] = ()) -> None:
-        self.inputs = resolve_inputs(cfg, policy, tokenizer, prompts, reward_fn, reward_fn_weight)
+        self.inputs = resolve_inputs(config, policy, tokenizer, prompts, reward_fn, reward_fn_weight)
         cfg = self.inputs.cfg
         self.callbacks = list(callbacks)
         for callback in self.callbacks:
