@@ -260,6 +260,7 @@ def test_reward_trainer_with_python_objects_equals_the_cli_with_files(sft, tmp_p
 
 @pytest.mark.parametrize("kwargs,message", [
     ({"data": "bad-third-row"}, "data, row 3, field 'rejected': identical to 'chosen'"),
+    ({"data": "pointwise", "loss": "bce"}, "data, row 2, field 'label': expected 0/1 or true/false, got an int"),
     ({"data": "good", "eval_data": [{"prompt": "w3", "chosen": "good", "rejected": "bad"}, {"prompt": "w3",
                                                                                               "chosen": "good"}]},
      "eval_data, row 2, field 'rejected': missing field (the row has: chosen, prompt)"),
@@ -269,9 +270,13 @@ def test_bad_in_memory_preference_rows_name_the_row_and_field_and_write_nothing(
     rows = rm_helpers.preference_rows(16, seed=3)
     if kwargs["data"] == "bad-third-row":
         rows[2] = {**rows[2], "rejected": rows[2]["chosen"]}
+    if kwargs["data"] == "pointwise":  # the pointwise loader, the same way
+        rows = rm_helpers.pointwise_rows(16, "label", seed=3)
+        rows[1] = {**rows[1], "label": 2}
+    knobs = {**RM_KNOBS, **({"loss": kwargs.pop("loss")} if "loss" in kwargs else {})}
     kwargs = {**kwargs, "data": rows}
     with pytest.raises(RlhfkitError, match=re.escape(message)):
-        RewardTrainer(RMTrainConfig(output=str(tmp_path / "run"), **RM_KNOBS), model=str(sft), **kwargs).train()
+        RewardTrainer(RMTrainConfig(output=str(tmp_path / "run"), **knobs), model=str(sft), **kwargs).train()
     assert not (tmp_path / "run").exists()
 
 

@@ -20,12 +20,12 @@ The trainers are imported on first use, so ``import rlhfkit`` stays light.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
-
 from rlhfkit.errors import RlhfkitError
 
+TYPE_CHECKING = False  # (the typing module is not imported: `import rlhfkit` stays light)
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
+    from typing import Any
+
     from rlhfkit.api import RewardTrainer
     from rlhfkit.train.ppo_config import PPOConfig
     from rlhfkit.train.ppo_trainer import PPOTrainer
@@ -39,6 +39,8 @@ __all__ = ["PPOConfig", "PPOTrainer", "RMTrainConfig", "RewardTrainer", "Rlhfkit
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
+        import importlib
+
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
         return value

@@ -6,10 +6,11 @@ for data problems, name the file, the row (1-based) and the field.
 
 from __future__ import annotations
 
-import traceback
 from os import PathLike
-from typing import Any, Callable
-from pathlib import Path
+
+TYPE_CHECKING = False  # (the typing module is not imported: `import rlhfkit` stays light)
+if TYPE_CHECKING:  # pragma: no cover
+    from typing import Any, Callable
 
 
 class RlhfkitError(Exception):
@@ -33,6 +34,9 @@ def data_error(path: str | PathLike | None, row: int | None, field: str | None, 
 def user_exception(error: BaseException) -> str:
     """``"ValueError: text (at file.py:12, in fn)"``: a user function's exception and the line that raised it (for
     the errors of user code the trainers call: reward functions, callbacks)."""
+    import traceback
+    from pathlib import Path
+
     frames = traceback.extract_tb(error.__traceback__)
     where = f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno}, in {frames[-1].name})" if frames else ""
     return f"{type(error).__name__}: {error}{where}"

@@ -192,7 +192,7 @@ def data_sources(cfg: RMTrainConfig, data: Any = None, eval_data: Any = None) ->
     train = data if data is not None else cfg.data
     if train is None:
         raise RlhfkitError("data is required (RMTrainConfig.data, --data, or RewardTrainer(data=...))")
-    return train, eval_data if eval_data is not None else cfg.eval_data
+    return train, eval_data if eval_data is not None else (cfg.eval_data or None)
 
 
 def source_label(source: Any, name: str) -> Any:
@@ -503,7 +503,8 @@ def run(cfg: RMTrainConfig, data: Any = None, eval_data: Any = None,
 
     if cfg.model is None:
         raise RlhfkitError("model is required (RMTrainConfig.model, --model, or RewardTrainer(model=...))")
-    data_sources(cfg, data, eval_data)  # given once each, before the accelerator and the output folder
+    # given once each, before the accelerator and the output folder; what errors call the training data
+    train_source = source_label(data_sources(cfg, data, eval_data)[0], "data")
     accelerator = make_accelerator()
     if accelerator.is_main_process:
         warn_if_slow_bf16(cfg.bf16, accelerator.device, "rm train --bf16")
@@ -517,7 +518,6 @@ def run(cfg: RMTrainConfig, data: Any = None, eval_data: Any = None,
 
     # 1. Data: load and validate everything, split, tokenise (errors name file, row and field).
     train_ex, eval_ex, eval_source = load_examples(cfg, data, eval_data)
-    train_source = source_label(data_sources(cfg, data, eval_data)[0], "data")
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     train_items, report = tokenize_examples(cfg, tokenizer, train_ex, train_source)
     eval_items, eval_report = tokenize_examples(cfg, tokenizer, eval_ex, eval_source) if eval_ex else ([], None)
