@@ -63,7 +63,8 @@ class PPOConfig:
     reward_model: list[str] = field(default_factory=list, metadata=_help(
         "reward source(s): an rlhfkit reward-model folder, an HF sequence-classification folder, or a rule "
         "'module:function' (fn(prompts, responses) -> list[float]); several are combined with --reward_weights "
-        "(Python API: PPOTrainer(reward_fn=...) adds a callable, or replaces them)", required=True))
+        "(Python API: PPOTrainer(reward_fn=...) adds a Python callable after them, or is the only source)",
+        required=True))
     prompts: Optional[str] = field(default=None, metadata=_help(
         "prompt file (.jsonl/.json/.csv/.parquet or a saved dataset) with a 'prompt' or 'messages' field (Python "
         "API: or PPOTrainer(prompts=...), a path, a list of texts/dicts or a datasets.Dataset; given once)",
