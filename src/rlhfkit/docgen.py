@@ -69,6 +69,8 @@ def _type_name(tp: Any) -> str:
 
 
 def _default(f: dataclasses.Field) -> str:
+    if f.metadata.get("required"):  # required on the command line; the Python API may give it as an object
+        return "required"
     if f.default is not dataclasses.MISSING:
         value = f.default
     elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]

@@ -11,10 +11,12 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
+
+from rlhfkit.errors import RlhfkitError, function_name, user_exception
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -110,12 +112,19 @@ class MetricsLogger:
     `jsonl_path` receives ``{"step": n, **metrics}`` per call. On resume, pass ``resume_step``: lines with a
     step > resume_step (written after the checkpoint being resumed) are dropped, so the file equals that of
     an uninterrupted run. Non-main processes should pass ``enabled=False``.
+
+    ``callbacks`` (the Python API's): each is called as ``callback(step, metrics)`` after the row is written, with a
+    fresh dict of the row's metrics (plain numbers, ``step`` left out), on the main process only. A callback that
+    raises stops the run: an `RlhfkitError` naming the callback, the step and its exception (the rows written so far
+    stay, as after an interrupted run).
     """
 
     def __init__(self, jsonl_path: Path | str, tensorboard_dir: Path | str | None = None,
-                 enabled: bool = True, resume_step: int | None = None):
+                 enabled: bool = True, resume_step: int | None = None,
+                 callbacks: Sequence[Callable[[int, dict[str, Any]], Any]] = ()):
         self.enabled = enabled
         self.jsonl_path = Path(jsonl_path)
+        self.callbacks = list(callbacks)
         self._tb = None
         if not enabled:
             return
@@ -140,6 +149,12 @@ class MetricsLogger:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
                     self._tb.add_scalar(k, v, step)
+        for callback in self.callbacks:
+            try:
+                callback(step, {k: v for k, v in row.items() if k != "step"})
+            except Exception as e:  # noqa: BLE001 - the user's callback failed: name it and its own error
+                raise RlhfkitError(f"callback {function_name(callback)!r} raised at step {step}: {user_exception(e)}; the run was "
+                                   "stopped") from e
 
     def log_text(self, tag: str, text: str, step: int) -> None:
         if self.enabled and self._tb is not None:

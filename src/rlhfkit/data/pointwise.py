@@ -20,7 +20,7 @@ from typing import Any, Optional, Sequence
 
 from rlhfkit.data.preference import ExampleList, Response
 from rlhfkit.data.prompts import Prompt, check_finite, check_messages, check_prompt, describe_value, require
-from rlhfkit.data.sources import read_rows
+from rlhfkit.data.sources import DataSource, rows_of
 from rlhfkit.errors import data_error
 
 TARGETS = ("label", "score", "scores")
@@ -113,7 +113,9 @@ def parse_pointwise(rows: list[dict[str, Any]], source: Any = None,
     return ExampleList(examples)
 
 
-def load_pointwise(path: str | PathLike, aspects: Sequence[str] | None = None,
-                   split: str | None = None) -> ExampleList:
-    """Read ``path`` (any format of :func:`rlhfkit.data.sources.read_rows`) and validate it as pointwise data."""
-    return parse_pointwise(read_rows(path, split), path, aspects=aspects)
+def load_pointwise(path: str | PathLike | DataSource, aspects: Sequence[str] | None = None,
+                   split: str | None = None, name: str = "data") -> ExampleList:
+    """Read ``path`` (any format of :func:`rlhfkit.data.sources.read_rows`), or take in-memory rows (errors naming
+    them ``name``; `rlhfkit.data.sources.rows_of`), and validate them as pointwise data."""
+    rows, source = rows_of(path, name, split)
+    return parse_pointwise(rows, source, aspects=aspects)

@@ -28,7 +28,7 @@ from os import PathLike
 from typing import Any, Iterable, Optional, Union
 
 from rlhfkit.data.prompts import Message, Prompt, check_finite, check_messages, check_prompt, check_text, require
-from rlhfkit.data.sources import read_rows
+from rlhfkit.data.sources import DataSource, rows_of
 from rlhfkit.errors import RlhfkitError, data_error
 
 logger = logging.getLogger(__name__)
@@ -185,6 +185,10 @@ def parse_preferences(rows: list[dict[str, Any]], source: Any = None, skip_inval
     return ExampleList(examples, errors)
 
 
-def load_preferences(path: str | PathLike, split: str | None = None, skip_invalid: bool = False) -> ExampleList:
-    """Read ``path`` (any format of :func:`rlhfkit.data.sources.read_rows`) and validate it as preference pairs."""
-    return parse_preferences(read_rows(path, split), path, skip_invalid=skip_invalid)
+def load_preferences(path: str | PathLike | DataSource, split: str | None = None, skip_invalid: bool = False,
+                     name: str = "data") -> ExampleList:
+    """Read ``path`` (any format of :func:`rlhfkit.data.sources.read_rows`), or take in-memory rows (a list of
+    dicts or a ``datasets.Dataset``, errors naming them ``name``; `rlhfkit.data.sources.rows_of`), and validate
+    them as preference pairs."""
+    rows, source = rows_of(path, name, split)
+    return parse_preferences(rows, source, skip_invalid=skip_invalid)

@@ -12,7 +12,7 @@ import math
 from os import PathLike
 from typing import Any, Union
 
-from rlhfkit.data.sources import read_rows
+from rlhfkit.data.sources import DataSource, rows_of
 from rlhfkit.errors import data_error
 
 Message = dict[str, str]
@@ -123,9 +123,19 @@ def parse_prompts(rows: list[dict[str, Any]], source: Any = None) -> list[Prompt
     return prompts
 
 
-def load_prompts(path: str | PathLike, split: str | None = None) -> list[Prompt]:
-    """Read and validate PPO prompts from ``path`` (any format of :func:`rlhfkit.data.sources.read_rows`)."""
-    return parse_prompts(read_rows(path, split), path)
+def load_prompts(path: str | PathLike | DataSource, split: str | None = None, name: str = "prompts") -> list[Prompt]:
+    """Read and validate PPO prompts from ``path`` (any format of :func:`rlhfkit.data.sources.read_rows`), or from
+    in-memory rows (`rlhfkit.data.sources.rows_of`: a list of dicts or a ``datasets.Dataset``; errors name them
+    ``name``); in a list, a plain text is the row ``{"prompt": text}``."""
+    rows, source = rows_of(_prompt_rows(path), name, split)
+    return parse_prompts(rows, source)
+
+
+def _prompt_rows(path: str | PathLike | DataSource) -> str | PathLike | DataSource:
+    """A list's plain texts as ``{"prompt": text}`` rows; anything else as is."""
+    if isinstance(path, (list, tuple)):
+        return [{"prompt": row} if isinstance(row, str) else row for row in path]
+    return path
 
 
 def parse_references(rows: list[dict[str, Any]], source: Any = None) -> list[str]:
@@ -136,6 +146,8 @@ def parse_references(rows: list[dict[str, Any]], source: Any = None) -> list[str
             for i, row in enumerate(rows, start=1)]
 
 
-def load_references(path: str | PathLike, split: str | None = None) -> list[str]:
-    """The reference responses of the PPO prompts file ``path``, one per row (see :func:`parse_references`)."""
-    return parse_references(read_rows(path, split), path)
+def load_references(path: str | PathLike | DataSource, split: str | None = None, name: str = "prompts") -> list[str]:
+    """The reference responses of the PPO prompts ``path`` (a file or in-memory rows, as :func:`load_prompts`
+    reads them), one per row (see :func:`parse_references`)."""
+    rows, source = rows_of(_prompt_rows(path), name, split)
+    return parse_references(rows, source)

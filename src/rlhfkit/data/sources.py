@@ -1,4 +1,4 @@
-"""Read a data file (or a `datasets.save_to_disk` folder) into a list of row dicts.
+"""Read a data file (or a `datasets.save_to_disk` folder), or take in-memory rows, as a list of row dicts.
 
 Supported: ``.json`` (a top-level JSON array of objects; JSON lines written under a ``.json`` name, as
 ``datasets.Dataset.to_json`` does, are read too), ``.jsonl``, ``.jsonl.gz``, ``.json.gz``, ``.parquet``,
@@ -10,6 +10,9 @@ Conventions shared by every format, so that the parsers downstream see one shape
 - A top-level value that is ``None`` (JSON ``null``, a Parquet/Arrow null, an empty CSV cell) means *missing*:
   the key is left out of the row dict. Nested values (message lists, score dicts) are kept as they are.
 - Errors are :class:`rlhfkit.errors.RlhfkitError` naming the file and, where it applies, the row.
+
+In-memory data (the Python API: a list of dicts or a ``datasets.Dataset``) goes through `rows_of`, which applies
+the same conventions and names the rows by the argument they came from (``data, row 3, field 'chosen': ...``).
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ import gzip
 import json
 from os import PathLike
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 from rlhfkit.errors import data_error
+
+DataSource = Union[str, PathLike, list, tuple, Any]  # a path, a list of row dicts, or a datasets.Dataset
 
 SUPPORTED_EXTENSIONS = (".json", ".jsonl", ".jsonl.gz", ".json.gz", ".parquet", ".csv")
 DEFAULT_SPLIT = "train"
@@ -48,6 +53,38 @@ def read_rows(path: str | PathLike, split: str | None = None) -> list[dict[str, 
         if not isinstance(row, dict):
             raise data_error(p, i, None, f"expected an object (key/value pairs), got {type(row).__name__}")
     return [_drop_missing(row) for row in rows]
+
+
+def rows_of(data: DataSource, name: str, split: str | None = None) -> tuple[list[dict[str, Any]], Any]:
+    """The rows of ``data`` and the label its errors name: a path (str or ``os.PathLike``, read by `read_rows`,
+    labelled by the path), or in-memory rows labelled ``name`` (the argument they were passed as): a list or
+    tuple of dicts, or a ``datasets.Dataset`` (its ``to_list()``). In-memory rows follow the files' conventions:
+    numbered from 1, a top-level ``None`` is a missing field, a row that is not a dict is an error naming it. A
+    ``DatasetDict`` is refused (pass one split, ``ds["train"]``); ``split`` is for paths only."""
+    if isinstance(data, (str, PathLike)):
+        return read_rows(data, split), data
+    if split is not None:
+        raise data_error(name, None, None, f"split={split!r} applies to a saved-dataset folder, not to in-memory rows")
+    try:
+        import datasets
+    except ImportError:  # pragma: no cover - datasets is a dependency
+        datasets = None
+    if datasets is not None and isinstance(data, datasets.DatasetDict):
+        raise data_error(name, None, None, f"a DatasetDict with splits {sorted(data)}; pass one split, e.g. "
+                                           f"{name}=ds['train']")
+    if datasets is not None and isinstance(data, datasets.Dataset):
+        rows = data.to_list()
+    elif isinstance(data, (list, tuple)):
+        rows = list(data)
+    else:
+        raise data_error(name, None, None, f"expected a file path, a list of dicts or a datasets.Dataset, got "
+                                           f"{type(data).__name__}")
+    if not rows:
+        raise data_error(name, None, None, "no rows")
+    for i, row in enumerate(rows, start=1):
+        if not isinstance(row, dict):
+            raise data_error(name, i, None, f"expected a dict (field names to values), got {type(row).__name__}")
+    return [_drop_missing(row) for row in rows], name
 
 
 def _read_file(p: Path) -> list[Any]:
@@ -167,4 +204,4 @@ def _drop_missing(row: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in row.items() if v is not None}
 
 
-__all__ = ["read_rows", "SUPPORTED_EXTENSIONS", "DEFAULT_SPLIT"]
+__all__ = ["read_rows", "rows_of", "DataSource", "SUPPORTED_EXTENSIONS", "DEFAULT_SPLIT"]

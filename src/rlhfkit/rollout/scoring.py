@@ -27,7 +27,7 @@ Sources:
 * :class:`RankerReward` — a frozen pairwise ranker (PairRM or seq2seq/SteamSHP-style folder): the score of a
   response is the ranker's symmetric logit of (response vs the prompt's reference response).
 * :class:`FunctionReward` — a Python function ``fn(prompts, responses) -> list[float]``, named
-  ``"package.module:function"`` (rule-based rewards, gold judges).
+  ``"package.module:function"`` (rule-based rewards, gold judges) or given as the callable itself (the Python API).
 * :class:`CombinedReward` — a weighted sum of sources.
 
 :func:`load_reward` builds a source from command-line specs.
@@ -38,14 +38,13 @@ from __future__ import annotations
 import importlib
 import math
 import os
-import traceback
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
 from rlhfkit.data.tokenize import encode_for_rm, end_with_eos, fit_prompt, right_pad
-from rlhfkit.errors import RlhfkitError
+from rlhfkit.errors import RlhfkitError, function_name, user_exception
 from rlhfkit.models.loading import load_tokenizer, same_vocabulary
 from rlhfkit.models.rankers import load_ranker, ranker_kind
 from rlhfkit.models.reward import RewardModel, reward_pad_token_id
@@ -299,13 +298,6 @@ class RankerReward:
 
 
 # ---------------------------------------------------------------------------------------------- functions
-def user_exception(error: BaseException) -> str:
-    """``"ValueError: text (at file.py:12, in fn)"``: a user function's exception and the line that raised it."""
-    frames = traceback.extract_tb(error.__traceback__)
-    where = f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno}, in {frames[-1].name})" if frames else ""
-    return f"{type(error).__name__}: {error}{where}"
-
-
 def import_function(spec: str) -> Callable[..., Any]:
     """The callable named by ``"package.module:function"`` (RlhfkitError with a hint when it cannot be found)."""
     module_name, sep, attr = spec.partition(":")
@@ -333,11 +325,16 @@ def import_function(spec: str) -> Callable[..., Any]:
 
 class FunctionReward:
     """Scores from a Python function ``fn(prompts: list[str], responses: list[str]) -> list[float]`` (one finite
-    number per response; a list, tuple, numpy array or 1-D tensor), named ``"package.module:function"``."""
+    number per response; a list, tuple, numpy array or 1-D tensor), named ``"package.module:function"`` or given
+    as the callable itself (named by its ``__qualname__`` in errors)."""
 
-    def __init__(self, spec: str) -> None:
-        self.fn = import_function(spec)
-        self.name = f"reward function {spec!r}"
+    def __init__(self, spec: str | Callable[[list[str], list[str]], Any]) -> None:
+        if callable(spec):
+            self.fn = spec
+            self.name = f"reward function {function_name(spec)!r}"
+        else:
+            self.fn = import_function(spec)
+            self.name = f"reward function {spec!r}"
 
     def __call__(
         self,
@@ -394,7 +391,7 @@ class CombinedReward:
 
 
 def load_reward(
-    specs: Sequence[str],
+    specs: Sequence[str | Callable[..., Any]],
     weights: Sequence[float] | None,
     policy_tokenizer: Any,
     device: torch.device | str = "cpu",
@@ -403,8 +400,9 @@ def load_reward(
     normalize: bool = False,
 ) -> RewardSource:
     """A reward source from specs: ``"module:function"`` (a spec with ':' that is not an existing path), a ranker
-    folder (PairRM or seq2seq: a :class:`RankerReward`, scoring against reference responses) or a reward-model
-    folder. One spec without weights gives that source itself; otherwise a :class:`CombinedReward`
+    folder (PairRM or seq2seq: a :class:`RankerReward`, scoring against reference responses), a reward-model
+    folder, or a Python callable ``fn(prompts, responses)`` (`FunctionReward`). One spec without weights gives that
+    source itself; otherwise a :class:`CombinedReward`
     (weights default to 1 each). ``normalize=True``: every source is a reward model that applies its stored
     statistics before the combination (:class:`RMReward`); a function, or a model never fitted, is an
     :class:`RlhfkitError`."""
@@ -416,10 +414,10 @@ def load_reward(
                            f"per reward")
     sources: list[RewardSource] = []
     for spec in specs:
-        if ":" in spec and not Path(spec).expanduser().exists():
+        if callable(spec) or ":" in spec and not Path(spec).expanduser().exists():
             if normalize:
                 raise RlhfkitError(
-                    f"reward function {spec!r} has no stored normalisation statistics: score normalisation "
+                    f"reward function {function_name(spec) if callable(spec) else spec!r} has no stored normalisation statistics: score normalisation "
                     f"'reference' applies the statistics that `rlhfkit score --fit_reference` stores in a reward-model "
                     f"folder, and a function has none; use reward-model folders only, or another score normalisation")
             sources.append(FunctionReward(spec))

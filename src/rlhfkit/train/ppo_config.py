@@ -58,17 +58,22 @@ class PPOConfig:
     """PPO fine-tuning of a policy against frozen reward model(s) (rlhfkit ppo)."""
 
     # -- inputs and output ------------------------------------------------------------------------------
-    policy: str = field(metadata=_help("the SFT policy to start from: an HF folder, a .gguf file, or a folder "
-                                       "holding one .gguf"))
-    reward_model: list[str] = field(metadata=_help(
+    policy: Optional[str] = field(default=None, metadata=_help(
+        "the SFT policy to start from: an HF folder, a .gguf file, or a folder holding one .gguf (Python API: or "
+        "PPOTrainer(policy=...), a path or a model object; given once)", required=True))
+    reward_model: list[str] = field(default_factory=list, metadata=_help(
         "reward source(s): an rlhfkit reward-model folder, an HF sequence-classification folder, a ranker folder "
         "(PairRM or seq2seq: scores each response against the prompt's 'reference' response), or a rule "
-        "'module:function' (fn(prompts, responses) -> list[float]); several are combined with --reward_weights"))
-    prompts: str = field(metadata=_help("prompt file (.jsonl/.json/.csv/.parquet or a saved dataset) with a "
-                                        "'prompt' or 'messages' field, and a 'reference' response text on every "
-                                        "row when a reward source is a ranker"))
-    output: str = field(metadata=_help("run folder: metrics.jsonl, samples.jsonl, tensorboard/, checkpoints/, and "
-                                       "at the end policy/ and critic/ (--critic shared: value_head.safetensors)"))
+        "'module:function' (fn(prompts, responses) -> list[float]); several are combined with --reward_weights "
+        "(Python API: PPOTrainer(reward_fn=...) adds a Python callable after them, or is the only source)",
+        required=True))
+    prompts: Optional[str] = field(default=None, metadata=_help(
+        "prompt file (.jsonl/.json/.csv/.parquet or a saved dataset) with a 'prompt' or 'messages' field, and a "
+        "'reference' response text on every row when a reward source is a ranker (Python API: or "
+        "PPOTrainer(prompts=...), a path, a list of texts/dicts or a datasets.Dataset; given once)", required=True))
+    output: Optional[str] = field(default=None, metadata=_help(
+        "run folder: metrics.jsonl, samples.jsonl, tensorboard/, checkpoints/, and at the end policy/ and critic/ "
+        "(--critic shared: value_head.safetensors)", required=True))
     reward_weights: Optional[list[float]] = field(default=None, metadata=_help(
         "one weight per --reward_model (default: 1 each); the score is the weighted sum"))
     monitor_rewards: list[str] = field(default_factory=list, metadata=_help(
@@ -243,10 +248,10 @@ class PPOConfig:
     overwrite: bool = field(default=False, metadata=_help("replace an existing run in --output"))
 
     def __post_init__(self) -> None:
+        # policy, prompts and at least one reward source may come from Python objects instead (PPOTrainer's
+        # arguments): the trainer checks that each is given exactly once (`rlhfkit.train.ppo_inputs`)
         if isinstance(self.reward_model, str):
             self.reward_model = [self.reward_model]
-        if not self.reward_model:
-            raise RlhfkitError("reward_model: give at least one reward source")
         if self.reward_weights is not None:
             if len(self.reward_weights) != len(self.reward_model):
                 raise RlhfkitError(f"reward_weights: {len(self.reward_weights)} weights for "
@@ -254,9 +259,8 @@ class PPOConfig:
             for w in self.reward_weights:
                 if not math.isfinite(w):
                     raise RlhfkitError(f"reward_weights: {w} is not a finite number")
-        for name in ("policy", "prompts", "output"):
-            if not getattr(self, name):
-                raise RlhfkitError(f"{name} is required")
+        if not self.output:
+            raise RlhfkitError("output is required")
         check_choice("critic", self.critic, CRITICS)
         check_choice("packing", self.packing, PACKING)
         check_choice("critic_init", self.critic_init, CRITIC_INITS)

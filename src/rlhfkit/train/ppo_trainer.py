@@ -45,7 +45,7 @@ import logging
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -53,11 +53,11 @@ from rlhfkit.config import save_config
 from rlhfkit.core.kl_control import make_kl_controller
 from rlhfkit.core.rewards import (RunningMoments, ShapedRewards, clip_scores, missing_stop_penalty, shape_rewards,
                                   whiten_scores)
-from rlhfkit.data.prompts import load_prompts, load_references
+from rlhfkit.data.prompts import load_references
 from rlhfkit.data.tokenize import left_pad, tokenize_prompts
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.models.adapters import apply_lora, freeze_lower_layers
-from rlhfkit.models.loading import ensure_pad_token, hf_folder, load_causal_lm, load_tokenizer
+from rlhfkit.models.loading import ensure_pad_token, hf_folder
 from rlhfkit.models.reward import critic_problem, is_reward_model_folder, load_critic
 from rlhfkit.models.value_head import ValueHead
 from rlhfkit.rollout.forward import packing_problem
@@ -70,6 +70,7 @@ from rlhfkit.train.engine.optim import ModuleGroup, build_optimizer, build_sched
 from rlhfkit.train.engine.processes import Processes
 from rlhfkit.train.ppo_advantages import estimate_advantages
 from rlhfkit.train.ppo_config import PPOConfig
+from rlhfkit.train.ppo_inputs import RewardFn, resolve_inputs
 from rlhfkit.train.ppo_trunk import TrunkSharing
 from rlhfkit.train.ppo_update import (UpdateBatch, UpdateSettings, draw_plan, mean_stats, micro_batches,
                                       pad_columns, ppo_update, rollout_forward, rollout_stats)
@@ -115,9 +116,26 @@ class PPOTrainer:
 
     Construction loads and validates everything and writes nothing, so a bad input fails before the output
     folder is touched.
+
+    The Python API (``from rlhfkit import PPOTrainer``; docs/api.md) passes what the config's paths would name as
+    objects instead (`rlhfkit.train.ppo_inputs`, each given once): ``policy`` (a path or a transformers causal LM,
+    trained in place) with its ``tokenizer``, ``prompts`` (a path, a list of texts or dicts, or a
+    ``datasets.Dataset``, validated like a file), ``reward_fn`` (a callable ``fn(prompts, responses) ->
+    list[float]``, weighted by ``reward_fn_weight`` beside the config's ``reward_model`` sources), and
+    ``callbacks``, each called as ``callback(step, metrics)`` with every logged metrics row (a callback that
+    raises stops the run with an `RlhfkitError` naming it; `rlhfkit.utils.MetricsLogger`).
     """
 
-    def __init__(self, cfg: PPOConfig, dist: Processes | None = None) -> None:
+    def __init__(self, config: PPOConfig, dist: Processes | None = None, *, policy: Any = None, tokenizer: Any = None,
+                 prompts: Any = None, reward_fn: RewardFn | None = None, reward_fn_weight: float = 1.0,
+                 callbacks: Sequence[Callable[[int, dict[str, float]], Any]] = ()) -> None:
+        self.inputs = resolve_inputs(config, policy, tokenizer, prompts, reward_fn, reward_fn_weight)
+        cfg = self.inputs.cfg
+        self.callbacks = list(callbacks)
+        for callback in self.callbacks:
+            if not callable(callback):
+                raise RlhfkitError(f"callbacks must be callables callback(step, metrics), got "
+                                   f"{type(callback).__name__}")
         self.cfg = cfg
         self.dist = dist or Processes.start("ppo")
         self.output = Path(cfg.output)
@@ -141,17 +159,19 @@ class PPOTrainer:
         set_seed(cfg.seed)  # LoRA weights (a new value head starts at zero: no random draw)
 
         # data
-        self.tokenizer = ensure_pad_token(load_tokenizer(cfg.policy))
-        prompts = load_prompts(cfg.prompts)
+        self.tokenizer = ensure_pad_token(self.inputs.load_tokenizer())
+        prompts = self.inputs.load_prompts()
+        source = self.inputs.prompt_source
         self.prompt_ids, report = tokenize_prompts(self.tokenizer, prompts, cfg.max_prompt_length, cfg.overlong,
-                                                   source=cfg.prompts)
+                                                   source=source)
         dropped = set(report.dropped_rows)
         self.prompts = [p for row, p in enumerate(prompts, start=1) if row not in dropped]
         if not self.prompt_ids:
-            raise RlhfkitError(f"{cfg.prompts}: no prompt is left after tokenising ({report.describe()})")
+            raise RlhfkitError(f"{source}: no prompt is left after tokenising ({report.describe()})")
 
         # models: policy, reference, critic, reward
-        self.policy = load_causal_lm(cfg.policy).to(self.device)
+        separate_critic = not cfg.critic_free and cfg.critic != "shared"
+        self.policy = self.inputs.load_policy(needs_folder=separate_critic).to(self.device)
         self.reference_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
         if cfg.lora_r > 0:
             self.policy = apply_lora(self.policy, r=cfg.lora_r, alpha=cfg.lora_alpha,
@@ -178,14 +198,14 @@ class PPOTrainer:
         self.trunks = TrunkSharing(cfg.reuse_frozen_trunk, cfg.freeze_layers, cfg.critic_freeze_layers)
         # score_norm=reference: each reward model applies its stored statistics before the combination (an
         # error here for a source without them)
-        self.reward = load_reward(cfg.reward_model, cfg.reward_weights, self.tokenizer, device=self.device,
+        self.reward = load_reward(self.inputs.rewards, self.inputs.reward_weights, self.tokenizer, device=self.device,
                                   normalize=cfg.score_norm == "reference")
         self.monitors = {monitor_name(spec): load_reward([spec], None, self.tokenizer, device=self.device)
                          for spec in cfg.monitor_rewards}
         # a ranker reward compares each response with its prompt's reference response (the 'reference' field)
         self.references: list[str] | None = None
         if any(needs_references(s) for s in (self.reward, *self.monitors.values())):
-            references = load_references(cfg.prompts)
+            references = load_references(self.inputs.prompts if self.inputs.prompts is not None else cfg.prompts)
             self.references = [r for row, r in enumerate(references, start=1) if row not in dropped]
 
         eos = self.tokenizer.eos_token_id
@@ -229,16 +249,17 @@ class PPOTrainer:
         self.sampling_generator = ppo_state.make_generator(ppo_state.stream_seed(cfg.seed, "sampling", rank))
         self.shuffle_generator = ppo_state.make_generator(ppo_state.stream_seed(cfg.seed, "shuffle", rank))
         self.logger: MetricsLogger | None = None
+        self.inputs.close()
 
     # -- construction helpers ----------------------------------------------------------------------------
     def _critic_source(self) -> str:
         """The folder the critic starts from: the first reward model (``reward``; ``auto`` when it is a model
         folder that can read the policy's token ids, see `models.reward.critic_problem`) or the policy. ``auto``
         falls back to the policy with a warning; ``reward`` leaves the refusal to `load_critic` (an error)."""
-        first, init = self.cfg.reward_model[0], self.cfg.critic_init
-        if init == "policy" or (init == "auto" and not is_reward_model_folder(first)):
-            return self.cfg.policy
-        if not is_reward_model_folder(first):
+        first, init = (self.cfg.reward_model or [None])[0], self.cfg.critic_init
+        if init == "policy" or (init == "auto" and (first is None or not is_reward_model_folder(first))):
+            return self.inputs.policy_path()
+        if first is None or not is_reward_model_folder(first):
             raise RlhfkitError(f"critic_init=reward needs a reward-model folder as the first reward_model, got "
                                f"{first!r}; use critic_init=policy")
         if init == "auto":
@@ -247,7 +268,7 @@ class PPOTrainer:
                 if self.dist.is_main:
                     logger.warning("critic_init=auto: the critic starts from the policy (new value head), not from "
                                    "the reward model %r: %s", first, problem)
-                return self.cfg.policy
+                return self.inputs.policy_path()
         return first
 
     def _rollout_engine(self) -> Any:
@@ -562,7 +583,8 @@ class PPOTrainer:
             else:
                 (self.output / "samples.jsonl").write_text("")
         self.logger = MetricsLogger(self.output / "metrics.jsonl", self.output / "tensorboard",
-                                    enabled=dist.is_main, resume_step=last if cfg.resume else None)
+                                    enabled=dist.is_main, resume_step=last if cfg.resume else None,
+                                    callbacks=self.callbacks)
         return last + 1
 
     def log(self, step: int, result: IterationResult) -> None:

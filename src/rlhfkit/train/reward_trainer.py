@@ -191,33 +191,56 @@ def _check_targets(examples: Sequence[Any], cfg: RMTrainConfig, source: str) -> 
             raise data_error(source, ex.row or i, field, f"loss={cfg.loss} needs {what} on every row")
 
 
-def load_examples(cfg: RMTrainConfig) -> tuple[list, list, str | None]:
-    """Validated training and held-out examples (held-out: --eval_data, else a seeded --eval_fraction split)."""
+def data_sources(cfg: RMTrainConfig, data: Any = None, eval_data: Any = None) -> tuple[Any, Any]:
+    """The training and held-out data: the config's paths, or in-memory rows (a list of dicts or a
+    ``datasets.Dataset``, the Python API's `RewardTrainer`) given instead; each at most once."""
+    for name, given in (("data", data), ("eval_data", eval_data)):
+        if given is not None and getattr(cfg, name) is not None:
+            raise RlhfkitError(f"{name} is given twice, as RMTrainConfig.{name}={getattr(cfg, name)!r} and as an "
+                               f"argument; give it once")
+    train = data if data is not None else cfg.data
+    if train is None:
+        raise RlhfkitError("data is required (RMTrainConfig.data, --data, or RewardTrainer(data=...))")
+    return train, eval_data if eval_data is not None else (cfg.eval_data or None)
+
+
+def source_label(source: Any, name: str) -> Any:
+    """What errors call a data source: its path, or the argument name of in-memory rows."""
+    return source if isinstance(source, (str, os.PathLike)) else name
+
+
+def load_examples(cfg: RMTrainConfig, data: Any = None, eval_data: Any = None) -> tuple[list, list, Any]:
+    """Validated training and held-out examples (held-out: --eval_data, else a seeded --eval_fraction split);
+    ``data`` / ``eval_data``: in-memory rows instead of the config's paths (`data_sources`)."""
+    train_source, eval_source = data_sources(cfg, data, eval_data)
     if cfg.pairwise:
-        def load(path: str) -> list:
-            examples = load_preferences(path, skip_invalid=cfg.skip_invalid)
+        def load(source: Any, name: str) -> list:
+            examples = load_preferences(source, skip_invalid=cfg.skip_invalid, name=name)
             if examples.skipped:
-                print(f"skipped {len(examples.skipped)} invalid row(s) of {path}: " + "; ".join(examples.skipped[:5])
-                      + (" ..." if len(examples.skipped) > 5 else ""))
+                print(f"skipped {len(examples.skipped)} invalid row(s) of {source_label(source, name)}: "
+                      + "; ".join(examples.skipped[:5]) + (" ..." if len(examples.skipped) > 5 else ""))
             return examples
     else:
-        load = lambda path: load_pointwise(path, aspects=cfg.aspects if cfg.loss == "multi_objective" else None)  # noqa
-    train = list(load(cfg.data))
-    _check_targets(train, cfg, cfg.data)
-    if cfg.eval_data:
-        held_out = list(load(cfg.eval_data))
-        _check_targets(held_out, cfg, cfg.eval_data)
-        return train, held_out, cfg.eval_data
+        def load(source: Any, name: str) -> list:
+            return load_pointwise(source, aspects=cfg.aspects if cfg.loss == "multi_objective" else None, name=name)
+    label = source_label(train_source, "data")
+    train = list(load(train_source, "data"))
+    _check_targets(train, cfg, label)
+    if eval_source is not None:
+        eval_label = source_label(eval_source, "eval_data")
+        held_out = list(load(eval_source, "eval_data"))
+        _check_targets(held_out, cfg, eval_label)
+        return train, held_out, eval_label
     if cfg.eval_fraction == 0:
         return train, [], None
     n_eval = max(1, round(len(train) * cfg.eval_fraction))
     if n_eval >= len(train):
-        raise RlhfkitError(f"{cfg.data}: {len(train)} rows are too few to hold out eval_fraction="
+        raise RlhfkitError(f"{label}: {len(train)} rows are too few to hold out eval_fraction="
                            f"{cfg.eval_fraction}; add rows, pass --eval_data, or set --eval_fraction 0")
     perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     eval_idx = set(perm[:n_eval])
     return ([ex for i, ex in enumerate(train) if i not in eval_idx],
-            [ex for i, ex in enumerate(train) if i in eval_idx], cfg.data)
+            [ex for i, ex in enumerate(train) if i in eval_idx], label)
 
 
 def tokenize_examples(cfg: RMTrainConfig, tokenizer: Any, examples: Sequence[Any], source: str,
@@ -428,9 +451,15 @@ class RewardTrainer:
     bad input fails before the output folder is touched.
     """
 
-    def __init__(self, cfg: RMTrainConfig, procs: Processes | None = None) -> None:
+    def __init__(self, cfg: RMTrainConfig, procs: Processes | None = None, data: Any = None, eval_data: Any = None,
+                 callbacks: Sequence[Any] = ()) -> None:
         from rlhfkit.models.loading import load_tokenizer
 
+        if cfg.model is None:
+            raise RlhfkitError("model is required (RMTrainConfig.model, --model, or RewardTrainer(model=...))")
+        # given once each, before the processes and the output folder; what errors call the training data
+        self.train_source = train_source = source_label(data_sources(cfg, data, eval_data)[0], "data")
+        self.callbacks = list(callbacks)
         self.cfg = cfg
         self.procs = procs = procs or Processes.start("rm train")
         if procs.is_main:
@@ -444,9 +473,9 @@ class RewardTrainer:
         kind = resolve_kind(cfg)  # 'auto' -> decoder / encoder / seq2seq, checked against the settings first
 
         # 1. Data: load and validate everything, split, tokenise (errors name file, row and field).
-        train_ex, eval_ex, eval_source = load_examples(cfg)
+        train_ex, eval_ex, eval_source = load_examples(cfg, data, eval_data)
         self.tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-        self.train_items, report = tokenize_examples(cfg, self.tokenizer, train_ex, cfg.data, kind)
+        self.train_items, report = tokenize_examples(cfg, self.tokenizer, train_ex, train_source, kind)
         self.eval_items, eval_report = tokenize_examples(cfg, self.tokenizer, eval_ex, eval_source, kind) if eval_ex \
             else ([], None)
         if procs.is_main:
@@ -458,7 +487,7 @@ class RewardTrainer:
                 print(f"eval:  {eval_report.describe()}")
         self.steps_per_epoch = len(self.train_items) // cfg.batch_size
         if self.steps_per_epoch == 0:
-            raise RlhfkitError(f"{cfg.data}: {len(self.train_items)} training examples, fewer than batch_size="
+            raise RlhfkitError(f"{train_source}: {len(self.train_items)} training examples, fewer than batch_size="
                                f"{cfg.batch_size}")
         self.total_steps = self.steps_per_epoch * cfg.epochs
 
@@ -508,7 +537,7 @@ class RewardTrainer:
                 "scheduler": self.scheduler.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        check_resume_length(state, self.total_steps, len(self.train_items), self.cfg.data)
+        check_resume_length(state, self.total_steps, len(self.train_items), self.train_source)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step_count, self.epoch, self.next_batch = int(state["step"]), int(state["epoch"]), int(state["next_batch"])
@@ -583,7 +612,8 @@ class RewardTrainer:
             save_config(cfg, self.output / "config.yaml")
         procs.barrier()
         self.logger = MetricsLogger(self.output / "metrics.jsonl", self.output / "tensorboard", enabled=procs.is_main,
-                                    resume_step=self.step_count if self.resume_from is not None else None)
+                                    resume_step=self.step_count if self.resume_from is not None else None,
+                                    callbacks=self.callbacks)
 
     def train(self) -> dict[str, float]:
         """Run (or continue) the training; returns the last held-out metrics (empty without)."""
@@ -617,6 +647,8 @@ class RewardTrainer:
         return self.eval_metrics
 
 
-def run(cfg: RMTrainConfig) -> dict[str, float]:
-    """The ``rlhfkit rm train`` command (see the module docstring for the steps)."""
-    return RewardTrainer(cfg).train()
+def run(cfg: RMTrainConfig, data: Any = None, eval_data: Any = None,
+        callbacks: Sequence[Any] = ()) -> dict[str, float]:
+    """The ``rlhfkit rm train`` command (see the module docstring for the steps); returns the last held-out metrics
+    (empty without). ``data`` / ``eval_data`` / ``callbacks``: as `RewardTrainer` takes them (the Python API)."""
+    return RewardTrainer(cfg, data=data, eval_data=eval_data, callbacks=callbacks).train()

@@ -43,16 +43,19 @@ def _check_lengths(max_length: int, batch_size: int) -> None:
 class RMTrainConfig:
     """Train a reward model on preference (or pointwise) data."""
 
-    model: str = field(metadata={"help": "Base model: a Hugging Face folder, a .gguf file, or a folder holding one "
-                                         ".gguf file (usually the SFT model)."})
-    data: str = field(metadata={"help": "Training data file (.jsonl, .jsonl.gz, .json, .parquet, .csv or a "
-                                        "datasets folder). Pairwise losses read preference rows "
-                                        "(prompt/chosen/rejected, Anthropic HH chosen/rejected, or messages); "
-                                        "bce/ce2 read pointwise rows with a 0/1 'label'; mse reads a float "
-                                        "'score'; multi_objective reads one float per aspect (see --aspects)."})
-    output: str = field(metadata={"help": "Output folder: the final reward model (loadable with "
-                                          "AutoModelForSequenceClassification for decoder/last), config.yaml, "
-                                          "metrics.jsonl, tensorboard/ and checkpoints/."})
+    model: Optional[str] = field(default=None, metadata={
+        "help": "Base model: a Hugging Face folder, a .gguf file, or a folder holding one .gguf file (usually the "
+                "SFT model). Python API: or RewardTrainer(model=...), a path or a model object; given once.",
+        "required": True})
+    data: Optional[str] = field(default=None, metadata={
+        "help": "Training data file (.jsonl, .jsonl.gz, .json, .parquet, .csv or a datasets folder). Pairwise "
+                "losses read preference rows (prompt/chosen/rejected, Anthropic HH chosen/rejected, or messages); "
+                "bce/ce2 read pointwise rows with a 0/1 'label'; mse reads a float 'score'; multi_objective reads "
+                "one float per aspect (see --aspects). Python API: or RewardTrainer(data=...), a path, a list of "
+                "dicts or a datasets.Dataset; given once.", "required": True})
+    output: Optional[str] = field(default=None, metadata={
+        "help": "Output folder: the final reward model (loadable with AutoModelForSequenceClassification for "
+                "decoder/last), config.yaml, metrics.jsonl, tensorboard/ and checkpoints/.", "required": True})
     eval_data: Optional[str] = field(default=None, metadata={
         "help": "Held-out data in the same format as --data. When not given, --eval_fraction of --data is held "
                 "out (a seeded random split)."})
@@ -153,6 +156,9 @@ class RMTrainConfig:
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the model folder."})
 
     def __post_init__(self) -> None:
+        # model and data may come from Python objects instead (RewardTrainer checks that each is given once)
+        if not self.output:
+            raise RlhfkitError("output is required")
         check_choice("loss", self.loss, LOSSES)
         check_choice("model_kind", self.model_kind, MODEL_KINDS)
         check_choice("aggregation", self.aggregation, AGGREGATIONS)
