@@ -13,7 +13,7 @@ from ppo_helpers import (make_config, make_policy_folder, one_thread,  # noqa: F
 from tolerances import float64_rms_norm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-import rlhfkit.train.ppo_trainer as ppo_trainer
+import rlhfkit.train.ppo_inputs as ppo_inputs
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.rollout.forward import packing_problem
 from rlhfkit.train.ppo_trainer import PPOTrainer
@@ -108,14 +108,14 @@ def test_first_minibatch_has_ratio_exactly_one_when_packed_float32(tmp_path):
 
 
 def test_packing_on_refuses_a_policy_it_cannot_pack_and_auto_runs_it_padded(tmp_path, monkeypatch):
-    load = ppo_trainer.load_causal_lm
+    load = ppo_inputs.load_causal_lm
 
     def eager(*args, **kwargs):  # a policy with eager attention (rlhfkit loads SDPA): no per-segment path
         model = load(*args, **kwargs)
         model.config._attn_implementation = "eager"
         return model
 
-    monkeypatch.setattr(ppo_trainer, "load_causal_lm", eager)
+    monkeypatch.setattr(ppo_inputs, "load_causal_lm", eager)
     with pytest.raises(RlhfkitError, match="--packing on.*attention implementation is 'eager'"):
         PPOTrainer(make_config(tmp_path, packing="on"))
     trainer = PPOTrainer(make_config(tmp_path, packing="auto", iterations=1))
