@@ -225,21 +225,28 @@ def _response_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: 
     return out.logits
 
 
+def _packing_decoder(model: nn.Module, trunk: Trunk | None) -> tuple[nn.Module | None, str | None]:
+    """``(decoder, None)`` when `policy_forward` can pack ``model``'s batches, else ``(None, why)`` (see
+    :func:`packing_problem`)."""
+    if trunk is not None:
+        decoder = trunk_decoder(model)
+        if decoder is None:
+            return None, f"{type(model).__name__} cannot run from a trunk"
+    else:
+        path = _head_path(model)
+        if path is None:
+            return None, (f"{type(model).__name__}'s LM head cannot be applied by hand (a logit transform, a "
+                          "DistributedDataParallel wrapper, or no findable decoder and head)")
+        decoder = path[0]
+    problem = varlen_problem(decoder)
+    return (None, problem) if problem is not None else (decoder, None)
+
+
 def packing_problem(model: nn.Module, trunk: Trunk | None = None) -> str | None:
     """Why `policy_forward` cannot pack ``model``'s batches padding-free (``packing=True`` then takes the padded
     path); None if it can: the LM head applied by hand (`_head_path`; with a ``trunk``, a `trunk_decoder`) and a
     decoder that `models.packing.varlen_problem` accepts."""
-    if trunk is not None:
-        decoder = trunk_decoder(model)
-        if decoder is None:
-            return f"{type(model).__name__} cannot run from a trunk"
-    else:
-        path = _head_path(model)
-        if path is None:
-            return (f"{type(model).__name__}'s LM head cannot be applied by hand (a logit transform, a "
-                    "DistributedDataParallel wrapper, or no findable decoder and head)")
-        decoder = path[0]
-    return varlen_problem(decoder)
+    return _packing_decoder(model, trunk)[1]
 
 
 def _packed_response_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -247,16 +254,14 @@ def _packed_response_logits(model: nn.Module, input_ids: torch.Tensor, attention
     """Next-token logits (N, V) of the N real response tokens only (row-major order of ``response_mask`` (B, T)),
     from ONE padding-free packed forward of the batch (`models.packing.varlen_layout`; rows that share their prompt
     run it once); None when :func:`packing_problem` says no or the batch has no response token."""
-    if packing_problem(model, trunk) is not None:
+    mask = response_mask.bool()
+    decoder, _ = _packing_decoder(model, trunk)
+    if decoder is None or not bool(mask.any()):
         return None
     B, T = response_mask.shape
     P = input_ids.shape[1] - T
-    mask = response_mask.bool()
-    if not bool(mask.any()):
-        return None
     if trunk is not None:
         _check_trunk(trunk, input_ids)
-    decoder = trunk_decoder(model) if trunk is not None else _head_path(model)[0]
     head = _unwrap(model).get_output_embeddings()
     sequence_response = torch.cat([torch.zeros_like(attention_mask[:, :P]), mask], dim=1)
     layout = varlen_layout(input_ids, attention_mask, sequence_response, share_prompts=True)

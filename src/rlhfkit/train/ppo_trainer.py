@@ -221,9 +221,10 @@ class PPOTrainer:
             clip_range_low=cfg.clip_range_low, clip_range_high=cfg.clip_range_high,
             dual_clip=cfg.dual_clip or None, loss_aggregation=cfg.loss_aggregation, max_length=cfg.max_new_tokens,
             packing=cfg.packing != "off")
-        if cfg.packing == "on" and packing_problem(self.policy) is not None:
-            raise RlhfkitError(f"--packing on: the policy {cfg.policy} cannot be packed padding-free: "
-                               f"{packing_problem(self.policy)}; use --packing auto or off")
+        problem = packing_problem(self.policy) if cfg.packing == "on" else None
+        if problem is not None:
+            raise RlhfkitError(f"--packing on: the policy {cfg.policy} cannot be packed padding-free: {problem}; use "
+                               f"--packing auto or off")
         self.engine = self._rollout_engine()
 
         # optimisation state (critic=shared: one optimizer and schedule, the value head its second param group)
