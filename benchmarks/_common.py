@@ -231,6 +231,53 @@ def measure_gemm_peak(sizes: Sequence[int] = GEMM_SIZES, dtypes: Sequence[str] =
     return out
 
 
+def _time_product(a: Any, b: Any, repeats: int, min_timing_s: float) -> float:
+    """Median seconds of one ``a @ b`` (after two warm-up products; each timing ≥ ``min_timing_s``)."""
+    import statistics
+
+    for _ in range(2):
+        start = time.perf_counter()
+        a @ b
+        first = time.perf_counter() - start
+    k, timings = max(1, int(min_timing_s / max(first, 1e-9))), []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(k):
+            a @ b
+        timings.append((time.perf_counter() - start) / k)
+    return statistics.median(timings)
+
+
+def measure_gemms(gemms: Sequence[Any], dtype: str = "float32", repeats: int = 5,
+                  min_timing_s: float = 0.02) -> dict[str, Any]:
+    """The attainable GEMM throughput of a pass: each distinct product of ``gemms`` (`flops.Gemm`: the model's own
+    (M, K, N) shapes and operand layouts) timed as in :func:`measure_gemm_peak`, at torch's thread count;
+    ``gflops`` = Σ FLOPs / Σ (count × median time) over the pass, i.e. the rate of a pass that did nothing but its
+    matmuls, each as fast as torch does it alone. Against the square-GEMM peak it says how much of that peak the
+    model's shapes allow; a phase's time against it says how much goes to the rest (attention, norms, softmax,
+    elementwise work, Python). ``by_shape``: GFLOP/s of each product ("MxKxN[,transposed]")."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    dt = getattr(torch, dtype)
+    seconds: dict[tuple[int, int, int, str], float] = {}
+    for gemm in gemms:
+        key = (gemm.m, gemm.k, gemm.n, gemm.transposed)
+        if key in seconds:
+            continue
+        a = torch.randn(gemm.k, gemm.m, generator=g).to(dt).t() if gemm.transposed == "a" else \
+            torch.randn(gemm.m, gemm.k, generator=g).to(dt)
+        b = torch.randn(gemm.n, gemm.k, generator=g).to(dt).t() if gemm.transposed == "b" else \
+            torch.randn(gemm.k, gemm.n, generator=g).to(dt)
+        seconds[key] = _time_product(a, b, repeats, min_timing_s)
+    total_flops = sum(x.flops() for x in gemms)
+    total_s = sum(x.count * seconds[(x.m, x.k, x.n, x.transposed)] for x in gemms)
+    by_shape = {f"{m}x{k}x{n}" + (f",{t}" if t else ""): round(2.0 * m * k * n / s / 1e9, 1)
+                for (m, k, n, t), s in seconds.items()}
+    return {"dtype": dtype, "threads": torch.get_num_threads(), "gflop": round(total_flops / 1e9, 3),
+            "seconds": round(total_s, 5), "gflops": round(total_flops / total_s / 1e9, 1), "by_shape": by_shape}
+
+
 def gemm_gflops(n: int, products: int, seconds: float) -> float:
     """GFLOP/s of ``products`` (n, n) @ (n, n) matmuls in ``seconds`` (2·n³ FLOPs each: n³ multiply-adds)."""
     return 2.0 * n ** 3 * products / seconds / 1e9

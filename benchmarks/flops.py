@@ -198,3 +198,42 @@ def ppo_phase_flops(shape: DecoderShape, prompt_lengths: Sequence[int], response
 def group_flops(phases: dict[str, float], groups: dict[str, Sequence[str]]) -> dict[str, float]:
     """Phase FLOPs summed into named groups (e.g. a library's own timers)."""
     return {name: sum(phases[k] for k in keys) for name, keys in groups.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The GEMMs a pass multiplies (for the machine's attainable throughput at the model's own shapes)
+# ----------------------------------------------------------------------------------------------------------
+class Gemm(NamedTuple):
+    """One matrix product (M, K) @ (K, N), done ``count`` times per pass: 2·M·K·N·count FLOPs. ``transposed``:
+    which operand is a transposed view of a contiguous matrix in the pass (``"b"``: a linear layer's ``Wᵀ``,
+    ``"a"``: the output gradient in a weight gradient, ``""``: neither), so that a timing uses the real layout."""
+
+    m: int
+    k: int
+    n: int
+    count: int = 1
+    transposed: str = ""
+
+    def flops(self) -> float:
+        return 2.0 * self.m * self.k * self.n * self.count
+
+
+def pass_gemms(shape: DecoderShape, tokens: int, head_positions: int, backward: bool = False) -> list[Gemm]:
+    """The weight matmuls of a pass over ``tokens`` tokens of every block, with the LM head at ``head_positions``
+    positions (0: none), as (M, K, N) products. Forward: ``x (tokens, in) @ Wᵀ (in, out)`` per projection (q, k, v,
+    o, gate, up, down) and ``(head_positions, H) @ (H, V)``. ``backward`` adds, per forward product (M, K, N), its
+    input gradient (M, N) @ (N, K) and its weight gradient (N, M) @ (M, K): every block and the head train (a full
+    fine-tuning step; the attention core, which has no weights, is not here).
+
+    Their FLOPs equal :func:`forward_pass`'s ``qkv + rest`` per block and ``head`` (× 3 with ``backward``)."""
+    s = shape
+    q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
+    block = [(s.hidden, q), (s.hidden, kv), (s.hidden, kv), (q, s.hidden), (s.hidden, s.intermediate),
+             (s.hidden, s.intermediate), (s.intermediate, s.hidden)]
+    forward: list[tuple[int, int, int, int]] = [(tokens, k, n, s.layers) for k, n in block]
+    if head_positions:
+        forward.append((head_positions, s.hidden, s.vocab, 1))
+    out = [Gemm(*g, transposed="b") for g in forward]
+    if backward:
+        out += [Gemm(m, n, k, c) for m, k, n, c in forward] + [Gemm(n, m, k, c, "a") for m, k, n, c in forward]
+    return out

@@ -356,6 +356,50 @@ def test_measure_gemm_peak_small_sizes():
         assert peak[dtype]["peak_gflops"] == max(peak[dtype]["by_size"].values()) > 0
 
 
+def test_pass_gemms_shapes_and_flops_hand_computed():
+    # TINY: q 2·2 = 4 = H, kv 1·2 = 2; per block q (M,4,4), k/v (M,4,2), o (M,4,4), gate/up (M,4,8), down (M,8,4)
+    fwd = F.pass_gemms(TINY, 3, 2)
+    assert [(g.m, g.k, g.n, g.count, g.transposed) for g in fwd] == [
+        (3, 4, 4, 1, "b"), (3, 4, 2, 1, "b"), (3, 4, 2, 1, "b"), (3, 4, 4, 1, "b"), (3, 4, 8, 1, "b"),
+        (3, 4, 8, 1, "b"), (3, 8, 4, 1, "b"), (2, 4, 10, 1, "b")]
+    # = forward_pass's qkv + rest (3·64 + 3·224 = 864) and head (2·80 = 160), the attention core left out
+    assert sum(g.flops() for g in fwd) == 864 + 160
+    both = F.pass_gemms(TINY, 3, 2, backward=True)
+    assert len(both) == 24 and sum(g.flops() for g in both) == 3 * (864 + 160)
+    # input gradient (M, N) @ (N, K) and weight gradient (N, M) @ (M, K) of the down projection (3, 8, 4)
+    assert (3, 4, 8, 1, "") in [tuple(g) for g in both[8:16]] and (4, 3, 8, 1, "a") in [tuple(g) for g in both[16:]]
+    two = F.DecoderShape(**{**TINY.to_dict(), "layers": 2})
+    assert [g.count for g in F.pass_gemms(two, 3, 0)] == [2] * 7  # no head positions: no head product
+    # the SmolLM2 shapes: one pass's matmuls equal the FLOP counter's for the same tokens
+    smol = F.DecoderShape(576, 1536, 30, 9, 3, 64, 49152, True)
+    p = F.forward_pass(smol, 512, 0, 256, smol.vocab)
+    assert sum(g.flops() for g in F.pass_gemms(smol, 512, 256, backward=True)) == 3 * (30 * (p.qkv + p.rest) + p.head)
+
+
+def test_measure_gemms_rate_is_total_flops_over_total_time():
+    gemms = F.pass_gemms(TINY, 8, 4, backward=True)
+    r = C.measure_gemms(gemms, "float32", repeats=2, min_timing_s=0.001)
+    assert r["dtype"] == "float32" and r["threads"] >= 1
+    assert r["gflop"] == round(sum(g.flops() for g in gemms) / 1e9, 3)
+    # each distinct (M, K, N, layout) timed once (k and v share a shape, so do gate and up, and q and o)
+    distinct = {(g.m, g.k, g.n, g.transposed) for g in gemms}
+    assert set(r["by_shape"]) == {f"{m}x{k}x{n}" + (f",{t}" if t else "") for m, k, n, t in distinct}
+    assert r["gflops"] > 0 and r["seconds"] > 0
+    # the pass rate is the FLOP-weighted harmonic mean of the products' rates: between the slowest and the fastest
+    assert min(r["by_shape"].values()) - 0.1 <= r["gflops"] <= max(r["by_shape"].values()) + 0.1
+
+
+def test_shape_ceiling_shares():
+    util = {"update": {"gflops": 50.0}, "forward": {"gflops": 80.0}, "rollout": {"gflops": None},
+            "score": {"gflops": 30.0}}
+    ceilings = {"update": {"gflops": 100.0}, "forward": {"gflops": 160.0}, "decode": {"gflops": 40.0}}
+    bench_ppo.add_ceiling_shares("ours", util, ceilings)
+    assert util["update"]["of_shape_ceiling"] == 0.5 and util["forward"]["of_shape_ceiling"] == 0.5
+    assert "of_shape_ceiling" not in util["rollout"] and "of_shape_ceiling" not in util["score"]
+    a = bench_ppo.parse_args([])
+    assert bench_ppo.micro_batch_tokens(a, bench_ppo.ppo_settings(a)) == (4 * 128, 4 * 64)  # the anchor's, exactly
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Arguments and settings
 # ----------------------------------------------------------------------------------------------------------
