@@ -154,17 +154,36 @@ def prepare_job(a: argparse.Namespace, path: Path) -> dict:
     return job
 
 
-def summarise(r: dict, prompt_lengths: list[int], shape: F.DecoderShape, peak_gflops: float | None) -> dict:
-    """tokens/s, the FLOP floor and time over floor of one engine's timed calls (summed over repeats)."""
+def generation_ceilings(shape: F.DecoderShape, batch: int, prompt_lengths: list[int]) -> dict[str, dict]:
+    """The attainable GEMM rates (`_common.measure_gemms`, fp32) of the generation's matmuls at the model's shapes:
+    ``prefill`` = one forward over the batch's prompt tokens (logits at one position per row), ``decode`` = one
+    sampling step of ``batch`` rows."""
+    tokens = sum(prompt_lengths[:batch])
+    return {"prefill": C.measure_gemms(F.pass_gemms(shape, tokens, batch)),
+            "decode": C.measure_gemms(F.pass_gemms(shape, batch, batch))}
+
+
+def summarise(r: dict, prompt_lengths: list[int], shape: F.DecoderShape, peak_gflops: float | None,
+              ceilings: dict[str, dict] | None = None) -> dict:
+    """tokens/s, the FLOP floor and time over floor of one engine's timed calls (summed over repeats); with
+    ``ceilings`` (`generation_ceilings`) also the shape floor: each row's prefill FLOPs at the prefill rate plus its
+    decode FLOPs at the decode rate, and the time over it."""
     time_s = sum(r["times_s"])
     tokens = sum(sum(rows) for rows in r["response_lengths"])
-    flop = sum(F.generation_flops(shape, p, n) for rows in r["response_lengths"] for p, n in zip(prompt_lengths, rows))
+    pairs = [(p, n) for rows in r["response_lengths"] for p, n in zip(prompt_lengths, rows)]
+    flop = sum(F.generation_flops(shape, p, n) for p, n in pairs)
     floor_s = flop / (peak_gflops * 1e9) if peak_gflops else None
-    return {**r, "time_s": round(time_s, 4), "tokens": tokens, "tokens_per_s": round(tokens / time_s, 2),
-            "response_length_mean": round(tokens / (len(prompt_lengths) * len(r["times_s"])), 2),
-            "model_gflop": round(flop / 1e9, 3), "floor_s": None if floor_s is None else round(floor_s, 4),
-            "time_over_floor": None if not floor_s else round(time_s / floor_s, 2),
-            **{k: v for k, v in C.utilisation(flop, time_s, peak_gflops).items() if k in ("gflops", "utilisation")}}
+    out = {**r, "time_s": round(time_s, 4), "tokens": tokens, "tokens_per_s": round(tokens / time_s, 2),
+           "response_length_mean": round(tokens / (len(prompt_lengths) * len(r["times_s"])), 2),
+           "model_gflop": round(flop / 1e9, 3), "floor_s": None if floor_s is None else round(floor_s, 4),
+           "time_over_floor": None if not floor_s else round(time_s / floor_s, 2),
+           **{k: v for k, v in C.utilisation(flop, time_s, peak_gflops).items() if k in ("gflops", "utilisation")}}
+    if ceilings:
+        prefill = sum(F.sequence_forward(shape, p, 1, shape.vocab).total(shape.layers) for p, n in pairs if n >= 1)
+        shape_floor = prefill / (ceilings["prefill"]["gflops"] * 1e9) + \
+            (flop - prefill) / (ceilings["decode"]["gflops"] * 1e9)
+        out.update({"shape_floor_s": round(shape_floor, 4), "time_over_shape_floor": round(time_s / shape_floor, 2)})
+    return out
 
 
 def run_engine(a: argparse.Namespace, engine: str, job_path: Path, src: str | None = None) -> dict:
@@ -197,6 +216,8 @@ def main(argv: list[str] | None = None) -> dict | None:
 
         shape = F.DecoderShape.from_config(AutoConfig.from_pretrained(job["model"]))
         prompt_lengths = [len(p) for p in job["prompt_ids"]]
+        ceilings = generation_ceilings(shape, a.batch, prompt_lengths)  # before the engines: quiet
+        machine["shape_ceiling"] = ceilings
         plan = [(e, e, a.ours_src if e == "ours" else None) for e in a.engines]
         if a.compare_src is not None:
             plan.append(("compare", "ours", a.compare_src))
@@ -204,13 +225,14 @@ def main(argv: list[str] | None = None) -> dict | None:
             plan.append(("vllm", "vllm", None))
         for label, engine, src in plan:
             print(f"{label} ...", flush=True)
-            rows[label] = summarise(run_engine(a, engine, job_path, src), prompt_lengths, shape, peak)
+            rows[label] = summarise(run_engine(a, engine, job_path, src), prompt_lengths, shape, peak, ceilings)
     ratios = {k: C.ratio(rows["ours"]["tokens_per_s"], r["tokens_per_s"])
               for k, r in rows.items() if k != "ours" and "ours" in rows}
     table = [[k, r["tokens_per_s"], r["tokens"], r["response_length_mean"], r["time_s"], r["model_gflop"],
-              r["floor_s"], r["time_over_floor"], r["utilisation"], r["peak_rss_gb"]] for k, r in rows.items()]
+              r["floor_s"], r["time_over_floor"], r["utilisation"], r.get("shape_floor_s"),
+              r.get("time_over_shape_floor"), r["peak_rss_gb"]] for k, r in rows.items()]
     print(C.format_table(["engine", "tok/s", "tokens", "mean resp len", "time s", "model GFLOP", "floor s",
-                          "time / floor", "utilisation", "peak GiB"], table))
+                          "time / floor", "utilisation", "shape floor s", "time / shape floor", "peak GiB"], table))
     if ratios:
         print("tokens/s of ours over each other engine: " + ", ".join(f"{k} {C.fmt(v)}" for k, v in ratios.items()))
     settings = {"model": job["model"], "batch": a.batch, "max_new_tokens": a.max_new_tokens, "temperature": 1.0,

@@ -452,6 +452,15 @@ def test_bench_generate_summary_floor():
     flop = F.generation_flops(TINY, 2, 3) + F.generation_flops(TINY, 4, 1)
     assert (r["tokens"], r["tokens_per_s"], r["response_length_mean"]) == (4, 8.0, 2.0)
     assert r["floor_s"] == round(flop / 1e3, 4) and r["time_over_floor"] == round(0.5 / (flop / 1e3), 2)
+    assert "shape_floor_s" not in r
+    # the shape floor: the prefills (2 and 4 tokens, logits at 1 position) at the prefill rate, the rest at the
+    # decode rate (here 1e-6 and 2e-6 GFLOP/s: 1e3 and 2e3 FLOP/s)
+    ceilings = {"prefill": {"gflops": 1e-6}, "decode": {"gflops": 2e-6}}
+    r = bench_generate.summarise({"times_s": [0.5], "response_lengths": [[3, 1]]}, [2, 4], TINY, 1e-6, ceilings)
+    prefill = sum(F.sequence_forward(TINY, p, 1, TINY.vocab).total(1) for p in (2, 4))
+    assert prefill == F.generation_flops(TINY, 4, 1) + F.sequence_forward(TINY, 2, 1, 10).total(1)  # 1 token: prefill
+    assert r["shape_floor_s"] == round(prefill / 1e3 + (flop - prefill) / 2e3, 4)
+    assert r["time_over_shape_floor"] == round(0.5 / (prefill / 1e3 + (flop - prefill) / 2e3), 2)
 
 
 FAKE_VLLM = """
