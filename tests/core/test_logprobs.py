@@ -112,14 +112,14 @@ def test_fused_gradients_hand_values():
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-@pytest.mark.parametrize("chunk_rows", [1, 2, 8])
-def test_fused_equals_plain_float64_values_and_gradients(temperature, chunk_rows):
+@pytest.mark.parametrize("chunk_tokens", [1, 3, 7, 16, 64])
+def test_fused_equals_plain_float64_values_and_gradients(temperature, chunk_tokens):
     g = torch.Generator().manual_seed(1)
     logits = (3 * torch.randn(5, 7, 301, generator=g, dtype=torch.float64)).requires_grad_(True)
     tokens = torch.randint(0, 301, (5, 7), generator=g)
     w_lp, w_h = torch.randn(5, 7, generator=g, dtype=torch.float64), torch.randn(5, 7, generator=g, dtype=torch.float64)
     plain_lp, plain_h = _plain(logits, tokens, temperature)
-    lp, h = logprobs_and_entropy(logits, tokens, temperature, chunk_rows=chunk_rows)
+    lp, h = logprobs_and_entropy(logits, tokens, temperature, chunk_tokens=chunk_tokens)
     torch.testing.assert_close(lp, plain_lp, rtol=0, atol=1e-12)
     torch.testing.assert_close(h, plain_h, rtol=0, atol=1e-12)
     for loss, plain_loss in [((w_lp * lp).sum(), (w_lp * plain_lp).sum()),  # log-probs only (the PPO loss)
@@ -180,3 +180,27 @@ def test_fused_bad_inputs():
         logprobs_and_entropy(LOGITS, torch.tensor([[0, 0]]), temperature=0.0)
     with pytest.raises(ValueError, match="do not match"):
         logprobs_and_entropy(LOGITS, torch.tensor([[0]]))
+
+
+def test_fused_blocks_cover_every_token_once_and_change_no_bit():
+    from rlhfkit.core.logprobs import _blocks
+
+    for rows, cols, chunk in [(5, 7, 1), (5, 7, 3), (5, 7, 7), (5, 7, 16), (5, 7, 64), (1, 0, 4), (0, 3, 4)]:
+        seen = torch.zeros(rows, cols, dtype=torch.long)
+        for r, c in _blocks(rows, cols, chunk):
+            assert seen[r, c].numel() <= max(chunk, 1)
+            seen[r, c] += 1
+        assert (seen == 1).all()
+    # float32: every block size gives the same bits, values and gradients (every operation is per token)
+    g = torch.Generator().manual_seed(2)
+    base = 4 * torch.randn(3, 11, 257, generator=g)
+    tokens = torch.randint(0, 257, (3, 11), generator=g)
+    w = torch.randn(3, 11, generator=g)
+    outs = []
+    for chunk in (1, 5, 11, 16, 40):
+        logits = base.clone().requires_grad_(True)
+        lp, h = logprobs_and_entropy(logits, tokens, 0.7, chunk_tokens=chunk)
+        (w * lp + 0.3 * w * h).sum().backward()
+        outs.append((lp, h, logits.grad))
+    for other in outs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(outs[0], other))

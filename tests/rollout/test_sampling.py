@@ -552,3 +552,51 @@ def test_distinct_prompts_by_hand():
     ids2 = torch.tensor([[0, 6], [0, 6]])
     assert distinct_prompts(ids2, torch.tensor([[False, True], [True, True]])) is None
     assert distinct_prompts(*left_padded([[1], [2], [3]])) is None
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, None, 1.0), (0.7, 50, 0.9), (0.0, None, 1.0)])
+def test_draw_tokens_in_chunks_equals_one_pass_and_the_plain_draw(temperature, top_k, top_p):
+    # 13 of a 20-row batch (finished rows left it), a 500-token vocabulary: chunks of 1, 4 and all rows give the
+    # same bits, and those of the plain composition (sample_categorical with the batch's uniforms, the log-prob of
+    # the drawn token under the full tempered distribution)
+    from rlhfkit.core.logprobs import logprobs_from_logits
+    from rlhfkit.rollout.sampling import GenerationConfig, draw_tokens, filter_logits
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(13, 500, generator=g) * 3
+    rows = torch.tensor([0, 1, 2, 4, 5, 7, 8, 9, 11, 14, 15, 17, 19])
+    config = GenerationConfig(max_new_tokens=4, temperature=temperature, top_k=top_k, top_p=top_p, pad_token_id=0)
+    t = 1.0 if config.greedy else temperature
+    if config.greedy:
+        want = logits.argmax(-1)
+    else:
+        probs = torch.softmax(filter_logits(logits, t, top_k, top_p), dim=-1)
+        want = sample_categorical(probs, torch.Generator().manual_seed(7), rows=rows, num_rows=20)
+    want_lp = logprobs_from_logits(logits[:, None], want[:, None], t, chunk_rows=13).squeeze(1)
+    assert torch.allclose(want_lp, torch.log_softmax(logits / t, -1).gather(-1, want[:, None]).squeeze(1),
+                          atol=1e-5, rtol=0)  # the formula itself
+    for chunk in (1, 4, 13):
+        gen = None if config.greedy else torch.Generator().manual_seed(7)
+        drawn, lp = draw_tokens(logits, config, t, gen, rows, 20, chunk_rows=chunk)
+        assert torch.equal(drawn, want) and torch.equal(lp, want_lp)
+        if gen is not None:  # the generator advanced by the batch's 20 uniforms, whatever the chunking
+            assert torch.equal(torch.rand(1, generator=gen), torch.rand(1, generator=_advanced(7, 20)))
+
+
+def _advanced(seed: int, n: int) -> torch.Generator:
+    g = torch.Generator().manual_seed(seed)
+    torch.rand(n, generator=g, dtype=torch.float64)
+    return g
+
+
+def test_temperature_one_takes_the_logits_undivided_with_the_same_bits():
+    from rlhfkit.core.logprobs import logprobs_from_logits
+    from rlhfkit.rollout.sampling import filter_logits
+
+    logits = torch.randn(3, 7, 50, generator=torch.Generator().manual_seed(1)) * 4
+    tokens = torch.randint(0, 50, (3, 7), generator=torch.Generator().manual_seed(2))
+    z = logits / 1.0
+    want = z.gather(-1, tokens[..., None]).squeeze(-1) - torch.logsumexp(z, dim=-1)
+    assert torch.equal(logprobs_from_logits(logits, tokens, 1.0), want)
+    assert filter_logits(logits, 1.0, None, 1.0) is logits  # no copy at all
+    assert torch.equal(filter_logits(logits, 1.0, 5, 0.8), filter_logits(z, 1.0, 5, 0.8))

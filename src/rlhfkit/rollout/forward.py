@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from rlhfkit.core.logprobs import DEFAULT_CHUNK_ROWS, logprobs_and_entropy, upcast
+from rlhfkit.core.logprobs import logprobs_and_entropy, upcast
 from rlhfkit.core.masks import position_ids_from_mask
 from rlhfkit.models.loading import forward_hidden
 from rlhfkit.models.packing import packed_hidden, varlen_layout, varlen_problem
@@ -310,9 +310,9 @@ def policy_forward(
         packed = _packed_response_logits(model, input_ids, attention_mask, mask, trunk) if packing else None
         logits = _response_logits(model, input_ids, attention_mask, T, trunk) if packed is None else None
     if packed is not None:
-        # (N, 1, V) rows: chunks of DEFAULT_CHUNK_ROWS × T tokens, the padded path's (B, T, V) chunk size
+        # (N, 1, V) rows, in the padded path's blocks of tokens (the same bits whatever the blocks)
         logprobs, entropy = logprobs_and_entropy(packed[:, None], response_ids[mask][:, None], temperature,
-                                                 with_entropy=with_entropy, chunk_rows=DEFAULT_CHUNK_ROWS * T)
+                                                 with_entropy=with_entropy)
         return PolicyForward(logprobs=_scatter(mask, logprobs[:, 0]),
                              entropy=_scatter(mask, entropy[:, 0]) if entropy is not None else None,
                              logits=_scatter(mask, packed) if with_logits else None)

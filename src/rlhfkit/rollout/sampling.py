@@ -10,7 +10,7 @@ the sampling loop so that positions, stopping and the rollout log-probs are unde
    ``transformers.DynamicCache`` instead copies the whole cache at every step, ``torch.cat``);
 2. per step: logits of the last position → ``/ temperature`` → top-k → top-p → one categorical draw per row
    by inversion (:func:`sample_categorical`) with the caller's ``torch.Generator`` (greedy = argmax); record
-   the log-prob; append the token, extend the attention mask, continue each row's position by one, feed the
+   the log-prob (:func:`draw_tokens`, a few rows at a time: the same bits, faster on a CPU); append the token, extend the attention mask, continue each row's position by one, feed the
    token with the cache;
 3. a row finishes at its first stop token (kept as its last response token) or when its decoded response first
    contains a stop string (kept up to the token that completes it); afterwards it emits padding. The loop ends
@@ -52,6 +52,7 @@ __all__ = [
     "Rollout",
     "check_sampling_call",
     "distinct_prompts",
+    "draw_tokens",
     "filter_logits",
     "generate_greedy",
     "invert_cdf",
@@ -192,9 +193,10 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None, t
     """The sampling distribution's logits: ``top_p_filter(top_k_filter(logits / temperature, top_k), top_p)``.
 
     The nucleus is taken over the distribution renormalised after top-k, as in the usual processor order.
-    ``temperature`` must be > 0. Shapes: (..., V) -> (..., V).
+    ``temperature`` must be > 0; at 1 the logits are not divided (``x / 1 == x`` exactly: the same numbers without
+    a vocabulary-sized copy). Shapes: (..., V) -> (..., V).
     """
-    return top_p_filter(top_k_filter(logits / temperature, top_k), top_p)
+    return top_p_filter(top_k_filter(logits if temperature == 1.0 else logits / temperature, top_k), top_p)
 
 
 def invert_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -211,6 +213,11 @@ def invert_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return index.clamp_(max=cdf.shape[-1] - 1)
 
 
+def _uniforms(generator: torch.Generator, n: int, device: torch.device) -> torch.Tensor:
+    """``n`` float64 uniforms in [0, 1) from ``generator`` (drawn on the generator's device), moved to ``device``."""
+    return torch.rand(n, generator=generator, dtype=torch.float64, device=generator.device).to(device)
+
+
 def sample_categorical(probs: torch.Tensor, generator: torch.Generator, rows: torch.Tensor | None = None,
                        num_rows: int | None = None) -> torch.Tensor:
     """One draw per row of ``probs`` (R, V): :func:`invert_cdf` with one float64 uniform per row from ``generator``
@@ -222,8 +229,42 @@ def sample_categorical(probs: torch.Tensor, generator: torch.Generator, rows: to
     ``rows[i]``, so that a batch whose finished rows were dropped draws what the full batch draws.
     Shapes: (R, V) -> (R,) long."""
     n = probs.shape[0] if num_rows is None else int(num_rows)
-    u = torch.rand(n, generator=generator, dtype=torch.float64, device=generator.device).to(probs.device)
+    u = _uniforms(generator, n, probs.device)
     return invert_cdf(probs, u if rows is None else u[rows])
+
+
+# Rows of a sampling step's vocabulary work (tempering, filters, softmax, CDF, log-probs) done at a time. Every
+# one of those operations is row-wise, so the result is bit-identical to one pass over all rows; small chunks keep
+# each (rows, V) temporary small: at 192 rows × 49,152 tokens a float32 temporary is 38 MB and the CDF's float64
+# one 75 MB, above glibc's 32 MB mmap threshold, so every step paid fresh page faults for each of them. Measured
+# on a 2-core Xeon with AMX, 1 thread, 192 rows: 189 ms per step in one pass, 80 ms in chunks of 8 rows (92 ms
+# in chunks of 16, 107 ms of 64).
+DRAW_CHUNK_ROWS = 8
+
+
+def draw_tokens(logits: torch.Tensor, config: GenerationConfig, temperature: float,
+                generator: torch.Generator | None, rows: torch.Tensor, num_rows: int,
+                chunk_rows: int = DRAW_CHUNK_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sampling step's tokens and their log-probs for the rows ``rows`` (R,) of an ``num_rows``-row batch,
+    from their float32 ``logits`` (R, V): greedy (argmax) or one categorical draw from
+    ``softmax(filter_logits(logits, temperature, top_k, top_p))`` per row (:func:`invert_cdf`, with the uniform of
+    its batch row: ``num_rows`` uniforms per step from ``generator``, as :func:`sample_categorical` draws them);
+    the log-prob of the drawn token under the full tempered distribution (`core.logprobs.logprobs_from_logits`,
+    before top-k/top-p). ``chunk_rows`` rows at a time (:data:`DRAW_CHUNK_ROWS`): the same bits as one pass.
+    Shapes: (R, V) -> (R,) long, (R,) float32."""
+    u = None if config.greedy else _uniforms(generator, num_rows, logits.device)[rows]
+    drawn, drawn_logprobs = [], []
+    for start in range(0, logits.shape[0], chunk_rows):
+        x = logits[start:start + chunk_rows]
+        if u is None:
+            d = x.argmax(dim=-1)
+        else:
+            probs = torch.softmax(filter_logits(x, temperature, config.top_k, config.top_p), dim=-1)
+            d = invert_cdf(probs, u[start:start + chunk_rows])
+        drawn.append(d)
+        drawn_logprobs.append(logprobs_from_logits(x[:, None, :], d[:, None], temperature,
+                                                   chunk_rows=x.shape[0]).squeeze(1))
+    return torch.cat(drawn), torch.cat(drawn_logprobs)
 
 
 def cache_keyword(model: torch.nn.Module) -> str:
@@ -487,15 +528,9 @@ def sample(
                     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                 use_cache=True, logits_to_keep=1, **cache_kwargs)
                     logits = out.logits[:, -1, :].float()  # (rows,V), float32 whatever the model's dtype
-                if config.greedy:
-                    drawn = logits.argmax(dim=-1)
-                else:
-                    probs = torch.softmax(filter_logits(logits, temperature, config.top_k, config.top_p), dim=-1)
-                    # one uniform for every row of the batch, as if no row had left it
-                    drawn = sample_categorical(probs, generator, rows=rows, num_rows=batch)
-                # full tempered distribution, before top-k/top-p (see the module docstring)
-                drawn_logprobs = logprobs_from_logits(logits[:, None, :], drawn[:, None], temperature,
-                                                      chunk_rows=logits.shape[0]).squeeze(1)
+                # one uniform for every row of the batch, as if no row had left it; the log-probs over the full
+                # tempered distribution, before top-k/top-p (see the module docstring)
+                drawn, drawn_logprobs = draw_tokens(logits, config, temperature, generator, rows, batch)
                 new = torch.full((batch,), pad_id, dtype=torch.long, device=device).index_copy_(0, rows, drawn)
                 new_logprobs = torch.zeros(batch, dtype=torch.float32, device=device).index_copy_(
                     0, rows, drawn_logprobs)
