@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import logging
 import time
@@ -56,7 +57,7 @@ from rlhfkit.core.rewards import (RunningMoments, ShapedRewards, clip_scores, mi
 from rlhfkit.data.prompts import load_references
 from rlhfkit.data.tokenize import left_pad, tokenize_prompts
 from rlhfkit.errors import RlhfkitError
-from rlhfkit.models.adapters import apply_lora, freeze_lower_layers
+from rlhfkit.models.adapters import adapters_disabled, apply_lora, freeze_lower_layers
 from rlhfkit.models.loading import ensure_pad_token, hf_folder
 from rlhfkit.models.reward import critic_problem, is_reward_model_folder, load_critic
 from rlhfkit.models.value_head import ValueHead
@@ -177,7 +178,7 @@ class PPOTrainer:
             self.policy = apply_lora(self.policy, r=cfg.lora_r, alpha=cfg.lora_alpha,
                                      target_modules=cfg.lora_target_modules)
             self.reference = self.policy  # the same weights with the adapters disabled
-            self.reference_context = self.policy.disable_adapter
+            self.reference_context = functools.partial(adapters_disabled, self.policy)  # (frozen flags kept)
         else:
             self.reference = copy.deepcopy(self.policy).requires_grad_(False)
         if cfg.freeze_layers:
