@@ -69,6 +69,7 @@ from rlhfkit.train.checkpoint import (check_format, checkpoint_step, checkpoint_
                                       require_latest_checkpoint, save_checkpoint)
 from rlhfkit.train.engine.optim import ModuleGroup, build_optimizer, build_scheduler, module_lr
 from rlhfkit.train.engine.processes import Processes
+from rlhfkit.train.output import check_fresh_output, prepare_fresh_output
 from rlhfkit.train.ppo_advantages import estimate_advantages
 from rlhfkit.train.ppo_config import PPOConfig
 from rlhfkit.train.ppo_inputs import RewardFn, resolve_inputs
@@ -575,7 +576,7 @@ class PPOTrainer:
             if last != checkpoint_step(ckpt):
                 raise RlhfkitError(f"{ckpt}: its trainer_state.json names iteration {last}")
         elif dist.is_main:
-            ppo_state.prepare_fresh_output(self.output, cfg.overwrite)
+            prepare_fresh_output(self.output, ppo_state.RUN_ENTRIES, cfg.overwrite)
         dist.barrier()
         if dist.is_main:
             self.output.mkdir(parents=True, exist_ok=True)
@@ -609,7 +610,7 @@ class PPOTrainer:
         it was."""
         cfg, pending = self.cfg, None
         if not cfg.resume:
-            ppo_state.check_fresh_output(self.output, self.cfg.overwrite)  # read-only: every process checks
+            check_fresh_output(self.output, ppo_state.RUN_ENTRIES, cfg.overwrite)  # read-only: every process checks
             pending = self.iteration(1)
         first = self.open_output()
         results = []

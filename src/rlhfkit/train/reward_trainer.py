@@ -64,6 +64,7 @@ from rlhfkit.train.checkpoint import (check_format, check_resume_settings, check
 from rlhfkit.train.engine.optim import ModuleGroup, build_optimizer, build_scheduler, trainable_parameters
 from rlhfkit.train.engine.processes import Processes
 from rlhfkit.train.engine.stats import NamedSums
+from rlhfkit.train.output import check_fresh_output, prepare_fresh_output
 from rlhfkit.train.rm_config import RANKER_KINDS, RMTrainConfig
 from rlhfkit.train.rm_eval import (
     collate_pair_items,
@@ -83,7 +84,7 @@ CONFIG = RMTrainConfig
 ENCODER_MODEL_TYPES = {"bert", "roberta", "deberta", "deberta-v2", "electra", "distilbert", "xlm-roberta",
                        "modernbert", "albert", "mpnet"}
 RESUMABLE_CHANGES = {"resume", "overwrite", "save_steps", "keep_checkpoints"}
-RUN_FILES = ("config.yaml", "metrics.jsonl", "rlhfkit.json", "checkpoints")
+RUN_ENTRIES = ("config.yaml", "metrics.jsonl", "rlhfkit.json", "checkpoints", "tensorboard", "eval_results.json")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -332,20 +333,15 @@ def build_model(cfg: RMTrainConfig, kind: str, tokenizer: Any) -> torch.nn.Modul
 # Output folder, checkpoints, final save
 # ----------------------------------------------------------------------------------------------------------
 def check_output(cfg: RMTrainConfig) -> Path | None:
-    """Refuse to mix runs: an existing non-empty folder needs --resume (same config) or --overwrite."""
+    """The checkpoint to resume from (``--resume``: checked against the config), or None for a fresh run, whose
+    folder `train.output.check_fresh_output` checks (the run owns the folder: the model is published into it)."""
     out = Path(cfg.output)
     if cfg.resume:
         ckpt = require_latest_checkpoint(out)
         check_format(ckpt)
         check_resume_settings(cfg, ckpt, RESUMABLE_CHANGES)
         return ckpt
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not cfg.overwrite:
-            raise RlhfkitError(f"output folder {out} already exists and is not empty; pass --resume to continue its "
-                               f"run, --overwrite to replace it, or choose another folder")
-        if not out.is_dir() or not any((out / name).exists() for name in RUN_FILES):
-            raise RlhfkitError(f"--overwrite: {out} does not look like an rlhfkit run folder (none of {RUN_FILES}); "
-                               f"refusing to delete it")
+    check_fresh_output(out, RUN_ENTRIES, cfg.overwrite, owns_folder=True)
     return None
 
 
@@ -606,8 +602,8 @@ class RewardTrainer:
         """The run folder, written only now that every check passed: config.yaml and the metrics log."""
         cfg, procs = self.cfg, self.procs
         if procs.is_main:
-            if cfg.overwrite and not cfg.resume and self.output.exists():
-                shutil.rmtree(self.output)
+            if not cfg.resume:
+                prepare_fresh_output(self.output, RUN_ENTRIES, cfg.overwrite, owns_folder=True)
             self.output.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.output / "config.yaml")
         procs.barrier()
