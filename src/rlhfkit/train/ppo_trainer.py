@@ -69,6 +69,7 @@ from rlhfkit.train.checkpoint import (check_format, checkpoint_step, checkpoint_
                                       require_latest_checkpoint, save_checkpoint)
 from rlhfkit.train.engine.optim import ModuleGroup, build_optimizer, build_scheduler, module_lr
 from rlhfkit.train.engine.processes import Processes
+from rlhfkit.train.inputs import check_callbacks
 from rlhfkit.train.output import check_fresh_output, prepare_fresh_output
 from rlhfkit.train.ppo_advantages import estimate_advantages
 from rlhfkit.train.ppo_config import PPOConfig
@@ -133,11 +134,7 @@ class PPOTrainer:
                  callbacks: Sequence[Callable[[int, dict[str, float]], Any]] = ()) -> None:
         self.inputs = resolve_inputs(config, policy, tokenizer, prompts, reward_fn, reward_fn_weight)
         cfg = self.inputs.cfg
-        self.callbacks = list(callbacks)
-        for callback in self.callbacks:
-            if not callable(callback):
-                raise RlhfkitError(f"callbacks must be callables callback(step, metrics), got "
-                                   f"{type(callback).__name__}")
+        self.callbacks = check_callbacks(callbacks)
         self.cfg = cfg
         self.dist = dist or Processes.start("ppo")
         self.output = Path(cfg.output)
