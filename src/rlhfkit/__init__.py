@@ -8,8 +8,8 @@ or from Python (docs/api.md)::
     RewardTrainer(RMTrainConfig(output="runs/rm"), model="smollm2", data=rows).train()
     PPOTrainer(PPOConfig(output="runs/ppo"), policy="smollm2", prompts=["Hi"], reward_fn=my_reward).train()
 
-* `RewardTrainer` (`rlhfkit.train.reward_trainer`), `RMTrainConfig`: train a reward model; data as a path, a list of dicts or a
-  ``datasets.Dataset``; ``train()`` returns the final held-out metrics.
+* `RewardTrainer` (the class ``rlhfkit rm train`` runs), `RMTrainConfig`: train a reward model; data as a path, a
+  list of dicts or a ``datasets.Dataset``; ``train()`` returns the final held-out metrics.
 * `PPOTrainer`, `PPOConfig`: PPO (and its critic-free relatives); the policy as a path or a transformers model,
   prompts in memory, a Python reward function ``fn(prompts, responses) -> list[float]``, callbacks on each logged
   step; ``train()`` returns the iterations' results.

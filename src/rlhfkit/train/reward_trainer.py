@@ -1,7 +1,8 @@
 """``rlhfkit rm train``: train a reward model (or a PairRM / seq2seq ranker) on preference or pointwise data.
 
-`RewardTrainer` holds the run; its construction runs steps 1-4 (writing nothing), `RewardTrainer.step` is one
-optimizer step (5-6), `RewardTrainer.train` the loop and step 7:
+`RewardTrainer` holds the run (the command's `run` and the Python API build the same class; the API passes model,
+tokenizer, data and callbacks as objects, each given once); its construction runs steps 1-4 (writing nothing),
+`RewardTrainer.step` is one optimizer step (5-6), `RewardTrainer.train` the loop and step 7:
 
 1. load and validate the data (every error before any training; the over-long report is printed), split off the
    held-out set, tokenise;
