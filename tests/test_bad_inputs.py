@@ -382,16 +382,17 @@ def _(w):
     return w.rm_train(None, "--resume"), ("--resume: no checkpoint found under", "checkpoints")
 
 
-@case("rm-train-output-exists", "rm train", "an --output folder that already holds files, without --overwrite")
+@case("rm-train-output-exists", "rm train", "an --output folder that holds a run, without --overwrite")
 def _(w):
     w.text("out/metrics.jsonl", '{"step": 1}\n')
-    return w.rm_train(), ("output folder", "already exists and is not empty",)
+    return w.rm_train(), ("output folder", "already holds a run (metrics.jsonl); pass --resume to continue it, "
+                                           "--overwrite to replace it, or choose another --output")
 
 
 @case("rm-train-overwrite-not-a-run", "rm train", "--overwrite of a folder that is not an rlhfkit run")
 def _(w):
     w.text("out/thesis.tex", "my thesis\n")
-    return w.rm_train(None, "--overwrite"), ("does not look like an rlhfkit run folder", "refusing to delete it")
+    return w.rm_train(None, "--overwrite"), ("holds files of no rlhfkit run (thesis.tex)", "choose another --output")
 
 
 # -- rm eval -----------------------------------------------------------------------------------------------------
@@ -664,7 +665,8 @@ def _(w):
 @case("ppo-output-exists", "ppo", "an --output folder that holds a run, without --overwrite")
 def _(w):
     w.ppo_run_folder()
-    return w.ppo(), ("already holds a run (metrics.jsonl, samples.jsonl)",)
+    return w.ppo(), ("output folder", "already holds a run (metrics.jsonl, samples.jsonl); pass --resume to continue "
+                                      "it, --overwrite to replace it, or choose another --output")
 
 
 @case("ppo-overwrite-then-reward-raises", "ppo", "--overwrite of a previous run with a reward function that raises")

@@ -8,8 +8,8 @@ or from Python (docs/api.md)::
     RewardTrainer(RMTrainConfig(output="runs/rm"), model="smollm2", data=rows).train()
     PPOTrainer(PPOConfig(output="runs/ppo"), policy="smollm2", prompts=["Hi"], reward_fn=my_reward).train()
 
-* `RewardTrainer` (`rlhfkit.api`), `RMTrainConfig`: train a reward model; data as a path, a list of dicts or a
-  ``datasets.Dataset``; ``train()`` returns the final held-out metrics.
+* `RewardTrainer` (the class ``rlhfkit rm train`` runs), `RMTrainConfig`: train a reward model; data as a path, a
+  list of dicts or a ``datasets.Dataset``; ``train()`` returns the final held-out metrics.
 * `PPOTrainer`, `PPOConfig`: PPO (and its critic-free relatives); the policy as a path or a transformers model,
   prompts in memory, a Python reward function ``fn(prompts, responses) -> list[float]``, callbacks on each logged
   step; ``train()`` returns the iterations' results.
@@ -26,13 +26,13 @@ TYPE_CHECKING = False  # (the typing module is not imported: `import rlhfkit` st
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from typing import Any
 
-    from rlhfkit.api import RewardTrainer
     from rlhfkit.train.ppo_config import PPOConfig
     from rlhfkit.train.ppo_trainer import PPOTrainer
+    from rlhfkit.train.reward_trainer import RewardTrainer
     from rlhfkit.train.rm_config import RMTrainConfig
 
 __version__ = "0.1.0"
-_LAZY = {"RewardTrainer": "rlhfkit.api", "RMTrainConfig": "rlhfkit.train.rm_config",
+_LAZY = {"RewardTrainer": "rlhfkit.train.reward_trainer", "RMTrainConfig": "rlhfkit.train.rm_config",
          "PPOTrainer": "rlhfkit.train.ppo_trainer", "PPOConfig": "rlhfkit.train.ppo_config"}
 __all__ = ["PPOConfig", "PPOTrainer", "RMTrainConfig", "RewardTrainer", "RlhfkitError", "__version__"]
 

@@ -312,3 +312,39 @@ def test_objective_kl_and_the_adaptive_controller_use_k1_whatever_the_penalty_es
     # clipped), β = 0.1 (1 + e · B / horizon) = 0.1 (1 - 1/11 · 2/10); fed the penalty instead it would give
     # 0.1 (1 - 0.2 · 0.2) = 0.096 (mse, clipped) or 0.1 (1 + (1.25/1.1 - 1) · 0.2) ≈ 0.10273 (abs)
     assert trainer.kl_controller.value == pytest.approx(0.1 * (1 - (1 / 11) * 2 / 10), rel=1e-12)
+
+
+# ------------------------------------------------------------------------------ LoRA + frozen layers stay frozen
+def test_lora_with_frozen_layers_keeps_them_frozen_and_clips_the_optimizers_parameters_only(tmp_path, monkeypatch):
+    """LoRA on every linear layer, the lower block frozen (its adapters too): the reference pass runs with the
+    adapters disabled (peft's ``disable_adapter``, whose exit marks every adapter weight trainable again). After an
+    iteration no parameter outside the optimizer may require a gradient or hold one, and the gradient norm that is
+    clipped (``policy/grad_norm``) is the norm over the optimizer's parameters only, recomputed here in float64."""
+    import rlhfkit.train.ppo_update as ppo_update_module
+
+    trainer = PPOTrainer(make_config(tmp_path, lora_r=4, freeze_layers=1, max_grad_norm=1e9, ppo_epochs=1,
+                                     num_minibatches=1, micro_batch_size=8))
+    in_optimizer = {id(p) for g in trainer.policy_optimizer.param_groups for p in g["params"]}
+    named = dict(trainer.policy.named_parameters())
+    frozen_lora = [n for n, p in named.items() if "lora_" in n and ".layers.0." in n]
+    assert frozen_lora and all(id(named[n]) not in in_optimizer for n in frozen_lora)  # the case under test
+    assert any("lora_" in n and ".layers.1." in n and id(p) in in_optimizer for n, p in named.items())
+    norms = []  # (the clipped norm, the float64 norm of the optimizer's parameters' gradients) per minibatch
+    original = ppo_update_module._clip_grads
+
+    def spy(policy_params, critic_params, max_norm, joint):
+        assert {id(p) for p in policy_params} == in_optimizer
+        want = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in policy_params if p.grad is not None))
+        out = original(policy_params, critic_params, max_norm, joint)
+        norms.append((out[0], float(want)))
+        return out
+
+    monkeypatch.setattr(ppo_update_module, "_clip_grads", spy)
+    result = trainer.iteration(1)
+    for n, p in named.items():
+        if id(p) not in in_optimizer:
+            assert not p.requires_grad and p.grad is None, n
+    assert len(norms) == 1 and norms[0][0] > 0
+    # a float32 sum of squares over the optimizer's parameters against the float64 one
+    assert norms[0][0] == pytest.approx(norms[0][1], rel=1e-5)
+    assert result.minibatch_stats[0]["policy/grad_norm"] == norms[0][0]

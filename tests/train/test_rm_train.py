@@ -366,8 +366,9 @@ def test_refuses_to_train_into_a_used_folder_without_resume_or_overwrite(sft, pa
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     assert train(sft, pairs, out, "--batch_size", "16") == 2
-    assert "already exists" in capsys.readouterr().err
+    assert "holds files of no rlhfkit run (notes.txt)" in capsys.readouterr().err
     assert train(sft, pairs, out, "--batch_size", "16", "--overwrite") == 2  # not an rlhfkit run folder
+    assert "holds files of no rlhfkit run (notes.txt)" in capsys.readouterr().err
     assert (out / "notes.txt").read_text() == "mine"
     assert train(sft, pairs, tmp_path / "fresh", "--batch_size", "16", "--resume") == 2  # nothing to resume
     assert not (tmp_path / "fresh").exists()

@@ -7,9 +7,10 @@ around it is returned).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
@@ -84,6 +85,21 @@ def _get_peft_model(model: nn.Module, config: LoraConfig) -> nn.Module:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         return get_peft_model(model, config)
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: PeftModel) -> Iterator[None]:
+    """peft's ``model.disable_adapter()`` (the base model's forward: the reference policy of a LoRA policy), with
+    every parameter's ``requires_grad`` as it was before. On exit peft marks every adapter weight of the active
+    adapter trainable again, also those that `freeze_lower_layers` froze; they would then get gradients, count in
+    the clipped gradient norm and be written to checkpoints without being in the optimizer."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        with model.disable_adapter():
+            yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 def merge_lora_for_save(model: nn.Module, inplace: bool = False) -> nn.Module:

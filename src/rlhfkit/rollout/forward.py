@@ -292,7 +292,8 @@ def policy_forward(
     """Log-probs (and optionally entropy, logits) of the response tokens under a causal LM.
 
     ``model`` is any transformers causal LM, optionally wrapped by peft (call it inside
-    ``model.disable_adapter()`` for the reference policy). Gradients flow iff the caller has grad enabled.
+    `models.adapters.adapters_disabled(model)` for the reference policy). Gradients flow iff the caller has grad
+    enabled.
     ``temperature`` must be the sampling temperature (see :mod:`rlhfkit.core.logprobs`). ``autocast_dtype``
     (e.g. ``torch.bfloat16``) runs the model under ``torch.autocast`` on its device type; log-probs and entropy
     are always computed in float32. ``trunk`` (`trunk_forward` of this batch): run only the decoder's blocks above

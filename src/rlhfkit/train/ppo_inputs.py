@@ -27,6 +27,7 @@ import torch
 from rlhfkit.data.prompts import Prompt, load_prompts
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.models.loading import load_causal_lm, load_tokenizer
+from rlhfkit.train.inputs import given_once
 from rlhfkit.train.ppo_config import PPOConfig
 
 RewardFn = Callable[[list[str], list[str]], Any]
@@ -34,15 +35,6 @@ RewardFn = Callable[[list[str], list[str]], Any]
 
 def _is_path(value: Any) -> bool:
     return isinstance(value, (str, os.PathLike))
-
-
-def given_once(name: str, config_value: Any, argument: Any, hint: str) -> None:
-    """``name`` comes either from the config or from the trainer's argument: both, or neither, is an error."""
-    if config_value and argument is not None:
-        raise RlhfkitError(f"{name} is given twice: PPOConfig.{name}={config_value!r} and PPOTrainer({name}=...); "
-                           "give it once")
-    if not config_value and argument is None:
-        raise RlhfkitError(f"{name} is required: {hint}")
 
 
 @dataclass
@@ -99,10 +91,11 @@ def resolve_inputs(cfg: PPOConfig, policy: Any = None, tokenizer: Any = None, pr
                    reward_fn: RewardFn | None = None, reward_fn_weight: float = 1.0) -> PPOInputs:
     """Check and resolve the run's inputs (see the module docstring)."""
     given_once("policy", cfg.policy, policy,
-               "set PPOConfig.policy (CLI --policy) or pass PPOTrainer(policy=...), a path or a causal-LM object")
+               "set PPOConfig.policy (CLI --policy) or pass PPOTrainer(policy=...), a path or a causal-LM object",
+               "PPOConfig", "PPOTrainer")
     given_once("prompts", cfg.prompts, prompts,
                "set PPOConfig.prompts (CLI --prompts) or pass PPOTrainer(prompts=...), a path, a list of texts or "
-               "dicts, or a datasets.Dataset")
+               "dicts, or a datasets.Dataset", "PPOConfig", "PPOTrainer")
     inputs = PPOInputs(cfg)
     if _is_path(policy):
         cfg = replace(cfg, policy=str(policy))

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -118,26 +117,10 @@ def _length_setting(config: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Output folder
+# Output folder (`train.output`)
 # ----------------------------------------------------------------------------------------------------------
-RUN_FILES = ("metrics.jsonl", "samples.jsonl", "value_head.safetensors")
-RUN_DIRS = ("checkpoints", "tensorboard", "policy", "critic")
-
-
-def check_fresh_output(output: Path, overwrite: bool) -> list[str]:
-    """Refuse to mix a new run into a previous one; returns the previous run's files (``overwrite`` replaces them)."""
-    existing = [name for name in RUN_FILES + RUN_DIRS if (output / name).exists()]
-    if existing and not overwrite:
-        raise RlhfkitError(f"{output} already holds a run ({', '.join(existing)}); pass --resume to continue it, "
-                           f"--overwrite to replace it, or choose another --output")
-    return existing
-
-
-def prepare_fresh_output(output: Path, overwrite: bool) -> None:
-    """`check_fresh_output`, then remove the previous run's files."""
-    for name in check_fresh_output(output, overwrite):
-        target = output / name
-        shutil.rmtree(target) if target.is_dir() else target.unlink()
+RUN_ENTRIES = ("metrics.jsonl", "samples.jsonl", "value_head.safetensors", "checkpoints", "tensorboard", "policy",
+               "critic")  # what a PPO run writes under --output (besides config.yaml)
 
 
 def truncate_jsonl(path: Path, last_step: int) -> None:

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import logging
 import time
@@ -56,7 +57,7 @@ from rlhfkit.core.rewards import (RunningMoments, ShapedRewards, clip_scores, mi
 from rlhfkit.data.prompts import load_references
 from rlhfkit.data.tokenize import left_pad, tokenize_prompts
 from rlhfkit.errors import RlhfkitError
-from rlhfkit.models.adapters import apply_lora, freeze_lower_layers
+from rlhfkit.models.adapters import adapters_disabled, apply_lora, freeze_lower_layers
 from rlhfkit.models.loading import ensure_pad_token, hf_folder
 from rlhfkit.models.reward import critic_problem, is_reward_model_folder, load_critic
 from rlhfkit.models.value_head import ValueHead
@@ -68,6 +69,8 @@ from rlhfkit.train.checkpoint import (check_format, checkpoint_step, checkpoint_
                                       require_latest_checkpoint, save_checkpoint)
 from rlhfkit.train.engine.optim import ModuleGroup, build_optimizer, build_scheduler, module_lr
 from rlhfkit.train.engine.processes import Processes
+from rlhfkit.train.inputs import check_callbacks
+from rlhfkit.train.output import check_fresh_output, prepare_fresh_output
 from rlhfkit.train.ppo_advantages import estimate_advantages
 from rlhfkit.train.ppo_config import PPOConfig
 from rlhfkit.train.ppo_inputs import RewardFn, resolve_inputs
@@ -129,47 +132,72 @@ class PPOTrainer:
     def __init__(self, config: PPOConfig, dist: Processes | None = None, *, policy: Any = None, tokenizer: Any = None,
                  prompts: Any = None, reward_fn: RewardFn | None = None, reward_fn_weight: float = 1.0,
                  callbacks: Sequence[Callable[[int, dict[str, float]], Any]] = ()) -> None:
+        # 1. inputs, each given once (the config's path or a Python object); the processes
         self.inputs = resolve_inputs(config, policy, tokenizer, prompts, reward_fn, reward_fn_weight)
-        cfg = self.inputs.cfg
-        self.callbacks = list(callbacks)
-        for callback in self.callbacks:
-            if not callable(callback):
-                raise RlhfkitError(f"callbacks must be callables callback(step, metrics), got "
-                                   f"{type(callback).__name__}")
-        self.cfg = cfg
+        self.cfg = cfg = self.inputs.cfg
+        self.callbacks = check_callbacks(callbacks)
         self.dist = dist or Processes.start("ppo")
-        self.output = Path(cfg.output)
-        self.device = self.dist.device
+        self.output, self.device = Path(cfg.output), self.dist.device
         self.autocast_dtype = torch.bfloat16 if cfg.bf16 else None
         if self.dist.is_main:
             warn_if_slow_bf16(cfg.bf16, self.device, "ppo --bf16")
         self.num_iterations = cfg.num_iterations
-        world = self.dist.world_size
-        # rollout_batch_size counts prompts: each process takes whole prompts, so whole groups of k responses
-        k = cfg.samples_per_prompt
+        # 2. the rollout batch's shape on this process (whole prompts, minibatches)
+        self.local_prompts, self.local_batch_size = self._local_batch_shape()
+        set_seed(cfg.seed)  # LoRA weights (a new value head starts at zero: no random draw)
+        # 3. tokenizer and prompts (the rows left after tokenising)
+        self.tokenizer = ensure_pad_token(self.inputs.load_tokenizer())
+        kept_rows = self._load_prompts()
+        # 4. models: policy and reference, critic; the frozen lower blocks run once per rollout (`ppo_trunk`)
+        self._build_policy_and_reference()
+        self.critic = self._build_critic()
+        self.trunks = TrunkSharing(cfg.reuse_frozen_trunk, cfg.freeze_layers, cfg.critic_freeze_layers)
+        # 5. reward sources, monitors, the prompts' reference responses (for ranker sources)
+        self._load_rewards(kept_rows)
+        # 6. sampling and update settings; the rollout engine
+        self.generation = self._generation_config()
+        self.update_settings = self._update_settings()
+        self.engine = self._rollout_engine()
+        # 7. optimizers and schedules, the KL controller, running score moments, prompt order and random streams
+        self._build_optimizers()
+        self._init_run_state()
+        self.logger: MetricsLogger | None = None
+        self.inputs.close()
+
+    # -- construction helpers ----------------------------------------------------------------------------
+    def _local_batch_shape(self) -> tuple[int, int]:
+        """(prompts, responses) of this process per rollout: ``rollout_batch_size`` counts prompts and each process
+        takes whole prompts (whole groups of k responses); its responses split into ``num_minibatches``."""
+        cfg, world, k = self.cfg, self.dist.world_size, self.cfg.samples_per_prompt
         if cfg.rollout_batch_size % world:
             raise RlhfkitError(f"rollout_batch_size ({cfg.rollout_batch_size} prompts) must be a multiple of the number "
                                f"of processes ({world}): each process holds the k={k} responses of whole prompts")
-        self.local_prompts = cfg.rollout_batch_size // world
-        self.local_batch_size = self.local_prompts * k  # rows (responses) of this process
-        if self.local_batch_size % cfg.num_minibatches:
-            raise RlhfkitError(f"each process holds {self.local_prompts} prompts × samples_per_prompt {k} = "
-                               f"{self.local_batch_size} responses, not divisible by num_minibatches "
+        local_prompts = cfg.rollout_batch_size // world
+        local_batch_size = local_prompts * k  # rows (responses) of this process
+        if local_batch_size % cfg.num_minibatches:
+            raise RlhfkitError(f"each process holds {local_prompts} prompts × samples_per_prompt {k} = "
+                               f"{local_batch_size} responses, not divisible by num_minibatches "
                                f"({cfg.num_minibatches}); change rollout_batch_size or num_minibatches")
-        set_seed(cfg.seed)  # LoRA weights (a new value head starts at zero: no random draw)
+        return local_prompts, local_batch_size
 
-        # data
-        self.tokenizer = ensure_pad_token(self.inputs.load_tokenizer())
+    def _load_prompts(self) -> list[int]:
+        """``prompt_ids`` and ``prompts``: the validated prompts that survive tokenising (``overlong``); returns the
+        kept rows (1-based), by which the references are matched."""
         prompts = self.inputs.load_prompts()
         source = self.inputs.prompt_source
-        self.prompt_ids, report = tokenize_prompts(self.tokenizer, prompts, cfg.max_prompt_length, cfg.overlong,
-                                                   source=source)
+        self.prompt_ids, report = tokenize_prompts(self.tokenizer, prompts, self.cfg.max_prompt_length,
+                                                   self.cfg.overlong, source=source)
         dropped = set(report.dropped_rows)
-        self.prompts = [p for row, p in enumerate(prompts, start=1) if row not in dropped]
+        kept = [row for row in range(1, len(prompts) + 1) if row not in dropped]
+        self.prompts = [prompts[row - 1] for row in kept]
         if not self.prompt_ids:
             raise RlhfkitError(f"{source}: no prompt is left after tokenising ({report.describe()})")
+        return kept
 
-        # models: policy, reference, critic, reward
+    def _build_policy_and_reference(self) -> None:
+        """The policy (LoRA adapters, frozen lower blocks) and the reference: a frozen copy, or with LoRA the same
+        weights with the adapters off (`models.adapters.adapters_disabled`, ``reference_context``)."""
+        cfg = self.cfg
         separate_critic = not cfg.critic_free and cfg.critic != "shared"
         self.policy = self.inputs.load_policy(needs_folder=separate_critic).to(self.device)
         self.reference_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
@@ -177,57 +205,70 @@ class PPOTrainer:
             self.policy = apply_lora(self.policy, r=cfg.lora_r, alpha=cfg.lora_alpha,
                                      target_modules=cfg.lora_target_modules)
             self.reference = self.policy  # the same weights with the adapters disabled
-            self.reference_context = self.policy.disable_adapter
+            self.reference_context = functools.partial(adapters_disabled, self.policy)  # (frozen flags kept)
         else:
             self.reference = copy.deepcopy(self.policy).requires_grad_(False)
         if cfg.freeze_layers:
             freeze_lower_layers(self.policy, cfg.freeze_layers)
         self.policy.eval()
+
+    def _build_critic(self) -> torch.nn.Module | None:
+        """The critic: None for a critic-free estimator; ``critic=shared`` a zero value head on the policy's trunk
+        (no random draw); else a model of its own from `_critic_source` (its lower blocks frozen)."""
+        cfg = self.cfg
         self.shared_critic = cfg.critic == "shared" and not cfg.critic_free
-        self.critic: torch.nn.Module | None = None  # a critic-free estimator: no critic at all
         if cfg.critic_free:
-            pass
-        elif self.shared_critic:  # a zero value head on the policy's trunk (no random draw)
-            self.critic = ValueHead.for_model(self.policy).eval()
-        else:
-            self.critic = load_critic(self._critic_source(), tokenizer=self.tokenizer).to(self.device).eval()
-            self.critic.requires_grad_(True)
-            if cfg.critic_freeze_layers:
-                freeze_lower_layers(self.critic, cfg.critic_freeze_layers)
-        # the frozen lower blocks run once per rollout (step 3), planned from the models at each rollout
-        self.trunks = TrunkSharing(cfg.reuse_frozen_trunk, cfg.freeze_layers, cfg.critic_freeze_layers)
-        # score_norm=reference: each reward model applies its stored statistics before the combination (an
-        # error here for a source without them)
+            return None
+        if self.shared_critic:
+            return ValueHead.for_model(self.policy).eval()
+        critic = load_critic(self._critic_source(), tokenizer=self.tokenizer).to(self.device).eval()
+        critic.requires_grad_(True)
+        if cfg.critic_freeze_layers:
+            freeze_lower_layers(critic, cfg.critic_freeze_layers)
+        return critic
+
+    def _load_rewards(self, kept_rows: list[int]) -> None:
+        """``reward`` (the weighted sources; with ``score_norm=reference`` each reward model applies its stored
+        statistics before the combination, an error for a source without them), ``monitors`` and, when a ranker
+        source compares each response with its prompt's reference response, ``references`` (else None)."""
+        cfg = self.cfg
         self.reward = load_reward(self.inputs.rewards, self.inputs.reward_weights, self.tokenizer, device=self.device,
                                   normalize=cfg.score_norm == "reference")
         self.monitors = {monitor_name(spec): load_reward([spec], None, self.tokenizer, device=self.device)
                          for spec in cfg.monitor_rewards}
-        # a ranker reward compares each response with its prompt's reference response (the 'reference' field)
         self.references: list[str] | None = None
         if any(needs_references(s) for s in (self.reward, *self.monitors.values())):
             references = load_references(self.inputs.prompts if self.inputs.prompts is not None else cfg.prompts)
-            self.references = [r for row, r in enumerate(references, start=1) if row not in dropped]
+            self.references = [references[row - 1] for row in kept_rows]
 
-        eos = self.tokenizer.eos_token_id
+    def _generation_config(self) -> GenerationConfig:
+        """Sampling settings; the stop tokens are EOS then ``stop_token_ids``."""
+        cfg, eos = self.cfg, self.tokenizer.eos_token_id
         stops = ([eos] if eos is not None else []) + [t for t in cfg.stop_token_ids if t != eos]
-        self.generation = GenerationConfig(
+        return GenerationConfig(
             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None,
             top_p=cfg.top_p, stop_token_ids=tuple(stops), stop_strings=tuple(cfg.stop_strings),
             pad_token_id=self.tokenizer.pad_token_id)
-        self.update_settings = UpdateSettings(
+
+    def _update_settings(self) -> UpdateSettings:
+        """The update's settings (`ppo_update`); ``--packing on`` refuses a policy that cannot be packed."""
+        cfg = self.cfg
+        problem = packing_problem(self.policy) if cfg.packing == "on" else None
+        if problem is not None:
+            raise RlhfkitError(f"--packing on: the policy {cfg.policy} cannot be packed padding-free: {problem}; use "
+                               f"--packing auto or off")
+        return UpdateSettings(
             clip_range=cfg.clip_range, clip_range_value=cfg.clip_range_value, vf_coef=cfg.vf_coef,
             entropy_coef=cfg.entropy_coef, temperature=cfg.temperature, micro_batch_size=cfg.micro_batch_size,
             max_grad_norm=cfg.max_grad_norm, target_kl=cfg.target_kl, autocast_dtype=self.autocast_dtype,
             clip_range_low=cfg.clip_range_low, clip_range_high=cfg.clip_range_high,
             dual_clip=cfg.dual_clip or None, loss_aggregation=cfg.loss_aggregation, max_length=cfg.max_new_tokens,
             packing=cfg.packing != "off")
-        problem = packing_problem(self.policy) if cfg.packing == "on" else None
-        if problem is not None:
-            raise RlhfkitError(f"--packing on: the policy {cfg.policy} cannot be packed padding-free: {problem}; use "
-                               f"--packing auto or off")
-        self.engine = self._rollout_engine()
 
-        # optimisation state (critic=shared: one optimizer and schedule, the value head its second param group)
+    def _build_optimizers(self) -> None:
+        """Optimizers and schedules of policy and critic (``critic=shared`` or no critic: one optimizer and
+        schedule, the value head its second param group; ``critic_optimizer`` / ``critic_scheduler`` None)."""
+        cfg = self.cfg
         self.critic_optimizer: torch.optim.Optimizer | None = None
         self.critic_scheduler: Any = None
         policy_group = ModuleGroup("policy", self.policy, cfg.learning_rate)
@@ -240,19 +281,19 @@ class PPOTrainer:
             self.critic_optimizer = build_optimizer([critic_group], cfg.weight_decay)
             self.critic_scheduler = self._scheduler(self.critic_optimizer)
         self.policy_scheduler = self._scheduler(self.policy_optimizer)
+
+    def _init_run_state(self) -> None:
+        """The state a checkpoint restores besides weights and optimizers: the KL controller, the running score
+        moments, the prompt sampler, this process's sampling and shuffling generators."""
+        cfg, rank = self.cfg, self.dist.rank
         try:
             self.kl_controller = make_kl_controller(cfg.kl_coef, cfg.adaptive_kl, cfg.kl_target, cfg.kl_horizon)
         except ValueError as e:
             raise RlhfkitError(str(e)) from None
         self.running_scores = RunningMoments()
         self.sampler = ppo_state.PromptSampler(len(self.prompt_ids), cfg.seed)
-        rank = self.dist.rank
         self.sampling_generator = ppo_state.make_generator(ppo_state.stream_seed(cfg.seed, "sampling", rank))
         self.shuffle_generator = ppo_state.make_generator(ppo_state.stream_seed(cfg.seed, "shuffle", rank))
-        self.logger: MetricsLogger | None = None
-        self.inputs.close()
-
-    # -- construction helpers ----------------------------------------------------------------------------
     def _critic_source(self) -> str:
         """The folder the critic starts from: the first reward model (``reward``; ``auto`` when it is a model
         folder that can read the policy's token ids, see `models.reward.critic_problem`) or the policy. ``auto``
@@ -574,7 +615,7 @@ class PPOTrainer:
             if last != checkpoint_step(ckpt):
                 raise RlhfkitError(f"{ckpt}: its trainer_state.json names iteration {last}")
         elif dist.is_main:
-            ppo_state.prepare_fresh_output(self.output, cfg.overwrite)
+            prepare_fresh_output(self.output, ppo_state.RUN_ENTRIES, cfg.overwrite)
         dist.barrier()
         if dist.is_main:
             self.output.mkdir(parents=True, exist_ok=True)
@@ -608,7 +649,7 @@ class PPOTrainer:
         it was."""
         cfg, pending = self.cfg, None
         if not cfg.resume:
-            ppo_state.check_fresh_output(self.output, self.cfg.overwrite)  # read-only: every process checks
+            check_fresh_output(self.output, ppo_state.RUN_ENTRIES, cfg.overwrite)  # read-only: every process checks
             pending = self.iteration(1)
         first = self.open_output()
         results = []

@@ -1,7 +1,8 @@
 """``rlhfkit rm train``: train a reward model (or a PairRM / seq2seq ranker) on preference or pointwise data.
 
-`RewardTrainer` holds the run; its construction runs steps 1-4 (writing nothing), `RewardTrainer.step` is one
-optimizer step (5-6), `RewardTrainer.train` the loop and step 7:
+`RewardTrainer` holds the run (the command's `run` and the Python API build the same class; the API passes model,
+tokenizer, data and callbacks as objects, each given once); its construction runs steps 1-4 (writing nothing),
+`RewardTrainer.step` is one optimizer step (5-6), `RewardTrainer.train` the loop and step 7:
 
 1. load and validate the data (every error before any training; the over-long report is printed), split off the
    held-out set, tokenise;
@@ -32,7 +33,7 @@ import shutil
 import tempfile
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -64,6 +65,8 @@ from rlhfkit.train.checkpoint import (check_format, check_resume_settings, check
 from rlhfkit.train.engine.optim import ModuleGroup, build_optimizer, build_scheduler, trainable_parameters
 from rlhfkit.train.engine.processes import Processes
 from rlhfkit.train.engine.stats import NamedSums
+from rlhfkit.train.inputs import Callback, check_callbacks, given_once
+from rlhfkit.train.output import check_fresh_output, prepare_fresh_output
 from rlhfkit.train.rm_config import RANKER_KINDS, RMTrainConfig
 from rlhfkit.train.rm_eval import (
     collate_pair_items,
@@ -83,7 +86,7 @@ CONFIG = RMTrainConfig
 ENCODER_MODEL_TYPES = {"bert", "roberta", "deberta", "deberta-v2", "electra", "distilbert", "xlm-roberta",
                        "modernbert", "albert", "mpnet"}
 RESUMABLE_CHANGES = {"resume", "overwrite", "save_steps", "keep_checkpoints"}
-RUN_FILES = ("config.yaml", "metrics.jsonl", "rlhfkit.json", "checkpoints")
+RUN_ENTRIES = ("config.yaml", "metrics.jsonl", "rlhfkit.json", "checkpoints", "tensorboard", "eval_results.json")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -194,14 +197,10 @@ def _check_targets(examples: Sequence[Any], cfg: RMTrainConfig, source: str) -> 
 def data_sources(cfg: RMTrainConfig, data: Any = None, eval_data: Any = None) -> tuple[Any, Any]:
     """The training and held-out data: the config's paths, or in-memory rows (a list of dicts or a
     ``datasets.Dataset``, the Python API's `RewardTrainer`) given instead; each at most once."""
-    for name, given in (("data", data), ("eval_data", eval_data)):
-        if given is not None and getattr(cfg, name) is not None:
-            raise RlhfkitError(f"{name} is given twice, as RMTrainConfig.{name}={getattr(cfg, name)!r} and as an "
-                               f"argument; give it once")
-    train = data if data is not None else cfg.data
-    if train is None:
-        raise RlhfkitError("data is required (RMTrainConfig.data, --data, or RewardTrainer(data=...))")
-    return train, eval_data if eval_data is not None else (cfg.eval_data or None)
+    given_once("data", cfg.data, data, "set RMTrainConfig.data (CLI --data) or pass RewardTrainer(data=...), a path, "
+               "a list of dicts or a datasets.Dataset", "RMTrainConfig", "RewardTrainer")
+    given_once("eval_data", cfg.eval_data, eval_data, None, "RMTrainConfig", "RewardTrainer")
+    return (data if data is not None else cfg.data), (eval_data if eval_data is not None else (cfg.eval_data or None))
 
 
 def source_label(source: Any, name: str) -> Any:
@@ -332,20 +331,15 @@ def build_model(cfg: RMTrainConfig, kind: str, tokenizer: Any) -> torch.nn.Modul
 # Output folder, checkpoints, final save
 # ----------------------------------------------------------------------------------------------------------
 def check_output(cfg: RMTrainConfig) -> Path | None:
-    """Refuse to mix runs: an existing non-empty folder needs --resume (same config) or --overwrite."""
+    """The checkpoint to resume from (``--resume``: checked against the config), or None for a fresh run, whose
+    folder `train.output.check_fresh_output` checks (the run owns the folder: the model is published into it)."""
     out = Path(cfg.output)
     if cfg.resume:
         ckpt = require_latest_checkpoint(out)
         check_format(ckpt)
         check_resume_settings(cfg, ckpt, RESUMABLE_CHANGES)
         return ckpt
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not cfg.overwrite:
-            raise RlhfkitError(f"output folder {out} already exists and is not empty; pass --resume to continue its "
-                               f"run, --overwrite to replace it, or choose another folder")
-        if not out.is_dir() or not any((out / name).exists() for name in RUN_FILES):
-            raise RlhfkitError(f"--overwrite: {out} does not look like an rlhfkit run folder (none of {RUN_FILES}); "
-                               f"refusing to delete it")
+    check_fresh_output(out, RUN_ENTRIES, cfg.overwrite, owns_folder=True)
     return None
 
 
@@ -441,25 +435,71 @@ def backward_global_batch(model: Any, objective: Any, micro_batches: Sequence[Se
     return sums
 
 
+def model_source(cfg: RMTrainConfig, model: Any, tokenizer: Any) -> tuple[RMTrainConfig, Any]:
+    """The backbone, given once: the config's path, or `RewardTrainer`'s ``model`` argument, a path (which then
+    fills the config) or a transformers model object with its ``tokenizer`` (returned second: the caller saves it
+    into a temporary folder and builds from there as from a path; None for a path)."""
+    given_once("model", cfg.model, model, "set RMTrainConfig.model (CLI --model) or pass RewardTrainer(model=...), "
+               "a path or a model object with its tokenizer", "RMTrainConfig", "RewardTrainer")
+    if model is None or isinstance(model, (str, os.PathLike)):
+        if tokenizer is not None:
+            raise RlhfkitError("tokenizer goes with a model object; a model path brings its own tokenizer")
+        return (cfg if model is None else replace(cfg, model=str(model))), None
+    if not hasattr(model, "save_pretrained"):
+        raise RlhfkitError(f"model must be a path or a transformers model, got {type(model).__name__}")
+    if tokenizer is None:
+        raise RlhfkitError("a model object needs its tokenizer: pass RewardTrainer(model=model, tokenizer=tokenizer)")
+    if cfg.resume:
+        raise RlhfkitError("resume needs the model as a path (a model object is saved to a new temporary folder by "
+                           "each run); pass RMTrainConfig.model")
+    return cfg, model
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The run
 # ----------------------------------------------------------------------------------------------------------
 class RewardTrainer:
     """The models, optimizer and state of an ``rm train`` run; `train` runs it, `step` runs one optimizer step.
 
+    The Python API (``from rlhfkit import RewardTrainer``; docs/api.md) and the command's layer (`run`) both build
+    this class. ``config``: an `RMTrainConfig` (every knob of ``rlhfkit rm train``); its ``model``, ``data`` and
+    ``eval_data`` may be left out of it and given here instead, each exactly once (`train.inputs.given_once`):
+
+    * ``model``: a path, or a transformers model object (the backbone, e.g. an ``AutoModelForCausalLM``) with its
+      ``tokenizer``: its weights are saved into a temporary folder during construction, from which the reward
+      model is built as from a path (the object itself is not modified; the run's ``config.yaml`` names that
+      folder, and ``resume`` needs a path);
+    * ``data`` / ``eval_data``: a path, a list of dicts or a ``datasets.Dataset`` (each row validated like a file's
+      row; errors name ``data, row N, field '...'`` and nothing is written);
+    * ``callbacks``: each called as ``callback(step, metrics)`` with every logged metrics row (``rm/*``,
+      ``eval/*``, ...); one that raises stops the run with an `RlhfkitError` naming it.
+
     Construction runs steps 1-4 (and, with ``--resume``, restores the latest checkpoint) and writes nothing, so a
     bad input fails before the output folder is touched.
     """
 
-    def __init__(self, cfg: RMTrainConfig, procs: Processes | None = None, data: Any = None, eval_data: Any = None,
-                 callbacks: Sequence[Any] = ()) -> None:
+    def __init__(self, config: RMTrainConfig, procs: Processes | None = None, *, model: Any = None,
+                 tokenizer: Any = None, data: Any = None, eval_data: Any = None,
+                 callbacks: Sequence[Callback] = ()) -> None:
+        if not isinstance(config, RMTrainConfig):
+            raise RlhfkitError(f"config must be an RMTrainConfig, got {type(config).__name__}")
+        # every input given once, before the processes and the output folder
+        cfg, model_object = model_source(config, model, tokenizer)
+        self.train_source = source_label(data_sources(cfg, data, eval_data)[0], "data")  # what errors call it
+        self.callbacks = check_callbacks(callbacks)
+        if model_object is None:
+            self._build(cfg, procs, data, eval_data)
+            return
+        with tempfile.TemporaryDirectory(prefix="rlhfkit-model-") as folder:
+            model_object.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+            self._build(replace(cfg, model=folder), procs, data, eval_data)
+
+    def _build(self, cfg: RMTrainConfig, procs: Processes | None, data: Any, eval_data: Any) -> None:
+        """Steps 1-4 from the resolved config (``cfg.model`` a path)."""
         from rlhfkit.models.loading import load_tokenizer
 
-        if cfg.model is None:
-            raise RlhfkitError("model is required (RMTrainConfig.model, --model, or RewardTrainer(model=...))")
-        # given once each, before the processes and the output folder; what errors call the training data
-        self.train_source = train_source = source_label(data_sources(cfg, data, eval_data)[0], "data")
-        self.callbacks = list(callbacks)
+        train_source = self.train_source
         self.cfg = cfg
         self.procs = procs = procs or Processes.start("rm train")
         if procs.is_main:
@@ -606,8 +646,8 @@ class RewardTrainer:
         """The run folder, written only now that every check passed: config.yaml and the metrics log."""
         cfg, procs = self.cfg, self.procs
         if procs.is_main:
-            if cfg.overwrite and not cfg.resume and self.output.exists():
-                shutil.rmtree(self.output)
+            if not cfg.resume:
+                prepare_fresh_output(self.output, RUN_ENTRIES, cfg.overwrite, owns_folder=True)
             self.output.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.output / "config.yaml")
         procs.barrier()
@@ -647,8 +687,7 @@ class RewardTrainer:
         return self.eval_metrics
 
 
-def run(cfg: RMTrainConfig, data: Any = None, eval_data: Any = None,
-        callbacks: Sequence[Any] = ()) -> dict[str, float]:
-    """The ``rlhfkit rm train`` command (see the module docstring for the steps); returns the last held-out metrics
-    (empty without). ``data`` / ``eval_data`` / ``callbacks``: as `RewardTrainer` takes them (the Python API)."""
-    return RewardTrainer(cfg, data=data, eval_data=eval_data, callbacks=callbacks).train()
+def run(cfg: RMTrainConfig) -> dict[str, float]:
+    """The ``rlhfkit rm train`` command (see the module docstring for the steps): `RewardTrainer` on the config;
+    returns the last held-out metrics (empty without)."""
+    return RewardTrainer(cfg).train()
