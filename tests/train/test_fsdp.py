@@ -163,7 +163,14 @@ def test_ppo_under_fsdp_samples_checkpoints_and_resumes_as_data_parallel(tmp_pat
     assert (fsdp / "checkpoints" / "step-00000002" / "sharded").is_dir()
     for model in ("policy", "critic"):
         _assert_equal(read_weights(fsdp / model), read_weights(dp / model))
-    assert _rows(fsdp) == _rows(dp)
+    # every metric but the logged gradient norms (means over the minibatches of norms summed shard by shard: the
+    # relative rounding of test_rm_train_under_fsdp_..., N = all parameters of the model, an upper bound)
+    for a, b in zip(_rows(fsdp), _rows(dp), strict=True):
+        for key, model in (("policy/grad_norm", "policy"), ("val/grad_norm", "critic")):
+            n = sum(v.numel() for v in read_weights(dp / model).values())
+            norm_a, norm_b = a.pop(key), b.pop(key)
+            assert_within(norm_a, norm_b, (math.ceil(math.log2(n)) + 2) * EPS32 * norm_b, key)
+        assert a == b
     assert (fsdp / "samples.jsonl").read_text() == (dp / "samples.jsonl").read_text()
     final, rows = {m: read_weights(fsdp / m) for m in ("policy", "critic")}, _rows(fsdp)
     _crash_after(fsdp, 1, ("policy", "critic"))
