@@ -214,7 +214,7 @@ class PPOConfig:
         "critic: freeze its embeddings and lowest N transformer blocks (its head and upper blocks train)"))
     fsdp: bool = field(default=False, metadata=_help(
         "shard the policy and the critic (weights, gradients, optimizer state) over the processes with torch FSDP2 "
-        "(fully_shard per transformer block, then the root); the reference and reward models stay replicated; "
+        "(fully_shard per transformer block and per other module with weights; several processes); the reference and reward models stay replicated; "
         "checkpoints become sharded (torch.distributed.checkpoint); the sampler runs on the gathered weights; "
         "no frozen-trunk reuse"))
     reuse_frozen_trunk: bool = field(default=True, metadata=_help(
