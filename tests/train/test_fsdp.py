@@ -59,6 +59,13 @@ def _assert_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> Non
         assert torch.equal(a[k], b[k]), k
 
 
+def _norm_tolerance(n: int, norm: float) -> float:
+    """How far two float32 evaluations of a gradient norm over ``n`` parameters may differ: Σ g² of n non-negative
+    squares in two orders (FSDP2 sums shard by shard), each within log2(n) levels of pairwise rounding (u each, so
+    log2(n)·eps for the two; no cancellation: the terms are all ≥ 0), plus the squaring and the root."""
+    return (math.ceil(math.log2(n)) + 2) * EPS32 * norm
+
+
 def _crash_after(output: Path, step: int, final: tuple[str, ...]) -> None:
     """Make ``output`` look like a run killed right after checkpoint ``step``: later checkpoints and the final
     model gone, ``latest`` naming ``step``."""
@@ -91,13 +98,12 @@ def test_rm_train_under_fsdp_equals_ddp_and_one_process_and_resumes_exactly(tmp_
     # FSDP2 = DDP bit for bit: the published (full, process 0) model and every metric of every step
     final = read_weights(fsdp)
     _assert_equal(final, read_weights(ddp))
-    # every metric but the logged norm, which FSDP2 sums shard by shard: Σ g² of N non-negative float32 squares in
-    # two orders, each within log2(N) levels of pairwise rounding (u each), plus the square and the root
+    # every metric but the logged norm, which FSDP2 sums shard by shard (`_norm_tolerance`)
     n = sum(v.numel() for v in final.values())
     for a, b in zip(_rows(fsdp), _rows(ddp), strict=True):
         norm_a, norm_b = a.pop("train/grad_norm"), b.pop("train/grad_norm")
         assert a == b
-        assert_within(norm_a, norm_b, (math.ceil(math.log2(n)) + 2) * EPS32 * norm_b, "train/grad_norm")
+        assert_within(norm_a, norm_b, _norm_tolerance(n, norm_b), "train/grad_norm")
     # and the first step (from the initial model) = one process's, to the rounding of test_rm_multiproc
     tolerance = first_step_tolerances([*flags[2:], "--output", "-"])
     first_one, first_fsdp = _rows(one)[0], _rows(fsdp)[0]
@@ -118,27 +124,28 @@ def test_rm_train_under_fsdp_equals_ddp_and_one_process_and_resumes_exactly(tmp_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("lora", [False, True])
-def test_a_ppo_step_under_fsdp_equals_the_data_parallel_step(tmp_path, lora):
-    """One PPO step (fixed rollout, SGD, ``freeze_layers=1``: frozen embeddings and block 0, FSDP units of frozen
-    and trainable parameters side by side; ``lora``: LoRA adapters instead (frozen base weights and trainable
-    adapters in every block's unit), the reference = the adapters off) with the policy and
-    critic sharded equals the plain-module step whose gradients `sum_grads` all-reduces, bit for bit (module
-    docstring); the data-parallel step equals one process's to rounding (test_ppo_distributed)."""
+def test_a_lora_ppo_step_under_fsdp_equals_the_data_parallel_step(tmp_path):
+    """One PPO step (fixed rollout, SGD) of a LoRA policy (frozen base weights and trainable adapters in every
+    block's FSDP unit; the reference = the same sharded policy with its adapters off) and a critic, both sharded,
+    equals the plain-module step whose gradients `sum_grads` all-reduces, bit for bit (module docstring); the
+    data-parallel step equals one process's to rounding (test_ppo_distributed). ``freeze_layers`` (frozen and
+    trainable parameters side by side in the units) is covered by the next test."""
     from ppo_helpers import make_config
 
     make_config(tmp_path)  # sft/ and prompts.jsonl, before the processes start
-    suffix = "-lora" if lora else ""
     for mode in ("dp", "fsdp"):
-        _torchrun(str(SCRIPT), "ppo-step", str(tmp_path), str(tmp_path / mode), mode + suffix)
+        _torchrun(str(SCRIPT), "ppo-step", str(tmp_path), str(tmp_path / mode), mode + "-lora")
     for name in ("policy", "critic"):
         _assert_equal(load_file(str(tmp_path / "fsdp" / f"{name}.safetensors")),
                       load_file(str(tmp_path / "dp" / f"{name}.safetensors")))
     dp, fsdp = (json.loads((tmp_path / m / "stats.json").read_text()) for m in ("dp", "fsdp"))
-    assert fsdp == dp
     assert dp["update"]["loss/value"] > 0 and dp["update"]["policy/grad_norm"] > 0
-    if lora:
-        assert all("lora_" in k for k in load_file(str(tmp_path / "dp" / "policy.safetensors")))
+    for key, name in (("policy/grad_norm", "policy"), ("val/grad_norm", "critic")):  # summed shard by shard
+        n = sum(v.numel() for v in load_file(str(tmp_path / "dp" / f"{name}.safetensors")).values())
+        got, want = fsdp["update"].pop(key), dp["update"].pop(key)
+        assert_within(got, want, _norm_tolerance(n, want), key)
+    assert fsdp == dp
+    assert all("lora_" in k for k in load_file(str(tmp_path / "dp" / "policy.safetensors")))
 
 
 @pytest.mark.slow
@@ -163,13 +170,13 @@ def test_ppo_under_fsdp_samples_checkpoints_and_resumes_as_data_parallel(tmp_pat
     assert (fsdp / "checkpoints" / "step-00000002" / "sharded").is_dir()
     for model in ("policy", "critic"):
         _assert_equal(read_weights(fsdp / model), read_weights(dp / model))
-    # every metric but the logged gradient norms (means over the minibatches of norms summed shard by shard: the
-    # relative rounding of test_rm_train_under_fsdp_..., N = all parameters of the model, an upper bound)
+    # every metric but the logged gradient norms (means over the minibatches of norms summed shard by shard: a
+    # mean keeps `_norm_tolerance`'s relative bound; N = all parameters of the model, an upper bound)
     for a, b in zip(_rows(fsdp), _rows(dp), strict=True):
         for key, model in (("policy/grad_norm", "policy"), ("val/grad_norm", "critic")):
             n = sum(v.numel() for v in read_weights(dp / model).values())
             norm_a, norm_b = a.pop(key), b.pop(key)
-            assert_within(norm_a, norm_b, (math.ceil(math.log2(n)) + 2) * EPS32 * norm_b, key)
+            assert_within(norm_a, norm_b, _norm_tolerance(n, norm_b), key)
         assert a == b
     assert (fsdp / "samples.jsonl").read_text() == (dp / "samples.jsonl").read_text()
     final, rows = {m: read_weights(fsdp / m) for m in ("policy", "critic")}, _rows(fsdp)
