@@ -8,15 +8,19 @@ one call each on the FSDP2 module, while the plugin would need the Accelerator b
 optimizer prepared with the model.
 
 - `shard(model, procs, reduce)`: ``fully_shard`` per decoder layer (the classes named by the transformers models'
-  ``_no_split_modules``), then per other module with parameters of its own (`shard_groups`); every parameter (frozen or trainable: FSDP2 allows both in one unit) is
-  split along dim 0 over the processes (rank r holds rows ``r·⌈n/W⌉ …``; the last ranks may hold fewer or none).
-  ``reduce="mean"`` (rm train): the reduce-scatter averages the gradients (DDP's convention); ``"sum"`` (ppo).
-  The frozen reference and reward models stay replicated (plain modules, inference only).
+  ``_no_split_modules``) and per other module with parameters of its own (`shard_groups`: embeddings, norms,
+  heads; no root unit above them, because rlhfkit's forwards call a causal LM's decoder and head apart). Every
+  parameter (frozen or trainable: FSDP2 allows both in one unit) is split along dim 0 over the processes (rank r
+  holds rows ``r·⌈n/W⌉ …``, torch.chunk's split; the last ranks may hold fewer or none). ``reduce="mean"`` (rm
+  train): the reduce-scatter averages the gradients (DDP's convention); ``"sum"`` (ppo). The frozen reference and
+  reward models stay replicated (plain modules, inference only). A parameter-free copy of the model (meta device)
+  is kept for `full_copy`.
 - `is_sharded(module)`, `is_sharded_param(p)`: what `Processes.sum_grads` skips (FSDP2 already reduce-scattered).
 - `gathered(*modules)`: a context in which the sharded modules hold their full parameters (one all-gather per unit
   on entry, none in the forwards inside, resharded on exit): the sampler's many small forwards, whose number
-  differs between processes (each stops when its own rows have stopped), and the evaluation's uneven shards run
-  inside it. Memory: the full parameters, for the duration of the context.
+  differs between processes (each stops when its own rows have stopped), the evaluation's uneven shards and
+  ppo's no-grad passes (in inference mode, where FSDP2 cannot all-gather) run inside it. Memory: the full
+  parameters, for the duration of the context.
 - `gradient_sync(modules, enabled)`: DDP's ``no_sync`` for the gradient accumulation over micro-batches.
 - `clip_grad_norm_(params, max_norm)`: the global norm over sharded (DTensor) and replicated gradients together.
 - `full_copy(model, procs)` (collective): on process 0 a plain module with the full weights (for the final
