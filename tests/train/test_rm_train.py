@@ -22,7 +22,7 @@ from rlhfkit.data.pointwise import parse_pointwise
 from rlhfkit.data.preference import parse_preferences
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.models.reward import RewardModel
-from rlhfkit.train import reward_trainer
+from rlhfkit.train import checkpoint, reward_trainer
 from rlhfkit.train.rm_config import RMTrainConfig
 from rlhfkit.train.rm_eval import evaluate_reward_model, load_scoring_model, pad_id_of
 from rlhfkit.utils import read_jsonl
@@ -207,7 +207,7 @@ def test_resume_ends_exactly_like_an_uninterrupted_run(sft, pairs, tmp_path, mon
     full, cut = tmp_path / "full", tmp_path / "cut"
     assert train(sft, pairs, full, *common) == 0
 
-    real_save = reward_trainer.save_checkpoint
+    real_save = checkpoint.save_checkpoint  # what `save_training_checkpoint` publishes each checkpoint with
 
     def save_then_die(output, step, write, keep_last):
         path = real_save(output, step, write, keep_last)
@@ -215,11 +215,11 @@ def test_resume_ends_exactly_like_an_uninterrupted_run(sft, pairs, tmp_path, mon
             raise KeyboardInterrupt
         return path
 
-    monkeypatch.setattr(reward_trainer, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die)
     assert train(sft, pairs, cut, *common) == 130
     assert not (cut / "model.safetensors").exists()
     assert max(r["step"] for r in read_jsonl(cut / "metrics.jsonl")) == 15  # the last row before the crash
-    monkeypatch.setattr(reward_trainer, "save_checkpoint", real_save)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
     assert train(sft, pairs, cut, *common, "--resume") == 0
 
     assert metrics(cut) == metrics(full)

@@ -137,6 +137,10 @@ def trunk_decoder(model: nn.Module) -> nn.Module | None:
     every other model (peft: LoRA layers or a disabled adapter change what the blocks compute) ``policy_forward``
     and ``critic_forward`` take only the plain path.
     """
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule):  # --fsdp: blocks run outside the root's forward would miss its all-gather
+        return None
     if isinstance(model, RewardModel):
         plain = model.kind == "decoder" and unwrap_peft(model.model) is model.model
         decoder = model._backbone() if plain else None

@@ -234,24 +234,69 @@ def checkpoint_writer(procs: Any, step: int, *, command: str, models: dict[str, 
     from rlhfkit.config import config_to_dict
 
     rank_states = procs.gather_object(rank_state)
+    sharded = any_sharded(models)
 
     def write(folder: Path) -> None:
         for name, model in models.items():
-            save_weights(folder / f"{name}.safetensors", model)
+            if not sharded:  # sharded: the weights are in the DCP folder (`save_training_checkpoint`)
+                save_weights(folder / f"{name}.safetensors", model)
         save_state(folder / STATE_FILE, state)
         for rank, s in enumerate(rank_states):
             save_state(folder / rank_file(rank), s)
         (folder / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
-        write_info(folder, command=command, step=step, num_processes=procs.world_size)
+        write_info(folder, command=command, step=step, num_processes=procs.world_size, sharded=sharded)
 
     return write
 
 
+def any_sharded(models: dict[str, nn.Module]) -> bool:
+    from rlhfkit.train.engine.sharding import is_sharded
+
+    return any(is_sharded(m) for m in models.values())
+
+
+def save_training_checkpoint(procs: Any, output: Path | str, step: int, keep_last: int, *, command: str,
+                             models: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer | None],
+                             state: dict[str, Any], rank_state: dict[str, Any], config: Any) -> None:
+    """Collective: write checkpoint ``step`` of a trainer (`checkpoint_writer`'s layout) and publish it atomically.
+
+    With sharded models (``--fsdp``) the trainable weights of ``models`` and the states of ``optimizers`` go, by
+    parameter name, into the folder's ``sharded/`` DCP checkpoint (`engine.sharding.save_sharded`: every process
+    writes its shards into the temporary folder that process 0 created, then process 0 writes the rest and
+    renames it into place); ``state`` then holds `engine.sharding.OPTIMIZER_IN_DCP` for those optimizers."""
+    from rlhfkit.train.engine.sharding import DCP_FOLDER, save_sharded
+
+    write = checkpoint_writer(procs, step, command=command, models=models, state=state, rank_state=rank_state,
+                              config=config)
+    if not any_sharded(models):
+        if procs.is_main:
+            save_checkpoint(output, step, write, keep_last)
+        procs.barrier()
+        return
+    opts = {name: opt for name, opt in optimizers.items() if opt is not None}
+    if procs.is_main:
+        def write_all(folder: Path) -> None:
+            procs.gather_object(str(folder))  # the temporary folder's name, to every process
+            save_sharded(folder / DCP_FOLDER, models, opts)
+            procs.barrier()
+            write(folder)
+
+        save_checkpoint(output, step, write_all, keep_last)
+    else:
+        folder = Path(procs.gather_object(None)[0])
+        save_sharded(folder / DCP_FOLDER, models, opts)
+        procs.barrier()
+    procs.barrier()
+
+
 def read_training_checkpoint(procs: Any, ckpt: Path, command: str, models: dict[str, nn.Module],
-                             same_processes: bool = True) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """Load what `write_training_checkpoint` saved: the weights into ``models``; returns ``(info, state, this
-    process's rank state)``. ``same_processes``: refuse a checkpoint written by another number of processes (else
-    a process without a saved rank state takes process 0's)."""
+                             same_processes: bool = True,
+                             optimizers: dict[str, torch.optim.Optimizer | None] | None = None
+                             ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Load what `save_training_checkpoint` saved: the weights into ``models`` (sharded models: also the states of
+    ``optimizers``, from the DCP folder, collective); returns ``(info, state, this process's rank state)``.
+    ``same_processes``: refuse a checkpoint written by another number of processes (else a process without a saved
+    rank state takes process 0's)."""
     ckpt = Path(ckpt)
     info = check_format(ckpt)
     if info.get("command") != command:
@@ -260,8 +305,18 @@ def read_training_checkpoint(procs: Any, ckpt: Path, command: str, models: dict[
     if same_processes and saved_procs != procs.world_size:
         raise RlhfkitError(f"--resume: the checkpoint was written by {saved_procs} processes, this run has "
                            f"{procs.world_size}; resume with the same number of processes")
-    for name, model in models.items():
-        load_weights(ckpt / f"{name}.safetensors", model, name)
+    sharded = any_sharded(models)
+    if bool(info.get("sharded", False)) != sharded:
+        raise RlhfkitError(f"--resume: the checkpoint {ckpt} was written {'with' if info.get('sharded') else 'without'}"
+                           f" --fsdp (on several processes); resume it {'with' if info.get('sharded') else 'without'}"
+                           f" --fsdp and more than one process")
+    if sharded:  # weights and optimizer states by name, resharded to this run's processes
+        from rlhfkit.train.engine.sharding import DCP_FOLDER, load_sharded
+
+        load_sharded(ckpt / DCP_FOLDER, models, {k: v for k, v in (optimizers or {}).items() if v is not None})
+    else:
+        for name, model in models.items():
+            load_weights(ckpt / f"{name}.safetensors", model, name)
     state = load_state(ckpt / STATE_FILE)
     rank_state = load_state(ckpt / rank_file(procs.rank if procs.rank < saved_procs else 0))
     return info, state, rank_state

@@ -212,6 +212,11 @@ class PPOConfig:
         "pass then stops at block N (cheaper updates, a smaller trainable set)"))
     critic_freeze_layers: int = field(default=0, metadata=_help(
         "critic: freeze its embeddings and lowest N transformer blocks (its head and upper blocks train)"))
+    fsdp: bool = field(default=False, metadata=_help(
+        "shard the policy and the critic (weights, gradients, optimizer state) over the processes with torch FSDP2 "
+        "(fully_shard per transformer block and per other module with weights; several processes); the reference and reward models stay replicated; "
+        "checkpoints become sharded (torch.distributed.checkpoint); the sampler runs on the gathered weights; "
+        "no frozen-trunk reuse"))
     reuse_frozen_trunk: bool = field(default=True, metadata=_help(
         "with --freeze_layers / --critic_freeze_layers: compute the frozen embeddings and lower blocks once per "
         "rollout and run only the blocks above them for the old and reference log-probs, the values and every "

@@ -2,7 +2,8 @@
 weights, optimizers, schedulers, the KL controller and the running score statistics; plus the final save.
 
 Checkpoint folder (``OUTPUT/checkpoints/step-NNNNNNNN/``, the layout of
-`train.checkpoint.write_training_checkpoint`, published atomically):
+`train.checkpoint.save_training_checkpoint`, published atomically; with ``--fsdp`` the trainable weights and the
+optimizer states are in its ``sharded/`` DCP folder instead of the safetensors files):
 
 - ``policy.safetensors`` / ``critic.safetensors``: the trainable parameters (all of them, or the LoRA adapters;
   ``critic=shared``: the critic file holds the value head; a critic-free ``advantage_estimator``: no critic file,
@@ -136,7 +137,9 @@ def save_final(procs: Any, output: Path, tokenizer: Any, policy: nn.Module, crit
     atomically (collective: process 0 writes)."""
     from rlhfkit.models.adapters import has_lora, merge_lora_for_save
     from rlhfkit.models.value_head import VALUE_HEAD_FILE, ValueHead
+    from rlhfkit.train.engine.sharding import full_copy
 
+    policy, critic = full_copy(policy, procs), full_copy(critic, procs) if critic is not None else None  # --fsdp
     if procs.is_main:
         merged = merge_lora_for_save(policy) if has_lora(policy) else policy
         with atomic_dir(output / "policy") as tmp:

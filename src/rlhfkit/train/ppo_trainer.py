@@ -33,7 +33,9 @@ model of its own; `ppo_update` then runs one forward per micro-batch for log-pro
 Run several processes with ``accelerate launch --multi_gpu --num_processes N -m rlhfkit.cli ppo ...`` (on a
 CPU-only machine too: accelerate then starts N torchrun processes joined by gloo; ``--cpu`` would ask for MPI) or
 ``torchrun --nproc_per_node N -m rlhfkit.cli ppo ...``: each process samples its share, statistics and token
-counts are global, gradients are summed (see `ppo_update`).
+counts are global, gradients are summed (see `ppo_update`). ``--fsdp``: the policy and a separate critic are
+sharded by FSDP2 (`train.engine.sharding`; the reference and reward models stay replicated), the sampler runs on
+the gathered weights, checkpoints are sharded (DCP).
 """
 
 from __future__ import annotations
@@ -65,10 +67,11 @@ from rlhfkit.rollout.forward import packing_problem
 from rlhfkit.rollout.sampling import GenerationConfig, Rollout, sample
 from rlhfkit.rollout.scoring import call_source, load_reward, needs_references
 from rlhfkit.train import ppo_state
-from rlhfkit.train.checkpoint import (check_format, checkpoint_step, checkpoint_writer, read_training_checkpoint,
-                                      require_latest_checkpoint, save_checkpoint)
+from rlhfkit.train.checkpoint import (check_format, checkpoint_step, read_training_checkpoint,
+                                      require_latest_checkpoint, save_training_checkpoint)
 from rlhfkit.train.engine.optim import ModuleGroup, build_optimizer, build_scheduler, module_lr
 from rlhfkit.train.engine.processes import Processes
+from rlhfkit.train.engine.sharding import gathered, load_optimizer_state, optimizer_state
 from rlhfkit.train.inputs import check_callbacks
 from rlhfkit.train.output import check_fresh_output, prepare_fresh_output
 from rlhfkit.train.ppo_advantages import estimate_advantages
@@ -158,7 +161,9 @@ class PPOTrainer:
         self.generation = self._generation_config()
         self.update_settings = self._update_settings()
         self.engine = self._rollout_engine()
-        # 7. optimizers and schedules, the KL controller, running score moments, prompt order and random streams
+        # 7. --fsdp: the trained models sharded; optimizers and schedules, the KL controller, running score moments,
+        # prompt order and random streams
+        self._shard_models()
         self._build_optimizers()
         self._init_run_state()
         self.logger: MetricsLogger | None = None
@@ -265,6 +270,14 @@ class PPOTrainer:
             dual_clip=cfg.dual_clip or None, loss_aggregation=cfg.loss_aggregation, max_length=cfg.max_new_tokens,
             packing=cfg.packing != "off")
 
+    def _shard_models(self) -> None:
+        """``--fsdp``: the policy and a separate critic sharded by FSDP2 (gradients summed, as `sum_grads` sums;
+        the reference and reward models stay replicated); without it nothing changes."""
+        cfg = self.cfg
+        self.policy = self.dist.shard(self.policy, cfg.fsdp, reduce="sum")
+        if self.critic is not None and not self.shared_critic:
+            self.critic = self.dist.shard(self.critic, cfg.fsdp, reduce="sum")
+
     def _build_optimizers(self) -> None:
         """Optimizers and schedules of policy and critic (``critic=shared`` or no critic: one optimizer and
         schedule, the value head its second param group; ``critic_optimizer`` / ``critic_scheduler`` None)."""
@@ -343,9 +356,10 @@ class PPOTrainer:
         if self.engine is not None:
             self.engine.sync_weights(self.policy)
             return self.engine.sample(query_ids, query_mask, self.generation, self.sampling_generator), local
-        rollout = sample(self.policy, query_ids.to(self.device), query_mask.to(self.device), self.generation,
-                         generator=self.sampling_generator, tokenizer=self.tokenizer,
-                         autocast_dtype=self.autocast_dtype)
+        with gathered(self.policy):  # --fsdp: the full weights once, for the sampler's many forwards
+            rollout = sample(self.policy, query_ids.to(self.device), query_mask.to(self.device), self.generation,
+                             generator=self.sampling_generator, tokenizer=self.tokenizer,
+                             autocast_dtype=self.autocast_dtype)
         return rollout, local
 
     def greedy_scores(self, rollout: Rollout, indices: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -358,8 +372,9 @@ class PPOTrainer:
         if self.engine is not None:
             out = self.engine.sample(query_ids, query_mask, greedy, None)
         else:
-            out = sample(self.policy, query_ids.to(self.device), query_mask.to(self.device), greedy,
-                         tokenizer=self.tokenizer, autocast_dtype=self.autocast_dtype)
+            with gathered(self.policy):
+                out = sample(self.policy, query_ids.to(self.device), query_mask.to(self.device), greedy,
+                             tokenizer=self.tokenizer, autocast_dtype=self.autocast_dtype)
         return self.raw_scores(out, indices[::k] if indices is not None else None)[0], out.stopped
 
     # -- step 2: score ---------------------------------------------------------------------------------
@@ -442,11 +457,12 @@ class PPOTrainer:
         plan = draw_plan(query_ids.shape[0], cfg.ppo_epochs, cfg.num_minibatches, self.shuffle_generator)
         groups = [m for rows in plan[0] for m in micro_batches(rows, cfg.micro_batch_size)]
         recompute = cfg.old_logprobs == "recompute"
-        fwd = rollout_forward(self.policy, self.reference, self.reference_context, self.critic, query_ids,
-                              query_mask, response_ids, response_mask, groups, cfg.temperature,
-                              self.autocast_dtype, with_logits=cfg.kl_estimator == "full",
-                              trunk_plan=self.trunks.plan(self.policy, self.reference, self.critic),
-                              policy_pass=recompute, packing=self.update_settings.packing)
+        with gathered(self.policy, self.critic):  # --fsdp: gathered outside the passes' inference mode
+            fwd = rollout_forward(self.policy, self.reference, self.reference_context, self.critic, query_ids,
+                                  query_mask, response_ids, response_mask, groups, cfg.temperature,
+                                  self.autocast_dtype, with_logits=cfg.kl_estimator == "full",
+                                  trunk_plan=self.trunks.plan(self.policy, self.reference, self.critic),
+                                  policy_pass=recompute, packing=self.update_settings.packing)
         old_logprobs = fwd.old_logprobs if recompute else torch.where(
             response_mask, rollout_logprobs.to(fwd.ref_logprobs.dtype), 0.0)
         kl_coef = self.kl_controller.value
@@ -561,7 +577,8 @@ class PPOTrainer:
 
         return {"kl_controller": self.kl_controller.state_dict(), "running_scores": self.running_scores.state_dict(),
                 "prompt_sampler": self.sampler.state_dict(), "num_processes": self.dist.world_size,
-                "optimizers": {"policy": self.policy_optimizer.state_dict(), "critic": state(self.critic_optimizer)},
+                "optimizers": {"policy": optimizer_state(self.policy_optimizer),
+                               "critic": optimizer_state(self.critic_optimizer)},
                 "schedulers": {"policy": self.policy_scheduler.state_dict(), "critic": state(self.critic_scheduler)}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -569,10 +586,12 @@ class PPOTrainer:
             if (obj is None) != (saved is None):
                 raise RlhfkitError(f"--resume: the checkpoint's critic {what} does not match this run's --critic / "
                                    f"--advantage_estimator")
-            if obj is not None:
+            if isinstance(obj, torch.optim.Optimizer):
+                load_optimizer_state(obj, saved)
+            elif obj is not None:
                 obj.load_state_dict(saved)
 
-        self.policy_optimizer.load_state_dict(state["optimizers"]["policy"])
+        load_optimizer_state(self.policy_optimizer, state["optimizers"]["policy"])
         load(self.critic_optimizer, state["optimizers"]["critic"], "optimizer")
         self.policy_scheduler.load_state_dict(state["schedulers"]["policy"])
         load(self.critic_scheduler, state["schedulers"]["critic"], "schedule")
@@ -592,12 +611,13 @@ class PPOTrainer:
 
     def save_checkpoint(self, step: int) -> None:
         """Checkpoint iteration ``step`` (collective; `train.checkpoint.checkpoint_writer`'s layout)."""
-        write = checkpoint_writer(self.dist, step, command="ppo", models=self.trained_models(),
-                                  state={"step": step, **self.state_dict()}, rank_state=self.rank_state_dict(),
-                                  config=self.cfg)
-        if self.dist.is_main:
-            save_checkpoint(self.output, step, write, keep_last=self.cfg.keep_checkpoints)
-        self.dist.barrier()
+        save_training_checkpoint(self.dist, self.output, step, self.cfg.keep_checkpoints, command="ppo",
+                                 models=self.trained_models(), optimizers=self.optimizers(),
+                                 state={"step": step, **self.state_dict()}, rank_state=self.rank_state_dict(),
+                                 config=self.cfg)
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer | None]:
+        return {"policy": self.policy_optimizer, "critic": self.critic_optimizer}
 
     # -- the run -----------------------------------------------------------------------------------------
     def open_output(self) -> int:
@@ -608,7 +628,8 @@ class PPOTrainer:
             ckpt = require_latest_checkpoint(self.output)
             check_format(ckpt)
             ppo_state.check_resume_config(cfg, ckpt)
-            _, state, rank_state = read_training_checkpoint(dist, ckpt, "ppo", self.trained_models())
+            _, state, rank_state = read_training_checkpoint(dist, ckpt, "ppo", self.trained_models(),
+                                                            optimizers=self.optimizers())
             self.load_state_dict(state)
             self.load_rank_state_dict(rank_state)
             last = int(state["step"])

@@ -16,7 +16,8 @@ responses padded to the global longest ``T``). Statistics over the batch (score 
 advantage whitening) are computed on the gathered global batch; the token count that normalises the losses is
 the minibatch's global count. Gradients are summed over processes with one all-reduce per optimizer step
 (`train.engine.processes.Processes.sum_grads`; no DDP wrapper: the policy and critic stay plain modules so that
-the same code runs with one process), and since every process's loss is already divided by the global token
+the same code runs with one process; ``--fsdp``: FSDP2 reduce-scatters the sharded models' gradients as a sum
+instead, `sum_grads` skips them, and the clipping norm is global over the shards), and since every process's loss is already divided by the global token
 count the sum is exactly the gradient of the whole minibatch.
 """
 
@@ -41,6 +42,7 @@ from rlhfkit.models.value_head import ValueHead
 from rlhfkit.rollout.forward import (PolicyForward, TrimmedBatch, critic_forward, policy_forward,
                                      policy_value_forward, trim_batch)
 from rlhfkit.train.engine.processes import Processes
+from rlhfkit.train.engine.sharding import grad_norm, gradient_sync
 from rlhfkit.train.engine.stats import NamedSums
 from rlhfkit.train.ppo_trunk import TrunkPlan, TrunkStates, assemble
 
@@ -258,12 +260,11 @@ def _clip_grads(policy_params: list[nn.Parameter], critic_params: list[nn.Parame
     Returns (policy, critic) norms before clipping; with ``joint`` the policy's is the joint norm and the critic's
     the value head's own share of it."""
     if joint:
-        grads = [p.grad for p in critic_params if p.grad is not None]
-        v_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+        v_norm = float(grad_norm(critic_params))
         params = policy_params + critic_params
-        return (float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0), v_norm
-    p_norm = float(torch.nn.utils.clip_grad_norm_(policy_params, max_norm)) if policy_params else 0.0
-    v_norm = float(torch.nn.utils.clip_grad_norm_(critic_params, max_norm)) if critic_params else 0.0
+        return (float(Processes.clip_grad_norm_(params, max_norm)) if params else 0.0), v_norm
+    p_norm = float(Processes.clip_grad_norm_(policy_params, max_norm)) if policy_params else 0.0
+    v_norm = float(Processes.clip_grad_norm_(critic_params, max_norm)) if critic_params else 0.0
     return p_norm, v_norm
 
 
@@ -386,7 +387,8 @@ def ppo_update(
             sums = NamedSums()
             finite = True
             _zero(policy_optimizer, critic_optimizer)
-            for micro in micro_batches(rows, settings.micro_batch_size):
+            micros = micro_batches(rows, settings.micro_batch_size)
+            for k, micro in enumerate(micros):
                 result = _micro_batch_loss(policy, critic, batch, micro, num_tokens, settings, num_sequences)
                 if result is None:
                     continue
@@ -394,7 +396,8 @@ def ppo_update(
                 if not bool(torch.isfinite(loss.detach())):
                     finite = False
                     break
-                loss.backward()
+                with gradient_sync((policy, critic), k == len(micros) - 1):  # --fsdp: reduce-scatter once
+                    loss.backward()
                 sums.update(micro_stats)
             if not dist.all_true(finite):
                 _zero(policy_optimizer, critic_optimizer)

@@ -18,7 +18,8 @@ tokenizer, data and callbacks as objects, each given once); its construction run
 7. the final model, saved with ``save_pretrained`` into the output folder (built under a temporary name, then
    published file by file, ``config.json`` and ``rlhfkit.json`` last), LoRA merged.
 
-Processes come from `train.engine.processes` (accelerate; the model is wrapped by ``accelerator.prepare``, DDP).
+Processes come from `train.engine.processes` (accelerate; the model is wrapped by ``accelerator.prepare``, DDP; with
+``--fsdp`` sharded by FSDP2 instead, `train.engine.sharding`).
 Gradient accumulation is exact: the loss of a global batch is the mean over its examples (for multi_objective,
 over its observed aspect targets), so each micro-batch's mean loss is weighted by ``n_micro / n_global`` and by
 the number of processes (data-parallel gradients are averaged over processes); 1 process and N processes give the
@@ -60,10 +61,11 @@ from rlhfkit.data.tokenize import (
     tokenize_pointwise,
 )
 from rlhfkit.errors import RlhfkitError, data_error
-from rlhfkit.train.checkpoint import (check_format, check_resume_settings, checkpoint_writer, read_training_checkpoint,
-                                      require_latest_checkpoint, save_checkpoint)
+from rlhfkit.train.checkpoint import (check_format, check_resume_settings, read_training_checkpoint,
+                                      require_latest_checkpoint, save_training_checkpoint)
 from rlhfkit.train.engine.optim import ModuleGroup, build_optimizer, build_scheduler, trainable_parameters
 from rlhfkit.train.engine.processes import Processes
+from rlhfkit.train.engine.sharding import full_copy, gathered, gradient_sync, load_optimizer_state, optimizer_state
 from rlhfkit.train.engine.stats import NamedSums
 from rlhfkit.train.inputs import Callback, check_callbacks, given_once
 from rlhfkit.train.output import check_fresh_output, prepare_fresh_output
@@ -426,7 +428,8 @@ def backward_global_batch(model: Any, objective: Any, micro_batches: Sequence[Se
     for k, items in enumerate(micro_batches):
         batch = to_device(objective.collate(items), device)
         w = objective.weight(items)
-        with accelerator.no_sync(model) if k < len(micro_batches) - 1 else nullcontext():
+        last = k == len(micro_batches) - 1
+        with accelerator.no_sync(model) if not last else nullcontext(), gradient_sync([model], last):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 out = objective.step(model, batch)
             accelerator.backward(out.loss * (w * n_proc / total_weight))
@@ -535,6 +538,7 @@ class RewardTrainer:
         model = build_model(cfg, kind, self.tokenizer)
         self.objective = (PairwiseObjective if cfg.pairwise else PointwiseObjective)(cfg, pad_id_of(model), kind)
         model.train()
+        model = procs.shard(model, cfg.fsdp, reduce="mean")  # --fsdp: FSDP2 (gradients averaged, as DDP's)
 
         # 3. Batch plan: a seeded (length-grouped) order of global batches; process `rank` takes its shard.
         if cfg.group_by_prompt:  # K-wise: a prompt's pairs in one batch, each distinct sequence run once
@@ -557,11 +561,11 @@ class RewardTrainer:
         self.window_tokens, self.t_window = 0.0, time.perf_counter()
         if self.resume_from is not None:
             _, state, rank_state = read_training_checkpoint(procs, self.resume_from, "rm train", {"model": model},
-                                                            same_processes=False)
+                                                            same_processes=False, optimizers={"model": self.optimizer})
             self.load_state_dict(state)
             set_rng_state(rank_state)
         self.unwrapped = model
-        self.model = procs.accelerator.prepare(model)
+        self.model = procs.wrap(model)
         self.eval_metrics: dict[str, float] = {}
         self.last_eval_diffs: list[float] = []
         self.logger: MetricsLogger | None = None
@@ -573,12 +577,12 @@ class RewardTrainer:
         counts a resume is checked against."""
         return {"step": self.step_count, "epoch": self.epoch, "next_batch": self.next_batch,
                 "window": self.window.state_dict(), "total_steps": self.total_steps,
-                "train_examples": len(self.train_items), "optimizer": self.optimizer.state_dict(),
+                "train_examples": len(self.train_items), "optimizer": optimizer_state(self.optimizer),
                 "scheduler": self.scheduler.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         check_resume_length(state, self.total_steps, len(self.train_items), self.train_source)
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step_count, self.epoch, self.next_batch = int(state["step"]), int(state["epoch"]), int(state["next_batch"])
         self.window = NamedSums.from_state_dict(state["window"])
@@ -599,7 +603,7 @@ class RewardTrainer:
         sums = backward_global_batch(self.model, objective, micro, objective.weight(global_items), procs.accelerator,
                                      cfg.bf16)
         # 5c. gradient clipping, optimizer and schedule step
-        grad_norm = procs.accelerator.clip_grad_norm_(self.trainable, cfg.max_grad_norm or float("inf"))
+        grad_norm = procs.clip_grad_norm_(self.trainable, cfg.max_grad_norm or float("inf"))
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
@@ -616,17 +620,16 @@ class RewardTrainer:
         if step % cfg.logging_steps == 0 or step == self.total_steps:
             row.update(self.window_metrics(lr, step))
         if self.eval_items and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == self.total_steps):
-            self.eval_metrics, self.last_eval_diffs = evaluate(self.unwrapped, objective, self.eval_items, procs,
-                                                               cfg.micro_batch_size, cfg.bf16)
+            with gathered(self.unwrapped):  # --fsdp: uneven shards, no collective per forward
+                self.eval_metrics, self.last_eval_diffs = evaluate(self.unwrapped, objective, self.eval_items, procs,
+                                                                   cfg.micro_batch_size, cfg.bf16)
             row.update(self.eval_metrics)
         # 6. checkpoint (position = the next batch of this epoch)
         if cfg.save_steps and step % cfg.save_steps == 0 and step < self.total_steps:
             self.epoch, self.next_batch = epoch, b + 1
-            write = checkpoint_writer(procs, step, command="rm train", models={"model": self.unwrapped},
-                                      state=self.state_dict(), rank_state=rng_state(), config=cfg)
-            if procs.is_main:
-                save_checkpoint(self.output, step, write, cfg.keep_checkpoints)
-            procs.barrier()
+            save_training_checkpoint(procs, self.output, step, cfg.keep_checkpoints, command="rm train",
+                                     models={"model": self.unwrapped}, optimizers={"model": self.optimizer},
+                                     state=self.state_dict(), rank_state=rng_state(), config=cfg)
         return row
 
     def window_metrics(self, lr: float, step: int) -> dict[str, float]:
@@ -674,8 +677,9 @@ class RewardTrainer:
         bar.close()
         self.logger.close()
         # 7. Final model (LoRA merged), published atomically; final held-out metrics as JSON.
+        final = full_copy(self.unwrapped, procs)  # --fsdp: the full weights on process 0 (collective)
         if procs.is_main:
-            publish_model(self.unwrapped, self.tokenizer, self.output)
+            publish_model(final, self.tokenizer, self.output)
             if self.eval_metrics:
                 summary = dict(self.eval_metrics)
                 if self.last_eval_diffs:

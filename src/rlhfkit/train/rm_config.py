@@ -134,6 +134,10 @@ class RMTrainConfig:
         "help": "Freeze the embeddings and the lowest N transformer layers (-1 = all layers: train the head only)."})
     gradient_checkpointing: bool = field(default=False, metadata={
         "help": "Recompute activations in the backward pass (less memory, ~30% slower)."})
+    fsdp: bool = field(default=False, metadata={
+        "help": "Shard the model, its gradients and optimizer state over the processes with torch FSDP2 "
+                "(fully_shard per transformer layer and per other module with weights; several processes); checkpoints "
+                "become sharded (torch.distributed.checkpoint) and resume onto another process count. Off: DDP."})
     group_by_length: bool = field(default=True, metadata={
         "help": "Build batches of similar lengths (less padding, faster); the order is still seeded random."})
     group_by_prompt: bool = field(default=False, metadata={

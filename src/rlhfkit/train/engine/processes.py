@@ -12,9 +12,11 @@ holds. That state is shared by every Accelerator of a process, so one created be
 by a transformers or TRL Trainer with bf16, TRL's default) would silently change this run; that is refused with an
 `RlhfkitError` instead.
 
-The model stays the trainer's to wrap: ``rm train`` lets ``accelerator.prepare`` wrap it for DDP; ``ppo`` keeps
-plain modules and sums gradients itself (`Processes.sum_grads`, one flat all-reduce per optimizer step). A
-sharded model (FSDP2) would plug in at that point: ``prepare`` under an FSDP plugin, with `sum_grads` a no-op.
+The model stays the trainer's to wrap: ``rm train`` lets ``accelerator.prepare`` wrap it for DDP (`Processes.wrap`);
+``ppo`` keeps plain modules and sums gradients itself (`Processes.sum_grads`, one flat all-reduce per optimizer
+step). With ``--fsdp`` both shard their trained models first (`Processes.shard`, `engine.sharding`: FSDP2
+``fully_shard``): `wrap` then leaves the model as it is and `sum_grads` skips its (DTensor) parameters, whose
+gradients FSDP2 already reduce-scattered; `clip_grad_norm_` clips by the global norm over shards.
 """
 
 from __future__ import annotations
@@ -117,8 +119,34 @@ class Processes:
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()
 
+    def shard(self, model: nn.Module, enabled: bool, reduce: str) -> nn.Module:
+        """``model`` sharded with FSDP2 when ``enabled`` and several processes run (`engine.sharding.shard`;
+        ``reduce``: ``mean`` or ``sum`` of the gradients over processes), else ``model`` itself."""
+        if not enabled or not self.distributed:
+            return model
+        from rlhfkit.train.engine.sharding import shard
+
+        return shard(model, self, reduce)
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """``accelerator.prepare(model)`` (DDP with several processes); a sharded model as it is."""
+        from rlhfkit.train.engine.sharding import is_sharded
+
+        return model if is_sharded(model) else self.accelerator.prepare(model)
+
+    @staticmethod
+    def clip_grad_norm_(params: Sequence[nn.Parameter], max_norm: float) -> torch.Tensor:
+        """Clip the gradients of ``params`` to the global L2 norm ``max_norm`` (sharded or not); the norm before."""
+        from rlhfkit.train.engine.sharding import clip_grad_norm_
+
+        return clip_grad_norm_(params, max_norm)
+
     def sum_grads(self, params: Sequence[nn.Parameter]) -> None:
-        """Replace every gradient by its sum over processes (one flat all-reduce; missing grads count as 0)."""
+        """Replace every gradient by its sum over processes (one flat all-reduce; missing grads count as 0).
+        Sharded (FSDP2, DTensor) parameters are skipped: their gradients are already reduce-scattered."""
+        from rlhfkit.train.engine.sharding import is_sharded_param
+
+        params = [p for p in params if not is_sharded_param(p)]
         if not self.distributed or not params:
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
