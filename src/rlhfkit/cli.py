@@ -101,6 +101,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("rlhfkit: interrupted", file=sys.stderr)
         return 130
+    finally:
+        from rlhfkit.train.engine.processes import close_process_group
+
+        close_process_group()
 
 
 if __name__ == "__main__":

@@ -54,6 +54,17 @@ def make_accelerator(command: str) -> Any:
             f"it in a fresh process") from None
 
 
+def close_process_group() -> None:
+    """Destroy this process's default process group, if one was started (the CLI calls this when a command ends,
+    whatever its outcome). A gloo group left to the interpreter's exit can abort the process while its worker
+    threads are torn down ("terminate called without an active exception", seen once in a 2-process ``rm train``
+    test under load); torch asks for ``destroy_process_group`` before exit."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 class Processes:
     """The run's process group: rank, size, device, and gather / sum / max / barrier across processes."""
 
