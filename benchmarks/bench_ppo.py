@@ -248,7 +248,8 @@ def child_ours(a: argparse.Namespace) -> None:
                 "iterations": len(stats), "rlhfkit_file": rlhfkit.__file__, "lengths": recorded,
                 "shape": F.DecoderShape.from_config(trainer.policy.config).to_dict(),
                 "ppo_epochs": cfg.ppo_epochs, "freeze_layers": cfg.freeze_layers,
-                "critic_freeze_layers": cfg.critic_freeze_layers, "critic": cfg.critic})
+                "critic_freeze_layers": cfg.critic_freeze_layers,
+                "critic": getattr(cfg, "critic", "separate")})  # an older checkout (--compare-src) may lack it
     C.emit(out)
 
 

@@ -120,3 +120,29 @@ def test_bf16_warning_only_where_bf16_is_emulated(caplog):
     warned = [r.getMessage() for r in caplog.records]
     assert len(warned) == 1
     assert warned[0].startswith("ppo --bf16: bf16 autocast on a CPU without bf16 instructions") and "float32" in warned[0]
+
+
+def test_bf16_default_is_on_only_for_a_gpu_with_fast_bf16(monkeypatch):
+    import torch
+
+    from rlhfkit.config import parse_config
+    from rlhfkit.train.ppo_config import PPOConfig
+    from rlhfkit.train.rm_config import RMEvalConfig, RMTrainConfig, ScoreConfig
+    from rlhfkit.utils import auto_bf16, resolve_bf16
+
+    assert auto_bf16("cpu") is False  # every CPU kind, AMX included: float32 by default
+    assert auto_bf16("meta") is False  # a device whose bf16 speed is unknown
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert auto_bf16("cuda") is True and resolve_bf16(None, "cuda") is True
+    assert resolve_bf16(False, "cuda") is False  # --bf16 false wins over the default
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert auto_bf16("cuda") is False
+    assert resolve_bf16(None, "cpu") is False and resolve_bf16(True, "cpu") is True
+    # every command that takes --bf16: unset (None) by default, --bf16 / --bf16 false / --bf16 true as given
+    for cls, required in [(PPOConfig, ["--policy", "p", "--prompts", "q", "--reward_model", "r", "--output", "o"]),
+                          (RMTrainConfig, ["--model", "m", "--data", "d", "--output", "o"]),
+                          (RMEvalConfig, ["--model", "m", "--data", "d"]),
+                          (ScoreConfig, ["--model", "m", "--data", "d", "--output", "o"])]:
+        assert parse_config(cls, required).bf16 is None, cls.__name__
+        assert parse_config(cls, required + ["--bf16"]).bf16 is True, cls.__name__
+        assert parse_config(cls, required + ["--bf16", "false"]).bf16 is False, cls.__name__

@@ -124,6 +124,17 @@ class RaisingParser(argparse.ArgumentParser):
         raise RlhfkitError(f"{self.prog}: {message}{usage}")
 
 
+def _bare_optional_bools(parser: argparse.ArgumentParser, cls: type) -> None:
+    """A bare ``--flag`` of an ``Optional[bool]`` field (unset = None, e.g. ``--bf16``'s device default) means
+    true, as for a plain bool field: HfArgumentParser gives such a field a required value; ``--flag true/false``
+    still works."""
+    hints = typing.get_type_hints(cls)
+    optional_bools = {name for name, hint in hints.items() if _unwrap_optional(hint) == (bool, True)}
+    for action in parser._actions:
+        if action.dest in optional_bools and action.option_strings:
+            action.nargs, action.const = "?", True
+
+
 class _Parser:
     """HfArgumentParser that raises RlhfkitError instead of exiting on a bad flag."""
 
@@ -134,6 +145,7 @@ class _Parser:
             pass
 
         self.parser = P(cls, prog=prog, description=(cls.__doc__ or "").strip().split("\n")[0])
+        _bare_optional_bools(self.parser, cls)
         self.parser.add_argument(
             "--config", type=str, default=None, help="YAML file whose keys are the flags below; flags override it"
         )

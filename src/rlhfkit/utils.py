@@ -265,6 +265,19 @@ def bf16_speed(device: torch.device | str, flags: set[str] | None = None) -> str
     return "slow"
 
 
+def auto_bf16(device: torch.device | str) -> bool:
+    """The default precision (``--bf16`` unset; the quickstart's ``--precision auto``): bf16 autocast on a device
+    whose bf16 is fast (`bf16_speed`) other than a CPU, i.e. a CUDA GPU with bf16; float32 on a CPU, also one with
+    AMX, where bf16 is faster but not yet shown to train as well (see `quickstart.pipeline.use_bf16`)."""
+    device = torch.device(device)
+    return device.type != "cpu" and bf16_speed(device) == "fast"
+
+
+def resolve_bf16(flag: bool | None, device: torch.device | str) -> bool:
+    """``--bf16`` as given (True / False), or `auto_bf16` of ``device`` when it is unset (None)."""
+    return auto_bf16(device) if flag is None else bool(flag)
+
+
 def warn_if_slow_bf16(enabled: bool, device: torch.device | str, what: str,
                       flags: set[str] | None = None) -> bool:
     """Log a warning when ``what`` (e.g. ``"ppo --bf16"``) asks for bf16 autocast on a device that emulates bf16

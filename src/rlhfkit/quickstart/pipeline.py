@@ -215,12 +215,11 @@ def use_bf16(precision: str, device: torch.device | str | None = None) -> bool:
     float32) the default quickstart took 505 s in bf16 vs 659 s in float32, but its seed-0 run reached a gold win
     rate of 70.0 % against float32's 80.9 % (RM accuracy 64.4 % vs 62.8 %); one seed cannot tell noise from a
     loss, so bf16 stays opt-in there (``--precision bf16``). On an AVX2-only AMD EPYC bf16 is ~400x slower."""
-    from rlhfkit.utils import bf16_speed
+    from rlhfkit.utils import auto_bf16
 
     if precision != "auto":
         return precision == "bf16"
-    device = torch.device(device) if device is not None else default_device()
-    return device.type != "cpu" and bf16_speed(device) == "fast"
+    return auto_bf16(device if device is not None else default_device())
 
 
 def preference_rows(prompts: list[str], responses: list[list[tuple[str, int]]], temperature: float, seed: int

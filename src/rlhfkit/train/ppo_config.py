@@ -199,7 +199,8 @@ class PPOConfig:
         "None = off)"))
     target_kl: Optional[float] = field(default=None, metadata=_help(
         "stop the iteration's update early when a minibatch's approx-KL exceeds this (None = off)"))
-    bf16: bool = field(default=False, metadata=_help("run forward passes under bfloat16 autocast"))
+    bf16: Optional[bool] = field(default=None, metadata=_help(
+        "run forward passes under bfloat16 autocast; unset = auto: on for a CUDA GPU with fast bf16, off on a CPU (float32; bf16 is ~400x slower on AVX2-only CPUs); --bf16 or --bf16 false chooses"))
     old_logprobs: str = field(default="recompute", metadata=_help(
         "the old log-probs of the PPO ratio: 'recompute' (a no-grad policy forward over the first epoch's "
         "micro-batches: the first minibatch has ratio 1 exactly) or 'rollout' (the sampler's log-probs, no policy "

@@ -80,7 +80,8 @@ from rlhfkit.train.ppo_inputs import RewardFn, resolve_inputs
 from rlhfkit.train.ppo_trunk import TrunkSharing
 from rlhfkit.train.ppo_update import (UpdateBatch, UpdateSettings, draw_plan, mean_stats, micro_batches,
                                       pad_columns, ppo_update, rollout_forward, rollout_stats)
-from rlhfkit.utils import MetricsLogger, progress, rng_state, set_rng_state, set_seed, warn_if_slow_bf16
+from rlhfkit.utils import (MetricsLogger, progress, resolve_bf16, rng_state, set_rng_state, set_seed,
+                           warn_if_slow_bf16)
 
 CONFIG = PPOConfig
 logger = logging.getLogger(__name__)
@@ -141,6 +142,7 @@ class PPOTrainer:
         self.callbacks = check_callbacks(callbacks)
         self.dist = dist or Processes.start("ppo")
         self.output, self.device = Path(cfg.output), self.dist.device
+        cfg.bf16 = resolve_bf16(cfg.bf16, self.device)  # unset: the device's default (config.yaml records it)
         self.autocast_dtype = torch.bfloat16 if cfg.bf16 else None
         if self.dist.is_main:
             warn_if_slow_bf16(cfg.bf16, self.device, "ppo --bf16")

@@ -81,8 +81,8 @@ from rlhfkit.train.rm_eval import (
     tokenize_pairs,
     with_source,
 )
-from rlhfkit.utils import (MetricsLogger, atomic_write_json, progress, rng_state, set_rng_state, set_seed,
-                           warn_if_slow_bf16)
+from rlhfkit.utils import (MetricsLogger, atomic_write_json, progress, resolve_bf16, rng_state, set_rng_state,
+                           set_seed, warn_if_slow_bf16)
 
 CONFIG = RMTrainConfig
 ENCODER_MODEL_TYPES = {"bert", "roberta", "deberta", "deberta-v2", "electra", "distilbert", "xlm-roberta",
@@ -505,6 +505,7 @@ class RewardTrainer:
         train_source = self.train_source
         self.cfg = cfg
         self.procs = procs = procs or Processes.start("rm train")
+        cfg.bf16 = resolve_bf16(cfg.bf16, procs.device)  # unset: the device's default (config.yaml records it)
         if procs.is_main:
             warn_if_slow_bf16(cfg.bf16, procs.device, "rm train --bf16")
         n_proc = procs.world_size

@@ -104,8 +104,9 @@ class RMTrainConfig:
     micro_batch_size: int = field(default=8, metadata={
         "help": "Examples per forward pass per process. Gradient accumulation steps = batch_size / "
                 "(micro_batch_size × number of processes), which must be a whole number."})
-    bf16: bool = field(default=False, metadata={
-        "help": "Run forward passes under torch.autocast(bfloat16) (CPU or GPU); weights and optimizer stay float32. "
+    bf16: Optional[bool] = field(default=None, metadata={
+        "help": "Run forward passes under torch.autocast(bfloat16) (CPU or GPU); weights and optimizer stay float32; "
+                "unset = auto: on for a CUDA GPU with fast bf16, off on a CPU (float32; bf16 is ~400x slower on AVX2-only CPUs); --bf16 or --bf16 false chooses. "
                 "This flag alone sets the precision: accelerate's mixed precision stays off, and a process whose "
                 "accelerate state already has one (e.g. after a TRL Trainer) is refused."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the global gradient norm to this (0 = off)."})
@@ -270,7 +271,8 @@ class RMEvalConfig:
     num_bins: int = field(default=10, metadata={
         "help": "Equal-width confidence bins over [0.5, 1] for the calibration table and ECE; confidence = "
                 "max(p, 1-p) with p = σ(r_chosen - r_rejected)."})
-    bf16: bool = field(default=False, metadata={"help": "Score under torch.autocast(bfloat16)."})
+    bf16: Optional[bool] = field(default=None, metadata={
+        "help": "Score under torch.autocast(bfloat16); unset = auto: on for a CUDA GPU with fast bf16, off on a CPU (float32; bf16 is ~400x slower on AVX2-only CPUs); --bf16 or --bf16 false chooses."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the model folder."})
 
     def __post_init__(self) -> None:
@@ -300,7 +302,8 @@ class ScoreConfig:
     fit_reference: Optional[str] = field(default=None, metadata={
         "help": "Score this file of reference prompt/response rows first and store its score mean/std in the "
                 "model folder's rlhfkit.json (so that reference outputs average 0 under normalize=reference)."})
-    bf16: bool = field(default=False, metadata={"help": "Score under torch.autocast(bfloat16)."})
+    bf16: Optional[bool] = field(default=None, metadata={
+        "help": "Score under torch.autocast(bfloat16); unset = auto: on for a CUDA GPU with fast bf16, off on a CPU (float32; bf16 is ~400x slower on AVX2-only CPUs); --bf16 or --bf16 false chooses."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the model folder."})
 
     def __post_init__(self) -> None:

@@ -303,12 +303,13 @@ def format_table(metrics: dict[str, Any]) -> str:
 
 def run(cfg: RMEvalConfig) -> dict[str, Any]:
     """Load data (validated first), then the model; evaluate; print the table; write JSON if asked."""
-    from rlhfkit.utils import atomic_write_json, warn_if_slow_bf16
+    from rlhfkit.utils import atomic_write_json, resolve_bf16, warn_if_slow_bf16
 
     examples = load_preferences(cfg.data, skip_invalid=cfg.skip_invalid)
     if examples.skipped:
         print(f"skipped {len(examples.skipped)} invalid row(s): " + "; ".join(examples.skipped[:5]))
     model, tokenizer = load_scoring_model(cfg.model, cfg.trust_remote_code)
+    cfg.bf16 = resolve_bf16(cfg.bf16, next(model.parameters()).device)
     warn_if_slow_bf16(cfg.bf16, next(model.parameters()).device, "rm eval --bf16")
     metrics = evaluate_reward_model(model, tokenizer, examples, cfg.batch_size, cfg.max_length, cfg.overlong,
                                     cfg.num_bins, cfg.bf16, source=cfg.data)

@@ -30,7 +30,7 @@ from rlhfkit.models.pairrm import Ranker
 from rlhfkit.models.reward import METADATA_FILE, RewardModel
 from rlhfkit.train.rm_config import ScoreConfig
 from rlhfkit.train.rm_eval import load_scoring_model, pad_id_of, to_device, with_source
-from rlhfkit.utils import atomic_write_json, atomic_write_text, warn_if_slow_bf16
+from rlhfkit.utils import atomic_write_json, atomic_write_text, resolve_bf16, warn_if_slow_bf16
 
 CONFIG = ScoreConfig
 
@@ -126,6 +126,7 @@ def run(cfg: ScoreConfig) -> list[dict[str, Any]]:
     if cfg.normalize == "reference" and reference is None and model.normalization is None:
         raise RlhfkitError(f"{cfg.model}: --normalize reference needs reference statistics; run once with "
                            f"--fit_reference FILE (reference outputs, e.g. the SFT model's responses)")
+    cfg.bf16 = resolve_bf16(cfg.bf16, next(model.parameters()).device)
     warn_if_slow_bf16(cfg.bf16, next(model.parameters()).device, "score --bf16")
     common = dict(batch_size=cfg.batch_size, max_length=cfg.max_length, overlong=cfg.overlong, bf16=cfg.bf16)
     # 3. Scores of the rows, then of the reference rows (so that a bad row stops the run before anything is written).
