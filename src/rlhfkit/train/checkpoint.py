@@ -333,6 +333,8 @@ def check_resume_settings(cfg: Any, ckpt: Path, may_change: Any) -> dict[str, An
     if not path.is_file():
         raise RlhfkitError(f"{path}: checkpoint file missing (the checkpoint folder is incomplete)")
     saved = yaml.safe_load(path.read_text()) or {}
+    if getattr(cfg, "bf16", False) is None and "bf16" in saved:  # unset: the run continues at the saved precision
+        cfg.bf16 = bool(saved["bf16"])
     changed = changed_settings(cfg, saved, may_change)
     if changed:
         now = config_to_dict(cfg)
