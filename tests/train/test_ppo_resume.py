@@ -246,3 +246,19 @@ def test_a_constant_schedule_with_warmup_resumed_longer_equals_the_longer_run(tm
     assert without_timing(read_jsonl(tmp_path / "cut" / "metrics.jsonl")) == without_timing(rows_long)
     assert [r["train/lr"] for r in rows_long] == [0.0, 5e-4, 1e-3]  # the warm-up, then the constant peak
     _assert_same_weights(tmp_path / "long" / "policy", tmp_path / "cut" / "policy")
+
+
+def test_an_unset_bf16_resumes_at_the_checkpoints_precision(tmp_path):
+    # --bf16 unset (None) is the device's default; on resume it takes the checkpoint's resolved value, whichever it
+    # is, and an explicit value that differs is still a changed setting
+    PPOTrainer(make_config(tmp_path, save_every=1)).train()
+    ckpt = find_latest_checkpoint(tmp_path / "run")
+    saved = yaml.safe_load((ckpt / "config.yaml").read_text())
+    assert saved["bf16"] is False  # the CPU's resolved default, recorded
+    (ckpt / "config.yaml").write_text(yaml.safe_dump({**saved, "bf16": True}, sort_keys=False))
+    cfg = make_config(tmp_path, save_every=1, resume=True)
+    assert cfg.bf16 is None
+    ppo_state.check_resume_config(cfg, ckpt)
+    assert cfg.bf16 is True
+    with pytest.raises(RlhfkitError, match=r"bf16: True -> False"):
+        ppo_state.check_resume_config(make_config(tmp_path, save_every=1, resume=True, bf16=False), ckpt)

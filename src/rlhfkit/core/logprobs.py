@@ -181,7 +181,8 @@ def logprobs_and_entropy(
     plain path's autograd keeps ``z`` and builds several (B, T, V) tensors in its backward (the softmax, the
     one-hot scatter, their sum, the temperature's division); here the forward allocates two per block of
     ``chunk_tokens`` tokens (:data:`CHUNK_TOKENS`; the block size changes no bit of the result) and the backward
-    only the logits' gradient (two per block when the entropy has a gradient). An output that the loss does not use gets no backward work.
+    only the logits' gradient (two per block when the entropy has a gradient). An output that the loss does not
+    use gets no backward work.
     ``with_entropy=False`` skips the entropy (None); the log-probs are the same bits either way.
     Source: the softmax cross-entropy gradient (e.g. Goodfellow et al., Deep Learning, §6.2.2.3).
     """

@@ -10,8 +10,8 @@ the sampling loop so that positions, stopping and the rollout log-probs are unde
    ``transformers.DynamicCache`` instead copies the whole cache at every step, ``torch.cat``);
 2. per step: logits of the last position → ``/ temperature`` → top-k → top-p → one categorical draw per row
    by inversion (:func:`sample_categorical`) with the caller's ``torch.Generator`` (greedy = argmax); record
-   the log-prob (:func:`draw_tokens`, a few rows at a time: the same bits, faster on a CPU); append the token, extend the attention mask, continue each row's position by one, feed the
-   token with the cache;
+   the log-prob (:func:`draw_tokens`, a few rows at a time: the same bits, faster on a CPU); append the token,
+   extend the attention mask, continue each row's position by one, feed the token with the cache;
 3. a row finishes at its first stop token (kept as its last response token) or when its decoded response first
    contains a stop string (kept up to the token that completes it); afterwards it emits padding. The loop ends
    when every row has finished or ``max_new_tokens`` is reached.

@@ -324,7 +324,9 @@ def read_training_checkpoint(procs: Any, ckpt: Path, command: str, models: dict[
 
 def check_resume_settings(cfg: Any, ckpt: Path, may_change: Any) -> dict[str, Any]:
     """The checkpoint's saved configuration (``config.yaml``); an `RlhfkitError` naming every setting that differs
-    from ``cfg`` (old and new values), except those in ``may_change`` (`config.changed_settings`)."""
+    from ``cfg`` (old and new values), except those in ``may_change`` (`config.changed_settings`). An unset
+    ``bf16`` (None: the device's default, `utils.resolve_bf16`) takes the saved, resolved value: a resumed run
+    continues at its checkpoint's precision."""
     import yaml
 
     from rlhfkit.config import changed_settings, config_to_dict
