@@ -10,7 +10,7 @@ import pytest
 import torch
 from ppo_helpers import (make_config, make_policy_folder, one_thread,  # noqa: F401  (one_thread: autouse fixture)
                          randomize_value_head, trainable)
-from tolerances import assert_within, forward_factor, linear_terms, logprob_tolerance
+from tolerances import EPS32, assert_within, forward_factor, linear_terms, logprob_tolerance
 
 import rlhfkit.train.ppo_trainer as ppo_trainer
 from rlhfkit.errors import RlhfkitError
@@ -310,3 +310,121 @@ def test_rollout_old_logprobs_need_no_full_kl(tmp_path):
     with pytest.raises(RlhfkitError, match="old_logprobs"):
         make_config(tmp_path, old_logprobs="sampler")
 
+
+
+# ------------------------------------------------------------------------------ the reward model on a trunk
+def _rm_trainer(tmp_path, dtype=torch.float64, **overrides) -> PPOTrainer:
+    """`_trainer` scored by a reward model on the SFT backbone (random head) that also initialises the critic
+    (``critic_init=reward``): the critic's 3 frozen blocks are the reward model's, which runs only its top block
+    from the critic's trunk. Everything in ``dtype``."""
+    from rlhfkit.models.reward import RewardModel, init_head_
+    from ppo_helpers import make_tokenizer
+
+    if not (tmp_path / "rm").exists():
+        make_policy_folder(tmp_path / "sft", layers=LAYERS)
+        torch.manual_seed(3)
+        rm = RewardModel.from_backbone(tmp_path / "sft", kind="decoder", aggregation="last", tokenizer=make_tokenizer())
+        init_head_(rm.model.score)
+        rm.save_pretrained(tmp_path / "rm", make_tokenizer())
+    trainer = _trainer(tmp_path, dtype, reward_model=[str(tmp_path / "rm")], critic_init="reward", **overrides)
+    trainer.reward.model.to(dtype)
+    return trainer
+
+
+def _scored(trainer: PPOTrainer, monkeypatch) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, bool]]]:
+    """(scores from the trunks, plain scores, (rows, from a trunk?) of each reward-model forward) of one rollout."""
+    calls, forward = [], trainer.reward._forward
+
+    def recording(ids, mask, resp_mask, trunk=None):
+        calls.append((ids.shape[0], trunk is not None))
+        return forward(ids, mask, resp_mask, trunk)
+
+    monkeypatch.setattr(trainer.reward, "_forward", recording)
+    rollout, _ = trainer.rollout()
+    batch = trainer.rollout_batch(rollout)
+    trunks = batch.shared_trunks(trainer.policy, trainer.critic)
+    fast = trainer.raw_scores(rollout, None, trunks)[0]
+    plain = trainer.raw_scores(rollout)[0]
+    return fast, plain, calls
+
+
+@pytest.mark.parametrize("packing", ["auto", "off"])
+def test_reward_model_runs_from_the_critics_trunk_with_the_plain_scores_float64(tmp_path, monkeypatch, packing):
+    """The reward model's 3 lowest blocks are the critic's frozen ones: it runs only block 3 from the critic's
+    trunk for every row whose input is exactly the trunk row (a response that ended at an extra stop id gets an
+    EOS appended: those rows take the plain path). Float64 throughout, so the two paths agree to ~1e-15 and the
+    float32 scores to the one rounding step that can then separate them (one float32 spacing, <= EPS32 |s|)."""
+    trainer = _rm_trainer(tmp_path, packing=packing)
+    trunks = trainer.rollout_batch(trainer.rollout()[0]).shared_trunks(trainer.policy, trainer.critic)
+    assert trainer.reward.shared_trunk(trunks).layers == 3  # the critic's trunk, deeper than the policy's 2
+    trainer = _rm_trainer(tmp_path, packing=packing)  # the same rollout again
+    fast, plain, calls = _scored(trainer, monkeypatch)
+    n = fast.shape[0]
+    from_trunk = sum(rows for rows, trunk in calls if trunk)
+    assert 0 < from_trunk < n and sum(rows for rows, _ in calls) == 2 * n  # both paths, then all rows plain
+    assert float(plain.abs().min()) > 1e-3
+    assert_within(fast, plain, EPS32 * plain.abs(), "scores from the trunk vs plain")
+
+
+def test_packed_reward_model_micro_batches_give_the_padded_scores_float64(tmp_path):
+    from rlhfkit.rollout.scoring import RMReward
+
+    trainer = _rm_trainer(tmp_path)
+    rollout, _ = trainer.rollout()
+    texts = [""] * rollout.query_ids.shape[0]
+    args = (texts, texts, rollout.query_ids, rollout.query_mask, rollout.response_ids, rollout.response_mask,
+            rollout.stopped)
+    scores = []
+    for packing in (True, False):
+        source = RMReward(tmp_path / "rm", trainer.tokenizer, batch_size=3, packing=packing)
+        source.model.to(torch.float64)
+        scores.append(source(*args))
+    lengths = (rollout.query_mask.sum(1) + rollout.response_mask.sum(1)).unique()
+    assert len(lengths) > 1  # rows of different lengths: the padded batches hold padding
+    assert_within(scores[0], scores[1], EPS32 * scores[1].abs(), "packed vs padded")
+
+
+def test_reward_model_blocks_that_differ_are_not_read_from_a_trunk(tmp_path):
+    trainer = _rm_trainer(tmp_path, torch.float32)
+    trunks = trainer.rollout_batch(trainer.rollout()[0]).shared_trunks(trainer.policy, trainer.critic)
+    reward = trainer.reward
+    blocks = reward.model.model.base_model.layers
+    assert reward.shared_trunk(trunks).layers == 3
+    with torch.no_grad():  # block 2 now differs from the critic's: the policy's 2-block trunk is the deepest shared
+        blocks[2].mlp.up_proj.weight[0, 0] += 1e-3
+    assert reward.shared_trunk(trunks).layers == 2
+    with torch.no_grad():  # block 0 too: nothing shared
+        blocks[0].mlp.up_proj.weight[0, 0] += 1e-3
+    assert reward.shared_trunk(trunks) is None
+    # another dtype: never mixed
+    reward.model.double()
+    assert reward.shared_trunk(trunks) is None
+
+
+@pytest.mark.parametrize("overrides", [{"bf16": True}, {"reuse_frozen_trunk": False}])
+def test_reward_model_is_offered_no_trunk_under_autocast_or_without_trunk_reuse(tmp_path, monkeypatch, overrides):
+    """bf16 autocast computes the trunks in bf16 matrix products, which the float32 reward model's own forward
+    would not: no trunk is offered (and none exists without trunk reuse); the iteration scores the plain way."""
+    trainer = _rm_trainer(tmp_path, torch.float32, **overrides)
+    seen, call = [], type(trainer.reward).__call__
+
+    def recording(self, *args, trunks=None):
+        seen.append(trunks)
+        return call(self, *args, trunks=trunks)
+
+    monkeypatch.setattr(type(trainer.reward), "__call__", recording)
+    trainer.iteration(1)
+    assert seen == [None]
+
+
+def test_iteration_scores_from_the_trunk(tmp_path, monkeypatch):
+    trainer = _rm_trainer(tmp_path, torch.float32)
+    seen, call = [], type(trainer.reward).__call__
+
+    def recording(self, *args, trunks=None):
+        seen.append(self.shared_trunk(trunks))
+        return call(self, *args, trunks=trunks)
+
+    monkeypatch.setattr(type(trainer.reward), "__call__", recording)
+    trainer.iteration(1)
+    assert [t.layers for t in seen] == [3]

@@ -61,8 +61,10 @@ def test_ppo_scores_ended_responses_as_rlhfkit_score_scores_their_text(tmp_path)
     assert isinstance(trainer.reward, RMReward) and trainer.reward.use_ids
     with linear_terms(trainer.reward.model._head()) as terms:
         ppo, prompts, responses = trainer.raw_scores(rollout)  # PPO's own scoring call (the id path)
-    ppo, scale = ppo.cpu(), terms[0].flatten(1).amax(1)  # per row, the largest Σ|terms| of the head's outputs
-    by_text = RMReward(rm_dir, trainer.tokenizer, force_text=True)(
+    # the largest Σ|terms| of the head's outputs, for every row (the packed micro-batch runs the head once on all)
+    ppo, scale = ppo.cpu(), terms[0].flatten().amax().expand(4)
+    assert trainer.reward.packing  # the trainer's packing=auto: packed micro-batches
+    by_text = RMReward(rm_dir, trainer.tokenizer, force_text=True, packing=True)(
         prompts, responses, query_ids, query_mask, response_ids, response_mask, rollout.stopped)
     # the text path rebuilds the id path's very rows: the same batch through the same float32 forward
     torch.testing.assert_close(by_text, ppo, rtol=0, atol=0)

@@ -37,11 +37,21 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3Model
 
 from rlhfkit.core.masks import position_ids_from_mask
 
-__all__ = ["SUPPORTED", "Trunk", "embedding_and_blocks", "mask_kinds", "run_blocks", "supports_split"]
+__all__ = ["SUPPORTED", "BatchTrunks", "Trunk", "embedding_and_blocks", "mask_kinds", "named_parameters", "run_blocks", "shared_depth",
+           "supports_split"]
 
 SUPPORTED = (LlamaModel, MistralModel, Qwen2Model, Qwen3Model)
 _MASKS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
 _MASK_ARGUMENTS = {"config", "inputs_embeds", "attention_mask", "position_ids"}
+# configuration entries that the embeddings, blocks, masks and rotary tables do not read (a reward model's
+# labels and pad id, names, saving and output switches)
+_IGNORED_CONFIG = {"architectures", "id2label", "label2id", "num_labels", "problem_type", "pad_token_id",
+                   "bos_token_id", "eos_token_id", "_name_or_path", "transformers_version", "dtype", "torch_dtype",
+                   "use_cache", "tie_word_embeddings", "return_dict", "output_hidden_states", "output_attentions",
+                   "finetuning_task", "tokenizer_class", "_commit_hash", "chunk_size_feed_forward"}
+# `models.packing.VARLEN_ATTENTION`, which a packed forward switches an SDPA model to: plain SDPA on every call
+# without a segment plan (named here, not imported: `models.packing` imports this module)
+_SDPA_ALIASES = {"rlhfkit_varlen": "sdpa"}
 
 
 def _cache_keyword(fn: Callable) -> str | None:
@@ -64,6 +74,23 @@ class Trunk(NamedTuple):
 
     hidden: torch.Tensor
     layers: int
+
+
+class BatchTrunks(NamedTuple):
+    """Frozen trunks of one batch of ``[query; response]`` rows, offered to another model that may share those
+    blocks (PPO offers its rollout's trunks to the reward models, `rollout.scoring.RMReward`).
+
+    ``query_ids``/``query_mask`` (B, P) left-padded, ``response_ids``/``response_mask`` (B, T) right-padded (bool
+    masks; positions from the concatenated mask, `core.masks.position_ids_from_mask`); ``trunks``: pairs
+    ``(decoder, Trunk)``, the hidden states (B, P + T, H) of that decoder's embeddings and first ``layers`` blocks
+    on this batch, computed without autocast.
+    """
+
+    query_ids: torch.Tensor
+    query_mask: torch.Tensor
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    trunks: tuple[tuple[nn.Module, Trunk], ...]
 
 
 def supports_split(decoder: nn.Module | None) -> bool:
@@ -136,3 +163,51 @@ def run_blocks(decoder: nn.Module, attention_mask: torch.Tensor, start: int, sto
             hidden = layer(hidden, attention_mask=masks[kind], position_embeddings=position_embeddings,
                            position_ids=position_ids, use_cache=False, **attention_kwargs)
     return decoder.norm(hidden) if final else hidden
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Decoders that share their lowest blocks
+# ----------------------------------------------------------------------------------------------------------
+def named_parameters(modules: list[nn.Module]) -> list[tuple[str, nn.Parameter]]:
+    """The parameters of ``modules`` (e.g. :func:`embedding_and_blocks`), named ``"<module index>.<name>"``."""
+    return [(f"{i}.{name}", p) for i, m in enumerate(modules) for name, p in m.named_parameters()]
+
+
+def _config_view(decoder: nn.Module) -> dict[str, Any]:
+    config = decoder.config
+    view = {k: v for k, v in config.to_dict().items() if k not in _IGNORED_CONFIG}
+    implementation = getattr(config, "_attn_implementation", None)
+    view["_attn_implementation"] = _SDPA_ALIASES.get(implementation, implementation)
+    return view
+
+
+def _same_tensors(a: list[tuple[str, torch.Tensor]], b: list[tuple[str, torch.Tensor]]) -> bool:
+    return len(a) == len(b) and all(na == nb and ta.dtype == tb.dtype and ta.device == tb.device and
+                                    torch.equal(ta, tb) for (na, ta), (nb, tb) in zip(a, b))
+
+
+def _same_setup(a: nn.Module, b: nn.Module) -> bool:
+    """The same architecture, block configuration and rotary tables (buffers included)."""
+    if type(a) is not type(b) or _config_view(a) != _config_view(b):
+        return False
+    rotary = (list(a.rotary_emb.named_buffers()), list(b.rotary_emb.named_buffers()))
+    return _same_tensors(*rotary) and getattr(a.rotary_emb, "attention_scaling", None) == getattr(
+        b.rotary_emb, "attention_scaling", None)
+
+
+def shared_depth(a: nn.Module, b: nn.Module, limit: int) -> int:
+    """How many of the lowest ``limit`` blocks two supported decoders share bit for bit (their embeddings too;
+    0 if those differ): the hidden states after that many blocks are then the same function of the tokens.
+    "The same" = the same class, the same configuration apart from :data:`_IGNORED_CONFIG` (an SDPA model that a
+    packed forward switched to `models.packing.VARLEN_ATTENTION` counts as SDPA), equal rotary tables, and
+    ``torch.equal`` parameters of the same dtype and device."""
+    if a is b:
+        return limit
+    if limit == 0 or not _same_setup(a, b) or mask_kinds(a)[:limit] != mask_kinds(b)[:limit]:
+        return 0
+    if not _same_tensors(named_parameters([a.embed_tokens]), named_parameters([b.embed_tokens])):
+        return 0
+    depth = 0
+    while depth < limit and _same_tensors(named_parameters([a.layers[depth]]), named_parameters([b.layers[depth]])):
+        depth += 1
+    return depth

@@ -11,8 +11,10 @@ where the response ended (EOS, an extra stop id or a stop string; ``Rollout.stop
 ``max_new_tokens``. Function rewards see only the texts (``fn(prompts, responses)``).
 
 A source whose attribute ``needs_references`` is True (a ranker) also takes ``references``: the reference response
-text (B,) of each row's prompt (the PPO prompts file's ``reference`` field), as a keyword. Callers pass it through
-:func:`call_source`, which gives it only to such sources, so every other source keeps the seven arguments.
+text (B,) of each row's prompt (the PPO prompts file's ``reference`` field), as a keyword. A source whose
+``reads_trunks`` is True (a reward model) also takes ``trunks``: frozen trunks of the batch
+(`models.trunk.BatchTrunks`) that it may run its upper blocks from. Callers pass both through
+:func:`call_source`, which gives each only to such sources, so every other source keeps the seven arguments.
 
 Every source returns ``scores`` as a float32 tensor of shape (B,) **on the CPU** (so that sources on different
 devices combine; the caller moves the scores to the policy device), and raises :class:`RlhfkitError` naming the
@@ -48,9 +50,10 @@ from rlhfkit.errors import RlhfkitError, function_name, user_exception
 from rlhfkit.models.loading import load_tokenizer, same_vocabulary
 from rlhfkit.models.rankers import load_ranker, ranker_kind
 from rlhfkit.models.reward import RewardModel, reward_pad_token_id
+from rlhfkit.models.trunk import BatchTrunks, Trunk, embedding_and_blocks, named_parameters, shared_depth
 
 __all__ = ["CombinedReward", "FunctionReward", "RMReward", "RankerReward", "RewardSource", "call_source",
-           "check_scores", "load_reward", "needs_references"]
+           "check_scores", "load_reward", "needs_references", "reads_trunks"]
 
 
 class RewardSource(Protocol):
@@ -75,9 +78,21 @@ def needs_references(source: Any) -> bool:
     return bool(getattr(source, "needs_references", False))
 
 
-def call_source(source: RewardSource, *args: Any, references: Sequence[str] | None = None) -> torch.Tensor:
-    """``source(*args)``, plus ``references=`` for a source that needs them (module docstring)."""
-    return source(*args, references=references) if needs_references(source) else source(*args)
+def reads_trunks(source: Any) -> bool:
+    """True for a source that can score from another model's frozen trunk (its ``reads_trunks``)."""
+    return bool(getattr(source, "reads_trunks", False))
+
+
+def call_source(source: RewardSource, *args: Any, references: Sequence[str] | None = None,
+                trunks: BatchTrunks | None = None) -> torch.Tensor:
+    """``source(*args)``, plus ``references=`` for a source that needs them and ``trunks=`` for one that reads
+    them (module docstring)."""
+    extra: dict[str, Any] = {}
+    if needs_references(source):
+        extra["references"] = references
+    if trunks is not None and reads_trunks(source):
+        extra["trunks"] = trunks
+    return source(*args, **extra)
 
 
 def check_scores(values: Any, batch_size: int, name: str) -> torch.Tensor:
@@ -136,7 +151,21 @@ class RMReward:
     alone longer than that keeps its last ``max_length`` tokens. ``normalize=True`` applies the model's stored
     statistics ``(score - mean) / std`` (``rlhfkit.json``, written by ``rlhfkit score --fit_reference``); a model
     without them is an :class:`RlhfkitError` here, at construction.
+
+    ``packing=True``: each micro-batch runs as one padding-free packed sequence (``RewardModel.forward(packing=True,
+    share_prompts=True)``: the prompt of rows that share it once) where the model allows it, else padded; the
+    same scores up to float rounding.
+
+    ``trunks`` (a call's keyword, `models.trunk.BatchTrunks`; PPO offers its frozen trunks): on the id path, a
+    decoder whose embeddings and lowest blocks are bit-identical to those of an offered trunk's decoder
+    (`models.trunk.shared_depth` over all the trunk's blocks: a reward model trained with those blocks frozen, and a
+    critic initialised from it) runs only its blocks above the deepest such trunk, for every row whose input is
+    exactly the trunk row's real tokens (no EOS appended, nothing truncated; the other rows take the plain path).
+    The hidden states are the same function of the same tokens at the same positions, so the scores are those of
+    the plain path up to the float rounding of another batch shape.
     """
+
+    reads_trunks = True
 
     def __init__(
         self,
@@ -148,10 +177,13 @@ class RMReward:
         normalize: bool = False,
         max_length: int | None = None,
         force_text: bool = False,
+        packing: bool = False,
     ) -> None:
         if batch_size < 1:
             raise RlhfkitError(f"reward batch_size must be at least 1, got {batch_size}")
         self.name = f"reward model {str(path)!r}"
+        self.packing = packing
+        self._sharing: dict[tuple, bool] = {}
         self.device = torch.device(device)
         self.model = RewardModel.from_pretrained(path, dtype=dtype).to(self.device).eval().requires_grad_(False)
         self.tokenizer = load_tokenizer(path)
@@ -206,7 +238,48 @@ class RMReward:
             out.append(self._fit(*row))
         return out
 
+    # -- reading another model's trunk ---------------------------------------------------------------------
+    def _signature(self, decoder: torch.nn.Module, layers: int) -> tuple:
+        own = self.model._backbone()
+        params = named_parameters(embedding_and_blocks(decoder, layers) + embedding_and_blocks(own, layers))
+        return (id(decoder), layers, *((id(p), p.data_ptr(), p._version, p.dtype, p.device) for _, p in params))
+
+    def _shares(self, decoder: torch.nn.Module, layers: int) -> bool:
+        """Whether this model's embeddings and lowest ``layers`` blocks equal ``decoder``'s bit for bit (cached
+        until a parameter of either changes)."""
+        from rlhfkit.rollout.forward import trunk_decoder
+
+        own = trunk_decoder(self.model)
+        if own is None or layers > len(own.layers):
+            return False
+        key = self._signature(decoder, layers)
+        if key not in self._sharing:
+            if len(self._sharing) >= 8:
+                self._sharing.clear()
+            self._sharing[key] = shared_depth(own, decoder, layers) == layers
+        return self._sharing[key]
+
+    def shared_trunk(self, trunks: BatchTrunks | None) -> Trunk | None:
+        """The deepest offered trunk this model can run from (class docstring), or None."""
+        if trunks is None or not self.use_ids:
+            return None
+        dtype = self.model._backbone().get_input_embeddings().weight.dtype
+        best = None
+        for decoder, trunk in trunks.trunks:
+            usable = (decoder is not None and trunk.hidden.device == self.device and trunk.hidden.dtype == dtype
+                      and (best is None or trunk.layers > best.layers))
+            if usable and self._shares(decoder, trunk.layers):
+                best = trunk
+        return best
+
     # -- scoring ------------------------------------------------------------------------------------------
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, resp_mask: torch.Tensor,
+                 trunk: Trunk | None = None) -> torch.Tensor:
+        with torch.inference_mode():
+            out = self.model(ids.to(self.device), mask.to(self.device), resp_mask.to(self.device), trunk=trunk,
+                             packing=self.packing, share_prompts=self.packing)
+        return out.scores.float().cpu()
+
     def __call__(
         self,
         prompts: Sequence[str],
@@ -216,22 +289,37 @@ class RMReward:
         response_ids: torch.Tensor,
         response_mask: torch.Tensor,
         stopped: torch.Tensor,
+        trunks: BatchTrunks | None = None,
     ) -> torch.Tensor:
         B = query_ids.shape[0]
         if len(prompts) != B or len(responses) != B:
             raise ValueError(f"{len(prompts)} prompts and {len(responses)} responses for a batch of {B}")
         rows = self.rows(prompts, responses, query_ids, query_mask, response_ids, response_mask, stopped)
-        scores = []
-        for start in range(0, B, self.batch_size):
-            chunk = rows[start:start + self.batch_size]
-            ids, mask = right_pad([p + r for p, r in chunk], self.pad_id)
+        result = torch.zeros(B)
+        trunk = self.shared_trunk(trunks)
+        from_trunk: list[int] = []
+        if trunk is not None:
+            if trunks.query_ids.shape[0] != B:
+                raise ValueError(f"trunks of {trunks.query_ids.shape[0]} rows for a batch of {B}")
+            q = [_real(trunks.query_ids[b], trunks.query_mask[b]) for b in range(B)]
+            r = [_real(trunks.response_ids[b], trunks.response_mask[b]) for b in range(B)]
+            from_trunk = [b for b in range(B) if rows[b] == (q[b], r[b])]
+            ids = torch.cat([trunks.query_ids, trunks.response_ids], dim=1)
+            mask = torch.cat([trunks.query_mask.bool(), trunks.response_mask.bool()], dim=1)
+            resp_mask = torch.cat([torch.zeros_like(trunks.query_mask, dtype=torch.bool),
+                                   trunks.response_mask.bool()], dim=1)
+            for start in range(0, len(from_trunk), self.batch_size):
+                chunk = from_trunk[start:start + self.batch_size]
+                idx = torch.tensor(chunk, dtype=torch.long, device=trunk.hidden.device)
+                result[chunk] = self._forward(ids[idx], mask[idx], resp_mask[idx],
+                                              Trunk(trunk.hidden[idx], trunk.layers))
+        plain = [b for b in range(B) if b not in set(from_trunk)]
+        for start in range(0, len(plain), self.batch_size):
+            chunk = plain[start:start + self.batch_size]
+            ids, mask = right_pad([rows[b][0] + rows[b][1] for b in chunk], self.pad_id)
             positions = torch.arange(ids.shape[1])[None, :]
-            prompt_lens = torch.tensor([len(p) for p, _ in chunk])[:, None]
-            resp_mask = mask & (positions >= prompt_lens)
-            with torch.inference_mode():
-                out = self.model(ids.to(self.device), mask.to(self.device), resp_mask.to(self.device))
-            scores.append(out.scores.float().cpu())
-        result = torch.cat(scores) if scores else torch.zeros(0)
+            prompt_lens = torch.tensor([len(rows[b][0]) for b in chunk])[:, None]
+            result[chunk] = self._forward(ids, mask, mask & (positions >= prompt_lens))
         if self.normalize:
             result = self.model.normalize(result)
         # check_scores builds a fresh tensor outside inference mode: the caller may modify it in place
@@ -369,6 +457,7 @@ class CombinedReward:
         self.weights = [float(w) for w in weights]
         self.name = " + ".join(f"{w:g} * {s.name}" for s, w in zip(self.sources, self.weights))
         self.needs_references = any(needs_references(s) for s in self.sources)
+        self.reads_trunks = any(reads_trunks(s) for s in self.sources)
 
     def __call__(
         self,
@@ -380,12 +469,13 @@ class CombinedReward:
         response_mask: torch.Tensor,
         stopped: torch.Tensor,
         references: Sequence[str] | None = None,
+        trunks: BatchTrunks | None = None,
     ) -> torch.Tensor:
         total = torch.zeros(len(responses), dtype=torch.float32)
         for source, weight in zip(self.sources, self.weights):
             scores = check_scores(call_source(source, prompts, responses, query_ids, query_mask, response_ids,
-                                              response_mask, stopped, references=references), len(responses),
-                                  source.name)
+                                              response_mask, stopped, references=references, trunks=trunks),
+                                  len(responses), source.name)
             total = total + weight * scores
         return check_scores(total, len(responses), self.name)
 
@@ -398,12 +488,14 @@ def load_reward(
     dtype: torch.dtype = torch.float32,
     batch_size: int = 16,
     normalize: bool = False,
+    packing: bool = False,
 ) -> RewardSource:
     """A reward source from specs: ``"module:function"`` (a spec with ':' that is not an existing path), a ranker
     folder (PairRM or seq2seq: a :class:`RankerReward`, scoring against reference responses), a reward-model
     folder, or a Python callable ``fn(prompts, responses)`` (`FunctionReward`). One spec without weights gives that
     source itself; otherwise a :class:`CombinedReward`
-    (weights default to 1 each). ``normalize=True``: every source is a reward model that applies its stored
+    (weights default to 1 each); ``packing``: reward models pack their micro-batches (:class:`RMReward`).
+    ``normalize=True``: every source is a reward model that applies its stored
     statistics before the combination (:class:`RMReward`); a function, or a model never fitted, is an
     :class:`RlhfkitError`."""
     specs = list(specs)
@@ -426,9 +518,10 @@ def load_reward(
         if not path.exists():
             raise RlhfkitError(f"reward model folder {spec!r} does not exist (for a reward function write "
                                f"'package.module:function')")
+        options = {} if ranker_kind(path) is not None else {"packing": packing}
         source_cls = RankerReward if ranker_kind(path) is not None else RMReward
         sources.append(source_cls(path, policy_tokenizer, device=device, dtype=dtype, batch_size=batch_size,
-                                  normalize=normalize))
+                                  normalize=normalize, **options))
     if len(sources) == 1 and weights is None:
         return sources[0]
     return CombinedReward(sources, list(weights) if weights is not None else [1.0] * len(sources))

@@ -63,7 +63,8 @@ from rlhfkit.models.adapters import adapters_disabled, apply_lora, freeze_lower_
 from rlhfkit.models.loading import ensure_pad_token, hf_folder
 from rlhfkit.models.reward import critic_problem, is_reward_model_folder, load_critic
 from rlhfkit.models.value_head import ValueHead
-from rlhfkit.rollout.forward import packing_problem
+from rlhfkit.models.trunk import BatchTrunks
+from rlhfkit.rollout.forward import packing_problem, trunk_decoder
 from rlhfkit.rollout.sampling import GenerationConfig, Rollout, sample
 from rlhfkit.rollout.scoring import call_source, load_reward, needs_references
 from rlhfkit.train import ppo_state
@@ -71,13 +72,13 @@ from rlhfkit.train.checkpoint import (check_format, checkpoint_step, read_traini
                                       require_latest_checkpoint, save_training_checkpoint)
 from rlhfkit.train.engine.optim import ModuleGroup, build_optimizer, build_scheduler, module_lr
 from rlhfkit.train.engine.processes import Processes
-from rlhfkit.train.engine.sharding import gathered, load_optimizer_state, optimizer_state
+from rlhfkit.train.engine.sharding import gathered, is_sharded, load_optimizer_state, optimizer_state
 from rlhfkit.train.inputs import check_callbacks
 from rlhfkit.train.output import check_fresh_output, prepare_fresh_output
 from rlhfkit.train.ppo_advantages import estimate_advantages
 from rlhfkit.train.ppo_config import PPOConfig
 from rlhfkit.train.ppo_inputs import RewardFn, resolve_inputs
-from rlhfkit.train.ppo_trunk import TrunkSharing
+from rlhfkit.train.ppo_trunk import TrunkSharing, TrunkStates, compute_trunks
 from rlhfkit.train.ppo_update import (UpdateBatch, UpdateSettings, draw_plan, mean_stats, micro_batches,
                                       pad_columns, ppo_update, rollout_forward, rollout_stats)
 from rlhfkit.utils import (MetricsLogger, progress, resolve_bf16, rng_state, set_rng_state, set_seed,
@@ -101,6 +102,30 @@ class Experience:
     shaped: ShapedRewards
     kl_coef: float
     time_forward: float
+
+
+@dataclass
+class RolloutBatch:
+    """A rollout as the no-grad passes and the update read it: ``rows``, this process's rows on the device in the
+    update's layout (prompts left-padded, responses right-padded to the global longest, boolean masks); the
+    minibatch plan of every epoch, the first epoch's micro-batches (``groups``) and the frozen trunks computed over
+    them (`ppo_trunk.compute_trunks`; None: none planned) in ``time_trunks`` seconds."""
+
+    rows: Rollout
+    plan: list[list[list[int]]]
+    groups: list[list[int]]
+    trunks: TrunkStates | None
+    time_trunks: float
+
+    def shared_trunks(self, policy: torch.nn.Module, critic: torch.nn.Module | None) -> BatchTrunks | None:
+        """The trunks offered to the reward sources (`models.trunk.BatchTrunks`; a reward model that shares the
+        lower blocks of the policy or the critic bit for bit runs only its blocks above them), or None."""
+        if self.trunks is None:
+            return None
+        offered = tuple((trunk_decoder(model), trunk) for model, trunk in
+                        ((critic, self.trunks.critic), (policy, self.trunks.policy)) if trunk is not None)
+        r = self.rows
+        return BatchTrunks(r.query_ids, r.query_mask, r.response_ids, r.response_mask, offered)
 
 
 @dataclass
@@ -239,9 +264,11 @@ class PPOTrainer:
         statistics before the combination, an error for a source without them), ``monitors`` and, when a ranker
         source compares each response with its prompt's reference response, ``references`` (else None)."""
         cfg = self.cfg
+        packing = cfg.packing != "off"
         self.reward = load_reward(self.inputs.rewards, self.inputs.reward_weights, self.tokenizer, device=self.device,
-                                  normalize=cfg.score_norm == "reference")
-        self.monitors = {monitor_name(spec): load_reward([spec], None, self.tokenizer, device=self.device)
+                                  normalize=cfg.score_norm == "reference", packing=packing)
+        self.monitors = {monitor_name(spec): load_reward([spec], None, self.tokenizer, device=self.device,
+                                                         packing=packing)
                          for spec in cfg.monitor_rewards}
         self.references: list[str] | None = None
         if any(needs_references(s) for s in (self.reward, *self.monitors.values())):
@@ -389,25 +416,28 @@ class PPOTrainer:
             raise ValueError("a ranker reward source needs the rows' prompt indices to find their references")
         return [self.references[i] for i in indices]
 
-    def raw_scores(self, rollout: Rollout, indices: list[int] | None = None
+    def raw_scores(self, rollout: Rollout, indices: list[int] | None = None, trunks: BatchTrunks | None = None
                    ) -> tuple[torch.Tensor, list[str], list[str]]:
         """The reward sources' scores (B,) of the rows, with the prompt and response texts they read
-        (``indices``: each row's prompt index, needed by a ranker source for the prompt's reference response)."""
+        (``indices``: each row's prompt index, needed by a ranker source for the prompt's reference response;
+        ``trunks``: `RolloutBatch.shared_trunks`, which a reward model sharing those frozen blocks reads)."""
         prompts = decode_rows(self.tokenizer, rollout.query_ids, rollout.query_mask, skip_special_tokens=False)
         responses = decode_rows(self.tokenizer, rollout.response_ids, rollout.response_mask, skip_special_tokens=True)
         scores = call_source(self.reward, prompts, responses, rollout.query_ids, rollout.query_mask,
                              rollout.response_ids, rollout.response_mask, rollout.stopped,
-                             references=self.row_references(indices))
+                             references=self.row_references(indices), trunks=trunks)
         return scores.to(self.device, torch.float32), prompts, responses
 
     def monitor_stats(self, rollout: Rollout, prompts: list[str], responses: list[str],
-                      indices: list[int] | None = None) -> dict[str, float]:
-        """Mean score of each monitor reward over the global rollout batch (logged, never trained on)."""
+                      indices: list[int] | None = None, trunks: BatchTrunks | None = None) -> dict[str, float]:
+        """Mean score of each monitor reward over the global rollout batch (logged, never trained on);
+        ``trunks`` as for `raw_scores`."""
         out = {}
         for name, source in self.monitors.items():
             scores = call_source(source, prompts, responses, rollout.query_ids, rollout.query_mask,
                                  rollout.response_ids, rollout.response_mask, rollout.stopped,
-                                 references=self.row_references(indices)).to(self.device, torch.float32)
+                                 references=self.row_references(indices), trunks=trunks).to(self.device,
+                                                                                              torch.float32)
             out[f"monitor/{name}"] = float(self.dist.gather(scores).mean())
         return out
 
@@ -427,15 +457,13 @@ class PPOTrainer:
                                "update (check the reward sources and score_norm)")
         return scores
 
-    # -- steps 2-4 -------------------------------------------------------------------------------------
-    def prepare(self, rollout: Rollout, raw_scores: torch.Tensor,
-                greedy: tuple[torch.Tensor, torch.Tensor] | None = None) -> Experience:
-        """Steps 2 (score processing), 3 (no-grad forward passes, shaped rewards) and 4 (advantages) on a rollout
-        and its raw scores (``remax``: ``greedy`` = the raw scores and stop flags of its prompts' greedy responses,
-        processed like the samples':
-        missing-stop penalty, ``score_norm`` none or reference, clipping). Public so that a test can inject a fixed
-        rollout."""
+    # -- step 3's trunks (before step 2) ------------------------------------------------------------------
+    def rollout_batch(self, rollout: Rollout) -> RolloutBatch:
+        """The rollout's rows on the device in the update's layout, the minibatch plan and the frozen trunks over
+        the first epoch's micro-batches (`ppo_trunk`). Computed before the scores: a reward model that shares
+        frozen blocks with the critic or the policy reads them (`RolloutBatch.shared_trunks`)."""
         cfg, dist = self.cfg, self.dist
+        start = time.perf_counter()
         # responses padded to the global longest, so that statistics can gather (B, T) tensors
         T = dist.max_int(rollout.response_ids.shape[1])
         response_ids = pad_columns(rollout.response_ids, T, self.tokenizer.pad_token_id).to(self.device)
@@ -445,7 +473,39 @@ class PPOTrainer:
         query_ids, query_mask = left_pad([rollout.query_ids[b][rollout.query_mask[b].bool()].tolist()
                                           for b in range(rollout.query_ids.shape[0])], self.tokenizer.pad_token_id)
         query_ids, query_mask = query_ids.to(self.device), query_mask.to(self.device)
-        stopped = rollout.stopped.to(self.device)
+        plan = draw_plan(query_ids.shape[0], cfg.ppo_epochs, cfg.num_minibatches, self.shuffle_generator)
+        groups = [m for rows in plan[0] for m in micro_batches(rows, cfg.micro_batch_size)]
+        with gathered(self.policy, self.critic):  # --fsdp: gathered outside the passes' inference mode
+            trunks = compute_trunks(self.trunks.plan(self.policy, self.reference, self.critic), self.policy,
+                                    self.critic, query_ids, query_mask, response_ids, response_mask, groups,
+                                    self.autocast_dtype)
+        rows = Rollout(query_ids, query_mask, response_ids, response_mask, rollout_logprobs,
+                       rollout.stopped.to(self.device))
+        return RolloutBatch(rows, plan, groups, trunks, time.perf_counter() - start)
+
+    def scoring_trunks(self, batch: RolloutBatch) -> BatchTrunks | None:
+        """The frozen trunks offered to the reward sources (`RolloutBatch.shared_trunks`): none under autocast (the
+        trunks' bf16 products are not what a float32 reward model computes) or with sharded models (``--fsdp``:
+        their parameters are shards outside the gathered passes)."""
+        if self.autocast_dtype is not None or is_sharded(self.policy) or is_sharded(self.critic):
+            return None
+        return batch.shared_trunks(self.policy, self.critic)
+
+    # -- steps 2-4 -------------------------------------------------------------------------------------
+    def prepare(self, rollout: Rollout, raw_scores: torch.Tensor,
+                greedy: tuple[torch.Tensor, torch.Tensor] | None = None,
+                batch: RolloutBatch | None = None) -> Experience:
+        """Steps 2 (score processing), 3 (no-grad forward passes, shaped rewards) and 4 (advantages) on a rollout
+        and its raw scores (``remax``: ``greedy`` = the raw scores and stop flags of its prompts' greedy responses,
+        processed like the samples':
+        missing-stop penalty, ``score_norm`` none or reference, clipping); ``batch``: the rollout's
+        `rollout_batch` when the scores were computed with its trunks (else made here). Public so that a test can
+        inject a fixed rollout."""
+        cfg, dist = self.cfg, self.dist
+        b = batch if batch is not None else self.rollout_batch(rollout)
+        r = b.rows
+        query_ids, query_mask, response_ids, response_mask = r.query_ids, r.query_mask, r.response_ids, r.response_mask
+        rollout_logprobs, stopped = r.rollout_logprobs, r.stopped
         raw_scores = raw_scores.to(self.device, torch.float32)
 
         # 2. scores: penalty, normalisation, clipping
@@ -454,16 +514,14 @@ class PPOTrainer:
         if greedy is not None:
             greedy_scores = self.process_scores(greedy[0].to(self.device, torch.float32), greedy[1].to(self.device))
 
-        # 3. no-grad forward passes over the first epoch's micro-batches, then the KL-shaped rewards
+        # 3. no-grad forward passes over the first epoch's micro-batches (from the frozen trunks), then the
+        # KL-shaped rewards
         start = time.perf_counter()
-        plan = draw_plan(query_ids.shape[0], cfg.ppo_epochs, cfg.num_minibatches, self.shuffle_generator)
-        groups = [m for rows in plan[0] for m in micro_batches(rows, cfg.micro_batch_size)]
         recompute = cfg.old_logprobs == "recompute"
         with gathered(self.policy, self.critic):  # --fsdp: gathered outside the passes' inference mode
             fwd = rollout_forward(self.policy, self.reference, self.reference_context, self.critic, query_ids,
-                                  query_mask, response_ids, response_mask, groups, cfg.temperature,
-                                  self.autocast_dtype, with_logits=cfg.kl_estimator == "full",
-                                  trunk_plan=self.trunks.plan(self.policy, self.reference, self.critic),
+                                  query_mask, response_ids, response_mask, b.groups, cfg.temperature,
+                                  self.autocast_dtype, with_logits=cfg.kl_estimator == "full", trunks=b.trunks,
                                   policy_pass=recompute, packing=self.update_settings.packing)
         old_logprobs = fwd.old_logprobs if recompute else torch.where(
             response_mask, rollout_logprobs.to(fwd.ref_logprobs.dtype), 0.0)
@@ -482,8 +540,8 @@ class PPOTrainer:
         batch = UpdateBatch(query_ids, query_mask, response_ids, response_mask, old_logprobs, fwd.old_values,
                             advantages, returns, trunks=fwd.trunks,
                             ref_logprobs=fwd.ref_logprobs if cfg.kl_in == "loss" else None)
-        return Experience(batch, plan, fwd.ref_logprobs, rollout_logprobs, stopped, raw_scores, scores, shaped,
-                          kl_coef, time.perf_counter() - start)
+        return Experience(batch, b.plan, fwd.ref_logprobs, rollout_logprobs, stopped, raw_scores, scores, shaped,
+                          kl_coef, b.time_trunks + time.perf_counter() - start)
 
     # -- step 5 ----------------------------------------------------------------------------------------
     def update(self, exp: Experience) -> list[dict[str, float]]:
@@ -538,12 +596,15 @@ class PPOTrainer:
         rollout, indices = self.rollout()
         greedy = self.greedy_scores(rollout, indices) if cfg.advantage_estimator == "remax" else None
         t_rollout = time.perf_counter() - start
-        # 2. the reward sources' raw scores (and the monitors')
+        # 2. the reward sources' raw scores (and the monitors'), after step 3's frozen trunks: a reward model that
+        # shares those blocks runs only its blocks above them
+        batch = self.rollout_batch(rollout)
         t0 = time.perf_counter()
-        raw_scores, prompts, responses = self.raw_scores(rollout, indices)
+        trunks = self.scoring_trunks(batch)
+        raw_scores, prompts, responses = self.raw_scores(rollout, indices, trunks)
         t_score = time.perf_counter() - t0
         # 2-4. score processing, the no-grad forward passes and shaped rewards, advantages
-        exp = self.prepare(rollout, raw_scores, greedy)
+        exp = self.prepare(rollout, raw_scores, greedy, batch)
         # 5. the update, then the learning-rate schedules' step
         lrs = self.learning_rates()
         t0 = time.perf_counter()
@@ -551,7 +612,7 @@ class PPOTrainer:
         t_update = time.perf_counter() - t0
         # 6. statistics and the KL controller update; a sample table every sample_table_every iterations
         stats = self.statistics(exp, history, lrs)
-        stats.update(self.monitor_stats(rollout, prompts, responses, indices))
+        stats.update(self.monitor_stats(rollout, prompts, responses, indices, trunks))
         elapsed = time.perf_counter() - start
         episodes = cfg.episodes_per_iteration
         tokens = stats["response/length_mean"] * episodes

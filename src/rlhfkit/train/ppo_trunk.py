@@ -31,21 +31,13 @@ trunk (policy, critic) for the iteration.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 import torch
 from torch import nn
 
-from rlhfkit.models.trunk import Trunk, embedding_and_blocks, mask_kinds, num_blocks
-from rlhfkit.rollout.forward import TrimmedBatch, trunk_decoder, trunk_forward
-
-# configuration entries that the embeddings, blocks, masks and rotary tables do not read (a reward model's
-# labels and pad id, names, saving and output switches)
-_IGNORED_CONFIG = {"architectures", "id2label", "label2id", "num_labels", "problem_type", "pad_token_id",
-                   "bos_token_id", "eos_token_id", "_name_or_path", "transformers_version", "dtype", "torch_dtype",
-                   "use_cache", "tie_word_embeddings", "return_dict", "output_hidden_states", "output_attentions",
-                   "finetuning_task", "tokenizer_class", "_commit_hash", "chunk_size_feed_forward"}
-
+from rlhfkit.models.trunk import Trunk, embedding_and_blocks, named_parameters, num_blocks, shared_depth
+from rlhfkit.rollout.forward import TrimmedBatch, trim_batch, trunk_decoder, trunk_forward
 
 @dataclass(frozen=True)
 class TrunkPlan:
@@ -74,16 +66,41 @@ class TrunkPlan:
 
 
 class TrunkStates(NamedTuple):
-    """The trunks of one rollout, (B, P + T, H) in the layout of the update batch (P = its query width)."""
+    """The trunks of one rollout, (B, P + T, H) in the layout of the update batch (P = its query width);
+    ``reference``: the reference runs from the policy's trunk (`TrunkPlan.reference`)."""
 
     policy: Trunk | None
     critic: Trunk | None
     query_width: int
+    reference: bool = False
 
     def rows(self, idx: torch.Tensor, tb: TrimmedBatch) -> tuple[Trunk | None, Trunk | None]:
         """The trunks of the rows ``idx`` for their trimmed micro-batch ``tb`` (its kept columns)."""
         cols = slice(tb.query_start, self.query_width + tb.response_end)
         return tuple(None if t is None else Trunk(t.hidden[idx, cols], t.layers) for t in (self.policy, self.critic))
+
+
+def compute_trunks(plan: TrunkPlan, policy: nn.Module, critic: nn.Module | None, query_ids: torch.Tensor,
+                   query_mask: torch.Tensor, response_ids: torch.Tensor, response_mask: torch.Tensor,
+                   groups: Sequence[Sequence[int]], autocast_dtype: torch.dtype | None = None) -> TrunkStates | None:
+    """The planned trunks of a rollout (query (B, P) left-padded, response (B, T) right-padded), computed without
+    gradients over ``groups`` (the first epoch's micro-batches, each trimmed as the update trims it) and assembled
+    into `TrunkStates`; None when the plan computes none."""
+    if not (plan.policy or plan.critic):
+        return None
+    parts = []
+    with torch.inference_mode():
+        for rows in groups:
+            idx = torch.tensor(list(rows), dtype=torch.long, device=query_ids.device)
+            tb = trim_batch(query_ids[idx], query_mask[idx], response_ids[idx], response_mask[idx])
+            trunks = plan.compute(policy, critic, tb.query_ids, tb.query_mask, tb.response_ids, tb.response_mask,
+                                  autocast_dtype=autocast_dtype)
+            parts.append((list(rows), tb, *trunks))
+    # outside inference mode: normal tensors, usable by the update's autograd-recording forwards
+    B, P, T = query_ids.shape[0], query_ids.shape[1], response_ids.shape[1]
+    policy_states = assemble([(rows, tb, p) for rows, tb, p, _ in parts], B, P, T)
+    critic_states = assemble([(rows, tb, c) for rows, tb, _, c in parts], B, P, T)
+    return TrunkStates(policy_states, critic_states, P, plan.reference and policy_states is not None)
 
 
 def assemble(parts: list[tuple[list[int], TrimmedBatch, Trunk | None]], num_rows: int, query_width: int,
@@ -105,48 +122,8 @@ def assemble(parts: list[tuple[list[int], TrimmedBatch, Trunk | None]], num_rows
 # ----------------------------------------------------------------------------------------------------------
 # Planning
 # ----------------------------------------------------------------------------------------------------------
-def _params(modules: list[nn.Module]) -> list[tuple[str, nn.Parameter]]:
-    return [(f"{i}.{name}", p) for i, m in enumerate(modules) for name, p in m.named_parameters()]
-
-
 def _frozen(decoder: nn.Module, layers: int) -> bool:
-    return all(not p.requires_grad for _, p in _params(embedding_and_blocks(decoder, layers)))
-
-
-def _config_view(decoder: nn.Module) -> dict[str, Any]:
-    config = decoder.config
-    view = {k: v for k, v in config.to_dict().items() if k not in _IGNORED_CONFIG}
-    view["_attn_implementation"] = getattr(config, "_attn_implementation", None)
-    return view
-
-
-def _same_tensors(a: list[tuple[str, torch.Tensor]], b: list[tuple[str, torch.Tensor]]) -> bool:
-    return len(a) == len(b) and all(na == nb and ta.dtype == tb.dtype and ta.device == tb.device and
-                                    torch.equal(ta, tb) for (na, ta), (nb, tb) in zip(a, b))
-
-
-def _same_setup(a: nn.Module, b: nn.Module) -> bool:
-    """The same architecture, block configuration and rotary tables (buffers included)."""
-    if type(a) is not type(b) or _config_view(a) != _config_view(b):
-        return False
-    rotary = (list(a.rotary_emb.named_buffers()), list(b.rotary_emb.named_buffers()))
-    return _same_tensors(*rotary) and getattr(a.rotary_emb, "attention_scaling", None) == getattr(
-        b.rotary_emb, "attention_scaling", None)
-
-
-def shared_depth(a: nn.Module, b: nn.Module, limit: int) -> int:
-    """How many of the lowest ``limit`` blocks two supported decoders share bit for bit (their embeddings too;
-    0 if those differ): the hidden states after that many blocks are then the same function of the tokens."""
-    if a is b:
-        return limit
-    if limit == 0 or not _same_setup(a, b) or mask_kinds(a)[:limit] != mask_kinds(b)[:limit]:
-        return 0
-    if not _same_tensors(_params([a.embed_tokens]), _params([b.embed_tokens])):
-        return 0
-    depth = 0
-    while depth < limit and _same_tensors(_params([a.layers[depth]]), _params([b.layers[depth]])):
-        depth += 1
-    return depth
+    return all(not p.requires_grad for _, p in named_parameters(embedding_and_blocks(decoder, layers)))
 
 
 def plan_trunks(policy: nn.Module, reference: nn.Module, critic: nn.Module | None, policy_layers: int,
@@ -187,7 +164,7 @@ class TrunkSharing:
             if decoder is not None:
                 modules = embedding_and_blocks(decoder, min(layers, num_blocks(decoder)))
                 parts.extend((id(p), p.data_ptr(), p.dtype, p.device, p.requires_grad, p._version)
-                             for _, p in _params(modules))
+                             for _, p in named_parameters(modules))
         return tuple(parts)
 
     def plan(self, policy: nn.Module, reference: nn.Module, critic: nn.Module) -> TrunkPlan:

@@ -44,7 +44,7 @@ from rlhfkit.rollout.forward import (PolicyForward, TrimmedBatch, critic_forward
 from rlhfkit.train.engine.processes import Processes
 from rlhfkit.train.engine.sharding import grad_norm, gradient_sync
 from rlhfkit.train.engine.stats import NamedSums
-from rlhfkit.train.ppo_trunk import TrunkPlan, TrunkStates, assemble
+from rlhfkit.train.ppo_trunk import TrunkStates
 
 
 def global_whiten(x: torch.Tensor, mask: torch.Tensor, dist: Processes, shift_mean: bool = True) -> torch.Tensor:
@@ -133,7 +133,7 @@ def rollout_forward(
     temperature: float,
     autocast_dtype: torch.dtype | None = None,
     with_logits: bool = False,
-    trunk_plan: TrunkPlan = TrunkPlan(),
+    trunks: TrunkStates | None = None,
     policy_pass: bool = True,
     packing: bool = False,
 ) -> RolloutForward:
@@ -142,28 +142,26 @@ def rollout_forward(
 
     ``groups`` are the micro-batches (row indices) of the first epoch, in order; each is trimmed exactly as the
     update will trim it. ``reference_context()`` wraps the reference pass (e.g. peft's ``disable_adapter``).
-    ``trunk_plan`` (`train.ppo_trunk`): the frozen trunks computed once here, run from by every pass of this
-    function and returned for the update. ``policy_pass=False`` skips the policy's pass (``old_logprobs`` and
+    ``trunks`` (`train.ppo_trunk.compute_trunks` of these rows): every pass runs from the frozen trunks, and they
+    are returned for the update. ``policy_pass=False`` skips the policy's pass (``old_logprobs`` and
     ``logits`` are then None: the caller takes the sampler's log-probs). ``packing``: every pass padding-free
     packed where its model allows it (`policy_forward`), as the update's passes (the same micro-batches, the same
     layouts, so the first epoch's ratio is exactly 1).
     """
     B, T = response_ids.shape
     parts: list[tuple[list[int], Any, Any, Any, Any, Any, Any]] = []
-    trunk_parts: list[tuple[list[int], TrimmedBatch, Trunk | None, Trunk | None]] = []
     with torch.inference_mode():
         for rows in groups:
             idx = torch.tensor(rows, dtype=torch.long, device=query_ids.device)
             tb = trim_batch(query_ids[idx], query_mask[idx], response_ids[idx], response_mask[idx])
             args = (tb.query_ids, tb.query_mask, tb.response_ids, tb.response_mask)
-            policy_trunk, critic_trunk = trunk_plan.compute(policy, critic, *args, autocast_dtype=autocast_dtype)
-            trunk_parts.append((rows, tb, policy_trunk, critic_trunk))
+            policy_trunk, critic_trunk = trunks.rows(idx, tb) if trunks is not None else (None, None)
             common = dict(temperature=temperature, with_logits=with_logits, autocast_dtype=autocast_dtype,
                           packing=packing)
             pf, values = policy_and_values(policy, critic, args, policy_trunk, critic_trunk, policy_pass, **common)
             with reference_context():
                 rf = policy_forward(reference, *args, **common,
-                                    trunk=policy_trunk if trunk_plan.reference else None)
+                                    trunk=policy_trunk if trunks is not None and trunks.reference else None)
             logits = (tb.restore(pf.logits) if pf is not None else None, tb.restore(rf.logits)) if with_logits \
                 else (None, None)
             parts.append((rows, tb.restore(pf.logprobs) if pf is not None else None, tb.restore(rf.logprobs),
@@ -182,11 +180,6 @@ def rollout_forward(
         for part in parts:
             full[torch.tensor(part[0], dtype=torch.long, device=device)] = part[k + 1].clone()
         outputs.append(full)
-    P = query_ids.shape[1]
-    policy_states = assemble([(rows, tb, p) for rows, tb, p, _ in trunk_parts], B, P, T)
-    critic_states = assemble([(rows, tb, c) for rows, tb, _, c in trunk_parts], B, P, T)
-    trunks = None if policy_states is None and critic_states is None else \
-        TrunkStates(policy_states, critic_states, P)
     return RolloutForward(*outputs, trunks=trunks)
 
 
