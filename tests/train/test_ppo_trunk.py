@@ -61,13 +61,20 @@ def test_plan_follows_the_models(tmp_path):
     trainer = _trainer(tmp_path, torch.float32)
     plan = trainer.trunks.plan(trainer.policy, trainer.reference, trainer.critic)
     # critic_init=policy: the critic's embeddings and lowest blocks are the policy's, so its trunk (3 blocks)
-    # continues from the policy's hidden states after min(2, 3) blocks
-    assert plan == TrunkPlan(policy=2, reference=True, critic=3, shared=2)
+    # continues from the policy's hidden states after min(2, 3) blocks; its 3 blocks are also the reference's
+    # (both the SFT model's), so the reference runs from the deeper critic trunk
+    assert plan == TrunkPlan(policy=2, reference=True, critic=3, shared=2, reference_critic=True)
     assert _trainer(tmp_path, torch.float32, critic_freeze_layers=1).trunks.plan(
         trainer.policy, trainer.reference, trainer.critic) == TrunkPlan(policy=2, reference=True, critic=1, shared=1)
-    # the critic's frozen blocks alone: its own trunk, nothing shared
+    # the critic's block 2 differs from the reference's: the reference runs from the policy's trunk
+    other = _trainer(tmp_path, torch.float32)
+    with torch.no_grad():
+        other.critic.model.base_model.layers[2].mlp.up_proj.weight[0, 0] += 1e-3
+    assert other.trunks.plan(other.policy, other.reference, other.critic) == TrunkPlan(2, True, 3, 2, False)
+    # the critic's frozen blocks alone: its own trunk, which the reference (the same SFT blocks) runs from too
     alone = _trainer(tmp_path, torch.float32, freeze_layers=0)
-    assert alone.trunks.plan(alone.policy, alone.reference, alone.critic) == TrunkPlan(policy=0, critic=3)
+    assert alone.trunks.plan(alone.policy, alone.reference, alone.critic) == TrunkPlan(policy=0, critic=3,
+                                                                                        reference_critic=True)
     # a change of a frozen parameter is seen (its version counter) and re-planned: block 1 of the reference now
     # differs from the policy's, so the reference runs in full and the critic shares only block 0
     with torch.no_grad():
@@ -185,7 +192,8 @@ def _count_rows(modules: dict[str, torch.nn.Module]) -> tuple[dict[str, int], li
 def _blocks(trainer: PPOTrainer) -> dict[str, torch.nn.Module]:
     critic = trainer.critic.model.base_model.layers
     return {"policy0": trainer.policy.model.layers[0], "policy3": trainer.policy.model.layers[3],
-            "reference0": trainer.reference.model.layers[0], "reference3": trainer.reference.model.layers[3],
+            "reference0": trainer.reference.model.layers[0], "reference2": trainer.reference.model.layers[2],
+            "reference3": trainer.reference.model.layers[3],
             "critic0": critic[0], "critic2": critic[2], "critic3": critic[3]}
 
 
@@ -203,12 +211,13 @@ def test_lower_blocks_run_once_per_row_per_rollout(tmp_path, reuse):
     B, E = 8, 3
     if reuse:
         # the shared stage (policy blocks 0-1) once; the critic's block 2 (frozen, not shared) once; the reference
-        # runs only blocks 2-3; the upper blocks: once for the old log-probs / values, once per epoch
-        assert counts == {"policy0": B, "policy3": B + E * B, "reference0": 0, "reference3": B, "critic0": 0,
-                          "critic2": B, "critic3": B + E * B}
+        # runs only block 3, on the critic's 3-block trunk (the same SFT blocks); the upper blocks: once for the
+        # old log-probs / values, once per epoch
+        assert counts == {"policy0": B, "policy3": B + E * B, "reference0": 0, "reference2": 0, "reference3": B,
+                          "critic0": 0, "critic2": B, "critic3": B + E * B}
     else:
-        assert counts == {"policy0": B + E * B, "policy3": B + E * B, "reference0": B, "reference3": B,
-                          "critic0": B + E * B, "critic2": B + E * B, "critic3": B + E * B}
+        assert counts == {"policy0": B + E * B, "policy3": B + E * B, "reference0": B, "reference2": B,
+                          "reference3": B, "critic0": B + E * B, "critic2": B + E * B, "critic3": B + E * B}
 
 
 @pytest.mark.parametrize("freeze", [0, 2])

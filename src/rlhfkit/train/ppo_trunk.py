@@ -7,7 +7,9 @@ gradients, and then serves
 * the policy's old log-probs and every epoch's forward: the policy runs only blocks k..N (with gradients in the
   update; none flow into the frozen blocks anyway);
 * the reference log-probs: the reference (a copy of the initial policy) has the very same lowest k blocks, so
-  it runs only its blocks k..N on the policy's trunk;
+  it runs only its blocks k..N on the policy's trunk; or, when the critic's trunk is deeper (c > k) and the
+  reference's lowest c blocks equal the critic's (a critic from the policy, or from a reward model trained from it
+  with those blocks frozen, as in the quickstart), only its blocks c..N on the critic's trunk;
 * the critic, with ``critic_freeze_layers = c``: its own trunk after c blocks is likewise computed once; when its
   embeddings and lowest blocks are bit-identical to the policy's (``critic_init=policy``, or a reward model
   trained with those blocks frozen), its trunk continues from the policy's hidden states after
@@ -44,12 +46,13 @@ class TrunkPlan:
     """Which trunks a rollout computes. ``policy`` = k and ``critic`` = c: blocks run once per rollout (0: that
     model takes the plain path); ``reference``: the reference runs its blocks k..N on the policy's trunk;
     ``shared`` = j: the critic's trunk continues from the policy's hidden states after j blocks (0: from its own
-    embeddings)."""
+    embeddings); ``reference_critic``: the reference runs its blocks c..N on the critic's trunk instead (c > k)."""
 
     policy: int = 0
     reference: bool = False
     critic: int = 0
     shared: int = 0
+    reference_critic: bool = False
 
     def compute(self, policy: nn.Module, critic: nn.Module, query_ids: torch.Tensor, query_mask: torch.Tensor,
                 response_ids: torch.Tensor, response_mask: torch.Tensor,
@@ -67,12 +70,17 @@ class TrunkPlan:
 
 class TrunkStates(NamedTuple):
     """The trunks of one rollout, (B, P + T, H) in the layout of the update batch (P = its query width);
-    ``reference``: the reference runs from the policy's trunk (`TrunkPlan.reference`)."""
+    ``reference``: the trunk the reference runs from, ``"policy"``, ``"critic"`` (`TrunkPlan.reference`,
+    ``reference_critic``) or None."""
 
     policy: Trunk | None
     critic: Trunk | None
     query_width: int
-    reference: bool = False
+    reference: str | None = None
+
+    def reference_trunk(self, policy_trunk: Trunk | None, critic_trunk: Trunk | None) -> Trunk | None:
+        """Of a micro-batch's trunks (`rows`), the one the reference runs from (None: its plain path)."""
+        return {"policy": policy_trunk, "critic": critic_trunk}.get(self.reference)
 
     def rows(self, idx: torch.Tensor, tb: TrimmedBatch) -> tuple[Trunk | None, Trunk | None]:
         """The trunks of the rows ``idx`` for their trimmed micro-batch ``tb`` (its kept columns)."""
@@ -100,7 +108,8 @@ def compute_trunks(plan: TrunkPlan, policy: nn.Module, critic: nn.Module | None,
     B, P, T = query_ids.shape[0], query_ids.shape[1], response_ids.shape[1]
     policy_states = assemble([(rows, tb, p) for rows, tb, p, _ in parts], B, P, T)
     critic_states = assemble([(rows, tb, c) for rows, tb, _, c in parts], B, P, T)
-    return TrunkStates(policy_states, critic_states, P, plan.reference and policy_states is not None)
+    reference = "critic" if plan.reference_critic else "policy" if plan.reference else None
+    return TrunkStates(policy_states, critic_states, P, reference)
 
 
 def assemble(parts: list[tuple[list[int], TrimmedBatch, Trunk | None]], num_rows: int, query_width: int,
@@ -135,13 +144,14 @@ def plan_trunks(policy: nn.Module, reference: nn.Module, critic: nn.Module | Non
     k = policy_layers if decoder is not None and 0 < policy_layers <= num_blocks(decoder) else 0
     if k and not _frozen(decoder, k):
         k = 0
-    reference_decoder = trunk_decoder(reference) if k else None
-    share_reference = reference_decoder is not None and shared_depth(decoder, reference_decoder, k) == k
     c = critic_layers if critic_decoder is not None and 0 < critic_layers <= num_blocks(critic_decoder) else 0
     if c and not _frozen(critic_decoder, c):
         c = 0
+    reference_decoder = trunk_decoder(reference) if k or c else None
+    share_reference = bool(k) and reference_decoder is not None and shared_depth(decoder, reference_decoder, k) == k
+    from_critic = c > k and reference_decoder is not None and shared_depth(reference_decoder, critic_decoder, c) == c
     j = shared_depth(decoder, critic_decoder, min(k, c)) if k and c else 0
-    return TrunkPlan(policy=k, reference=share_reference, critic=c, shared=j)
+    return TrunkPlan(policy=k, reference=share_reference, critic=c, shared=j, reference_critic=from_critic)
 
 
 class TrunkSharing:
@@ -157,8 +167,8 @@ class TrunkSharing:
 
     def _signature(self, policy: nn.Module, reference: nn.Module, critic: nn.Module) -> tuple:
         parts: list[Any] = [id(policy), id(reference), id(critic)]
-        for model, layers in ((policy, self.policy_layers), (reference, self.policy_layers),
-                              (critic, self.critic_layers)):
+        for model, layers in ((policy, self.policy_layers),
+                              (reference, max(self.policy_layers, self.critic_layers)), (critic, self.critic_layers)):
             decoder = trunk_decoder(model) if model is not None else None
             parts.append(None if decoder is None else id(decoder))
             if decoder is not None:

@@ -160,8 +160,8 @@ def rollout_forward(
                           packing=packing)
             pf, values = policy_and_values(policy, critic, args, policy_trunk, critic_trunk, policy_pass, **common)
             with reference_context():
-                rf = policy_forward(reference, *args, **common,
-                                    trunk=policy_trunk if trunks is not None and trunks.reference else None)
+                rf = policy_forward(reference, *args, **common, trunk=trunks.reference_trunk(
+                    policy_trunk, critic_trunk) if trunks is not None else None)
             logits = (tb.restore(pf.logits) if pf is not None else None, tb.restore(rf.logits)) if with_logits \
                 else (None, None)
             parts.append((rows, tb.restore(pf.logprobs) if pf is not None else None, tb.restore(rf.logprobs),
