@@ -91,7 +91,7 @@ def child_ours(a: argparse.Namespace) -> None:
     items = [TokenizedPair(c, r, 0, 0, None, i + 1) for i, (c, r) in enumerate(zip(chosen, rejected))]
     tokens = sum(map(len, chosen)) + sum(map(len, rejected))
 
-    def pretokenized(cfg, tokenizer, examples, source):  # replaces step 1's tokenisation only
+    def pretokenized(cfg, tokenizer, examples, source, kind=None):  # replaces step 1's tokenisation only
         if len(examples) != n:
             raise RuntimeError(f"expected {n} placeholder rows, got {len(examples)}")
         return items, TokenizeReport(n, 0, 0, cfg.max_length, cfg.overlong)
