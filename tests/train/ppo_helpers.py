@@ -75,7 +75,10 @@ TIMING_PREFIXES = ("time/", "throughput/")
 
 def make_config(tmp: Path, **overrides):
     """A small PPOConfig on a tiny policy (built once per tmp folder) and 16 prompts; three extra stop ids make
-    responses of different lengths (so that micro-batches trim differently)."""
+    responses of different lengths (so that micro-batches trim differently). ``old_logprobs=recompute`` unless
+    overridden: the tests hold the first minibatch's ratio to 1 exactly, and many inject rollouts whose
+    ``rollout_logprobs`` are placeholders (the default ``auto`` and ``rollout`` have their own tests in
+    test_ppo_trunk.py)."""
     from rlhfkit.train.ppo_config import PPOConfig
 
     policy = tmp / "sft"
@@ -87,7 +90,7 @@ def make_config(tmp: Path, **overrides):
     kw = dict(policy=str(policy), reward_model=[REWARD], prompts=str(prompts), output=str(tmp / "run"),
               iterations=2, max_new_tokens=6, temperature=1.0, stop_token_ids=[3, 4, 5], rollout_batch_size=8,
               ppo_epochs=2, num_minibatches=2, micro_batch_size=2, learning_rate=1e-3, critic_init="policy",
-              sample_table_every=1, sample_table_rows=4)
+              sample_table_every=1, sample_table_rows=4, old_logprobs="recompute")
     kw.update(overrides)
     return PPOConfig(**kw)
 

@@ -248,17 +248,23 @@ def test_a_constant_schedule_with_warmup_resumed_longer_equals_the_longer_run(tm
     _assert_same_weights(tmp_path / "long" / "policy", tmp_path / "cut" / "policy")
 
 
-def test_an_unset_bf16_resumes_at_the_checkpoints_precision(tmp_path):
-    # --bf16 unset (None) is the device's default; on resume it takes the checkpoint's resolved value, whichever it
-    # is, and an explicit value that differs is still a changed setting
-    PPOTrainer(make_config(tmp_path, save_every=1)).train()
+def test_unset_bf16_and_old_logprobs_resume_at_the_checkpoints_values(tmp_path):
+    # --bf16 unset (None) is the device's default and --old_logprobs auto the precision's; config.yaml records the
+    # resolved values, and a resumed run that leaves them unset takes the checkpoint's, whichever they are, through
+    # the trainer itself (before it resolves anything: the autocast follows); an explicit value that differs is
+    # still a changed setting
+    PPOTrainer(make_config(tmp_path, save_every=1, old_logprobs="auto")).train()
     ckpt = find_latest_checkpoint(tmp_path / "run")
     saved = yaml.safe_load((ckpt / "config.yaml").read_text())
-    assert saved["bf16"] is False  # the CPU's resolved default, recorded
-    (ckpt / "config.yaml").write_text(yaml.safe_dump({**saved, "bf16": True}, sort_keys=False))
-    cfg = make_config(tmp_path, save_every=1, resume=True)
-    assert cfg.bf16 is None
-    ppo_state.check_resume_config(cfg, ckpt)
-    assert cfg.bf16 is True
-    with pytest.raises(RlhfkitError, match=r"bf16: True -> False"):
-        ppo_state.check_resume_config(make_config(tmp_path, save_every=1, resume=True, bf16=False), ckpt)
+    assert (saved["bf16"], saved["old_logprobs"]) == (False, "rollout")  # the CPU's resolved defaults, recorded
+    (ckpt / "config.yaml").write_text(yaml.safe_dump({**saved, "bf16": True, "old_logprobs": "recompute"},
+                                                     sort_keys=False))
+    cfg = make_config(tmp_path, save_every=1, resume=True, old_logprobs="auto")
+    assert (cfg.bf16, cfg.old_logprobs) == (None, "auto")
+    trainer = PPOTrainer(cfg)
+    assert (cfg.bf16, cfg.old_logprobs, trainer.autocast_dtype) == (True, "recompute", torch.bfloat16)
+    assert trainer.open_output() == 3  # the resume check passes (nothing differs): after iteration 2 of 2
+    for explicit, message in (({"bf16": False}, r"bf16: True -> False"),
+                              ({"old_logprobs": "rollout"}, r"old_logprobs: 'recompute' -> 'rollout'")):
+        with pytest.raises(RlhfkitError, match=message):
+            PPOTrainer(make_config(tmp_path, save_every=1, resume=True, **explicit)).open_output()

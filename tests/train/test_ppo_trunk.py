@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+import yaml
 from ppo_helpers import (make_config, make_policy_folder, one_thread,  # noqa: F401  (one_thread: autouse fixture)
                          randomize_value_head, trainable)
 from tolerances import EPS32, assert_within, forward_factor, linear_terms, logprob_tolerance
@@ -15,6 +16,7 @@ from tolerances import EPS32, assert_within, forward_factor, linear_terms, logpr
 import rlhfkit.train.ppo_trainer as ppo_trainer
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.rollout.forward import policy_forward
+from rlhfkit.train.ppo_config import PPOConfig, resolve_old_logprobs
 from rlhfkit.train.ppo_trainer import PPOTrainer
 from rlhfkit.train.ppo_trunk import TrunkPlan
 from rlhfkit.train.ppo_update import UpdateSettings, ppo_update
@@ -311,6 +313,51 @@ def test_rollout_old_logprobs_move_the_first_ratio_by_the_samplers_gap_only(tmp_
     assert first[1]["policy/ratio_mean"] == 1.0
     assert abs(first[0]["policy/ratio_mean"] - 1.0) <= math.expm1(gap)
     assert first[0]["policy/approx_kl"] <= gap ** 2  # (ρ - 1) - log ρ ≈ ½ (log ρ)²
+
+
+def test_auto_old_logprobs_are_the_samplers_only_where_they_equal_the_forwards_to_float32_rounding(tmp_path):
+    """``auto`` (the default) resolves to ``rollout`` for the built-in sampler in float32 (the gap bounded by the
+    float32 test above), and to ``recompute`` where the gap is larger (bf16, vLLM's kernels) or the pass runs anyway
+    (a shared critic, the full KL's logits); an explicit choice stays."""
+    def resolved(**settings) -> str:
+        cfg = make_config(tmp_path, old_logprobs="auto")
+        for name, value in settings.items():  # set after construction: vLLM need not be installed
+            setattr(cfg, name, value)
+        return resolve_old_logprobs(cfg)
+
+    assert PPOConfig(output="x").old_logprobs == "auto"  # the default
+    assert resolved(bf16=False) == "rollout"
+    assert resolved(bf16=False, advantage_estimator="rloo", samples_per_prompt=2) == "rollout"  # no critic
+    assert resolved(bf16=True) == "recompute"
+    assert resolved(bf16=False, rollout_engine="vllm") == "recompute"
+    assert resolved(bf16=False, critic="shared") == "recompute"
+    assert resolved(bf16=False, kl_estimator="full") == "recompute"
+    assert resolved(bf16=True, old_logprobs="rollout") == "rollout"
+    assert resolved(bf16=False, old_logprobs="recompute") == "recompute"
+
+
+def test_the_default_trainer_takes_the_samplers_log_probs_and_records_the_choice(tmp_path, monkeypatch):
+    """On a CPU (float32) the default runs no policy pass in step 3: the old log-probs are the sampler's, bit for
+    bit, and config.yaml records ``rollout``; the reference and the critic still run."""
+    passes = []
+    real = ppo_trainer.rollout_forward
+
+    def spy(*args, **kwargs):
+        passes.append(kwargs["policy_pass"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ppo_trainer, "rollout_forward", spy)
+    trainer = PPOTrainer(make_config(tmp_path, iterations=1, old_logprobs="auto"))
+    assert (trainer.cfg.bf16, trainer.cfg.old_logprobs) == (False, "rollout")
+    rollout, _ = trainer.rollout()
+    exp = trainer.prepare(rollout, torch.linspace(-1, 1, rollout.query_ids.shape[0]))
+    m = exp.batch.response_mask
+    assert passes == [False]
+    assert torch.equal(exp.batch.old_logprobs, torch.where(m, rollout.rollout_logprobs, 0.0))
+    assert exp.batch.old_values is not None and bool(exp.ref_logprobs[m].ne(0).all())
+    trainer.train()
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert (saved["old_logprobs"], saved["bf16"]) == ("rollout", False)
 
 
 def test_rollout_old_logprobs_need_no_full_kl(tmp_path):

@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+import yaml
 from rm_helpers import (WORDS, GOOD, PAD, VOCAB, accumulate, first_step, first_step_tolerances,  # noqa: F401
                         make_sft_folder,
                         make_tokenizer, one_thread, pointwise_rows, preference_rows, read_weights,  # (one_thread:
@@ -23,6 +24,7 @@ from rlhfkit.data.preference import parse_preferences
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.models.reward import RewardModel
 from rlhfkit.train import checkpoint, reward_trainer
+from rlhfkit.train.checkpoint import find_latest_checkpoint
 from rlhfkit.train.rm_config import RMTrainConfig
 from rlhfkit.train.rm_eval import evaluate_reward_model, load_scoring_model, pad_id_of
 from rlhfkit.utils import read_jsonl
@@ -380,6 +382,23 @@ def test_resume_refuses_a_changed_configuration(sft, pairs, tmp_path, capsys):
     assert train(sft, pairs, out, "--batch_size", "16", "--save_steps", "5", "--eval_fraction", "0",
                  "--learning_rate", "1e-3", "--resume") == 2
     assert "learning_rate" in capsys.readouterr().err
+
+
+def test_an_unset_bf16_resumes_at_the_checkpoints_precision(sft, pairs, tmp_path, capsys):
+    # through the trainer itself: an unset --bf16 takes the checkpoint's resolved value before the device's
+    # default would resolve it (a run started with --bf16 continues in bf16 without repeating it); an explicit
+    # other value is a changed setting
+    out, common = tmp_path / "out", ["--batch_size", "16", "--save_steps", "5", "--eval_fraction", "0"]
+    assert train(sft, pairs, out, *common) == 0
+    ckpt = find_latest_checkpoint(out)
+    saved = yaml.safe_load((ckpt / "config.yaml").read_text())
+    assert saved["bf16"] is False  # the CPU's default, recorded (the resumed steps then run under bf16 autocast)
+    (ckpt / "config.yaml").write_text(yaml.safe_dump({**saved, "bf16": True}, sort_keys=False))
+    assert train(sft, pairs, out, *common, "--resume") == 0
+    assert yaml.safe_load((out / "config.yaml").read_text())["bf16"] is True
+    capsys.readouterr()
+    assert train(sft, pairs, out, *common, "--bf16", "false", "--resume") == 2
+    assert "bf16: True -> False" in capsys.readouterr().err
 
 
 def test_resume_refuses_another_run_length(sft, tmp_path, capsys):

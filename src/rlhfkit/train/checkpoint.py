@@ -322,11 +322,39 @@ def read_training_checkpoint(procs: Any, ckpt: Path, command: str, models: dict[
     return info, state, rank_state
 
 
+# settings whose unset value the trainer resolves from the machine or the run (``bf16``: the device,
+# `utils.resolve_bf16`; ``old_logprobs``: the precision and the engine, `ppo_config.resolve_old_logprobs`), with
+# that unset value: config.yaml records the resolved one, and a resumed run that leaves them unset takes it
+UNSET_SETTINGS: dict[str, Any] = {"bf16": None, "old_logprobs": "auto"}
+
+
+def adopt_saved_settings(cfg: Any, saved: dict[str, Any]) -> None:
+    """Set each `UNSET_SETTINGS` field that ``cfg`` has and leaves unset to its value in ``saved`` (a checkpoint's
+    config.yaml), where that records one."""
+    for name, unset in UNSET_SETTINGS.items():
+        if name in saved and hasattr(cfg, name) and getattr(cfg, name) == unset:
+            setattr(cfg, name, saved[name])
+
+
+def take_saved_settings(cfg: Any) -> None:
+    """``--resume``: before a trainer resolves its unset settings, let them take the latest checkpoint's resolved
+    values (`adopt_saved_settings`), so that a run resumed on another machine continues as it ran. Nothing when
+    ``cfg`` does not resume or no checkpoint with a config.yaml exists (the resume check then names what is
+    missing)."""
+    import yaml
+
+    if not getattr(cfg, "resume", False):
+        return
+    ckpt = find_latest_checkpoint(cfg.output)
+    if ckpt is not None and (ckpt / "config.yaml").is_file():
+        adopt_saved_settings(cfg, yaml.safe_load((ckpt / "config.yaml").read_text()) or {})
+
+
 def check_resume_settings(cfg: Any, ckpt: Path, may_change: Any) -> dict[str, Any]:
     """The checkpoint's saved configuration (``config.yaml``); an `RlhfkitError` naming every setting that differs
-    from ``cfg`` (old and new values), except those in ``may_change`` (`config.changed_settings`). An unset
-    ``bf16`` (None: the device's default, `utils.resolve_bf16`) takes the saved, resolved value: a resumed run
-    continues at its checkpoint's precision."""
+    from ``cfg`` (old and new values), except those in ``may_change`` (`config.changed_settings`). A setting of
+    `UNSET_SETTINGS` left unset takes the saved, resolved value (`take_saved_settings`): a resumed run continues
+    at its checkpoint's precision and old log-probs."""
     import yaml
 
     from rlhfkit.config import changed_settings, config_to_dict
@@ -335,8 +363,7 @@ def check_resume_settings(cfg: Any, ckpt: Path, may_change: Any) -> dict[str, An
     if not path.is_file():
         raise RlhfkitError(f"{path}: checkpoint file missing (the checkpoint folder is incomplete)")
     saved = yaml.safe_load(path.read_text()) or {}
-    if getattr(cfg, "bf16", False) is None and "bf16" in saved:  # unset: the run continues at the saved precision
-        cfg.bf16 = bool(saved["bf16"])
+    adopt_saved_settings(cfg, saved)
     changed = changed_settings(cfg, saved, may_change)
     if changed:
         now = config_to_dict(cfg)

@@ -22,7 +22,7 @@ MISSING_STOP_MODES = ("replace", "subtract")
 KL_ESTIMATORS = ("kl", "abs", "mse", "k3", "full")
 OVERLONG_POLICIES = ("truncate_prompt_left", "drop", "fail")
 LR_SCHEDULERS = ("constant", "linear", "cosine")
-OLD_LOGPROBS = ("recompute", "rollout")
+OLD_LOGPROBS = ("auto", "recompute", "rollout")
 ROLLOUT_ENGINES = ("hf", "vllm")
 ADVANTAGE_ESTIMATORS = ("gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "remax")
 CRITIC_FREE_ESTIMATORS = ADVANTAGE_ESTIMATORS[1:]  # no critic is built, loaded, trained or saved
@@ -201,11 +201,13 @@ class PPOConfig:
         "stop the iteration's update early when a minibatch's approx-KL exceeds this (None = off)"))
     bf16: Optional[bool] = field(default=None, metadata=_help(
         "run forward passes under bfloat16 autocast; unset = auto: on for a CUDA GPU with fast bf16, off on a CPU (float32; bf16 is ~400x slower on AVX2-only CPUs); --bf16 or --bf16 false chooses"))
-    old_logprobs: str = field(default="recompute", metadata=_help(
-        "the old log-probs of the PPO ratio: 'recompute' (a no-grad policy forward over the first epoch's "
-        "micro-batches: the first minibatch has ratio 1 exactly) or 'rollout' (the sampler's log-probs, no policy "
-        "forward: the same numbers up to float rounding, bf16 rounding with --bf16; not with --kl_estimator full, "
-        "which needs the policy's logits)", choices=list(OLD_LOGPROBS)))
+    old_logprobs: str = field(default="auto", metadata=_help(
+        "the old log-probs of the PPO ratio: 'rollout' (the sampler's log-probs, no policy forward: the training "
+        "forward's numbers up to float rounding), 'recompute' (a no-grad policy forward over the first epoch's "
+        "micro-batches: the first minibatch has ratio 1 exactly; needed by --kl_estimator full, which reads the "
+        "policy's logits) or 'auto' (rollout with the built-in sampler in float32, else recompute: under --bf16, "
+        "with --rollout_engine vllm, --critic shared or --kl_estimator full; config.yaml records the choice)",
+        choices=list(OLD_LOGPROBS)))
 
     # -- what trains ------------------------------------------------------------------------------------
     freeze_layers: int = field(default=0, metadata=_help(
@@ -414,6 +416,21 @@ def check_shared_critic(cfg: PPOConfig) -> None:
         raise RlhfkitError(f"critic_freeze_layers={cfg.critic_freeze_layers} needs critic=separate: with "
                            "critic=shared the value head reads the policy's trunk, whose frozen blocks are "
                            "--freeze_layers")
+
+
+def resolve_old_logprobs(cfg: PPOConfig) -> str:
+    """``old_logprobs`` as given, or what ``auto`` means for this run (``cfg.bf16`` already resolved):
+    ``rollout`` where the sampler's log-probs are the training forward's up to float32 rounding, which is the
+    built-in sampler (`rollout.sampling.sample`) in float32: the same network over the same tokens, one position
+    at a time, its log-softmax in float32 (`docs/ppo.md` detail 25); ``recompute`` where they are not or where
+    skipping the pass saves nothing: under ``bf16`` (bf16 rounding, ~1e-2), with ``rollout_engine=vllm`` (another
+    engine's kernels: PPO's log-probs come from the training forward), with ``critic=shared`` (the pass runs
+    anyway, for the values) and with ``kl_estimator=full`` (which reads the policy's logits)."""
+    if cfg.old_logprobs != "auto":
+        return cfg.old_logprobs
+    exact = not cfg.bf16 and cfg.rollout_engine == "hf"
+    saves = cfg.critic != "shared" and cfg.kl_estimator != "full"
+    return "rollout" if exact and saves else "recompute"
 
 
 def check_vllm_engine(cfg: PPOConfig) -> None:

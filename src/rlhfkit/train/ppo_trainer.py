@@ -69,14 +69,14 @@ from rlhfkit.rollout.sampling import GenerationConfig, Rollout, sample
 from rlhfkit.rollout.scoring import call_source, load_reward, needs_references
 from rlhfkit.train import ppo_state
 from rlhfkit.train.checkpoint import (check_format, checkpoint_step, read_training_checkpoint,
-                                      require_latest_checkpoint, save_training_checkpoint)
+                                      require_latest_checkpoint, save_training_checkpoint, take_saved_settings)
 from rlhfkit.train.engine.optim import ModuleGroup, build_optimizer, build_scheduler, module_lr
 from rlhfkit.train.engine.processes import Processes
 from rlhfkit.train.engine.sharding import gathered, is_sharded, load_optimizer_state, optimizer_state
 from rlhfkit.train.inputs import check_callbacks
 from rlhfkit.train.output import check_fresh_output, prepare_fresh_output
 from rlhfkit.train.ppo_advantages import estimate_advantages
-from rlhfkit.train.ppo_config import PPOConfig
+from rlhfkit.train.ppo_config import PPOConfig, resolve_old_logprobs
 from rlhfkit.train.ppo_inputs import RewardFn, resolve_inputs
 from rlhfkit.train.ppo_trunk import TrunkSharing, TrunkStates, compute_trunks
 from rlhfkit.train.ppo_update import (UpdateBatch, UpdateSettings, draw_plan, mean_stats, micro_batches,
@@ -167,7 +167,9 @@ class PPOTrainer:
         self.callbacks = check_callbacks(callbacks)
         self.dist = dist or Processes.start("ppo")
         self.output, self.device = Path(cfg.output), self.dist.device
+        take_saved_settings(cfg)  # --resume: what the checkpoint resolved (precision, old log-probs)
         cfg.bf16 = resolve_bf16(cfg.bf16, self.device)  # unset: the device's default (config.yaml records it)
+        cfg.old_logprobs = resolve_old_logprobs(cfg)  # auto: the sampler's where they equal the training forward's
         self.autocast_dtype = torch.bfloat16 if cfg.bf16 else None
         if self.dist.is_main:
             warn_if_slow_bf16(cfg.bf16, self.device, "ppo --bf16")

@@ -62,7 +62,7 @@ from rlhfkit.data.tokenize import (
 )
 from rlhfkit.errors import RlhfkitError, data_error
 from rlhfkit.train.checkpoint import (check_format, check_resume_settings, read_training_checkpoint,
-                                      require_latest_checkpoint, save_training_checkpoint)
+                                      require_latest_checkpoint, save_training_checkpoint, take_saved_settings)
 from rlhfkit.train.engine.optim import ModuleGroup, build_optimizer, build_scheduler, trainable_parameters
 from rlhfkit.train.engine.processes import Processes
 from rlhfkit.train.engine.sharding import full_copy, gathered, gradient_sync, load_optimizer_state, optimizer_state
@@ -505,6 +505,7 @@ class RewardTrainer:
         train_source = self.train_source
         self.cfg = cfg
         self.procs = procs = procs or Processes.start("rm train")
+        take_saved_settings(cfg)  # --resume: the checkpoint's resolved precision
         cfg.bf16 = resolve_bf16(cfg.bf16, procs.device)  # unset: the device's default (config.yaml records it)
         if procs.is_main:
             warn_if_slow_bf16(cfg.bf16, procs.device, "rm train --bf16")
