@@ -1,5 +1,5 @@
-"""Suite-wide settings: under pytest-xdist (``-n 2``, the README's test command) each worker computes with one
-thread, so that two workers share the machine's two cores instead of oversubscribing them."""
+"""Suite-wide settings: under pytest-xdist (``-n auto`` in pyproject's addopts: one worker per core) each worker
+computes with one thread, so that the workers share the machine's cores instead of oversubscribing them."""
 
 from __future__ import annotations
 
