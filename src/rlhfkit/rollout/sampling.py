@@ -18,7 +18,9 @@ the sampling loop so that positions, stopping and the rollout log-probs are unde
 
 Finished rows leave the batch: once enough of the rows still in the forward batch have finished (see
 :func:`_should_compact`), the cache, attention mask and positions keep only the unfinished rows, so later
-steps compute nothing for them. Every row's tokens and log-probs are unchanged by this (a row's computation
+steps compute nothing for them. On a CPU, a decode step's float32 matrix products use weights packed once for
+the forward batch's row count (:mod:`rlhfkit.rollout.prepack`, MKL's packed GEMM: the same products without
+copying every weight into the kernel's layout at every step; ``prepack_weights=False`` turns it off). Every row's tokens and log-probs are unchanged by this (a row's computation
 never reads another row; only float rounding of the different matrix shapes can differ), and the random stream
 is too: every step draws one uniform for *every* row of the batch, finished or not, exactly as the full batch
 does, and each unfinished row uses its own.
@@ -44,6 +46,7 @@ from transformers.cache_utils import DynamicLayer
 
 from rlhfkit.core.logprobs import logprobs_from_logits
 from rlhfkit.errors import RlhfkitError
+from rlhfkit.rollout.prepack import PrepackedLinears, prepack_available
 
 __all__ = [
     "GenerationConfig",
@@ -472,6 +475,7 @@ def sample(
     generator: torch.Generator | None = None,
     tokenizer: Any = None,
     autocast_dtype: torch.dtype | None = None,
+    prepack_weights: bool = True,
 ) -> Rollout:
     """Sample up to ``config.max_new_tokens`` response tokens for each left-padded prompt.
 
@@ -489,6 +493,9 @@ def sample(
         tokenizer: needed only for ``config.stop_strings`` (and for ``pad_token_id`` when the config has none).
         autocast_dtype: if given (e.g. ``torch.bfloat16``), forward passes run under ``torch.autocast`` on the
             model's device type; log-probs are still computed in float32.
+        prepack_weights: on a CPU with MKL, run the decode steps' float32 linears with weights packed once per
+            forward-batch size (:mod:`rlhfkit.rollout.prepack`; the same products, faster at few rows); False
+            runs every product plainly. Ignored where it does not apply (GPU, autocast, no MKL).
 
     Returns:
         a :class:`Rollout`; all tensors on the model's device.
@@ -515,16 +522,19 @@ def sample(
     next_position = attention_mask.sum(-1, keepdim=True)  # (B,1): each row continues after its last position
     autocast = (torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype is not None
                 else contextlib.nullcontext())
+    packer = PrepackedLinears(model) if prepack_weights and prepack_available(model, autocast_dtype) else None
 
     was_training = model.training
     model.eval()
     steps = 0
     try:
-        with torch.inference_mode(), autocast:
+        with torch.inference_mode(), autocast, packer or contextlib.nullcontext():
             for step in range(max_new):
                 if step == 0:  # the prompts, each distinct prompt once
                     logits = _prefill(model, prompt_ids, attention_mask, position_ids, cache, cache_kwargs)
                 else:
+                    if packer is not None:  # weights packed for this many rows (again after rows left)
+                        packer.prepare(rows.shape[0], max_new - step)
                     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                 use_cache=True, logits_to_keep=1, **cache_kwargs)
                     logits = out.logits[:, -1, :].float()  # (rows,V), float32 whatever the model's dtype

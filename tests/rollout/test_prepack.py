@@ -1,0 +1,160 @@
+"""Tests of rlhfkit.rollout.prepack: prepacked decode products equal the plain ones, apply only where they may,
+leave the modules as they were; the sampler with them samples what it samples without them."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tolerances import assert_within, forward_factor, linear_terms, logprob_tolerance
+from torch import nn
+
+import rlhfkit.rollout.sampling as sampling
+from rlhfkit.rollout.prepack import MAX_PREPACK_ROWS, MIN_PREPACK_STEPS, PrepackedLinears, prepack_available
+from rlhfkit.rollout.sampling import GenerationConfig, sample
+
+EPS32 = torch.finfo(torch.float32).eps
+needs_mkl = pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="this torch build has no MKL")
+
+
+def _linear_bound(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+    """Two float32 evaluations of x @ Wᵀ + b differ by a few eps of each output's Σ|terms| per reduction level."""
+    terms = x.abs() @ linear.weight.abs().t() + (linear.bias.abs() if linear.bias is not None else 0)
+    return 2 * math.log2(linear.in_features) * EPS32 * terms
+
+
+@needs_mkl
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_prepared_call_uses_the_packed_weight_and_equals_the_plain_product(bias):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(48, 80, bias=bias), nn.Linear(80, 16, bias=bias))
+    x = torch.randn(6, 1, 48)  # a decode step's (rows, 1, hidden) input
+    with torch.inference_mode():
+        with PrepackedLinears(model) as packer:
+            packer.prepare(rows=6, steps_left=10)
+            hidden = model[0](x)
+            out = model[1](hidden)
+            assert packer.packs == 2                     # each weight packed once for 6 rows...
+            assert torch.equal(model[1](model[0](x)), out)
+            assert packer.packs == 2                     # ...and reused by the next step
+            x5 = torch.randn(5, 1, 48)
+            other = model(x5)                            # another row count: the plain product, nothing packed
+            assert packer.packs == 2
+            packer.prepare(rows=5, steps_left=10)        # finished rows left the batch: packed again for 5
+            five = model[0](x5)
+            assert packer.packs == 3
+        assert hidden.shape == (6, 1, 80) and out.shape == (6, 1, 16) and other.shape == (5, 1, 16)
+        assert torch.equal(other, model(x5))
+        assert_within(hidden, model[0](x), _linear_bound(x, model[0]), "first linear")
+        assert_within(out, model[1](hidden), _linear_bound(hidden, model[1]), "second linear")
+        assert_within(five, model[0](x5), _linear_bound(x5, model[0]), "first linear, 5 rows")
+
+
+@needs_mkl
+def test_exit_restores_the_modules_and_frees_the_packs():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
+    with torch.inference_mode(), PrepackedLinears(model) as packer:
+        assert all("forward" in m.__dict__ for m in model)
+        packer.prepare(3, 10)
+        model(torch.randn(3, 8))
+        assert len(packer._packed) == 2
+    assert all("forward" not in m.__dict__ for m in model)
+    assert packer._packed == {} and packer.rows is None
+    x = torch.randn(3, 8)
+    assert torch.equal(model(x), model[1](F.linear(x, model[0].weight, model[0].bias)))
+
+
+def test_prepare_packs_only_for_few_rows_and_enough_steps():
+    packer = PrepackedLinears(nn.Linear(4, 4))
+    packer.prepare(MAX_PREPACK_ROWS, MIN_PREPACK_STEPS)
+    assert packer.rows == MAX_PREPACK_ROWS
+    packer.prepare(MAX_PREPACK_ROWS + 1, 100)
+    assert packer.rows is None                           # many rows: the per-call copy is a small part
+    packer.prepare(8, MIN_PREPACK_STEPS - 1)
+    assert packer.rows is None                           # too few steps left to pay for packing
+    packer.prepare(8, 50)
+    assert packer.rows == 8
+
+
+@needs_mkl
+def test_only_plain_float32_cpu_linears_without_replaced_forwards_are_patched():
+    class MyLinear(nn.Linear):
+        pass
+
+    hooked = nn.Linear(8, 8)
+    hooked.forward = lambda x: x  # e.g. accelerate's hooks replace an instance's forward
+    model = nn.ModuleDict({"plain": nn.Linear(8, 8), "bf16": nn.Linear(8, 8).bfloat16(), "sub": MyLinear(8, 8),
+                           "hooked": hooked})
+    packer = PrepackedLinears(model)
+    assert packer.modules == [model["plain"]]
+    assert prepack_available(model) and not prepack_available(model, autocast_dtype=torch.bfloat16)
+    assert not prepack_available(nn.Sequential(nn.Linear(4, 4).bfloat16()))
+    with packer:
+        assert model["hooked"].forward(torch.ones(2, 8)).equal(torch.ones(2, 8))  # its own forward untouched
+    assert "forward" in hooked.__dict__
+
+
+@needs_mkl
+def test_autocast_and_autograd_calls_run_the_plain_product():
+    torch.manual_seed(1)
+    linear = nn.Linear(16, 8)
+    x = torch.randn(4, 16)
+    with PrepackedLinears(linear) as packer:
+        packer.prepare(4, 10)
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            assert linear(x).dtype == torch.bfloat16     # autocast's own product, not the packed float32 one
+        y = linear(x)                                    # autograd on: the plain product, with its gradient
+        y.sum().backward()
+        assert packer.packs == 0
+    assert torch.equal(y, F.linear(x, linear.weight, linear.bias))
+    assert_within(linear.weight.grad, torch.ones(8, 1) * x.sum(0), 4 * EPS32 * x.abs().sum(0).expand(8, 16),
+                  "weight gradient")
+
+
+def _tiny_llama() -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(3)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3, bos_token_id=1,
+                         eos_token_id=2, pad_token_id=0)
+    return LlamaForCausalLM(config).eval()
+
+
+@needs_mkl
+def test_the_sampler_with_prepacked_weights_samples_what_it_samples_without(monkeypatch):
+    """float32 (the path applies to float32 only): the same tokens, masks and stops, and log-probs equal to the
+    rounding of two float32 forwards; the packed path did run, for every row count the batch went through."""
+    model = _tiny_llama()
+    prompts = [[5, 17, 33, 9], [40, 8, 12, 60, 21, 7, 30], [11, 3], [7, 7, 7], [21], [30, 31, 32, 33, 34]]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[False] * (width - len(p)) + [True] * len(p) for p in prompts])
+    config = GenerationConfig(max_new_tokens=16, temperature=1.0, stop_token_ids=(2, 4, 6, 13), pad_token_id=0)
+    packers: list[PrepackedLinears] = []
+
+    class Recording(PrepackedLinears):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            packers.append(self)
+
+    monkeypatch.setattr(sampling, "PrepackedLinears", Recording)
+    packed = sample(model, ids, mask, config, torch.Generator().manual_seed(5))
+    plain = sample(model, ids, mask, config, torch.Generator().manual_seed(5), prepack_weights=False)
+    assert len(packers) == 1 and packers[0].packs >= len(packers[0].modules)
+    assert "forward" not in model.lm_head.__dict__
+    assert 0 < int(packed.stopped.sum()) < len(prompts)  # rows left the batch: packed again for fewer rows
+    assert packers[0].packs > len(packers[0].modules)
+    assert torch.equal(packed.response_ids, plain.response_ids)
+    assert torch.equal(packed.response_mask, plain.response_mask)
+    assert torch.equal(packed.stopped, plain.stopped)
+    full = torch.cat([ids, plain.response_ids], 1)
+    full_mask = torch.cat([mask, plain.response_mask], 1).long()
+    with torch.no_grad(), linear_terms(model.lm_head) as terms:
+        model(input_ids=full, attention_mask=full_mask, position_ids=(full_mask.cumsum(-1) - 1).clamp(min=0))
+    head_terms = terms[0][:, width - 1:-1]
+    m = plain.response_mask
+    bound = logprob_tolerance(head_terms, plain.rollout_logprobs, 1.0, forward_factor(2))
+    assert_within(packed.rollout_logprobs[m], plain.rollout_logprobs[m], bound[m], "rollout log-probs")
