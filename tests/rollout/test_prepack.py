@@ -143,7 +143,7 @@ def test_the_sampler_with_prepacked_weights_samples_what_it_samples_without(monk
     monkeypatch.setattr(sampling, "PrepackedLinears", Recording)
     packed = sample(model, ids, mask, config, torch.Generator().manual_seed(5))
     plain = sample(model, ids, mask, config, torch.Generator().manual_seed(5), prepack_weights=False)
-    assert len(packers) == 1 and packers[0].packs >= len(packers[0].modules)
+    assert len(packers) == 1
     assert "forward" not in model.lm_head.__dict__
     assert 0 < int(packed.stopped.sum()) < len(prompts)  # rows left the batch: packed again for fewer rows
     assert packers[0].packs > len(packers[0].modules)

@@ -47,17 +47,17 @@ def _mkl_ops() -> bool:
 
 
 def _eligible(module: nn.Module) -> bool:
-    weight = module.weight
-    return (type(module) is nn.Linear and "forward" not in module.__dict__ and type(weight.data) is torch.Tensor
-            and weight.dtype == torch.float32 and weight.device.type == "cpu" and weight.dim() == 2
-            and (module.bias is None or (module.bias.dtype == torch.float32 and module.bias.device.type == "cpu")))
+    if type(module) is not nn.Linear or "forward" in module.__dict__:
+        return False
+    weight, bias = module.weight, module.bias
+    return (type(weight.data) is torch.Tensor and weight.dtype == torch.float32 and weight.device.type == "cpu"
+            and (bias is None or (bias.dtype == torch.float32 and bias.device.type == "cpu")))
 
 
 def prepack_available(model: nn.Module, autocast_dtype: torch.dtype | None = None) -> bool:
     """Whether :class:`PrepackedLinears` would pack any of ``model``'s linears: MKL's packed GEMM in this torch
     build, no autocast requested, and at least one eligible ``nn.Linear`` (float32, plain CPU tensor)."""
-    return autocast_dtype is None and _mkl_ops() and any(_eligible(m) for m in model.modules() if
-                                                         isinstance(m, nn.Linear))
+    return autocast_dtype is None and bool(PrepackedLinears(model).modules)
 
 
 class PrepackedLinears:
@@ -71,8 +71,7 @@ class PrepackedLinears:
     """
 
     def __init__(self, model: nn.Module, max_rows: int = MAX_PREPACK_ROWS, min_steps: int = MIN_PREPACK_STEPS):
-        self.modules = [m for m in model.modules() if isinstance(m, nn.Linear) and _eligible(m)] if _mkl_ops() \
-            else []
+        self.modules = [m for m in model.modules() if _eligible(m)] if _mkl_ops() else []
         self.max_rows, self.min_steps = max_rows, min_steps
         self.rows: int | None = None
         self.packs = 0

@@ -20,10 +20,11 @@ Finished rows leave the batch: once enough of the rows still in the forward batc
 :func:`_should_compact`), the cache, attention mask and positions keep only the unfinished rows, so later
 steps compute nothing for them. On a CPU, a decode step's float32 matrix products use weights packed once for
 the forward batch's row count (:mod:`rlhfkit.rollout.prepack`, MKL's packed GEMM: the same products without
-copying every weight into the kernel's layout at every step; ``prepack_weights=False`` turns it off). Every row's tokens and log-probs are unchanged by this (a row's computation
-never reads another row; only float rounding of the different matrix shapes can differ), and the random stream
-is too: every step draws one uniform for *every* row of the batch, finished or not, exactly as the full batch
-does, and each unfinished row uses its own.
+copying every weight into the kernel's layout at every step; ``prepack_weights=False`` turns it off). Every
+row's tokens and log-probs are unchanged by this (a row's computation never reads another row; only float
+rounding of the different matrix shapes can differ), and the random stream is too: every step draws one
+uniform for *every* row of the batch, finished or not, exactly as the full batch does, and each unfinished row
+uses its own.
 
 
 ``rollout_logprobs`` are ``log_softmax(logits / temperature)`` of the sampled token over the *full* tempered
@@ -46,7 +47,7 @@ from transformers.cache_utils import DynamicLayer
 
 from rlhfkit.core.logprobs import logprobs_from_logits
 from rlhfkit.errors import RlhfkitError
-from rlhfkit.rollout.prepack import PrepackedLinears, prepack_available
+from rlhfkit.rollout.prepack import PrepackedLinears
 
 __all__ = [
     "GenerationConfig",
@@ -522,7 +523,8 @@ def sample(
     next_position = attention_mask.sum(-1, keepdim=True)  # (B,1): each row continues after its last position
     autocast = (torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype is not None
                 else contextlib.nullcontext())
-    packer = PrepackedLinears(model) if prepack_weights and prepack_available(model, autocast_dtype) else None
+    packer = PrepackedLinears(model) if prepack_weights and autocast_dtype is None else None
+    packer = packer if packer is not None and packer.modules else None  # nothing to pack: the plain loop
 
     was_training = model.training
     model.eval()
