@@ -487,6 +487,16 @@ def _stop_often_model() -> LlamaForCausalLM:
     return tiny_llama(vocab_size=16, seed=3, dtype=torch.float64)
 
 
+def assert_same_rollouts(fast, plain, fast_state, plain_state) -> None:
+    """Two float64 rollouts of the same prompts and seed: same tokens, masks, stops and generator state, log-probs
+    to 1e-12 (the rounding of different matrix shapes, ~1e-16 relative)."""
+    assert torch.equal(fast.response_ids, plain.response_ids)
+    assert torch.equal(fast.response_mask, plain.response_mask)
+    assert torch.equal(fast.stopped, plain.stopped)
+    torch.testing.assert_close(fast.rollout_logprobs, plain.rollout_logprobs, rtol=0, atol=1e-12)
+    assert torch.equal(fast_state, plain_state)
+
+
 def test_shared_prompts_once_and_finished_rows_leave_the_batch_and_no_row_changes(monkeypatch):
     """A prompt that several rows share is run once (the prefill sees the 6 distinct prompts of 9 rows), rows that
     stop leave the forward batch (the batch the model sees shrinks), and every row's tokens, mask, stop flag and
@@ -524,11 +534,7 @@ def test_shared_prompts_once_and_finished_rows_leave_the_batch_and_no_row_change
     assert fast_batches[1] <= len(prompts) and min(fast_batches) < len(prompts)  # rows did leave the batch
     assert fast_batches[1:] == sorted(fast_batches[1:], reverse=True)
     assert 0 < int(fast.stopped.sum()) < len(prompts) or fast.response_ids.shape[1] < config.max_new_tokens
-    assert torch.equal(fast.response_ids, plain.response_ids)
-    assert torch.equal(fast.response_mask, plain.response_mask)
-    assert torch.equal(fast.stopped, plain.stopped)
-    torch.testing.assert_close(fast.rollout_logprobs, plain.rollout_logprobs, rtol=0, atol=1e-12)
-    assert torch.equal(fast_state, plain_state)
+    assert_same_rollouts(fast, plain, fast_state, plain_state)
 
 
 def test_should_compact_rule():
@@ -602,3 +608,76 @@ def test_temperature_one_takes_the_logits_undivided_with_the_same_bits():
     assert torch.equal(logprobs_from_logits(logits, tokens, 1.0), want)
     assert filter_logits(logits, 1.0, None, 1.0) is logits  # no copy at all
     assert torch.equal(filter_logits(logits, 1.0, 5, 0.8), filter_logits(z, 1.0, 5, 0.8))
+
+
+def test_shared_prefix_length_by_hand():
+    from rlhfkit.rollout.sampling import shared_prefix_length
+
+    # real tokens [4, 5, 6, 7], [4, 5, 6, 9, 9], [4, 5, 8]: 2 shared ([4, 5]); padding is not compared
+    assert shared_prefix_length(*left_padded([[4, 5, 6, 7], [4, 5, 6, 9, 9], [4, 5, 8]])) == 2
+    # identical leading tokens up to the shortest prompt: each row keeps one token of its own
+    assert shared_prefix_length(*left_padded([[4, 5, 6], [4, 5, 6, 7, 8]])) == 2
+    assert shared_prefix_length(*left_padded([[4, 5, 6], [1, 5, 6]])) == 0
+    assert shared_prefix_length(*left_padded([[4], [4, 5]])) == 0  # a one-token prompt keeps its token
+    assert shared_prefix_length(*left_padded([[4, 5, 6]])) == 0     # one row: nothing to share
+
+
+def _prefill_batches(model, ids, mask, config, **kwargs) -> tuple:
+    """The rollout, the (rows, tokens) of every forward and the generator's state afterwards."""
+    seen: list[tuple[int, int]] = []
+    handle = model.register_forward_pre_hook(lambda m, a, kw: seen.append(tuple(kw["input_ids"].shape)),
+                                             with_kwargs=True)
+    gen = torch.Generator().manual_seed(5)
+    try:
+        r = sample(model, ids, mask, config, gen, **kwargs)
+    finally:
+        handle.remove()
+    return r, seen, gen.get_state()
+
+
+def test_shared_prefix_runs_once_and_changes_no_row():
+    """Prompts that share a 12-token head (a chat template's system prompt), some of them repeated: the prefill
+    runs the head once as one row, then only each distinct prompt's remaining tokens (left-padded behind the
+    head), and every row's tokens, mask, stop flag and log-probs are those of prefilling every prompt whole, as
+    is the generator's state. float64: the paths differ only by the rounding of other matrix shapes."""
+    model = _stop_often_model()
+    head = [5, 7, 9, 4, 6, 8, 4, 5, 9, 7, 13, 12]  # 12 tokens x 3 more distinct prompts >= MIN_PREFIX_SAVING
+    tails = [[11], [12, 13, 14], [6, 6], [11], [8, 9, 10, 11, 12], [12, 13, 14]]
+    ids, mask = left_padded([head + t for t in tails])
+    config = GenerationConfig(max_new_tokens=12, temperature=1.0, stop_token_ids=(2, 3), pad_token_id=PAD)
+
+    fast, fast_seen, fast_state = _prefill_batches(model, ids, mask, config)
+    plain, plain_seen, plain_state = _prefill_batches(model, ids, mask, config, share_prefix=False)
+
+    assert plain_seen[0] == (4, 17)                  # the 4 distinct prompts, whole
+    assert fast_seen[:2] == [(1, 12), (4, 5)]        # the head once, then the longest tail's 5 tokens
+    assert fast_seen[2:] == plain_seen[1:]           # the decode steps are the same
+    assert_same_rollouts(fast, plain, fast_state, plain_state)
+
+
+def test_shared_prefix_is_not_used_with_a_sliding_window_cache():
+    """A model with sliding-window layers (Mistral) prefills every prompt whole: its window counts cached
+    columns, which the padding behind a shared head would shift."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(vocab_size=16, hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             sliding_window=4, initializer_range=0.3, pad_token_id=PAD)).eval()
+    head = [5, 7, 9, 4, 6, 8, 10, 11]
+    ids, mask = left_padded([head + t for t in [[11], [12, 13, 14], [6, 6], [8, 9, 10, 11, 12]]])
+    config = GenerationConfig(max_new_tokens=4, temperature=1.0, stop_token_ids=(2,), pad_token_id=PAD)
+    _, seen, _ = _prefill_batches(model, ids, mask, config)
+    assert seen[0] == (4, 13)
+
+
+def test_a_short_shared_prefix_is_not_worth_its_own_forward():
+    """Two prompts sharing 2 tokens save 2 row-tokens, under MIN_PREFIX_SAVING: one prefill over both."""
+    from rlhfkit.rollout.sampling import MIN_PREFIX_SAVING
+
+    assert MIN_PREFIX_SAVING > 2
+    model = _stop_often_model()
+    ids, mask = left_padded([[5, 7, 11], [5, 7, 12, 13]])
+    config = GenerationConfig(max_new_tokens=2, temperature=1.0, stop_token_ids=(2,), pad_token_id=PAD)
+    _, seen, _ = _prefill_batches(model, ids, mask, config)
+    assert seen[0] == (2, 4)

@@ -13,13 +13,16 @@ the same quantity; ``tests/rollout/test_prepack.py`` bounds it.
 A packed weight serves one row count M only (``_mkl_linear`` falls back to the plain product for any other M),
 so the sampler tells :class:`PrepackedLinears` the forward batch's rows before each decode step
 (:meth:`PrepackedLinears.prepare`): a linear packs its weight at its first call with that many rows, and again
-after finished rows left the batch. Packing is worth it only for few rows (at large M the copy is a small part
-of the product) and when enough steps remain to pay for it (about one millisecond per SmolLM2 matrix, ~0.2 s
+after finished rows left the batch. Packing is worth it up to a few hundred rows (at larger M the copy is a small
+part of the product) and when enough steps remain to pay for it (about one millisecond per SmolLM2 matrix, ~0.2 s
 for the model, about one decode step).
 
-Measured (2-core Intel Xeon with AMX, torch 2.13.0+cpu, 2 threads, float32; product time of ``F.linear`` ÷ the
-packed one at SmolLM2-135M's shapes): 1.7-3.2x at M = 8, 1.6-2.7x at 16, 1.4-2.0x at 32, 0.9-1.9x at 64,
-1.0-1.6x at 96, 0.7-1.3x at 128 (the LM head gains most); the sampler at 32 prompts × 128 new tokens 1.2-1.4x.
+Measured (2-core Intel Xeon with AMX, torch 2.13.0+cpu, 2 threads, float32, 2026-12-03). In a decode step every
+weight is read once from memory (SmolLM2-135M's 540 MB do not fit in any cache), so the products were timed as
+the step runs them: 30 layers of distinct gate and down weights (576 × 1536, 1536 × 576) in a row; plain time ÷
+packed time: 1.38x at M = 16, 1.31x at 64, 1.44x at 192, 1.24x at 256, 1.16x at 384, 1.12x at 512, 0.96x at 1024.
+(Timed on one weight that stays in the cache, the gain above 64 rows looks smaller, about 1.0-1.3x, which is why
+an earlier limit was 96 rows.) The sampler at 32 prompts × 128 new tokens: 1.2-1.4x.
 
 Used only where it applies (:func:`prepack_available`): a CPU build of torch with MKL, float32 weights held as
 plain tensors on the CPU (not FSDP's DTensors, not quantised), plain ``torch.nn.Linear`` modules whose
@@ -37,7 +40,7 @@ from torch import nn
 
 __all__ = ["MAX_PREPACK_ROWS", "MIN_PREPACK_STEPS", "PrepackedLinears", "prepack_available"]
 
-MAX_PREPACK_ROWS = 96  # above this many rows the per-call weight copy is a small part of the product
+MAX_PREPACK_ROWS = 512  # above this many rows the per-call weight copy is a small part of the product
 MIN_PREPACK_STEPS = 4  # fewer decode steps left than this: packing (~one step's time) would not pay for itself
 
 

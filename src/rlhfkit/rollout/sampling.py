@@ -5,7 +5,8 @@ the sampling loop so that positions, stopping and the rollout log-probs are unde
 
 1. one forward pass over the prompt (``position_ids = cumsum(prompt_mask) - 1``, clamped at 0, so a left-padded
    row sees exactly the positions it would see alone; a prompt that several rows share is run once and its cache
-   copied to those rows, :func:`distinct_prompts`), filling a KV cache whose keys and values are written in
+   copied to those rows, :func:`distinct_prompts`; the leading tokens that all prompts share, such as a chat
+   template's system prompt, are run once, :func:`shared_prefix_length`), filling a KV cache whose keys and values are written in
    place into buffers preallocated for ``P + max_new_tokens`` positions (:class:`PreallocatedLayer`; the
    ``transformers.DynamicCache`` instead copies the whole cache at every step, ``torch.cat``);
 2. per step: logits of the last position → ``/ temperature`` → top-k → top-p → one categorical draw per row
@@ -63,6 +64,7 @@ __all__ = [
     "make_cache",
     "sample",
     "sample_categorical",
+    "shared_prefix_length",
     "top_k_filter",
     "top_p_filter",
 ]
@@ -400,25 +402,76 @@ def distinct_prompts(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
     return first, inverse
 
 
+MIN_PREFIX_SAVING = 32  # row-tokens the shared prefix must save (its own forward costs about that much)
+
+
+def shared_prefix_length(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> int:
+    """How many leading real tokens every row's prompt has in common, at most the shortest prompt's length minus
+    one (every row keeps a token of its own, whose logits give its first response token). Shapes: (B, P) and
+    (B, P) left-padded -> int; 0 for fewer than two rows."""
+    if prompt_ids.shape[0] < 2:
+        return 0
+    mask = prompt_mask.bool()
+    lengths = mask.sum(-1)
+    shortest = int(lengths.min())
+    if shortest < 2:
+        return 0
+    start = prompt_ids.shape[1] - lengths  # (B,) each row's first real column
+    columns = start[:, None] + torch.arange(shortest, device=prompt_ids.device)[None]
+    aligned = prompt_ids.gather(1, columns)  # (B, shortest): each row's first real tokens
+    same = (aligned == aligned[:1]).all(0).long()  # (shortest,)
+    return min(int(same.cumprod(0).sum()), shortest - 1)
+
+
 def _prefill(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-             position_ids: torch.Tensor, cache: DynamicCache, cache_kwargs: dict) -> torch.Tensor:
-    """The forward over the prompts that fills ``cache``; returns the (B, V) float32 logits of each row's next
-    token. A prompt that several rows share (e.g. several responses per prompt) is run once: the forward sees the
-    distinct prompts only, then the cache and the logits are expanded to all rows (`distinct_prompts`); a row's
-    keys, values and logits depend on its own tokens only, so this changes nothing but the float rounding of
-    the smaller matrix shapes."""
+             position_ids: torch.Tensor, cache: DynamicCache, cache_kwargs: dict, share_prefix: bool = True
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forwards over the prompts that fill ``cache``; returns the (B, V) float32 logits of each row's next
+    token and the (B, C) attention mask of the C cached positions, to which the decode steps append.
+
+    Shared work is done once; a row's keys, values and logits depend on its own tokens and positions only, so
+    neither changes anything but the float rounding of the smaller matrix shapes:
+
+    - a prompt that several rows share (several responses per prompt) is run once, then the cache and the
+      logits are expanded to all rows (`distinct_prompts`);
+    - with ``share_prefix``, the leading tokens that all distinct prompts share (a chat template's system
+      prompt and role header; `shared_prefix_length`) are run once as a one-row forward, its cache copied to
+      every row, and then only each row's remaining tokens, left-padded behind the prefix: the cache holds
+      ``[prefix | padding | rest of the prompt]`` per row, the padding masked and every real token at its own
+      position, so each token attends to exactly the tokens before it, as in one pass over the padded prompt.
+      Done when it saves at least `MIN_PREFIX_SAVING` row-tokens, and only where every cache layer is a full-
+      attention `PreallocatedLayer` (a sliding window counts cached columns, which the padding would shift).
+    """
     shared = distinct_prompts(input_ids, attention_mask)
     if shared is not None:
         first = shared[0]
         input_ids, attention_mask, position_ids = input_ids[first], attention_mask[first], position_ids[first]
+    rows, width = input_ids.shape
+    prefix = shared_prefix_length(input_ids, attention_mask) if share_prefix else 0
+    full_attention = bool(cache.layers) and all(type(layer) is PreallocatedLayer for layer in cache.layers)
+    if prefix * (rows - 1) >= MIN_PREFIX_SAVING and full_attention:
+        lengths = attention_mask.sum(-1)
+        start = width - lengths  # (U,) each row's first real column
+        first_row = int(start[0])
+        head = input_ids[:1, first_row:first_row + prefix]
+        ones = torch.ones_like(head)
+        model(input_ids=head, attention_mask=ones, position_ids=torch.arange(prefix, device=head.device)[None],
+              use_cache=True, logits_to_keep=1, **cache_kwargs)
+        cache.batch_select_indices(torch.zeros(rows, dtype=torch.long, device=input_ids.device))
+        rest = int(lengths.max()) - prefix  # the longest row's tokens after the prefix
+        columns = torch.arange(width - rest, width, device=input_ids.device)
+        rest_mask = (columns[None] >= (start + prefix)[:, None]).long()  # (U, rest): real tokens after the prefix
+        input_ids = input_ids[:, width - rest:]
+        position_ids = (prefix + rest_mask.cumsum(-1) - 1).clamp(min=0)
+        attention_mask = torch.cat([ones.expand(rows, prefix), rest_mask], dim=-1)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
                 logits_to_keep=1, **cache_kwargs)
     logits = out.logits[:, -1, :].float()
     if shared is None:
-        return logits
+        return logits, attention_mask
     inverse = shared[1]
     cache.batch_select_indices(inverse)
-    return logits[inverse]
+    return logits[inverse], attention_mask[inverse]
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
@@ -477,6 +530,7 @@ def sample(
     tokenizer: Any = None,
     autocast_dtype: torch.dtype | None = None,
     prepack_weights: bool = True,
+    share_prefix: bool = True,
 ) -> Rollout:
     """Sample up to ``config.max_new_tokens`` response tokens for each left-padded prompt.
 
@@ -497,6 +551,9 @@ def sample(
         prepack_weights: on a CPU with MKL, run the decode steps' float32 linears with weights packed once per
             forward-batch size (:mod:`rlhfkit.rollout.prepack`; the same products, faster at few rows); False
             runs every product plainly. Ignored where it does not apply (GPU, autocast, no MKL).
+        share_prefix: run the leading tokens that all prompts share (a chat template's system prompt) once and
+            copy their cache to every row (:func:`_prefill`; the same keys, values and logits to float
+            rounding); False runs every prompt whole.
 
     Returns:
         a :class:`Rollout`; all tensors on the model's device.
@@ -533,7 +590,8 @@ def sample(
         with torch.inference_mode(), autocast, packer or contextlib.nullcontext():
             for step in range(max_new):
                 if step == 0:  # the prompts, each distinct prompt once
-                    logits = _prefill(model, prompt_ids, attention_mask, position_ids, cache, cache_kwargs)
+                    logits, attention_mask = _prefill(model, prompt_ids, attention_mask, position_ids, cache,
+                                                      cache_kwargs, share_prefix)
                 else:
                     if packer is not None:  # weights packed for this many rows (again after rows left)
                         packer.prepare(rows.shape[0], max_new - step)
