@@ -7,10 +7,13 @@ prompts with the chat template, responses that stop at EOS, the quickstart's PPO
 ``--threads``. It samples ONE rollout, then runs the no-grad forwards + advantages (`PPOTrainer.prepare`) and the
 update (`PPOTrainer.update`) on it with ``packing`` on and off, interleaved as on, off, off, on, each from the same
 weights and optimizer state (restored between runs), and reports the time of each and their ratio. Only the ratios
-mean something on a busy machine.
+mean something on a busy machine. ``--prefix`` compares instead packed micro-batches with and without the shared
+prefix (the chat template's leading tokens that every row has in common, run once per micro-batch:
+`rlhfkit.models.packing.varlen_layout`), both packed.
 
     python benchmarks/ppo_packing_ratio.py              # prints one JSON line
     python benchmarks/ppo_packing_ratio.py --tiny       # the anchor's tiny random model, 8 new tokens (smoke run)
+    python benchmarks/ppo_packing_ratio.py --prefix     # packed: the rows' common prefix once vs in every row
 """
 
 from __future__ import annotations
@@ -37,9 +40,14 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tiny", action="store_true", help="the anchor's tiny random model, 4 prompts, 8 new tokens")
+    p.add_argument("--prefix", action="store_true",
+                   help="packed with the rows' common prefix shared (on) vs not shared (off) instead of packed vs "
+                        "padded")
     p.add_argument("--config-dir", default=C.DEFAULT_CONFIG_DIR)
     a = p.parse_args(argv)
     import torch
+
+    from rlhfkit.models import packing as packing_module
 
     from rlhfkit.models.loading import hf_folder, smollm2_gguf_path
     from rlhfkit.quickstart.gold import load_builtin_prompts
@@ -62,6 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
                         max_new_tokens=8 if a.tiny else 32, rollout_batch_size=4 if a.tiny else 32, packing="on",
                         **settings)
         trainer = PPOTrainer(cfg)
+        default_saving = packing_module.MIN_PREFIX_SAVING
         rollout, _ = trainer.rollout()
         raw = torch.linspace(-1, 1, rollout.query_ids.shape[0])
         models = [trainer.policy, trainer.critic]
@@ -73,21 +82,28 @@ def main(argv: list[str] | None = None) -> dict:
                 m.load_state_dict(s)
             for o, s in zip(optimizers, start_state[1]):
                 o.load_state_dict(copy.deepcopy(s))
-            trainer.update_settings.packing = packing
+            if a.prefix:  # packed both times; the prefix shared or not (an unreachable saving turns it off)
+                packing_module.MIN_PREFIX_SAVING = default_saving if packing else 10 ** 9
+            else:
+                trainer.update_settings.packing = packing
             t0 = time.perf_counter()
             trainer.update(trainer.prepare(rollout, raw))
             return time.perf_counter() - t0
 
-        run(True)  # warm-up of both paths
-        run(False)
         times = {True: 0.0, False: 0.0}
-        for packing in (True, False, False, True):
-            times[packing] += run(packing) / 2
+        try:
+            run(True)  # warm-up of both paths
+            run(False)
+            for packing in (True, False, False, True):
+                times[packing] += run(packing) / 2
+        finally:
+            packing_module.MIN_PREFIX_SAVING = default_saving
     q, r = rollout.query_mask.bool(), rollout.response_mask.bool()
     out = {"model": "tiny random" if a.tiny else "SmolLM2-135M-Instruct", "rows": int(q.shape[0]),
            "real_tokens": int(q.sum() + r.sum()), "padded_tokens": int(q.numel() + r.numel()),
            "response_tokens": int(r.sum()), "response_slots": int(r.numel()),
-           "packed_s": round(times[True], 2), "padded_s": round(times[False], 2),
+           **({"prefix_shared_s": round(times[True], 2), "prefix_unshared_s": round(times[False], 2)} if a.prefix else
+              {"packed_s": round(times[True], 2), "padded_s": round(times[False], 2)}),
            "speedup": round(times[False] / times[True], 3), "threads": a.threads, "loadavg": C.loadavg()}
     print(json.dumps(out), flush=True)
     return out

@@ -544,6 +544,24 @@ def test_ppo_packing_ratio_tiny():
 
 @pytest.mark.slow
 @needs_shared
+def test_ppo_packing_ratio_prefix_tiny():
+    """--prefix: shared vs unshared prefix, both packed; the packing module's threshold is restored after."""
+    import ppo_packing_ratio
+    import torch
+
+    from rlhfkit.models import packing
+
+    threads, saving = torch.get_num_threads(), packing.MIN_PREFIX_SAVING
+    try:
+        out = ppo_packing_ratio.main(["--tiny", "--threads", "1", "--prefix"])
+    finally:
+        torch.set_num_threads(threads)
+    assert packing.MIN_PREFIX_SAVING == saving
+    assert out["prefix_shared_s"] > 0 and out["prefix_unshared_s"] > 0 and "packed_s" not in out
+
+
+@pytest.mark.slow
+@needs_shared
 def test_quickstart_algorithms_table_tiny(tmp_path):
     """Two algorithms through the whole tiny quickstart, one process each: the table and the results file."""
     pytest.importorskip("vaderSentiment")

@@ -13,8 +13,8 @@ from tolerances import (EPS32, assert_close_f32, assert_within, forward_factor, 
 from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig, MistralModel
 
 from rlhfkit.models.loading import forward_hidden
-from rlhfkit.models.packing import (VARLEN_ATTENTION, Segment, _segment_attention, packed_hidden,
-                                    shared_prompt_layout, varlen_layout, varlen_problem)
+from rlhfkit.models.packing import (MIN_PREFIX_SAVING, VARLEN_ATTENTION, Segment, _segment_attention, packed_hidden,
+                                    shared_prefix, shared_prompt_layout, varlen_layout, varlen_problem)
 from rlhfkit.models.reward import RewardModel
 
 PAD = 9
@@ -183,7 +183,7 @@ def test_varlen_layout_by_hand():
     # groups in order of first appearance: rows {0, 2} (prompt [5, 6] once, then both responses), then row 1
     assert shared.input_ids.tolist() == [[5, 6, 11, 12, 13, 15, 16, 5, 7, 8, 14]]
     assert shared.position_ids.tolist() == [[0, 1, 2, 3, 4, 2, 3, 0, 1, 2, 3]]  # responses continue the prompt
-    assert shared.segments == (Segment(0, 2), Segment(2, 5, 0, 2), Segment(5, 7, 0, 2), Segment(7, 11))
+    assert shared.segments == (Segment(0, 2), Segment(2, 5, ((0, 2),)), Segment(5, 7, ((0, 2),)), Segment(7, 11))
     prompt_mask, first, second, own = shared.masks
     assert prompt_mask is None and own is None
     # over [prompt keys | own keys]: the prompt, then causally its own tokens (k <= P + q)
@@ -201,9 +201,59 @@ def test_varlen_layout_takes_any_padding_and_skips_empty_rows():
     # rows 0 and 3 share the prompt [5] (row 3's real tokens are 5, 6, 7); row 1 has no response: its own segment
     assert lay.input_ids.tolist() == [[5, 6, 7, 6, 7, 5, 6]]
     assert lay.position_ids.tolist() == [[0, 1, 2, 1, 2, 0, 1]]
-    assert lay.segments == (Segment(0, 1), Segment(1, 3, 0, 1), Segment(3, 5, 0, 1), Segment(5, 7))
+    assert lay.segments == (Segment(0, 1), Segment(1, 3, ((0, 1),)), Segment(3, 5, ((0, 1),)), Segment(5, 7))
     assert lay.gather_index.tolist() == [[0, 0, 1, 2], [5, 6, 0, 0], [0, 0, 0, 0], [0, 0, 3, 4]]
     assert varlen_layout(ids[2:3], att[2:3]) is None  # no token at all: nothing to run
+
+
+def test_shared_prefix_by_hand():
+    assert shared_prefix([[1, 2, 3], [1, 2, 4], [1, 2]], [5, 5, 5]) == 2
+    assert shared_prefix([[1, 2, 3], [1, 2, 3]], [1, 5]) == 1  # capped by the smallest limit
+    assert shared_prefix([[1, 2, 3], [4, 2, 3]], [5, 5]) == 0
+    assert shared_prefix([[1, 2, 3]], [5]) == 0  # one sequence: nothing to share
+
+
+def test_varlen_layout_runs_the_rows_common_prefix_once_by_hand():
+    # every row starts [1, 2]; rows 0 and 2 share the prompt [1, 2, 5, 6]; row 1 has the prompt [1, 2, 7]
+    ids, att, resp = rows([([1, 2, 5, 6], [11, 12]), ([1, 2, 7], [13]), ([1, 2, 5, 6], [15])])
+    assert varlen_layout(ids, att, resp, share_prompts=True).segments[0] == Segment(0, 4)  # saves 2 < 32: off
+    lay = varlen_layout(ids, att, resp, share_prompts=True, min_prefix_saving=2)
+    # [prefix | group's prompt rest | its 2 responses | row 1's rest]: each token at its own row's position
+    assert lay.input_ids.tolist() == [[1, 2, 5, 6, 11, 12, 15, 7, 13]]
+    assert lay.position_ids.tolist() == [[0, 1, 2, 3, 4, 5, 4, 2, 3]]
+    assert lay.segments == (Segment(0, 2), Segment(2, 4, ((0, 2),)), Segment(4, 6, ((0, 2), (2, 4))),
+                            Segment(6, 7, ((0, 2), (2, 4))), Segment(7, 9, ((0, 2),)))
+    prefix_mask, rest, first, second, own = lay.masks
+    assert prefix_mask is None
+    # over [prefix keys | prompt keys | own keys]: all of the context, then causally its own tokens
+    assert rest[0, 0].tolist() == [[T, T, T, F], [T, T, T, T]]
+    assert first[0, 0].tolist() == [[T, T, T, T, T, F], [T, T, T, T, T, T]]
+    assert second[0, 0].tolist() == [[T, T, T, T, T]]
+    assert own[0, 0].tolist() == [[T, T, T, F], [T, T, T, T]]
+    assert lay.gather_index.tolist() == [[0, 1, 2, 3, 4, 5], [0, 1, 7, 8, 0, 0], [0, 1, 2, 3, 6, 0]]
+    assert (lay.tokens, lay.packed_tokens) == (15, 9)
+    assert varlen_layout(ids, att, resp, min_prefix_saving=2).packed_tokens == 15  # share_prompts off: no prefix
+
+
+def test_varlen_shared_prefix_scores_and_gradients_equal_unpacked(sft_dir):
+    """A chat-like head common to every row (12 tokens x 3 more prompts >= MIN_PREFIX_SAVING) runs once."""
+    rm = double_rm(str(sft_dir), "mean")
+    g = torch.Generator().manual_seed(3)
+
+    def toks(n: int) -> list[int]:
+        return torch.randint(10, rm.config.vocab_size, (n,), generator=g).tolist()
+
+    head, p1 = toks(12), toks(3)
+    batch = [(head + p1, toks(4)), (head + toks(2), toks(5)), (head + p1, toks(2)), (head + toks(5), toks(1)),
+             (head + toks(1), toks(3))]
+    ids, att, resp = flip_padding(*rows(batch))
+    assert 12 * 3 >= MIN_PREFIX_SAVING
+    lay = varlen_layout(ids, att, resp, share_prompts=True)
+    assert lay.segments[0] == Segment(0, 12)
+    assert lay.packed_tokens == int(att.sum()) - 15 - 12 * 3  # row 2's prompt and 3 more copies of the head
+    plain, g_plain = outputs_and_grads(rm, ids, att, resp)
+    packed, g_packed = outputs_and_grads(rm, ids, att, resp, share_prompts=True, packing=True)
+    assert_float64_equal(rm, "llama", plain, g_plain, packed, g_packed)
 
 
 def flip_padding(ids: torch.Tensor, att: torch.Tensor, resp: torch.Tensor):

@@ -22,6 +22,10 @@ from rlhfkit.rollout.forward import (critic_forward, packing_problem, policy_for
 # rows 0 and 2 share their prompt (run once when packed); rows of every length, left and right padding
 SHARED = [([5, 17, 33, 9], [40, 8, 12]), ([40, 8, 12, 60, 21, 7, 30], [11]), ([5, 17, 33, 9], [50, 51, 52, 53, 54]),
           ([11, 3], [7, 7])]
+# the same rows behind a 12-token head that every row shares (a chat template's system prompt), plus one more
+# prompt: 4 prompts, so the head runs once instead of 4 times (12 x 3 tokens saved >= MIN_PREFIX_SAVING)
+HEAD = [2, 3, 4, 6, 10, 13, 14, 15, 16, 18, 19, 20]
+PREFIXED = [(HEAD + p, r) for p, r in SHARED] + [(HEAD + [9, 9], [4])]
 
 
 @pytest.fixture(autouse=True)
@@ -46,7 +50,7 @@ def _weights(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
-@pytest.mark.parametrize("rows", [SHARED, None], ids=["shared-prompts", "distinct-prompts"])
+@pytest.mark.parametrize("rows", [SHARED, PREFIXED, None], ids=["shared-prompts", "shared-prefix", "distinct-prompts"])
 def test_packed_policy_forward_equals_the_padded_one_with_gradients(rows):
     model = tiny_llama().train()
     b = batch(rows) if rows is not None else batch(extra_left=2, extra_right=1)
@@ -69,17 +73,18 @@ def test_packed_policy_forward_equals_the_padded_one_with_gradients(rows):
     assert max(g.abs().max().item() for g in grads[0].values()) > 1e-2  # not a comparison of zeros
 
 
-def test_packed_rows_that_share_a_prompt_run_it_once_and_the_head_sees_real_response_tokens_only():
+@pytest.mark.parametrize("rows, saved", [(SHARED, 4), (PREFIXED, 16 + 12 * 3)], ids=["shared-prompts", "shared-prefix"])
+def test_packed_rows_that_share_a_prompt_run_it_once_and_the_head_sees_real_response_tokens_only(rows, saved):
     model = tiny_llama(torch.float32)
     tokens, head = [], []
     model.model.layers[0].register_forward_hook(lambda m, args, out: tokens.append(args[0].shape[:2]))
     model.lm_head.register_forward_hook(lambda m, args, out: head.append(tuple(args[0].shape)))
-    b = batch(SHARED)
+    b = batch(rows)
     with torch.no_grad():
         policy_forward(model, *b, packing=True)
     real = int(b[1].sum() + b[3].sum())
-    shared_prompt = 4  # rows 0 and 2 share [5, 17, 33, 9]
-    assert tokens == [(1, real - shared_prompt)]
+    # rows 0 and 2 share their prompt (4 tokens, 16 behind the head); the head runs once for the 4 prompts
+    assert tokens == [(1, real - saved)]
     assert head == [(int(b[3].sum()), 32)]  # (N, H): no prompt and no padded response position
 
 

@@ -13,7 +13,11 @@ Two layouts, both gathered back to the original (N, L) per-token layout by :meth
    4-D block mask would. With ``share_prompts``, rows that share their prompt (the real tokens before the first
    ``response_mask`` token) are laid out as ``[prompt | suffix_1 | ... | suffix_k]``: the prompt is a segment of its
    own and every suffix segment attends to the prompt's keys and then causally to its own
-   (``allowed[q, k] = k <= P + q`` over ``[prompt keys | own keys]``), so each prompt runs once.
+   (``allowed[q, k] = k <= P + q`` over ``[prompt keys | own keys]``), so each prompt runs once. Also with
+   ``share_prompts``, the leading tokens that every row has in common (a chat template's system prompt and role
+   header, :func:`shared_prefix`) form one first segment, and every other segment attends to its keys first
+   (``[prefix keys | prompt keys | own keys]``), so they run once per batch instead of once per prompt; done when
+   that saves at least :data:`MIN_PREFIX_SAVING` tokens.
 2. **Shared-prompt packing with a dense mask**, :func:`shared_prompt_layout` (``packing`` off): rows that share
    their prompt become one padded packed row each group, with a 4-D bool mask
    ``allowed[q, k] = k <= q and (segment[k] = prompt or segment[k] = segment[q])``, run by plain SDPA.
@@ -41,7 +45,7 @@ prompt as one batch element); the masking is the standard block-causal packing m
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -52,24 +56,31 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from rlhfkit.models.loading import forward_hidden
 from rlhfkit.models.trunk import Trunk, run_blocks
 
-__all__ = ["VARLEN_ATTENTION", "PackedLayout", "Segment", "packed_hidden", "shared_prompt_layout", "varlen_layout",
-           "varlen_problem"]
+__all__ = ["MIN_PREFIX_SAVING", "VARLEN_ATTENTION", "PackedLayout", "Segment", "packed_hidden", "shared_prefix",
+           "shared_prompt_layout", "varlen_layout", "varlen_problem"]
 
 VARLEN_ATTENTION = "rlhfkit_varlen"  # the registered attention implementation (module docstring)
 SEGMENTS_KWARG = "rlhfkit_segments"  # the keyword under which a forward hands the segment plan to it
 # attention-layer keywords that change attention beyond causal + mask; their models keep the dense path
 _UNSUPPORTED = ("sliding_window", "softcap", "s_aux", "position_bias")
+# tokens that running the rows' common prefix once must save: below this, its own segment (and on the
+# sampler's side its own one-row forward) costs about as much as it saves
+MIN_PREFIX_SAVING = 32
 
 
 @dataclass(frozen=True)
 class Segment:
-    """Tokens ``[start, end)`` of the packed row; they attend to the context tokens ``[context_start, context_end)``
-    (a shared prompt; empty for a whole row) and then causally to their own tokens."""
+    """Tokens ``[start, end)`` of the packed row; they attend to the tokens of each context range ``(start, end)``
+    of ``contexts``, in order (the prefix common to all rows, a shared prompt; none for a whole row), and then
+    causally to their own tokens."""
 
     start: int
     end: int
-    context_start: int = 0
-    context_end: int = 0
+    contexts: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def context_length(self) -> int:
+        return sum(end - start for start, end in self.contexts)
 
 
 @dataclass
@@ -120,14 +131,29 @@ def _group_by_prompt(prompts: list[tuple[int, ...] | None]) -> list[list[int]]:
 # ----------------------------------------------------------------------------------------------------------
 # Variable-length packing
 # ----------------------------------------------------------------------------------------------------------
+def shared_prefix(tokens: Sequence[Sequence[int]], limits: Sequence[int]) -> int:
+    """The number of leading tokens that all sequences ``tokens`` have in common, at most ``min(limits)`` (each
+    sequence's longest allowed prefix); 0 for fewer than two sequences."""
+    if len(tokens) < 2:
+        return 0
+    n = 0
+    for column in zip(*tokens):
+        if n >= min(limits) or any(t != column[0] for t in column):
+            break
+        n += 1
+    return min(n, min(limits))
+
+
 def varlen_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor | None = None,
-                  share_prompts: bool = False) -> PackedLayout | None:
+                  share_prompts: bool = False, min_prefix_saving: int | None = None) -> PackedLayout | None:
     """All rows (N, L) as one padding-free packed row of their real tokens (module docstring, layout 1).
 
     Any padding (left, right, in the middle) is allowed: a row's tokens are its ``attention_mask`` positions in
-    order. ``share_prompts`` (needs ``response_mask``): rows whose prompts (real tokens before the first response
-    token; at least one, and at least one response token after them) are equal share one prompt segment. Returns
-    None when no row has a real token.
+    order. ``share_prompts``: rows whose prompts (real tokens before the first response token of ``response_mask``;
+    at least one, and at least one response token after them) are equal share one prompt segment; and the
+    leading tokens common to all rows with a token (`shared_prefix`; each prompt segment and whole row keeps a
+    token of its own) form one prefix segment when that saves at least ``min_prefix_saving`` tokens (default: the
+    module's `MIN_PREFIX_SAVING`, read at call time). Returns None when no row has a real token.
     """
     n, width = input_ids.shape
     device = input_ids.device
@@ -148,33 +174,49 @@ def varlen_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor, respons
     gather = torch.zeros((n, width), dtype=torch.long)
     length = 0
 
-    def piece(r: int, cols: torch.Tensor, first_position: int, context: tuple[int, int] = (0, 0)) -> int:
+    def piece(r: int, cols: torch.Tensor, first_position: int, contexts: tuple[tuple[int, int], ...] = ()) -> int:
         nonlocal length
         start, k = length, len(cols)
         sources.append(r * width + cols)
         positions.append(torch.arange(first_position, first_position + k))
-        segments.append(Segment(start, start + k, *context))
+        segments.append(Segment(start, start + k, contexts))
         length += k
         return start
 
-    for members in _group_by_prompt(prompts):
-        if len(members) == 1:  # a whole row: one causal segment
+    # units: a group of rows sharing a prompt, or one whole row; q leading tokens common to all run once
+    units = [m for m in _group_by_prompt(prompts) if len(real[m[0]])]
+    q = 0
+    if share_prompts and len(units) > 1:
+        heads = [real[m[0]] for m in units]
+        limits = [(prompt_len[m[0]] if len(m) > 1 else len(real[m[0]])) - 1 for m in units]
+        ids_list = input_ids.cpu()
+        q = shared_prefix([ids_list[m[0], h[:max(lim, 0)]].tolist() for m, h, lim in zip(units, heads, limits)],
+                          limits)
+        least = MIN_PREFIX_SAVING if min_prefix_saving is None else min_prefix_saving
+        q = q if q * (len(units) - 1) >= max(least, 1) else 0
+    prefix: tuple[tuple[int, int], ...] = ()
+    if q:
+        prefix = ((piece(units[0][0], real[units[0][0]][:q], 0), q),)
+    for members in units:
+        for r in members:
+            gather[r, real[r][:q]] = torch.arange(q)
+        if len(members) == 1:  # a whole row: one causal segment (after the prefix)
             r = members[0]
-            if len(real[r]):
-                gather[r, real[r]] = torch.arange(piece(r, real[r], 0), length)
+            gather[r, real[r][q:]] = torch.arange(piece(r, real[r][q:], q, prefix), length)
             continue
         p = prompt_len[members[0]]
-        prompt_start = piece(members[0], real[members[0]][:p], 0)
+        prompt_start = piece(members[0], real[members[0]][q:p], q, prefix)
         for r in members:
-            gather[r, real[r][:p]] = torch.arange(prompt_start, prompt_start + p)
+            gather[r, real[r][q:p]] = torch.arange(prompt_start, prompt_start + p - q)
             suffix = real[r][p:]
-            gather[r, suffix] = torch.arange(piece(r, suffix, p, (prompt_start, prompt_start + p)), length)
+            context = prefix + ((prompt_start, prompt_start + p - q),)
+            gather[r, suffix] = torch.arange(piece(r, suffix, p, context), length)
     if length == 0:
         return None
     source = torch.cat(sources).to(device)
-    masks = tuple(None if s.context_end == s.context_start else
-                  torch.ones((s.end - s.start, s.context_end - s.context_start + s.end - s.start), dtype=torch.bool,
-                             device=device).tril(s.context_end - s.context_start)[None, None]
+    masks = tuple(None if not s.contexts else
+                  torch.ones((s.end - s.start, s.context_length + s.end - s.start), dtype=torch.bool,
+                             device=device).tril(s.context_length)[None, None]
                   for s in segments)
     return PackedLayout(
         input_ids=input_ids.reshape(-1)[source][None],
@@ -208,8 +250,8 @@ def _segment_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor
         own = slice(seg.start, seg.end)
         k, v = key[:, :, own], value[:, :, own]
         if mask is not None:
-            context = slice(seg.context_start, seg.context_end)
-            k, v = torch.cat([key[:, :, context], k], dim=2), torch.cat([value[:, :, context], v], dim=2)
+            k = torch.cat([key[:, :, start:end] for start, end in seg.contexts] + [k], dim=2)
+            v = torch.cat([value[:, :, start:end] for start, end in seg.contexts] + [v], dim=2)
         out, _ = sdpa(module, query[:, :, own], k, v, mask, is_causal=mask is None, **kwargs)
         outputs.append(out)
     return torch.cat(outputs, dim=1), None

@@ -48,6 +48,7 @@ from transformers.cache_utils import DynamicLayer
 
 from rlhfkit.core.logprobs import logprobs_from_logits
 from rlhfkit.errors import RlhfkitError
+from rlhfkit.models.packing import MIN_PREFIX_SAVING
 from rlhfkit.rollout.prepack import PrepackedLinears
 
 __all__ = [
@@ -400,9 +401,6 @@ def distinct_prompts(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
     first = torch.full((unique.shape[0],), batch, dtype=torch.long, device=key.device)
     first = first.scatter_reduce(0, inverse, order, reduce="amin")
     return first, inverse
-
-
-MIN_PREFIX_SAVING = 32  # row-tokens the shared prefix must save (its own forward costs about that much)
 
 
 def shared_prefix_length(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> int:

@@ -228,7 +228,8 @@ class PPOConfig:
     packing: str = field(default="auto", metadata=_help(
         "padding-free packing of the no-grad forwards and the update: each micro-batch runs as ONE sequence of its "
         "rows' real tokens (position ids restarting per row, attention within each row, the prompt of rows that "
-        "share it once), and the LM head runs on the real response tokens only; the same numbers up to float "
+        "share it once, and once the leading tokens that all rows share, such as a chat template's system "
+        "prompt), and the LM head runs on the real response tokens only; the same numbers up to float "
         "rounding. 'auto': where the model allows it (SDPA attention, no sliding window, an LM head without a "
         "logit transform), 'on': the same but refuse a policy it cannot apply to, 'off': padded micro-batches",
         choices=list(PACKING)))

@@ -156,8 +156,9 @@ class RMTrainConfig:
     share_prompts: bool = field(default=True, metadata={
         "help": "Decoder reward models with SDPA attention: the rows of a micro-batch that share their prompt run "
                 "it once (inside the packed sequence with --packing; else packed into one padded sequence with a "
-                "block-causal mask); same scores and gradients up to float rounding. Pairs always share their "
-                "prompt; K-wise batches K times."})
+                "block-causal mask), and, packed, the leading tokens that every row has in common (a chat "
+                "template's system prompt) run once per micro-batch; same scores and gradients up to float "
+                "rounding. Pairs always share their prompt; K-wise batches K times."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the model folder."})
 
     def __post_init__(self) -> None:
