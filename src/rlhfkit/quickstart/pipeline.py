@@ -319,11 +319,15 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def evaluate_policy(policy, tokenizer, prompts: list[str], rm_reward, max_new_tokens: int, temperature: float,
-                    seed: int, reference=None, batch_size: int = 64, desc: str = "evaluating",
+                    seed: int, reference=None, batch_size: int = 192, desc: str = "evaluating",
                     autocast_dtype: torch.dtype | None = None) -> list[dict]:
     """One sampled response per held-out prompt with its gold score, proxy (RM) score, token count and, with a
     `reference`, its KL to the reference: KL = Σ_t (log π(y_t) − log π_ref(y_t)) over the response tokens (the
-    k1 estimator of `rlhfkit.core.kl`, summed), an unbiased estimate of KL(π ‖ π_ref) per response."""
+    k1 estimator of `rlhfkit.core.kl`, summed), an unbiased estimate of KL(π ‖ π_ref) per response.
+
+    ``batch_size`` prompts per sampling batch: the default's 165 held-out prompts in one (decode steps read every
+    weight once per step whatever the rows, so few rows waste it: on a 2-core Xeon with AMX, SmolLM2, 32 new
+    tokens, 165 prompts took 17.9-23.0 s in one batch vs 23.9-26.9 s in batches of 64, one process)."""
     from rlhfkit.core.kl import kl_penalty
     from rlhfkit.core.masks import masked_sum
     from rlhfkit.data.tokenize import left_pad, tokenize_prompts
