@@ -48,7 +48,6 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from rlhfkit.models import packing as packing_module
-
     from rlhfkit.models.loading import hf_folder, smollm2_gguf_path
     from rlhfkit.quickstart.gold import load_builtin_prompts
     from rlhfkit.train.ppo_config import PPOConfig

@@ -136,12 +136,12 @@ def shared_prefix(tokens: Sequence[Sequence[int]], limits: Sequence[int]) -> int
     sequence's longest allowed prefix); 0 for fewer than two sequences."""
     if len(tokens) < 2:
         return 0
-    n = 0
+    limit, n = min(limits), 0
     for column in zip(*tokens):
-        if n >= min(limits) or any(t != column[0] for t in column):
+        if n >= limit or any(t != column[0] for t in column):
             break
         n += 1
-    return min(n, min(limits))
+    return n
 
 
 def varlen_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor | None = None,
@@ -161,8 +161,9 @@ def varlen_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor, respons
     real = [att[r].nonzero().flatten() for r in range(n)]  # the positions of each row's real tokens
     prompts: list[tuple[int, ...] | None] = [None] * n
     prompt_len = [0] * n
+    ids_cpu = input_ids.cpu() if share_prompts else None
     if share_prompts and response_mask is not None:
-        ids_cpu, resp = input_ids.cpu(), response_mask.bool().cpu()
+        resp = response_mask.bool().cpu()
         for r in range(n):
             in_resp = resp[r, real[r]]
             p = int(in_resp.int().argmax()) if bool(in_resp.any()) else 0
@@ -187,11 +188,8 @@ def varlen_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor, respons
     units = [m for m in _group_by_prompt(prompts) if len(real[m[0]])]
     q = 0
     if share_prompts and len(units) > 1:
-        heads = [real[m[0]] for m in units]
-        limits = [(prompt_len[m[0]] if len(m) > 1 else len(real[m[0]])) - 1 for m in units]
-        ids_list = input_ids.cpu()
-        q = shared_prefix([ids_list[m[0], h[:max(lim, 0)]].tolist() for m, h, lim in zip(units, heads, limits)],
-                          limits)
+        limits = [(prompt_len[m[0]] if len(m) > 1 else len(real[m[0]])) - 1 for m in units]  # each >= 0
+        q = shared_prefix([ids_cpu[m[0], real[m[0]][:lim]].tolist() for m, lim in zip(units, limits)], limits)
         least = MIN_PREFIX_SAVING if min_prefix_saving is None else min_prefix_saving
         q = q if q * (len(units) - 1) >= max(least, 1) else 0
     prefix: tuple[tuple[int, int], ...] = ()

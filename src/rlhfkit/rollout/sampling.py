@@ -48,7 +48,7 @@ from transformers.cache_utils import DynamicLayer
 
 from rlhfkit.core.logprobs import logprobs_from_logits
 from rlhfkit.errors import RlhfkitError
-from rlhfkit.models.packing import MIN_PREFIX_SAVING
+from rlhfkit.models.packing import MIN_PREFIX_SAVING, shared_prefix
 from rlhfkit.rollout.prepack import PrepackedLinears
 
 __all__ = [
@@ -405,20 +405,14 @@ def distinct_prompts(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
 
 def shared_prefix_length(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> int:
     """How many leading real tokens every row's prompt has in common, at most the shortest prompt's length minus
-    one (every row keeps a token of its own, whose logits give its first response token). Shapes: (B, P) and
-    (B, P) left-padded -> int; 0 for fewer than two rows."""
+    one (every row keeps a token of its own, whose logits give its first response token): `models.packing.
+    shared_prefix` over each row's real tokens. Shapes: (B, P) and (B, P), any padding -> int; 0 for fewer than
+    two rows."""
     if prompt_ids.shape[0] < 2:
         return 0
-    mask = prompt_mask.bool()
-    lengths = mask.sum(-1)
-    shortest = int(lengths.min())
-    if shortest < 2:
-        return 0
-    start = prompt_ids.shape[1] - lengths  # (B,) each row's first real column
-    columns = start[:, None] + torch.arange(shortest, device=prompt_ids.device)[None]
-    aligned = prompt_ids.gather(1, columns)  # (B, shortest): each row's first real tokens
-    same = (aligned == aligned[:1]).all(0).long()  # (shortest,)
-    return min(int(same.cumprod(0).sum()), shortest - 1)
+    ids, mask = prompt_ids.cpu(), prompt_mask.bool().cpu()
+    rows = [ids[r][mask[r]].tolist() for r in range(ids.shape[0])]
+    return shared_prefix(rows, [len(row) - 1 for row in rows])
 
 
 def _prefill(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
