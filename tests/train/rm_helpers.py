@@ -179,7 +179,7 @@ def first_step(flags: list[str]) -> tuple[dict[str, float], dict[str, torch.Tens
     assert cfg.logging_steps == 1 and not cfg.group_by_prompt  # the first row is the first step; its batch plan
     tokenizer = load_tokenizer(cfg.model)
     items, _ = reward_trainer.tokenize_examples(cfg, tokenizer, reward_trainer.load_examples(cfg)[0], cfg.data)
-    sampler = LengthGroupedBatchSampler([reward_trainer.pair_length_or_len(it) for it in items], cfg.batch_size,
+    sampler = LengthGroupedBatchSampler([reward_trainer.pair_length(it) for it in items], cfg.batch_size,
                                         cfg.seed, drop_last=True, group_size_multiplier=50 if cfg.group_by_length else 1)
     batch = [items[i] for i in sampler.batches(0)[0]]
     model = reward_trainer.build_model(cfg, reward_trainer.resolve_kind(cfg), tokenizer).train()

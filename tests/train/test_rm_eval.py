@@ -224,3 +224,64 @@ def test_forward_pairs_runs_each_distinct_sequence_once_with_the_same_outputs_an
     for name, g in plain_grads.items():
         assert_close_f32(dedup_grads[name], g, grad_terms[name], gradient_factor(2), name)
     assert abs(plain_diff[0]) > 1e-3  # distinct responses score differently: the comparison has teeth
+
+
+def kwise_items(vocab: int, seed: int = 0) -> list:
+    """Three prompts with 3, 2 and 3 responses, every pair of each (3 + 1 + 3 = 7 pairs of 8 distinct responses);
+    prompt lengths 5, 2, 7, response lengths (3, 6, 2), (4, 1), (5, 5, 3); rows 1..7 in that order."""
+    import itertools
+
+    from rlhfkit.data.tokenize import TokenizedPair
+
+    g = torch.Generator().manual_seed(seed)
+
+    def toks(n: int) -> list[int]:
+        return torch.randint(10, vocab, (n,), generator=g).tolist()
+
+    items = []
+    for plen, lengths in [(5, (3, 6, 2)), (2, (4, 1)), (7, (5, 5, 3))]:
+        prompt, responses = toks(plen), [toks(n) for n in lengths]
+        for a, b in itertools.combinations(range(len(responses)), 2):
+            items.append(TokenizedPair(prompt + responses[a], prompt + responses[b], plen, plen, None,
+                                       len(items) + 1))
+    return items
+
+
+def test_scoring_batches_keep_a_prompts_pairs_together_longest_first_by_hand():
+    """By hand (`kwise_items`): pair widths (the longer row) are 11, 8, 11 | 6 | 12, 12, 12; groups by their
+    longest pair: the third prompt (12), the first (11), the second (6); inside a group longest first, ties in
+    order. Batches of 4: [4, 5, 6], then the first group does not fit beside it: [0, 2, 1] and the second joins
+    it (3 + 1 = 4). Batches of 2: a group of 3 splits: [4, 5], [6]; [0, 2], [1] and [1, 3]."""
+    from rlhfkit.train.rm_eval import scoring_batches
+
+    items = kwise_items(100)
+    assert scoring_batches(items, 4) == [[4, 5, 6], [0, 2, 1, 3]]
+    assert scoring_batches(items, 2) == [[4, 5], [6], [0, 2], [1, 3]]
+    assert scoring_batches(items, 100) == [[4, 5, 6, 0, 2, 1, 3]]
+    assert scoring_batches(items[3:4], 1) == [[0]]
+
+
+def test_evaluation_scores_equal_the_per_pair_padded_scores_and_run_each_response_once(tmp_path):
+    """`score_pair_items` (grouped by prompt, packed) gives, in float64, the scores of scoring every pair alone
+    on the padded path, to 1e-10; and the backbone embeds each of the 8 distinct responses once: 3 rows in the
+    first batch, 5 in the second (`kwise_items`, batches of 4)."""
+    from rlhfkit.train.rm_eval import collate_pair_items, forward_pairs, score_pair_items
+
+    torch.manual_seed(0)
+    model = RewardModel.from_backbone(str(make_sft_folder(tmp_path / "sft")), aggregation="last").double()
+    items = kwise_items(model.config.vocab_size)
+    diff, chosen, rejected = score_pair_items(model, items, batch_size=4)
+    with torch.no_grad():
+        plain = [forward_pairs(model, collate_pair_items([it], PAD), share_prompts=False, packing=False)
+                 for it in items]
+    want = torch.stack([torch.cat([c, r]) for _, c, r, _ in plain])
+    # float64 values equal to 1e-10, each returned rounded to float32: at most one float32 unit apart
+    torch.testing.assert_close(torch.stack([chosen, rejected], dim=1), want.float(), rtol=EPS32, atol=1e-10)
+    torch.testing.assert_close(diff, torch.cat([d for d, _, _, _ in plain]).float(), rtol=EPS32, atol=1e-10)
+    assert float(want.std()) > 1e-3  # the responses score differently: the comparison has teeth
+
+    seen = []
+    handle = model.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+    score_pair_items(model, items, batch_size=4)
+    handle.remove()
+    assert seen == [3, 5]

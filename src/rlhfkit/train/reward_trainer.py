@@ -77,6 +77,7 @@ from rlhfkit.train.rm_eval import (
     pair_length,
     pairwise_correct,
     pairwise_metrics,
+    scoring_batches,
     to_device,
     tokenize_pairs,
     with_source,
@@ -391,13 +392,12 @@ def evaluate(model: Any, objective: Any, items: Sequence[Any], procs: Processes,
              bf16: bool) -> tuple[dict[str, float], list[float]]:
     """Held-out metrics over all processes (each scores a shard); also the per-pair diffs (pairwise)."""
     device = procs.device
-    order = sorted(range(len(items)), key=lambda i: -pair_length_or_len(items[i]))
-    shard = order[procs.rank::procs.world_size]
+    batches = scoring_batches(items, micro_batch_size)  # longest first, a prompt's pairs together
     sums = NamedSums()
     diffs: list[float] = []
     model.eval()
-    for start in range(0, len(shard), micro_batch_size):
-        chunk = [items[i] for i in shard[start: start + micro_batch_size]]
+    for indices in batches[procs.rank::procs.world_size]:
+        chunk = [items[i] for i in indices]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             out = objective.step(model, to_device(objective.collate(chunk), device))
         sums.update(micro_batch_sums(out, objective.weight(chunk), len(chunk)))
@@ -408,10 +408,6 @@ def evaluate(model: Any, objective: Any, items: Sequence[Any], procs: Processes,
     if procs.distributed:
         diffs = [d for part in procs.gather_object(diffs) for d in part]
     return metrics, diffs
-
-
-def pair_length_or_len(item: Any) -> int:
-    return len(item.input_ids) if hasattr(item, "input_ids") else pair_length(item)
 
 
 def backward_global_batch(model: Any, objective: Any, micro_batches: Sequence[Sequence[Any]], total_weight: float,
@@ -547,7 +543,7 @@ class RewardTrainer:
             self.sampler = PromptGroupedBatchSampler([prompt_key(it) for it in self.train_items], cfg.batch_size,
                                                      cfg.seed, drop_last=True)
         else:
-            self.sampler = LengthGroupedBatchSampler([pair_length_or_len(it) for it in self.train_items],
+            self.sampler = LengthGroupedBatchSampler([pair_length(it) for it in self.train_items],
                                                      cfg.batch_size, cfg.seed, drop_last=True,
                                                      group_size_multiplier=50 if cfg.group_by_length else 1)
 

@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from rlhfkit.data.preference import PreferenceExample, load_preferences
-from rlhfkit.data.tokenize import TokenizeReport, collate_pairs, tokenize_preferences
+from rlhfkit.data.tokenize import TokenizedPair, TokenizeReport, collate_pairs, prompt_key, tokenize_preferences
 from rlhfkit.errors import RlhfkitError, data_error
 from rlhfkit.models.pairrm import Ranker, pad_right
 from rlhfkit.models.rankers import RANKERS, load_ranker, ranker_kind
@@ -154,10 +154,45 @@ def pad_id_of(model: Any) -> int:
 
 
 def pair_length(item: Any) -> int:
-    """Padded width an item needs (for length grouping)."""
+    """Padded width an item needs (for length grouping): a pair's longer row, a ranker input, a pointwise row."""
     if isinstance(item, RankerPair):
         return len(item.ab_ids)
-    return max(len(item.chosen_ids), len(item.rejected_ids))
+    if isinstance(item, TokenizedPair):
+        return max(len(item.chosen_ids), len(item.rejected_ids))
+    return len(item.input_ids)
+
+
+def scoring_batches(items: Sequence[Any], batch_size: int) -> list[list[int]]:
+    """The batches (lists of indices into ``items``, at most ``batch_size`` each) in which held-out items are
+    scored: longest first, and the pairs of one prompt together.
+
+    Reward-model pairs (`TokenizedPair`) group by prompt (`data.tokenize.prompt_key`): K responses of a prompt,
+    all C(K, 2) pairs labelled, then land in one batch, where `forward_pairs` runs each distinct response once
+    and the prompt once, instead of each response K - 1 times in length-sorted batches (for K = 3, half the rows).
+    Groups are ordered by their longest pair (ties keep first appearance), the pairs inside a group by length; a
+    group is not split unless it alone holds more than ``batch_size`` pairs (then it fills consecutive batches).
+    Rankers and pointwise items are each their own group: plain length order. Scores do not depend on the
+    batching beyond float rounding, so this is the order of every held-out evaluation (`evaluate_reward_model`,
+    `rm train`'s eval steps)."""
+    groups: dict[Any, list[int]] = {}
+    for i, item in enumerate(items):
+        groups.setdefault(prompt_key(item) if isinstance(item, TokenizedPair) else ("item", i), []).append(i)
+    length = [pair_length(item) for item in items]
+    ordered = sorted(groups.values(), key=lambda g: -max(length[i] for i in g))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for group in ordered:
+        if current and len(current) + len(group) > batch_size:
+            batches.append(current)
+            current = []
+        for i in sorted(group, key=lambda i: -length[i]):
+            if len(current) == batch_size:
+                batches.append(current)
+                current = []
+            current.append(i)
+    if current:
+        batches.append(current)
+    return batches
 
 
 def collate_pair_items(items: Sequence[Any], pad_id: int) -> dict[str, Any]:
@@ -228,9 +263,10 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 @torch.no_grad()
 def score_pair_items(model: Any, items: Sequence[Any], batch_size: int, bf16: bool = False
                      ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """``(diff, chosen, rejected)`` float32 CPU tensors (N,) in the order of ``items`` (batched by length)."""
+    """``(diff, chosen, rejected)`` float32 CPU tensors (N,) in the order of ``items``, scored in
+    `scoring_batches`; a decoder reward model runs each batch packed (`RewardModel.forward`, ``packing``: no
+    padding computed; its distinct rows once, each prompt once; other models ignore it)."""
     device = next(model.parameters()).device
-    order = sorted(range(len(items)), key=lambda i: -pair_length(items[i]))
     diff = torch.empty(len(items))
     chosen = torch.empty(len(items))
     rejected = torch.empty(len(items))
@@ -238,11 +274,10 @@ def score_pair_items(model: Any, items: Sequence[Any], batch_size: int, bf16: bo
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, len(order), batch_size):
-            idx = order[start: start + batch_size]
+        for idx in scoring_batches(items, batch_size):
             batch = to_device(collate_pair_items([items[i] for i in idx], pad_id_of(model)), device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                d, c, r, _ = forward_pairs(model, batch)
+                d, c, r, _ = forward_pairs(model, batch, packing=True)
             diff[idx] = d.float().cpu()
             if c is None:
                 has_scores = False
