@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import warnings
 
 import pytest
@@ -21,6 +22,9 @@ def test_quickstart_tiny_real_model_end_to_end(tmp_path, capsys):
     deprecations = [f"{w.category.__name__}: {w.message} ({w.filename}:{w.lineno})" for w in caught
                     if issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning, FutureWarning))]
     assert deprecations == []
+    # the reward model's frozen blocks came from the label sampler's captured states (all but re-tokenised rows)
+    used = re.search(r"trunk_cache: (\d+) of (\d+) rows", capsys.readouterr().out)
+    assert used is not None and 0 < int(used[1]) <= int(used[2])
     for rel in REQUIRED_FILES:
         assert (out / rel).is_file(), rel
     for name in PLOT_NAMES:

@@ -681,3 +681,44 @@ def test_a_short_shared_prefix_is_not_worth_its_own_forward():
     config = GenerationConfig(max_new_tokens=2, temperature=1.0, stop_token_ids=(2,), pad_token_id=PAD)
     _, seen, _ = _prefill_batches(model, ids, mask, config)
     assert seen[0] == (2, 4)
+
+
+@pytest.mark.parametrize("share_prefix", [True, False])
+def test_captured_hidden_states_equal_one_forward_over_prompt_response_and_end(monkeypatch, share_prefix):
+    """`HiddenCapture(layers=1, end_id=2)`: for every row, the states after block 1 of `[prompt; response; end
+    unless stopped]` equal one plain forward over that row alone (float64, RMSNorm without its float32 cast: to
+    1e-12); the rollout itself is the one sampled without capturing. Prompts share a 12-token head (the prefix
+    prefill with share_prefix) and repeat (one prefill per distinct prompt); rows stop at different steps."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from tolerances import float64_rms_norm
+
+    from rlhfkit.models.trunk import run_blocks
+    from rlhfkit.rollout.sampling import HiddenCapture
+
+    monkeypatch.setattr(LlamaRMSNorm, "forward", float64_rms_norm)
+    model = _stop_often_model()
+    head = [5, 7, 9, 4, 6, 8, 4, 5, 9, 7, 13, 12]
+    ids, mask = left_padded([head + t for t in [[11], [12, 13, 14], [6, 6], [11], [8, 9, 10, 11, 12]]])
+    config = GenerationConfig(max_new_tokens=4, temperature=1.0, stop_token_ids=(3,), pad_token_id=PAD)
+    capture = HiddenCapture(layers=1, end_id=2)
+    r, _, state = _prefill_batches(model, ids, mask, config, share_prefix=share_prefix, capture=capture)
+    plain, _, plain_state = _prefill_batches(model, ids, mask, config, share_prefix=share_prefix)
+    assert_same_rollouts(r, plain, state, plain_state)
+    assert capture.hidden.shape == (5, ids.shape[1] + r.response_ids.shape[1] + 1, 32)
+    assert not capture.hidden.requires_grad and not capture.hidden.is_inference()
+    assert 0 < int(r.stopped.sum()) < 5  # rows that stopped and rows that ran to max_new_tokens
+    assert bool((r.stopped & (r.response_mask.sum(1) < r.response_ids.shape[1])).any())  # a stop fed mid-loop
+    for b in range(5):
+        tokens = ids[b][mask[b]].tolist() + r.response_ids[b][r.response_mask[b]].tolist()
+        tokens += [] if bool(r.stopped[b]) else [2]
+        row = torch.tensor([tokens])
+        with torch.no_grad():
+            want = run_blocks(model.model, torch.ones_like(row, dtype=torch.bool), 0, 1, input_ids=row)[0]
+        got = capture.row_states(r, b)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    # padding columns hold zeros (prompt padding, response padding, the end column of stopped rows)
+    width, steps = ids.shape[1], r.response_ids.shape[1]
+    assert capture.hidden[:, :width][~mask].abs().max() == 0
+    assert capture.hidden[:, width:width + steps][~r.response_mask].abs().max() == 0
+    assert capture.hidden[r.stopped, width + steps].abs().max() == 0

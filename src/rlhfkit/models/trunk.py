@@ -37,7 +37,7 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3Model
 
 from rlhfkit.core.masks import position_ids_from_mask
 
-__all__ = ["SUPPORTED", "BatchTrunks", "Trunk", "embedding_and_blocks", "mask_kinds", "named_parameters", "run_blocks", "shared_depth",
+__all__ = ["SUPPORTED", "BatchTrunks", "Trunk", "TrunkCache", "embedding_and_blocks", "mask_kinds", "named_parameters", "run_blocks", "shared_depth",
            "supports_split"]
 
 SUPPORTED = (LlamaModel, MistralModel, Qwen2Model, Qwen3Model)
@@ -211,3 +211,67 @@ def shared_depth(a: nn.Module, b: nn.Module, limit: int) -> int:
     while depth < limit and _same_tensors(named_parameters([a.layers[depth]]), named_parameters([b.layers[depth]])):
         depth += 1
     return depth
+
+
+class TrunkCache:
+    """Hidden states after the embeddings and first ``layers`` blocks of ``decoder``, per token sequence.
+
+    Filled with what another computation already produced for those exact tokens (the sampler's decode steps,
+    `rollout.sampling.HiddenCapture`, while it sampled the responses a reward model is then trained on), so that a
+    model whose lowest ``layers`` blocks are ``decoder``'s, bit for bit and frozen (:meth:`usable_for`), runs
+    only its blocks above. :meth:`trunk` serves a padded batch: every row it holds from the cache, every other
+    row computed with ``decoder`` (:func:`run_blocks`), so a miss (a text that re-tokenises differently, a
+    truncated row) costs its forward and nothing else. Stored states differ from a forward over the whole row by
+    the float rounding of the computation that made them.
+    """
+
+    def __init__(self, decoder: nn.Module, layers: int) -> None:
+        if not supports_split(decoder):
+            raise ValueError(f"{type(decoder).__name__} is not a decoder whose blocks can be run in parts")
+        if not 1 <= layers <= num_blocks(decoder):
+            raise ValueError(f"layers={layers} for a decoder with {num_blocks(decoder)} blocks")
+        self.decoder, self.layers = decoder, layers
+        self.states: dict[tuple[int, ...], torch.Tensor] = {}
+        self.hits = self.misses = 0
+
+    def add(self, token_ids: list[int], hidden: torch.Tensor) -> None:
+        """The states (L, H) of the sequence ``token_ids`` (L ids)."""
+        if hidden.dim() != 2 or hidden.shape[0] != len(token_ids):
+            raise ValueError(f"states {tuple(hidden.shape)} for {len(token_ids)} tokens")
+        self.states[tuple(token_ids)] = hidden.detach()
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+    def usable_for(self, backbone: nn.Module, training: bool = True) -> str | None:
+        """Why ``backbone`` cannot take this cache's states (None if it can): its embeddings and lowest ``layers``
+        blocks must equal ``decoder``'s bit for bit (`shared_depth`) and, for ``training``, be frozen (no parameter
+        requires grad)."""
+        if not supports_split(backbone):
+            return f"{type(backbone).__name__} cannot run its blocks in parts"
+        if training and any(p.requires_grad for _, p in named_parameters(embedding_and_blocks(backbone,
+                                                                                             self.layers))):
+            return f"its embeddings or lowest {self.layers} blocks are trained (freeze at least {self.layers} layers)"
+        if shared_depth(self.decoder, backbone, self.layers) < self.layers:
+            return f"its lowest {self.layers} blocks are not the cached decoder's"
+        return None
+
+    @torch.no_grad()
+    def trunk(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Trunk:
+        """The `Trunk` (B, L, H) of a padded batch (any padding side; zeros on padding)."""
+        mask = attention_mask.bool()
+        ids_cpu, mask_cpu = input_ids.cpu(), mask.cpu()
+        found = [self.states.get(tuple(ids_cpu[r][mask_cpu[r]].tolist())) for r in range(input_ids.shape[0])]
+        missing = [r for r, h in enumerate(found) if h is None]
+        self.hits += len(found) - len(missing)
+        self.misses += len(missing)
+        weight = self.decoder.embed_tokens.weight
+        hidden = torch.zeros(*input_ids.shape, weight.shape[1], dtype=weight.dtype, device=input_ids.device)
+        if missing:
+            rows = torch.tensor(missing, device=input_ids.device)
+            hidden[rows] = run_blocks(self.decoder, mask[rows], 0, self.layers, input_ids=input_ids[rows]) * mask[rows][
+                ..., None]
+        for r, h in enumerate(found):
+            if h is not None:
+                hidden[r][mask[r]] = h.to(hidden.device, hidden.dtype)
+        return Trunk(hidden, self.layers)

@@ -175,17 +175,23 @@ def user_messages(prompt: str) -> list[dict[str, str]]:
 
 def sample_responses(model, tokenizer, prompts: list[str], n_per_prompt: int, max_new_tokens: int, seed: int,
                      batch_size: int = 64, temperature: float = 1.0, desc: str = "sampling",
-                     autocast_dtype: torch.dtype | None = None) -> list[list[tuple[str, int]]]:
+                     autocast_dtype: torch.dtype | None = None, trunk_cache=None) -> list[list[tuple[str, int]]]:
     """``n_per_prompt`` sampled responses per prompt as (text, token count), with the chat template applied.
+
+    ``trunk_cache`` (a `models.trunk.TrunkCache` of ``model``'s decoder): the sampler also captures the states
+    after its first ``trunk_cache.layers`` blocks (`rollout.sampling.HiddenCapture`) and stores them under the ids
+    a reward model reads for the row (prompt, response, EOS: `data.tokenize.encode_for_rm`), so that the reward
+    model trained on these responses, whose lowest blocks are that decoder's, frozen, skips them.
 
     Each forward batch holds ``batch_size`` prompts × their ``n_per_prompt`` rows: the sampler runs each prompt
     once and decodes its rows together (measured on a 2-core Xeon with AMX, SmolLM2, 32 new tokens: 226 tokens/s
     for 64 distinct prompts, 372 tokens/s for 64 prompts × 3)."""
     from rlhfkit.data.tokenize import left_pad, tokenize_prompts
-    from rlhfkit.rollout.sampling import GenerationConfig, sample
+    from rlhfkit.rollout.sampling import GenerationConfig, HiddenCapture, sample
 
     ids, _ = tokenize_prompts(tokenizer, [user_messages(p) for p in prompts], max_prompt_length=256)
     flat = [i for i in range(len(prompts)) for _ in range(n_per_prompt)]
+    eos = tokenizer.eos_token_id
     gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature,
                            stop_token_ids=(tokenizer.eos_token_id,), pad_token_id=tokenizer.pad_token_id)
     generator = torch.Generator().manual_seed(seed)
@@ -194,10 +200,13 @@ def sample_responses(model, tokenizer, prompts: list[str], n_per_prompt: int, ma
     for start in progress(range(0, len(flat), rows_per_batch), desc=desc):
         rows = flat[start:start + rows_per_batch]
         q, qm = left_pad([ids[i] for i in rows], tokenizer.pad_token_id)
-        r = sample(model, q, qm, gen, generator, tokenizer=tokenizer, autocast_dtype=autocast_dtype)
+        capture = HiddenCapture(trunk_cache.layers, eos) if trunk_cache is not None else None
+        r = sample(model, q, qm, gen, generator, tokenizer=tokenizer, autocast_dtype=autocast_dtype, capture=capture)
         for b, i in enumerate(rows):
             toks = r.response_ids[b][r.response_mask[b]].tolist()
             out[i].append((tokenizer.decode(toks, skip_special_tokens=True).strip(), len(toks)))
+            if capture is not None:  # a stopped row ends with EOS (the only stop id); the others get it appended
+                trunk_cache.add(ids[i] + toks + ([] if bool(r.stopped[b]) else [eos]), capture.row_states(r, b))
     return out
 
 
@@ -386,6 +395,7 @@ def run(cfg: QuickstartConfig) -> dict[str, Any]:
     from rlhfkit.train import ppo_trainer, reward_trainer, rm_eval
     from rlhfkit.train.rm_config import RMTrainConfig
     from rlhfkit.data.preference import parse_preferences
+    from rlhfkit.models.trunk import TrunkCache, supports_split
 
     preset = PRESETS[cfg.scale]
     out = Path(cfg.output)
@@ -428,12 +438,16 @@ def run(cfg: QuickstartConfig) -> dict[str, Any]:
     else:
         # 1. Responses of the SFT policy, labelled by the simulated human (Bradley-Terry over gold scores).
         t0 = time.perf_counter()
+        # the states of the SFT model's lowest rm_freeze_layers blocks, which the reward model keeps frozen,
+        # captured while sampling: `rm train` and the held-out RM eval then run only the blocks above
+        trunks = TrunkCache(policy0.get_decoder(), preset.rm_freeze_layers) if supports_split(
+            policy0.get_decoder()) else None
         train_resp = sample_responses(policy0, tokenizer, train_prompts, preset.responses_per_prompt,
                                       preset.max_new_tokens, cfg.seed, desc="1/5 sampling for labels",
-                                      autocast_dtype=autocast)
+                                      autocast_dtype=autocast, trunk_cache=trunks)
         held_resp = sample_responses(policy0, tokenizer, heldout_prompts, preset.heldout_responses,
                                      preset.max_new_tokens, cfg.seed + 1,
-                                     desc="1/5 sampling held-out pairs", autocast_dtype=autocast)
+                                     desc="1/5 sampling held-out pairs", autocast_dtype=autocast, trunk_cache=trunks)
         pref_rows, agreement, expected = preference_rows(train_prompts, train_resp, cfg.label_temperature, cfg.seed)
         eval_rows = gold_ordered_pairs(heldout_prompts, held_resp)
         write_jsonl(out / "data/preferences.jsonl", pref_rows)
@@ -447,17 +461,17 @@ def run(cfg: QuickstartConfig) -> dict[str, Any]:
         rm_dir = out / "models/reward_model"
         rm_batch = min(preset.rm_batch, len(pref_rows))
         rm_micro = preset.rm_micro_batch if rm_batch % preset.rm_micro_batch == 0 else rm_batch
-        reward_trainer.run(RMTrainConfig(
+        reward_trainer.RewardTrainer(RMTrainConfig(
             model=sft, data=str(out / "data/preferences.jsonl"), output=str(rm_dir), eval_fraction=0.0,
             epochs=preset.rm_epochs, learning_rate=preset.rm_lr, batch_size=rm_batch, micro_batch_size=rm_micro,
             aggregation="mean", group_by_prompt=True, bf16=bf16,
             freeze_layers=preset.rm_freeze_layers, max_length=256, logging_steps=5, seed=cfg.seed,
-            warmup_ratio=0.1))
+            warmup_ratio=0.1), trunk_cache=trunks).train()
         rm_model, rm_tok = rm_eval.load_scoring_model(str(rm_dir))
         rm_metrics = rm_eval.evaluate_reward_model(rm_model, rm_tok, parse_preferences(eval_rows, "held-out pairs"),
-                                                   bf16=bf16, source="held-out pairs")
+                                                   bf16=bf16, source="held-out pairs", trunk_cache=trunks)
         atomic_write_json(out / "rm_eval.json", rm_metrics)
-        del rm_model
+        del rm_model, trunks
         times["time_reward_model_s"] = time.perf_counter() - t0
 
     # 3. PPO against the reward model (the ordinary `ppo` path), monitoring the gold score of every rollout batch.

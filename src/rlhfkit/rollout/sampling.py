@@ -28,6 +28,13 @@ uniform for *every* row of the batch, finished or not, exactly as the full batch
 uses its own.
 
 
+With a :class:`HiddenCapture`, the sampler also keeps what its forwards computed anyway: the hidden states after
+the model's first ``layers`` blocks at every token it fed (the prompts, every response token but the last), plus
+one more forward of each row's last token and an end token after it, so that the states of ``[prompt; response;
+end]`` are all there (:class:`HiddenCapture`). A reward model whose lowest blocks are those blocks (the SFT model's,
+frozen) can then skip them (`models.trunk.TrunkCache`). The decode states differ from one forward over the whole
+row by float rounding only. Capturing keeps finished rows in the batch (their last token must still be fed).
+
 ``rollout_logprobs`` are ``log_softmax(logits / temperature)`` of the sampled token over the *full* tempered
 distribution, before top-k/top-p filtering: every later forward pass (old, current and reference policy)
 computes log-probs from the full tempered distribution, so the PPO ratio and the KL penalty compare like with
@@ -54,6 +61,7 @@ from rlhfkit.rollout.prepack import PrepackedLinears
 __all__ = [
     "GenerationConfig",
     "GenerationConfigError",
+    "HiddenCapture",
     "PreallocatedLayer",
     "Rollout",
     "check_sampling_call",
@@ -163,6 +171,46 @@ class Rollout(NamedTuple):
     response_mask: torch.Tensor
     rollout_logprobs: torch.Tensor
     stopped: torch.Tensor
+
+
+@dataclass
+class HiddenCapture:
+    """Ask :func:`sample` for the hidden states after the first ``layers`` blocks of the model's decoder.
+
+    ``end_id``: the token fed after each row's last response token (a reward model's EOS, which `data.tokenize.
+    encode_for_rm` appends to a complete response). After the call, ``hidden`` is (B, P + T + 1, H) float32 on the
+    model's device, in the rollout's layout: column ``j < P`` the prompt token ``query_ids[:, j]`` (zeros on
+    padding), column ``P + t`` the response token ``response_ids[:, t]`` (zeros after ``response_mask``), column
+    ``P + T`` the ``end_id`` fed right after the row's last response token; meaningful for rows that did not stop
+    (a row that stopped ends with its stop token already; that column then holds a state no row reads).
+    Computed as the decoder computes them under the sampler's settings (autocast included), in the decoder's
+    dtype.
+    """
+
+    layers: int
+    end_id: int
+    hidden: torch.Tensor | None = None
+
+    def layer(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The block whose output is the state after ``layers`` blocks (a decoder with ``.layers``)."""
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+        blocks = getattr(decoder, "layers", None)
+        if blocks is None or not 1 <= self.layers <= len(blocks):
+            raise ValueError(f"HiddenCapture(layers={self.layers}) needs a decoder with at least that many blocks "
+                             f"in .layers; {type(model).__name__} has {None if blocks is None else len(blocks)}")
+        return blocks[self.layers - 1]
+
+    def row_states(self, rollout: Rollout, b: int) -> torch.Tensor:
+        """(L, H): the states of row ``b``'s real tokens ``[prompt; response; end_id unless it stopped]``, in order."""
+        if self.hidden is None:
+            raise ValueError("nothing was captured yet")
+        width, steps = rollout.query_ids.shape[1], rollout.response_ids.shape[1]
+        n = int(rollout.response_mask[b].sum())
+        parts = [self.hidden[b, :width][rollout.query_mask[b].to(self.hidden.device)],
+                 self.hidden[b, width:width + n]]
+        if not bool(rollout.stopped[b]):
+            parts.append(self.hidden[b, width + steps:width + steps + 1])
+        return torch.cat(parts)
 
 
 def top_k_filter(logits: torch.Tensor, k: int | None) -> torch.Tensor:
@@ -416,10 +464,12 @@ def shared_prefix_length(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) ->
 
 
 def _prefill(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-             position_ids: torch.Tensor, cache: DynamicCache, cache_kwargs: dict, share_prefix: bool = True
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+             position_ids: torch.Tensor, cache: DynamicCache, cache_kwargs: dict, share_prefix: bool = True,
+             captured: list | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The forwards over the prompts that fill ``cache``; returns the (B, V) float32 logits of each row's next
-    token and the (B, C) attention mask of the C cached positions, to which the decode steps append.
+    token, the (B, C) attention mask of the C cached positions, to which the decode steps append, and with
+    ``captured`` (the list a :class:`HiddenCapture` hook appends each forward's block output to) the (B, P, H)
+    captured states of the prompt tokens in the prompts' own left-padded columns (zeros on padding), else None.
 
     Shared work is done once; a row's keys, values and logits depend on its own tokens and positions only, so
     neither changes anything but the float rounding of the smaller matrix shapes:
@@ -439,8 +489,10 @@ def _prefill(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
         first = shared[0]
         input_ids, attention_mask, position_ids = input_ids[first], attention_mask[first], position_ids[first]
     rows, width = input_ids.shape
+    prompt_mask = attention_mask.bool()
     prefix = shared_prefix_length(input_ids, attention_mask) if share_prefix else 0
     full_attention = bool(cache.layers) and all(type(layer) is PreallocatedLayer for layer in cache.layers)
+    head_states = None
     if prefix * (rows - 1) >= MIN_PREFIX_SAVING and full_attention:
         lengths = attention_mask.sum(-1)
         start = width - lengths  # (U,) each row's first real column
@@ -449,6 +501,8 @@ def _prefill(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
         ones = torch.ones_like(head)
         model(input_ids=head, attention_mask=ones, position_ids=torch.arange(prefix, device=head.device)[None],
               use_cache=True, logits_to_keep=1, **cache_kwargs)
+        if captured is not None:
+            head_states = captured.pop()  # (1, prefix, H)
         cache.batch_select_indices(torch.zeros(rows, dtype=torch.long, device=input_ids.device))
         rest = int(lengths.max()) - prefix  # the longest row's tokens after the prefix
         columns = torch.arange(width - rest, width, device=input_ids.device)
@@ -459,11 +513,21 @@ def _prefill(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
                 logits_to_keep=1, **cache_kwargs)
     logits = out.logits[:, -1, :].float()
+    states = None
+    if captured is not None:  # back to the prompts' own columns: [padding | prefix | rest]
+        last = captured.pop()  # (U, w, H), the last w columns of the prompts
+        states = last.new_zeros(rows, width, last.shape[-1])
+        states[:, width - last.shape[1]:] = last
+        if head_states is not None:  # the prefix columns of each row, from the one-row forward
+            columns = start[:, None] + torch.arange(prefix, device=start.device)  # (U, prefix)
+            states.scatter_(1, columns[..., None].expand(-1, -1, last.shape[-1]),
+                            head_states.expand(rows, -1, -1).to(states.dtype))
+        states = states * prompt_mask[..., None]
     if shared is None:
-        return logits, attention_mask
+        return logits, attention_mask, states
     inverse = shared[1]
     cache.batch_select_indices(inverse)
-    return logits[inverse], attention_mask[inverse]
+    return logits[inverse], attention_mask[inverse], None if states is None else states[inverse]
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
@@ -523,6 +587,7 @@ def sample(
     autocast_dtype: torch.dtype | None = None,
     prepack_weights: bool = True,
     share_prefix: bool = True,
+    capture: HiddenCapture | None = None,
 ) -> Rollout:
     """Sample up to ``config.max_new_tokens`` response tokens for each left-padded prompt.
 
@@ -546,6 +611,9 @@ def sample(
         share_prefix: run the leading tokens that all prompts share (a chat template's system prompt) once and
             copy their cache to every row (:func:`_prefill`; the same keys, values and logits to float
             rounding); False runs every prompt whole.
+        capture: fill ``capture.hidden`` with the states after the decoder's first ``capture.layers`` blocks
+            (:class:`HiddenCapture`; module docstring). The tokens and log-probs are those of the same call
+            without it, to float rounding.
 
     Returns:
         a :class:`Rollout`; all tensors on the model's device.
@@ -564,7 +632,15 @@ def sample(
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     stopped = torch.zeros(batch, dtype=torch.bool, device=device)
 
-    cache = make_cache(model, prompt_ids.shape[1] + max_new)
+    width = prompt_ids.shape[1]
+    captured: list | None = None
+    hook = None
+    if capture is not None:
+        captured = []
+        hook = capture.layer(model).register_forward_hook(lambda module, args, output: captured.append(
+            output[0] if isinstance(output, tuple) else output))
+        states = None  # (B, P + max_new + 1, H) once the prefill gives H
+    cache = make_cache(model, width + max_new + (1 if capture is not None else 0))
     cache_kwargs = {cache_keyword(model): cache}  # the cache object is updated in place by every forward
     rows = torch.arange(batch, device=device)  # the rows in the forward batch (finished rows leave it)
     attention_mask = prompt_mask.long()
@@ -582,14 +658,20 @@ def sample(
         with torch.inference_mode(), autocast, packer or contextlib.nullcontext():
             for step in range(max_new):
                 if step == 0:  # the prompts, each distinct prompt once
-                    logits, attention_mask = _prefill(model, prompt_ids, attention_mask, position_ids, cache,
-                                                      cache_kwargs, share_prefix)
+                    logits, attention_mask, prompt_states = _prefill(model, prompt_ids, attention_mask, position_ids,
+                                                                     cache, cache_kwargs, share_prefix, captured)
+                    if captured is not None:
+                        states = prompt_states.new_zeros(batch, width + max_new + 1, prompt_states.shape[-1])
+                        states[:, :width] = prompt_states
+                        cached = attention_mask.shape[1]  # the prompts' columns of the cache
                 else:
                     if packer is not None:  # weights packed for this many rows (again after rows left)
                         packer.prepare(rows.shape[0], max_new - step)
                     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                 use_cache=True, logits_to_keep=1, **cache_kwargs)
                     logits = out.logits[:, -1, :].float()  # (rows,V), float32 whatever the model's dtype
+                    if captured is not None:  # the state of the token fed: response token step - 1
+                        states[:, width + step - 1] = captured.pop()[:, -1]
                 # one uniform for every row of the batch, as if no row had left it; the log-probs over the full
                 # tempered distribution, before top-k/top-p (see the module docstring)
                 drawn, drawn_logprobs = draw_tokens(logits, config, temperature, generator, rows, batch)
@@ -614,15 +696,32 @@ def sample(
                     break
 
                 done = finished[rows]
-                if _should_compact(int(done.sum()), rows.shape[0], max_new - steps):
+                if capture is None and _should_compact(int(done.sum()), rows.shape[0], max_new - steps):
                     keep = (~done).nonzero().flatten()
                     cache.batch_select_indices(keep)
                     rows, attention_mask, next_position = rows[keep], attention_mask[keep], next_position[keep]
                 input_ids = tokens[rows, step:step + 1]
                 attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=-1)
                 position_ids = next_position + step
+            if captured is not None:  # every row's last token (never fed yet) and the end token after it
+                last = tokens[:, steps - 1:steps]
+                input_ids = torch.cat([last, torch.full_like(last, capture.end_id)], dim=-1)
+                fed = attention_mask[:, :cached + steps - 1]  # the prompts and response tokens 0 .. steps - 2
+                attention_mask = torch.cat([fed, torch.ones_like(input_ids)], dim=-1)
+                position_ids = next_position + steps - 1 + torch.arange(2, device=device)
+                model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+                      logits_to_keep=1, **cache_kwargs)
+                final = captured.pop()  # (B, 2, H)
+                states[:, width + steps - 1] = final[:, 0]
+                states[:, width + steps] = final[:, 1]
     finally:
         model.train(was_training)
+        if hook is not None:
+            hook.remove()
+    if capture is not None:  # outside inference mode: tensors autograd may later use as inputs
+        capture.hidden = states[:, :width + steps + 1].clone()
+        capture.hidden[:, width:width + steps] *= alive[:, :steps, None]
+        capture.hidden[:, width + steps] *= ~stopped[:, None]
 
     return Rollout(
         query_ids=prompt_ids,

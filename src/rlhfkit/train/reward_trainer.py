@@ -114,6 +114,7 @@ class PairwiseObjective:
         self.packing = cfg.packing != "off"
         self.pad_id = pad_id
         self.names = ("accuracy", "margin") + (() if self.loss_name == "ranker" else ("chosen_mean", "rejected_mean"))
+        self.trunk_cache = None  # a `models.trunk.TrunkCache` the reward model can use (`RewardTrainer`)
 
     def collate(self, items: Sequence[Any]) -> dict[str, Any]:
         return collate_pair_items(items, self.pad_id)
@@ -122,7 +123,7 @@ class PairwiseObjective:
         return float(len(items))
 
     def step(self, model: Any, batch: dict[str, Any]) -> StepOut:
-        diff, chosen, rejected, out = forward_pairs(model, batch, self.share_prompts, self.packing)
+        diff, chosen, rejected, out = forward_pairs(model, batch, self.share_prompts, self.packing, self.trunk_cache)
         if self.loss_name == "ranker":  # out = logits of (c, r) rows then (r, c) rows
             half = out.shape[0] // 2
             labels = torch.cat([torch.ones(half), torch.zeros(half)]).to(out.device)
@@ -471,7 +472,12 @@ class RewardTrainer:
     * ``data`` / ``eval_data``: a path, a list of dicts or a ``datasets.Dataset`` (each row validated like a file's
       row; errors name ``data, row N, field '...'`` and nothing is written);
     * ``callbacks``: each called as ``callback(step, metrics)`` with every logged metrics row (``rm/*``,
-      ``eval/*``, ...); one that raises stops the run with an `RlhfkitError` naming it.
+      ``eval/*``, ...); one that raises stops the run with an `RlhfkitError` naming it;
+    * ``trunk_cache``: a `models.trunk.TrunkCache` of states after the lowest blocks of a decoder that the reward
+      model's backbone shares bit for bit and keeps frozen (e.g. the SFT model's states captured while it sampled
+      the responses, as the quickstart does): the rows it holds skip those blocks, the same loss and gradients to
+      float rounding. Used by a decoder reward model on pairs in one process; otherwise (or if
+      `TrunkCache.usable_for` refuses the backbone) the run says why and computes every row.
 
     Construction runs steps 1-4 (and, with ``--resume``, restores the latest checkpoint) and writes nothing, so a
     bad input fails before the output folder is touched.
@@ -479,13 +485,14 @@ class RewardTrainer:
 
     def __init__(self, config: RMTrainConfig, procs: Processes | None = None, *, model: Any = None,
                  tokenizer: Any = None, data: Any = None, eval_data: Any = None,
-                 callbacks: Sequence[Callback] = ()) -> None:
+                 callbacks: Sequence[Callback] = (), trunk_cache: Any = None) -> None:
         if not isinstance(config, RMTrainConfig):
             raise RlhfkitError(f"config must be an RMTrainConfig, got {type(config).__name__}")
         # every input given once, before the processes and the output folder
         cfg, model_object = model_source(config, model, tokenizer)
         self.train_source = source_label(data_sources(cfg, data, eval_data)[0], "data")  # what errors call it
         self.callbacks = check_callbacks(callbacks)
+        self.trunk_cache = trunk_cache
         if model_object is None:
             self._build(cfg, procs, data, eval_data)
             return
@@ -535,6 +542,16 @@ class RewardTrainer:
         # 2. Tokenizer and model (seeded head; LoRA; frozen layers).
         model = build_model(cfg, kind, self.tokenizer)
         self.objective = (PairwiseObjective if cfg.pairwise else PointwiseObjective)(cfg, pad_id_of(model), kind)
+        if self.trunk_cache is not None:  # states of the frozen lower blocks computed elsewhere (the sampler)
+            from rlhfkit.models.reward import RewardModel
+
+            why = ("it applies to decoder reward models trained on pairs" if not (
+                cfg.pairwise and kind == "decoder" and isinstance(model, RewardModel) and n_proc == 1 and not cfg.fsdp)
+                   else self.trunk_cache.usable_for(model._backbone()))
+            if why is None:
+                self.objective.trunk_cache = self.trunk_cache
+            elif procs.is_main:
+                print(f"trunk_cache not used: {why}")
         model.train()
         model = procs.shard(model, cfg.fsdp, reduce="mean")  # --fsdp: FSDP2 (gradients averaged, as DDP's)
 
@@ -674,6 +691,10 @@ class RewardTrainer:
                     self.logger.log(self.step_count, row)
         bar.close()
         self.logger.close()
+        cache = getattr(self.objective, "trunk_cache", None)
+        if cache is not None and procs.is_main:
+            print(f"trunk_cache: {cache.hits} of {cache.hits + cache.misses} rows ran only the blocks above "
+                  f"{cache.layers}")
         # 7. Final model (LoRA merged), published atomically; final held-out metrics as JSON.
         final = full_copy(self.unwrapped, procs)  # --fsdp: the full weights on process 0 (collective)
         if procs.is_main:

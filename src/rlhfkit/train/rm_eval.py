@@ -204,28 +204,31 @@ def collate_pair_items(items: Sequence[Any], pad_id: int) -> dict[str, Any]:
     return collate_pairs(items, pad_id)
 
 
-def forward_pairs(model: Any, batch: dict[str, Any], share_prompts: bool = True, packing: bool = False
-                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, Any]:
+def forward_pairs(model: Any, batch: dict[str, Any], share_prompts: bool = True, packing: bool = False,
+                  trunk_cache: Any = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, Any]:
     """``(diff (B,), chosen (B,) | None, rejected (B,) | None, raw output)`` for one collated pair batch.
 
     ``share_prompts``: a decoder reward model runs each prompt of the batch once (`rlhfkit.models.packing`):
     a pair's chosen and rejected rows share their prompt, and so do all K responses of a prompt in K-wise batches.
     ``packing``: a decoder reward model runs the batch as one padding-free packed sequence
     (`RewardModel.forward`); a ranker ignores both.
+    ``trunk_cache``: a `models.trunk.TrunkCache` that the reward model's backbone can use (the caller checked
+    `TrunkCache.usable_for`): its lowest blocks are not run for the rows the cache holds.
     """
     if isinstance(getattr(model, "module", None), Ranker) or isinstance(model, Ranker):
         logits = model(batch["input_ids"], batch["attention_mask"])
         half = logits.shape[0] // 2
         return (logits[:half] - logits[half:]) / 2, None, None, logits
     out = _forward_distinct(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"], share_prompts,
-                            packing)
+                            packing, trunk_cache)
     half = out.scores.shape[0] // 2
     chosen, rejected = out.scores[:half], out.scores[half:]
     return chosen - rejected, chosen, rejected, out
 
 
 def _forward_distinct(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      response_mask: torch.Tensor, share_prompts: bool = False, packing: bool = False) -> Any:
+                      response_mask: torch.Tensor, share_prompts: bool = False, packing: bool = False,
+                      trunk_cache: Any = None) -> Any:
     """The reward model on a (N, L) batch, each distinct row run once when rows repeat.
 
     Pairs that share a response (K responses of a prompt, all pairs labelled) repeat rows; the model then runs
@@ -236,12 +239,15 @@ def _forward_distinct(model: Any, input_ids: torch.Tensor, attention_mask: torch
     """
     rows = torch.cat([input_ids, attention_mask.long(), response_mask.long()], dim=1)
     distinct, inverse = torch.unique(rows, dim=0, return_inverse=True)
+    def run(ids: torch.Tensor, att: torch.Tensor, resp: torch.Tensor) -> Any:
+        trunk = {"trunk": trunk_cache.trunk(ids, att)} if trunk_cache is not None else {}
+        return model(ids, att, resp, share_prompts=share_prompts, packing=packing, **trunk)
+
     if distinct.shape[0] == rows.shape[0]:
-        return model(input_ids, attention_mask, response_mask, share_prompts=share_prompts, packing=packing)
+        return run(input_ids, attention_mask, response_mask)
     ids, att, resp = distinct.split(input_ids.shape[1], dim=1)  # the distinct rows are the model's inputs
     length = int(att.sum(dim=1).max())  # right-padded rows
-    out = model(ids[:, :length], att[:, :length].to(attention_mask.dtype), resp[:, :length].to(response_mask.dtype),
-                share_prompts=share_prompts, packing=packing)
+    out = run(ids[:, :length], att[:, :length].to(attention_mask.dtype), resp[:, :length].to(response_mask.dtype))
     pad = input_ids.shape[1] - length
 
     def back(t: torch.Tensor | None, per_token: bool) -> torch.Tensor | None:
@@ -261,11 +267,12 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def score_pair_items(model: Any, items: Sequence[Any], batch_size: int, bf16: bool = False
+def score_pair_items(model: Any, items: Sequence[Any], batch_size: int, bf16: bool = False, trunk_cache: Any = None
                      ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """``(diff, chosen, rejected)`` float32 CPU tensors (N,) in the order of ``items``, scored in
     `scoring_batches`; a decoder reward model runs each batch packed (`RewardModel.forward`, ``packing``: no
-    padding computed; its distinct rows once, each prompt once; other models ignore it)."""
+    padding computed; its distinct rows once, each prompt once; other models ignore it). ``trunk_cache``: a
+    `models.trunk.TrunkCache` the model's backbone shares (`TrunkCache.usable_for`, checked by the caller)."""
     device = next(model.parameters()).device
     diff = torch.empty(len(items))
     chosen = torch.empty(len(items))
@@ -277,7 +284,7 @@ def score_pair_items(model: Any, items: Sequence[Any], batch_size: int, bf16: bo
         for idx in scoring_batches(items, batch_size):
             batch = to_device(collate_pair_items([items[i] for i in idx], pad_id_of(model)), device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                d, c, r, _ = forward_pairs(model, batch, packing=True)
+                d, c, r, _ = forward_pairs(model, batch, packing=True, trunk_cache=trunk_cache)
             diff[idx] = d.float().cpu()
             if c is None:
                 has_scores = False
@@ -290,8 +297,11 @@ def score_pair_items(model: Any, items: Sequence[Any], batch_size: int, bf16: bo
 
 def evaluate_reward_model(model: Any, tokenizer: Any, examples: Sequence[PreferenceExample], batch_size: int = 16,
                           max_length: int = 1024, overlong: str = "truncate_prompt_left", num_bins: int = 10,
-                          bf16: bool = False, source: Any = None) -> dict[str, Any]:
+                          bf16: bool = False, source: Any = None, trunk_cache: Any = None) -> dict[str, Any]:
     """Pairwise metrics of a ``RewardModel`` or a ranker on preference examples (module docstring).
+
+    ``trunk_cache``: a `models.trunk.TrunkCache` (e.g. the states the sampler captured for these responses); used
+    when the reward model's lowest blocks are its decoder's bit for bit (`TrunkCache.usable_for`), else ignored.
 
     Returns ``{"n", "accuracy", "margin", "ties", "ece", "bins", "chosen_mean", "rejected_mean" (reward models),
     "n_dropped", "n_truncated"}``. Raises RlhfkitError when no pair is left after the over-long policy.
@@ -301,7 +311,9 @@ def evaluate_reward_model(model: Any, tokenizer: Any, examples: Sequence[Prefere
                                    convention="rlhfkit" if ranker else model.convention)
     if not items:
         raise RlhfkitError(f"{source or 'data'}: no pair left to evaluate ({report.describe()})")
-    diff, chosen, rejected = score_pair_items(model, items, batch_size, bf16)
+    if trunk_cache is not None and (ranker or trunk_cache.usable_for(model._backbone(), training=False)):
+        trunk_cache = None
+    diff, chosen, rejected = score_pair_items(model, items, batch_size, bf16, trunk_cache)
     metrics = pairwise_metrics(diff, num_bins, chosen, rejected)
     metrics.update(n_dropped=report.n_dropped, n_truncated=report.n_truncated)
     return metrics
