@@ -204,3 +204,72 @@ def test_from_run_refuses_a_folder_that_is_not_a_finished_run_of_the_same_settin
     (src / "rm_eval.json").unlink()
     with pytest.raises(RlhfkitError, match="rm_eval.json is missing"):
         check_from_run(cfg())
+
+
+def test_evaluation_from_shared_trunks_equals_the_plain_forwards(tmp_path, monkeypatch):
+    """`evaluate_policy(share_trunks=True)` on a policy, a reference sharing its block 0 (block 1 differs) and a
+    reward model built on the reference (both blocks shared): the sampler keeps block 0's states, the reference
+    runs block 1 from them (its block 0 never runs), the reward model only its norm and head; texts and token
+    counts are those of the plain forwards, proxy scores and KL to 1e-10 (float64, RMSNorm without its float32
+    cast). Without a reference (the SFT evaluation) the reward model shares both of the policy's blocks."""
+    import sys
+    from pathlib import Path
+
+    import torch
+    from tolerances import float64_rms_norm
+    from transformers import AutoTokenizer
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from rlhfkit.models.reward import RewardModel
+    from rlhfkit.quickstart import pipeline
+    from rlhfkit.rollout.scoring import RMReward
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "rollout"))
+    from test_sampling import TOKENIZER_DIR, tiny_llama
+
+    monkeypatch.setattr(LlamaRMSNorm, "forward", float64_rms_norm)
+    tok = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    tok.pad_token = tok.eos_token
+    reference = tiny_llama(len(tok), seed=0, dtype=torch.float64)
+    policy = tiny_llama(len(tok), seed=0, dtype=torch.float64)
+    with torch.no_grad():  # the policy's block 1 trained away from the reference's
+        for p in policy.model.layers[1].parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        policy.lm_head.weight.add_(0.05 * torch.randn_like(policy.lm_head.weight))
+    for model in (reference, policy):  # rotary tables in float32, as a float64 model loaded from a folder has them
+        model.model.rotary_emb.float()
+    reference.save_pretrained(tmp_path / "ref")
+    tok.save_pretrained(tmp_path / "ref")
+    torch.manual_seed(0)
+    RewardModel.from_backbone(str(tmp_path / "ref"), kind="decoder", aggregation="last").save_pretrained(
+        tmp_path / "rm", tokenizer=tok)
+    proxy = RMReward(str(tmp_path / "rm"), tok, dtype=torch.float64)
+    assert proxy.shareable_depth(reference.model) == 2 and proxy.shareable_depth(policy.model) == 1
+
+    class Judge:
+        def score(self, texts):
+            return [float(len(t)) for t in texts]
+
+    monkeypatch.setattr(pipeline, "_judge", lambda: Judge())
+    ran, trunk_layers = [], []
+    reference.model.layers[0].register_forward_hook(lambda *a: ran.append(1))
+    forward = proxy._forward
+    monkeypatch.setattr(proxy, "_forward", lambda *a, **k: (trunk_layers.append(
+        getattr(a[3] if len(a) > 3 else k.get("trunk"), "layers", None)), forward(*a, **k))[1])
+    prompts = ["Describe a rainy Monday morning commute.", "Tell me about a garden in early spring.", "Hello"]
+    for model, ref, depth in ((policy, reference, 2), (reference, None, 2)):
+        rows = {}
+        for share in (True, False):
+            ran.clear()
+            trunk_layers.clear()
+            rows[share] = pipeline.evaluate_policy(model, tok, prompts, proxy, 6, 1.0, seed=4, reference=ref,
+                                                   share_trunks=share)
+            assert trunk_layers == ([depth] if share else [None])
+            if ref is not None:
+                assert len(ran) == (0 if share else 1)  # the reference's block 0: from the sampler's states
+        for fast, plain in zip(rows[True], rows[False]):
+            assert (fast["response"], fast["response_tokens"], fast["gold"]) == (
+                plain["response"], plain["response_tokens"], plain["gold"])
+            for key in ("proxy", "kl") if ref is not None else ("proxy",):
+                assert abs(fast[key] - plain[key]) <= 1e-10 * max(1.0, abs(plain[key])), key
+        assert max(abs(row["proxy"]) for row in rows[False]) > 1e-3  # the check has teeth

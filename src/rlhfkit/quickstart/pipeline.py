@@ -329,40 +329,72 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def evaluate_policy(policy, tokenizer, prompts: list[str], rm_reward, max_new_tokens: int, temperature: float,
                     seed: int, reference=None, batch_size: int = 192, desc: str = "evaluating",
-                    autocast_dtype: torch.dtype | None = None) -> list[dict]:
+                    autocast_dtype: torch.dtype | None = None, share_trunks: bool = True) -> list[dict]:
     """One sampled response per held-out prompt with its gold score, proxy (RM) score, token count and, with a
     `reference`, its KL to the reference: KL = Σ_t (log π(y_t) − log π_ref(y_t)) over the response tokens (the
     k1 estimator of `rlhfkit.core.kl`, summed), an unbiased estimate of KL(π ‖ π_ref) per response.
 
     ``batch_size`` prompts per sampling batch: the default's 165 held-out prompts in one (decode steps read every
     weight once per step whatever the rows, so few rows waste it: on a 2-core Xeon with AMX, SmolLM2, 32 new
-    tokens, 165 prompts took 17.9-23.0 s in one batch vs 23.9-26.9 s in batches of 64, one process)."""
+    tokens, 165 prompts took 17.9-23.0 s in one batch vs 23.9-26.9 s in batches of 64, one process).
+
+    ``share_trunks``: where the reward model (an `rollout.scoring.RMReward`) or the reference shares lower blocks
+    with the policy bit for bit, no forward runs them again: the sampler captures the states after the policy's
+    shared blocks (`rollout.sampling.HiddenCapture`), the reference continues from them up to the blocks it shares
+    with the reward model (`rollout.forward.trunk_forward`) and computes its log-probs from there, and the reward
+    model scores from the deepest of those trunks (`models.trunk.BatchTrunks`). For the quickstart's SFT policy and
+    reward model (blocks 0-25 frozen) that is 26 of 30 blocks of the scoring; for the trained policy (blocks 0-15
+    frozen) 16 blocks of the reference and 26 of the scoring. The same numbers to float rounding; False runs
+    every forward whole."""
     from rlhfkit.core.kl import kl_penalty
     from rlhfkit.core.masks import masked_sum
     from rlhfkit.data.tokenize import left_pad, tokenize_prompts
-    from rlhfkit.rollout.forward import policy_forward
-    from rlhfkit.rollout.sampling import GenerationConfig, sample
+    from rlhfkit.models.trunk import BatchTrunks, Trunk, num_blocks, shared_depth
+    from rlhfkit.rollout.forward import policy_forward, trunk_decoder, trunk_forward
+    from rlhfkit.rollout.sampling import GenerationConfig, HiddenCapture, sample
+    from rlhfkit.rollout.scoring import reads_trunks
 
     ids, _ = tokenize_prompts(tokenizer, [user_messages(p) for p in prompts], max_prompt_length=256)
     gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature,
                            stop_token_ids=(tokenizer.eos_token_id,), pad_token_id=tokenizer.pad_token_id)
     generator = torch.Generator().manual_seed(seed)
+    # the blocks shared bit for bit: policy with reward model / reference, reference with reward model
+    own, ref_decoder = trunk_decoder(policy), trunk_decoder(reference) if reference is not None else None
+    share_trunks = share_trunks and autocast_dtype is None  # the plain forwards run without autocast
+    scorer = rm_reward.shareable_depth if share_trunks and hasattr(rm_reward, "shareable_depth") else lambda d: 0
+    policy_ref = shared_depth(own, ref_decoder, min(num_blocks(own), num_blocks(ref_decoder))) if (
+        share_trunks and own is not None and ref_decoder is not None) else 0
+    captured = max(scorer(own), policy_ref)  # the states the sampler keeps
+    ref_depth = max(scorer(ref_decoder), min(captured, policy_ref))  # the reference's trunk (from the capture)
     rows: list[dict] = []
     for start in progress(range(0, len(prompts), batch_size), desc=desc):
         idx = list(range(start, min(start + batch_size, len(prompts))))
         q, qm = left_pad([ids[i] for i in idx], tokenizer.pad_token_id)
-        r = sample(policy, q, qm, gen, generator, tokenizer=tokenizer, autocast_dtype=autocast_dtype)
+        capture = HiddenCapture(captured, tokenizer.eos_token_id) if captured else None
+        r = sample(policy, q, qm, gen, generator, tokenizer=tokenizer, autocast_dtype=autocast_dtype, capture=capture)
         q, qm = q.to(r.response_ids.device), qm.to(r.response_ids.device)
         texts = [tokenizer.decode(r.response_ids[b][r.response_mask[b]].tolist(), skip_special_tokens=True).strip()
                  for b in range(len(idx))]
         prompt_texts = [tokenizer.decode(q[b][qm[b]].tolist()) for b in range(len(idx))]
-        proxy = rm_reward(prompt_texts, texts, q, qm, r.response_ids, r.response_mask, r.stopped)
-        gold = _judge().score(texts)
+        trunks = []
+        if capture is not None:  # [query; response] columns of the capture
+            trunks.append((own, Trunk(capture.hidden[:, :q.shape[1] + r.response_ids.shape[1]], captured)))
         kl = None
         if reference is not None:  # the sampler's log-probs are the policy's (full tempered distribution)
             with torch.inference_mode():
-                ref = policy_forward(reference, q, qm, r.response_ids, r.response_mask, temperature).logprobs
+                base = trunks[0][1] if trunks and policy_ref >= captured else None
+                ref_trunk = None
+                if ref_depth:
+                    ref_trunk = base if base is not None and ref_depth == captured else trunk_forward(
+                        reference, q, qm, r.response_ids, r.response_mask, ref_depth, base=base)
+                    trunks.append((ref_decoder, ref_trunk))
+                ref = policy_forward(reference, q, qm, r.response_ids, r.response_mask, temperature,
+                                     trunk=ref_trunk).logprobs
             kl = masked_sum(kl_penalty(r.rollout_logprobs, ref, "kl"), r.response_mask, dim=1)
+        offered = {"trunks": BatchTrunks(q, qm, r.response_ids, r.response_mask, tuple(trunks))} if (
+            trunks and reads_trunks(rm_reward)) else {}
+        proxy = rm_reward(prompt_texts, texts, q, qm, r.response_ids, r.response_mask, r.stopped, **offered)
+        gold = _judge().score(texts)
         for b, i in enumerate(idx):
             row = {"prompt": prompts[i], "response": texts[b], "gold": gold[b], "proxy": float(proxy[b]),
                    "response_tokens": int(r.response_mask[b].sum())}
