@@ -40,10 +40,11 @@ def test_reference_statistics_apply_per_model_before_combination_penalty_and_cli
     scores, prompts, responses = trainer.raw_scores(rollout)
     batch = (prompts, responses, rollout.query_ids, rollout.query_mask, rollout.response_ids, rollout.response_mask,
              rollout.stopped)
-    # the models' own (unnormalised) outputs: the very forwards of the trainer's sources (same folders, rows and
-    # batches of 16), so the same float32 numbers; only the normalisation and the sum below are float64 here
-    raw_a = RMReward(rm_a, trainer.tokenizer)(*batch).double()
-    raw_b = RMReward(rm_b, trainer.tokenizer)(*batch).double()
+    # the models' own (unnormalised) outputs: the very forwards of the trainer's sources (same folders, rows,
+    # batches of 16 and packing), so the same float32 numbers; only the normalisation and the sum below are float64
+    packing = [source.packing for source in trainer.reward.sources]
+    raw_a = RMReward(rm_a, trainer.tokenizer, packing=packing[0])(*batch).double()
+    raw_b = RMReward(rm_b, trainer.tokenizer, packing=packing[1])(*batch).double()
     # each model normalised with its own statistics, then the weighted sum: 1·(a − 0.5)/2 + 2·(b + 0.25)/0.5
     terms = torch.stack([(raw_a - 0.5) / 2.0, 2.0 * (raw_b + 0.25) / 0.5])
     combined = terms.sum(0)
