@@ -273,3 +273,48 @@ def test_evaluation_from_shared_trunks_equals_the_plain_forwards(tmp_path, monke
             for key in ("proxy", "kl") if ref is not None else ("proxy",):
                 assert abs(fast[key] - plain[key]) <= 1e-10 * max(1.0, abs(plain[key])), key
         assert max(abs(row["proxy"]) for row in rows[False]) > 1e-3  # the check has teeth
+
+
+def test_label_sampling_fills_the_trunk_cache_under_the_reward_models_ids(monkeypatch):
+    """`sample_responses(trunk_cache=...)` stores, for every sampled row, the states after block 1 under the ids a
+    reward model reads for it (`encode_for_rm`: prompt, response, EOS), equal to one forward over those ids (float64,
+    RMSNorm without its float32 cast: 1e-12). The random model's rows run to max_new_tokens (EOS appended after
+    the capture's extra forward); rows that stop are covered by the sampler's own capture test."""
+    import sys
+    from pathlib import Path
+
+    import torch
+    from tolerances import float64_rms_norm
+    from transformers import AutoTokenizer
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from rlhfkit.data.tokenize import encode_for_rm
+    from rlhfkit.models.trunk import TrunkCache, run_blocks
+    from rlhfkit.quickstart import pipeline
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "rollout"))
+    from test_sampling import TOKENIZER_DIR, tiny_llama
+
+    monkeypatch.setattr(LlamaRMSNorm, "forward", float64_rms_norm)
+    tok = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    tok.pad_token = tok.eos_token
+    model = tiny_llama(len(tok), seed=2, dtype=torch.float64)
+    model.model.rotary_emb.float()
+    cache = TrunkCache(model.model, 1)
+    prompts = ["Describe a rainy Monday morning commute.", "Tell me about a garden in early spring.", "Hello"]
+    out = pipeline.sample_responses(model, tok, prompts, 2, 5, seed=1, batch_size=2, trunk_cache=cache)
+    assert len(cache) == 6 and sum(len(r) for r in out) == 6
+    for ids, states in cache.states.items():
+        row = torch.tensor([list(ids)])
+        with torch.no_grad():
+            want = run_blocks(model.model, torch.ones_like(row, dtype=torch.bool), 0, 1, input_ids=row)[0]
+        torch.testing.assert_close(states, want, rtol=0, atol=1e-12)
+        assert ids[-1] == tok.eos_token_id
+    # the keys are what a reward model reads for the decoded responses (where the text re-tokenises the same)
+    keys = set(cache.states)
+    found = 0
+    for prompt, responses in zip(prompts, out):
+        for text, _ in responses:
+            p, r = encode_for_rm(tok, pipeline.user_messages(prompt), text)
+            found += tuple(p + r) in keys
+    assert found >= 1
