@@ -68,6 +68,8 @@ def test_cached_lower_blocks_give_the_plain_loss_and_gradients(tmp_path, monkeyp
 
 
 def test_a_trained_or_different_backbone_is_refused(tmp_path):
+    """Refused: trainable lower blocks (for training), other weights, another autocast, dropout in the lower blocks
+    (for training); bad sizes are errors."""
     torch.manual_seed(0)
     model = RewardModel.from_backbone(str(make_sft_folder(tmp_path / "sft")), aggregation="last")
     other = RewardModel.from_backbone(str(make_sft_folder(tmp_path / "other", seed=1)), aggregation="last")
@@ -76,6 +78,12 @@ def test_a_trained_or_different_backbone_is_refused(tmp_path):
     assert cache.usable_for(model._backbone(), training=False) is None  # scoring needs no frozen blocks
     freeze_lower_layers(other, 1)
     assert "not the cached decoder's" in cache.usable_for(other._backbone())
+    freeze_lower_layers(model, 1)
+    assert cache.usable_for(model._backbone()) is None
+    assert "autocast" in cache.usable_for(model._backbone(), autocast_dtype=torch.bfloat16)  # not how they were made
+    model._backbone().config.attention_dropout = 0.1  # the plain path would drop, the cached states did not
+    assert "dropout" in cache.usable_for(model._backbone())
+    assert cache.usable_for(model._backbone(), training=False) is None
     with pytest.raises(ValueError, match="3 blocks|layers=3"):
         TrunkCache(model._backbone(), 3)
     with pytest.raises(ValueError, match="states"):

@@ -24,6 +24,7 @@ Only the exact classes qualify (a subclass may change ``forward``); every other 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from typing import Any, Callable, NamedTuple
 
@@ -213,6 +214,14 @@ def shared_depth(a: nn.Module, b: nn.Module, limit: int) -> int:
     return depth
 
 
+def _dropout(decoder: nn.Module, layers: int) -> bool:
+    """Whether the embeddings or lowest ``layers`` blocks of ``decoder`` apply dropout in training mode (a dropout
+    module with p > 0, or the attention dropout of the config)."""
+    modules = [m for part in embedding_and_blocks(decoder, layers) for m in part.modules()]
+    return (any(isinstance(m, nn.Dropout) and m.p > 0 for m in modules)
+            or float(getattr(decoder.config, "attention_dropout", 0.0) or 0.0) > 0)
+
+
 class TrunkCache:
     """Hidden states after the embeddings and first ``layers`` blocks of ``decoder``, per token sequence.
 
@@ -225,12 +234,13 @@ class TrunkCache:
     the float rounding of the computation that made them.
     """
 
-    def __init__(self, decoder: nn.Module, layers: int) -> None:
+    def __init__(self, decoder: nn.Module, layers: int, autocast_dtype: torch.dtype | None = None) -> None:
         if not supports_split(decoder):
             raise ValueError(f"{type(decoder).__name__} is not a decoder whose blocks can be run in parts")
         if not 1 <= layers <= num_blocks(decoder):
             raise ValueError(f"layers={layers} for a decoder with {num_blocks(decoder)} blocks")
         self.decoder, self.layers = decoder, layers
+        self.autocast_dtype = autocast_dtype  # the autocast the states were (and misses are) computed under
         self.states: dict[tuple[int, ...], torch.Tensor] = {}
         self.hits = self.misses = 0
 
@@ -243,12 +253,18 @@ class TrunkCache:
     def __len__(self) -> int:
         return len(self.states)
 
-    def usable_for(self, backbone: nn.Module, training: bool = True) -> str | None:
-        """Why ``backbone`` cannot take this cache's states (None if it can): its embeddings and lowest ``layers``
-        blocks must equal ``decoder``'s bit for bit (`shared_depth`) and, for ``training``, be frozen (no parameter
-        requires grad)."""
+    def usable_for(self, backbone: nn.Module, training: bool = True, autocast_dtype: torch.dtype | None = None
+                   ) -> str | None:
+        """Why ``backbone``, run under ``autocast_dtype`` (None: none), cannot take this cache's states (None if it
+        can): its embeddings and lowest ``layers`` blocks must equal ``decoder``'s bit for bit (`shared_depth`: the
+        same device too), the autocast must be the one the states were computed under, and, for ``training``, those
+        blocks must be frozen (no parameter requires grad) and apply no dropout (the cached states have none)."""
         if not supports_split(backbone):
             return f"{type(backbone).__name__} cannot run its blocks in parts"
+        if autocast_dtype != self.autocast_dtype:
+            return f"it runs under autocast {autocast_dtype}, the states were computed under {self.autocast_dtype}"
+        if training and _dropout(backbone, self.layers):
+            return f"its lowest {self.layers} blocks apply dropout in training"
         if training and any(p.requires_grad for _, p in named_parameters(embedding_and_blocks(backbone,
                                                                                              self.layers))):
             return f"its embeddings or lowest {self.layers} blocks are trained (freeze at least {self.layers} layers)"
@@ -267,10 +283,14 @@ class TrunkCache:
         self.misses += len(missing)
         weight = self.decoder.embed_tokens.weight
         hidden = torch.zeros(*input_ids.shape, weight.shape[1], dtype=weight.dtype, device=input_ids.device)
-        if missing:
+        if missing:  # on the decoder's device, under the autocast the cached states had
             rows = torch.tensor(missing, device=input_ids.device)
-            hidden[rows] = run_blocks(self.decoder, mask[rows], 0, self.layers, input_ids=input_ids[rows]) * mask[rows][
-                ..., None]
+            autocast = (torch.autocast(weight.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
+                        is not None else contextlib.nullcontext())
+            with autocast:
+                computed = run_blocks(self.decoder, mask[rows].to(weight.device), 0, self.layers,
+                                      input_ids=input_ids[rows].to(weight.device))
+            hidden[rows] = computed.to(hidden.device) * mask[rows][..., None]
         for r, h in enumerate(found):
             if h is not None:
                 hidden[r][mask[r]] = h.to(hidden.device, hidden.dtype)

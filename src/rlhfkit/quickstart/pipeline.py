@@ -195,6 +195,8 @@ def sample_responses(model, tokenizer, prompts: list[str], n_per_prompt: int, ma
     ids, _ = tokenize_prompts(tokenizer, [user_messages(p) for p in prompts], max_prompt_length=256)
     flat = [i for i in range(len(prompts)) for _ in range(n_per_prompt)]
     eos = tokenizer.eos_token_id
+    if not prompts:
+        return []
     gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature,
                            stop_token_ids=(tokenizer.eos_token_id,), pad_token_id=tokenizer.pad_token_id)
     generator = torch.Generator().manual_seed(seed)
@@ -475,7 +477,7 @@ def run(cfg: QuickstartConfig) -> dict[str, Any]:
         t0 = time.perf_counter()
         # the states of the SFT model's lowest rm_freeze_layers blocks, which the reward model keeps frozen,
         # captured while sampling: `rm train` and the held-out RM eval then run only the blocks above
-        trunks = TrunkCache(policy0.get_decoder(), preset.rm_freeze_layers) if supports_split(
+        trunks = TrunkCache(policy0.get_decoder(), preset.rm_freeze_layers, autocast) if supports_split(
             policy0.get_decoder()) else None
         train_resp = sample_responses(policy0, tokenizer, train_prompts, preset.responses_per_prompt,
                                       preset.max_new_tokens, cfg.seed, desc="1/5 sampling for labels",
@@ -503,6 +505,7 @@ def run(cfg: QuickstartConfig) -> dict[str, Any]:
             freeze_layers=preset.rm_freeze_layers, max_length=256, logging_steps=5, seed=cfg.seed,
             warmup_ratio=0.1), trunk_cache=trunks).train()
         rm_model, rm_tok = rm_eval.load_scoring_model(str(rm_dir))
+        rm_model = rm_model.to(device)  # where the captured states are
         rm_metrics = rm_eval.evaluate_reward_model(rm_model, rm_tok, parse_preferences(eval_rows, "held-out pairs"),
                                                    bf16=bf16, source="held-out pairs", trunk_cache=trunks)
         atomic_write_json(out / "rm_eval.json", rm_metrics)

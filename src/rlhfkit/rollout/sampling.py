@@ -178,13 +178,13 @@ class HiddenCapture:
     """Ask :func:`sample` for the hidden states after the first ``layers`` blocks of the model's decoder.
 
     ``end_id``: the token fed after each row's last response token (a reward model's EOS, which `data.tokenize.
-    encode_for_rm` appends to a complete response). After the call, ``hidden`` is (B, P + T + 1, H) float32 on the
-    model's device, in the rollout's layout: column ``j < P`` the prompt token ``query_ids[:, j]`` (zeros on
-    padding), column ``P + t`` the response token ``response_ids[:, t]`` (zeros after ``response_mask``), column
-    ``P + T`` the ``end_id`` fed right after the row's last response token; meaningful for rows that did not stop
-    (a row that stopped ends with its stop token already; that column then holds a state no row reads).
-    Computed as the decoder computes them under the sampler's settings (autocast included), in the decoder's
-    dtype.
+    encode_for_rm` appends to a complete response). After the call, ``hidden`` is (B, P + T + 1, H) on the model's
+    device, in the rollout's layout: column ``j < P`` the prompt token ``query_ids[:, j]`` (zeros on padding),
+    column ``P + t`` the response token ``response_ids[:, t]`` (zeros after ``response_mask``), column ``P + T``
+    the ``end_id`` fed right after the row's last response token, for rows that did not stop (zeros for rows that
+    stopped: their states end with their stop token; a consumer that appends ``end_id`` after a stop id other
+    than ``end_id`` finds no state for it). Computed as the decoder computes them under the sampler's settings
+    (autocast included), in the decoder's residual-stream dtype.
     """
 
     layers: int
@@ -612,8 +612,9 @@ def sample(
             copy their cache to every row (:func:`_prefill`; the same keys, values and logits to float
             rounding); False runs every prompt whole.
         capture: fill ``capture.hidden`` with the states after the decoder's first ``capture.layers`` blocks
-            (:class:`HiddenCapture`; module docstring). The tokens and log-probs are those of the same call
-            without it, to float rounding.
+            (:class:`HiddenCapture`; module docstring). The same computation as the call without it: finished
+            rows then stay in the forward batch, whose other shapes round differently (in float32 that can
+            change a draw where two tokens are nearly tied; in float64 the tests see the same tokens).
 
     Returns:
         a :class:`Rollout`; all tensors on the model's device.
@@ -637,8 +638,7 @@ def sample(
     hook = None
     if capture is not None:
         captured = []
-        hook = capture.layer(model).register_forward_hook(lambda module, args, output: captured.append(
-            output[0] if isinstance(output, tuple) else output))
+        capture_layer = capture.layer(model)  # checked before anything is attached
         states = None  # (B, P + max_new + 1, H) once the prefill gives H
     cache = make_cache(model, width + max_new + (1 if capture is not None else 0))
     cache_kwargs = {cache_keyword(model): cache}  # the cache object is updated in place by every forward
@@ -655,6 +655,9 @@ def sample(
     model.eval()
     steps = 0
     try:
+        if captured is not None:
+            hook = capture_layer.register_forward_hook(lambda module, args, output: captured.append(
+                output[0] if isinstance(output, tuple) else output))
         with torch.inference_mode(), autocast, packer or contextlib.nullcontext():
             for step in range(max_new):
                 if step == 0:  # the prompts, each distinct prompt once

@@ -542,16 +542,6 @@ class RewardTrainer:
         # 2. Tokenizer and model (seeded head; LoRA; frozen layers).
         model = build_model(cfg, kind, self.tokenizer)
         self.objective = (PairwiseObjective if cfg.pairwise else PointwiseObjective)(cfg, pad_id_of(model), kind)
-        if self.trunk_cache is not None:  # states of the frozen lower blocks computed elsewhere (the sampler)
-            from rlhfkit.models.reward import RewardModel
-
-            why = ("it applies to decoder reward models trained on pairs" if not (
-                cfg.pairwise and kind == "decoder" and isinstance(model, RewardModel) and n_proc == 1 and not cfg.fsdp)
-                   else self.trunk_cache.usable_for(model._backbone()))
-            if why is None:
-                self.objective.trunk_cache = self.trunk_cache
-            elif procs.is_main:
-                print(f"trunk_cache not used: {why}")
         model.train()
         model = procs.shard(model, cfg.fsdp, reduce="mean")  # --fsdp: FSDP2 (gradients averaged, as DDP's)
 
@@ -581,6 +571,17 @@ class RewardTrainer:
             set_rng_state(rank_state)
         self.unwrapped = model
         self.model = procs.wrap(model)
+        if self.trunk_cache is not None:  # states of the frozen lower blocks computed elsewhere (the sampler),
+            from rlhfkit.models.reward import RewardModel  # checked where the model now lives
+
+            why = ("it applies to decoder reward models trained on pairs in one process" if not (
+                cfg.pairwise and kind == "decoder" and isinstance(model, RewardModel) and n_proc == 1 and not cfg.fsdp)
+                   else self.trunk_cache.usable_for(model._backbone(), autocast_dtype=torch.bfloat16 if cfg.bf16
+                                                    else None))
+            if why is None:
+                self.objective.trunk_cache = self.trunk_cache
+            elif procs.is_main:
+                print(f"trunk_cache not used: {why}")
         self.eval_metrics: dict[str, float] = {}
         self.last_eval_diffs: list[float] = []
         self.logger: MetricsLogger | None = None

@@ -311,7 +311,8 @@ def evaluate_reward_model(model: Any, tokenizer: Any, examples: Sequence[Prefere
                                    convention="rlhfkit" if ranker else model.convention)
     if not items:
         raise RlhfkitError(f"{source or 'data'}: no pair left to evaluate ({report.describe()})")
-    if trunk_cache is not None and (ranker or trunk_cache.usable_for(model._backbone(), training=False)):
+    if trunk_cache is not None and (ranker or trunk_cache.usable_for(
+            model._backbone(), training=False, autocast_dtype=torch.bfloat16 if bf16 else None)):
         trunk_cache = None
     diff, chosen, rejected = score_pair_items(model, items, batch_size, bf16, trunk_cache)
     metrics = pairwise_metrics(diff, num_bins, chosen, rejected)
