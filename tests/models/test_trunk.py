@@ -82,3 +82,25 @@ def test_bad_arguments_raise():
         run_blocks(decoder, mask, 2, hidden=torch.zeros(3, 8, 32))
     with pytest.raises(ValueError, match="float64"):
         run_blocks(decoder, mask, 2, hidden=torch.zeros(3, 9, 32, dtype=torch.float64))
+
+
+def test_shared_depth_counts_the_bit_equal_lowest_blocks():
+    """Two copies of a 3-block Llama, block 1 of one changed by one float32 unit in one weight: 1 block shared
+    (None = all the blocks both have; a limit caps it); a model shares all its blocks with itself; other
+    embeddings share none."""
+    from rlhfkit.models.trunk import shared_depth
+
+    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                         num_attention_heads=2, num_key_value_heads=1)
+    torch.manual_seed(0)
+    a = LlamaModel(config)
+    b = LlamaModel(config)
+    b.load_state_dict(a.state_dict())
+    assert shared_depth(a, b) == 3 and shared_depth(a, b, 2) == 2 and shared_depth(a, a) == 3
+    with torch.no_grad():
+        w = b.layers[1].mlp.up_proj.weight
+        w[0, 0] = torch.nextafter(w[0, 0], torch.tensor(float("inf")))
+    assert shared_depth(a, b) == 1 and shared_depth(b, a) == 1 and shared_depth(a, b, 1) == 1
+    with torch.no_grad():
+        b.embed_tokens.weight[0, 0] += 1.0
+    assert shared_depth(a, b) == 0

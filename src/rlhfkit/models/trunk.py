@@ -196,12 +196,14 @@ def _same_setup(a: nn.Module, b: nn.Module) -> bool:
         b.rotary_emb, "attention_scaling", None)
 
 
-def shared_depth(a: nn.Module, b: nn.Module, limit: int) -> int:
-    """How many of the lowest ``limit`` blocks two supported decoders share bit for bit (their embeddings too;
-    0 if those differ): the hidden states after that many blocks are then the same function of the tokens.
-    "The same" = the same class, the same configuration apart from :data:`_IGNORED_CONFIG` (an SDPA model that a
-    packed forward switched to `models.packing.VARLEN_ATTENTION` counts as SDPA), equal rotary tables, and
-    ``torch.equal`` parameters of the same dtype and device."""
+def shared_depth(a: nn.Module, b: nn.Module, limit: int | None = None) -> int:
+    """How many of the lowest ``limit`` blocks (None: all the blocks both have) two supported decoders share bit
+    for bit (their embeddings too; 0 if those differ): the hidden states after that many blocks are then the same
+    function of the tokens. "The same" = the same class, the same configuration apart from :data:`_IGNORED_CONFIG`
+    (an SDPA model that a packed forward switched to `models.packing.VARLEN_ATTENTION` counts as SDPA), equal
+    rotary tables, and ``torch.equal`` parameters of the same dtype and device."""
+    if limit is None:
+        limit = min(num_blocks(a), num_blocks(b))
     if a is b:
         return limit
     if limit == 0 or not _same_setup(a, b) or mask_kinds(a)[:limit] != mask_kinds(b)[:limit]:

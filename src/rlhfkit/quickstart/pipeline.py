@@ -192,13 +192,13 @@ def sample_responses(model, tokenizer, prompts: list[str], n_per_prompt: int, ma
     from rlhfkit.data.tokenize import left_pad, tokenize_prompts
     from rlhfkit.rollout.sampling import GenerationConfig, HiddenCapture, sample
 
+    if not prompts:
+        return []
     ids, _ = tokenize_prompts(tokenizer, [user_messages(p) for p in prompts], max_prompt_length=256)
     flat = [i for i in range(len(prompts)) for _ in range(n_per_prompt)]
     eos = tokenizer.eos_token_id
-    if not prompts:
-        return []
     gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature,
-                           stop_token_ids=(tokenizer.eos_token_id,), pad_token_id=tokenizer.pad_token_id)
+                           stop_token_ids=(eos,), pad_token_id=tokenizer.pad_token_id)
     generator = torch.Generator().manual_seed(seed)
     out: list[list[tuple[str, int]]] = [[] for _ in prompts]
     rows_per_batch = math.ceil(len(prompts) / math.ceil(len(prompts) / batch_size)) * n_per_prompt
@@ -354,7 +354,7 @@ def evaluate_policy(policy, tokenizer, prompts: list[str], rm_reward, max_new_to
     from rlhfkit.core.kl import kl_penalty
     from rlhfkit.core.masks import masked_sum
     from rlhfkit.data.tokenize import left_pad, tokenize_prompts
-    from rlhfkit.models.trunk import BatchTrunks, Trunk, num_blocks, shared_depth
+    from rlhfkit.models.trunk import BatchTrunks, Trunk, shared_depth
     from rlhfkit.rollout.forward import policy_forward, trunk_decoder, trunk_forward
     from rlhfkit.rollout.sampling import GenerationConfig, HiddenCapture, sample
     from rlhfkit.rollout.scoring import reads_trunks
@@ -367,8 +367,7 @@ def evaluate_policy(policy, tokenizer, prompts: list[str], rm_reward, max_new_to
     own, ref_decoder = trunk_decoder(policy), trunk_decoder(reference) if reference is not None else None
     share_trunks = share_trunks and autocast_dtype is None  # the plain forwards run without autocast
     scorer = rm_reward.shareable_depth if share_trunks and hasattr(rm_reward, "shareable_depth") else lambda d: 0
-    policy_ref = shared_depth(own, ref_decoder, min(num_blocks(own), num_blocks(ref_decoder))) if (
-        share_trunks and own is not None and ref_decoder is not None) else 0
+    policy_ref = shared_depth(own, ref_decoder) if share_trunks and own is not None and ref_decoder is not None else 0
     captured = max(scorer(own), policy_ref)  # the states the sampler keeps
     ref_depth = max(scorer(ref_decoder), min(captured, policy_ref))  # the reference's trunk (from the capture)
     rows: list[dict] = []

@@ -262,13 +262,12 @@ class RMReward:
     def shareable_depth(self, decoder: torch.nn.Module | None) -> int:
         """How many of its lowest blocks this model could run from a trunk of ``decoder`` (`models.trunk.
         shared_depth`: embeddings and blocks bit-identical); 0 where it takes no trunk (text path, no decoder)."""
-        from rlhfkit.models.trunk import num_blocks
         from rlhfkit.rollout.forward import trunk_decoder
 
         own = trunk_decoder(self.model)
         if own is None or decoder is None or not self.use_ids:
             return 0
-        return shared_depth(own, decoder, min(num_blocks(own), num_blocks(decoder)))
+        return shared_depth(own, decoder)
 
     def shared_trunk(self, trunks: BatchTrunks | None) -> Trunk | None:
         """The deepest offered trunk this model can run from (class docstring), or None."""
