@@ -318,3 +318,35 @@ def test_label_sampling_fills_the_trunk_cache_under_the_reward_models_ids(monkey
             p, r = encode_for_rm(tok, pipeline.user_messages(prompt), text)
             found += tuple(p + r) in keys
     assert found >= 1
+
+
+@pytest.mark.parametrize("n, batch_size, want", [(585, 168, [147, 147, 147, 144]), (7, 3, [3, 3, 1]),
+                                                 (165, 168, [165]), (3, 2, [2, 1])])
+def test_label_sampling_batches_by_hand(monkeypatch, n, batch_size, want):
+    """The fewest batches of at most ``batch_size`` prompts, each of ceil(n / ceil(n / batch_size)) prompts but the
+    last; every prompt's 2 rows in the same batch."""
+    import torch
+
+    import rlhfkit.rollout.sampling as sampling
+    from rlhfkit.quickstart import pipeline
+    from rlhfkit.rollout.sampling import Rollout
+
+    seen = []
+
+    def fake_sample(model, q, qm, *args, **kwargs):
+        seen.append(q.shape[0])
+        rows = q.shape[0]
+        return Rollout(q, qm, torch.full((rows, 1), 7), torch.ones(rows, 1, dtype=torch.bool), torch.zeros(rows, 1),
+                       torch.zeros(rows, dtype=torch.bool))
+
+    class Tok:
+        eos_token_id, pad_token_id = 2, 0
+
+        def decode(self, ids, skip_special_tokens=True):
+            return "w"
+
+    monkeypatch.setattr(sampling, "sample", fake_sample)
+    monkeypatch.setattr("rlhfkit.data.tokenize.tokenize_prompts",
+                        lambda tok, prompts, max_prompt_length: ([[5, 6]] * len(prompts), None))
+    out = pipeline.sample_responses(None, Tok(), [f"p{i}" for i in range(n)], 2, 1, seed=0, batch_size=batch_size)
+    assert seen == [2 * k for k in want] and [len(r) for r in out] == [2] * n

@@ -122,3 +122,39 @@ def test_reward_trainer_uses_a_usable_cache_and_says_why_it_ignores_another(tmp_
     assert "trunk_cache: 16 of 16 rows ran only the blocks above 1" in printed
     printed = train("trained", 0)
     assert "trunk_cache not used: its embeddings or lowest 1 blocks are trained" in printed
+
+
+def test_held_out_evaluation_from_the_cache_equals_the_plain_one(tmp_path, monkeypatch):
+    """`evaluate_reward_model(trunk_cache=...)`: a float64 reward model whose block 0 the cache holds for every
+    response (states of one forward each) gives the metrics of the plain evaluation (accuracy exactly, margin and
+    ECE to 1e-12) and reads every distinct row from the cache; a cache made under another autocast is not used."""
+    from rm_helpers import preference_rows
+    from transformers import AutoTokenizer
+
+    from rlhfkit.data.preference import parse_preferences
+    from rlhfkit.data.tokenize import encode_for_rm
+    from rlhfkit.train.rm_eval import evaluate_reward_model
+
+    monkeypatch.setattr(LlamaRMSNorm, "forward", float64_rms_norm)
+    sft = make_sft_folder(tmp_path / "sft")
+    torch.manual_seed(0)
+    model = RewardModel.from_backbone(str(sft), aggregation="last").double().eval()
+    tokenizer = AutoTokenizer.from_pretrained(sft)
+    rows = preference_rows(12, seed=4)
+    examples = parse_preferences(rows)
+    cache = TrunkCache(model._backbone(), 1)
+    for row in rows:
+        for response in (row["chosen"], row["rejected"]):
+            p, r = encode_for_rm(tokenizer, row["prompt"], response)
+            cache.add(p + r, states(model._backbone(), p + r, 1))
+    plain = evaluate_reward_model(model, tokenizer, examples, batch_size=4)
+    cached = evaluate_reward_model(model, tokenizer, examples, batch_size=4, trunk_cache=cache)
+    assert cache.misses == 0 and cache.hits == len(cache) == 24
+    assert cached["accuracy"] == plain["accuracy"] and cached["n"] == plain["n"] == 12
+    for key in ("margin", "ece"):
+        assert abs(cached[key] - plain[key]) <= 1e-12, key
+    assert abs(plain["margin"]) > 1e-3  # scores differ between responses: the comparison has teeth
+    other = TrunkCache(model._backbone(), 1, autocast_dtype=torch.bfloat16)
+    other.states = cache.states
+    evaluate_reward_model(model, tokenizer, examples, batch_size=4, trunk_cache=other)
+    assert other.hits == other.misses == 0  # refused: never consulted

@@ -184,8 +184,9 @@ def sample_responses(model, tokenizer, prompts: list[str], n_per_prompt: int, ma
     a reward model reads for the row (prompt, response, EOS: `data.tokenize.encode_for_rm`), so that the reward
     model trained on these responses, whose lowest blocks are that decoder's, frozen, skips them.
 
-    Each forward batch holds at most ``batch_size`` prompts × their ``n_per_prompt`` rows, the prompts spread evenly
-    over the fewest such batches (585 prompts: 4 batches of 147, not 9 of 64 and one of 9): the sampler runs each
+    Each forward batch holds at most ``batch_size`` prompts × their ``n_per_prompt`` rows: the fewest such batches,
+    each of ``ceil(n / ceil(n / batch_size))`` prompts but the last (585 prompts: 147, 147, 147, 144, not 9 × 64
+    and one of 9; 7 prompts at most 3: 3, 3, 1): the sampler runs each
     prompt once and decodes its rows together, and a decode step reads every weight once whatever its rows
     (SmolLM2, 32 new tokens, 2 threads: on a Xeon with AMX, 226 tokens/s for 64 distinct prompts, 372 for 64 prompts
     × 3; on an AMD EPYC Zen 4, 294 prompts × 3 at 330 tokens/s in batches of 64 prompts, 375 in batches of 147)."""
