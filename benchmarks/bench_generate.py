@@ -20,6 +20,10 @@ time over its floor says how far from the machine's limit it runs.
     python benchmarks/bench_generate.py                         # batch 64, 32 new tokens
     python benchmarks/bench_generate.py --batch 4 --max-new-tokens 4   # smoke run
     python benchmarks/bench_generate.py --ours-src ../old --compare-src . --vllm-python ../vllm-venv/bin/python
+    python benchmarks/bench_generate.py --device cuda --model DIR   # on a GPU (scripts/gpu_check.sh)
+
+``--device cuda`` runs both engines on the GPU (float32; each call returns host lists, so its device work is done
+when the timer stops); the FLOP floor and shape ceilings are CPU GEMM measurements and are left out there.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compare-src", default=None, metavar="DIR", help="a second rlhfkit row from this checkout")
     p.add_argument("--vllm-python", default=None, metavar="PATH", help="Python of a venv with vllm: adds a vLLM row")
     p.add_argument("--model", default=None, help="model folder/GGUF (default: SmolLM2-135M-Instruct of the wheel)")
+    p.add_argument("--device", default="cpu", help="torch device of both engines (default cpu; e.g. cuda)")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per engine")
     p.add_argument("--child", choices=ENGINES, help=argparse.SUPPRESS)
@@ -98,13 +103,14 @@ def child_ours(job: dict) -> dict:
     from rlhfkit.models.loading import load_causal_lm
     from rlhfkit.rollout.sampling import GenerationConfig, sample
 
-    model = load_causal_lm(job["model"]).eval()
+    model = load_causal_lm(job["model"]).eval().to(job["device"])
     q, qm = left_pad(job["prompt_ids"], job["pad"])
+    q, qm = q.to(job["device"]), qm.to(job["device"])
     gen = GenerationConfig(max_new_tokens=job["max_new_tokens"], temperature=1.0, stop_token_ids=(job["eos"],),
                            pad_token_id=job["pad"])
 
     def generate(seed: int) -> list[int]:
-        r = sample(model, q, qm, gen, generator=torch.Generator().manual_seed(seed))
+        r = sample(model, q, qm, gen, generator=torch.Generator(job["device"]).manual_seed(seed))
         return r.response_mask.sum(-1).tolist()
 
     return {**timed_calls(generate, job), "rlhfkit_file": rlhfkit.__file__,
@@ -116,12 +122,14 @@ def child_hf(job: dict) -> dict:
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     model = AutoModelForCausalLM.from_pretrained(job["model"], dtype=torch.float32, attn_implementation="sdpa").eval()
+    model = model.to(job["device"])
     width = max(map(len, job["prompt_ids"]))
     ids = torch.full((len(job["prompt_ids"]), width), job["pad"], dtype=torch.long)
     mask = torch.zeros_like(ids)
     for b, row in enumerate(job["prompt_ids"]):  # left-padded, as rlhfkit's sampler gets them
         ids[b, width - len(row):] = torch.tensor(row)
         mask[b, width - len(row):] = 1
+    ids, mask = ids.to(job["device"]), mask.to(job["device"])
     gen = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=job["max_new_tokens"],
                            eos_token_id=job["eos"], pad_token_id=job["pad"])
 
@@ -149,7 +157,8 @@ def prepare_job(a: argparse.Namespace, path: Path) -> dict:
     prompts = [train[i % len(train)] for i in range(a.batch)]
     ids, _ = tokenize_prompts(tokenizer, [[{"role": "user", "content": p}] for p in prompts], max_prompt_length=256)
     job = {"model": str(folder), "prompt_ids": ids, "eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id,
-           "max_new_tokens": a.max_new_tokens, "repeats": a.repeats, "seed": a.seed}
+           "max_new_tokens": a.max_new_tokens, "repeats": a.repeats, "seed": a.seed,
+           "device": a.device}
     path.write_text(json.dumps(job))
     return job
 
@@ -206,8 +215,13 @@ def main(argv: list[str] | None = None) -> dict | None:
         job = json.loads(Path(a.job).read_text())
         C.emit({"ours": child_ours, "hf": child_hf}[a.child](job))
         return None
-    machine = C.machine_info()  # before the engines run: a quiet peak
-    peak = C.peak_of(machine["gemm_peak"], "fp32")
+    on_cpu = a.device == "cpu"
+    machine = C.machine_info(C.GEMM_SIZES if on_cpu else None)  # before the engines run: a quiet peak
+    peak = C.peak_of(machine["gemm_peak"], "fp32") if on_cpu else None
+    if not on_cpu:
+        import torch
+
+        machine["device"] = torch.cuda.get_device_name(a.device) if a.device.startswith("cuda") else a.device
     rows: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="rlhfkit-bench-gen-") as work:
         job_path = Path(work) / "job.json"
@@ -216,7 +230,7 @@ def main(argv: list[str] | None = None) -> dict | None:
 
         shape = F.DecoderShape.from_config(AutoConfig.from_pretrained(job["model"]))
         prompt_lengths = [len(p) for p in job["prompt_ids"]]
-        ceilings = generation_ceilings(shape, a.batch, prompt_lengths)  # before the engines: quiet
+        ceilings = generation_ceilings(shape, a.batch, prompt_lengths) if on_cpu else None  # before the engines
         machine["shape_ceiling"] = ceilings
         plan = [(e, e, a.ours_src if e == "ours" else None) for e in a.engines]
         if a.compare_src is not None:
@@ -236,7 +250,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     if ratios:
         print("tokens/s of ours over each other engine: " + ", ".join(f"{k} {C.fmt(v)}" for k, v in ratios.items()))
     settings = {"model": job["model"], "batch": a.batch, "max_new_tokens": a.max_new_tokens, "temperature": 1.0,
-                "top_k": None, "top_p": 1.0, "stop": "EOS", "precision": "fp32", "repeats": a.repeats,
+                "top_k": None, "top_p": 1.0, "stop": "EOS", "precision": "fp32", "device": a.device, "repeats": a.repeats,
                 "warmup_calls": 1, "prompts": "quickstart train split, chat template", "prompt_lengths": prompt_lengths,
                 "ours_src": a.ours_src, "compare_src": a.compare_src, "vllm_python": a.vllm_python,
                 "shape": shape.to_dict(), "peak_gflops_fp32": peak}

@@ -110,9 +110,12 @@ def child_ours(a: argparse.Namespace) -> None:
     if len(step_times) != a.iters:
         raise RuntimeError(f"expected {a.iters} per-step metric rows, got {len(step_times)}")
     train_s = sum(step_times)
+    import torch
+
+    cuda_peak = round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available() else None
     C.emit({"pairs": n, "tokens": tokens, "train_s": round(train_s, 3), "run_s": round(run_s, 3),
             "tokens_per_s": round(tokens / train_s, 2), "step_s": [round(t, 3) for t in step_times],
-            "final_loss": rows[-1].get("rm/loss")})
+            "final_loss": rows[-1].get("rm/loss"), "cuda_peak_gb": cuda_peak})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -175,6 +178,11 @@ def main(argv: list[str] | None = None) -> dict:
                                      f"{row['ours']['tokens']}; the pairs are not the same")
                 row["ratio"] = {"tokens_per_s": C.ratio(row["ours"]["tokens_per_s"], row["trl"]["tokens_per_s"]),
                                 "peak_rss": C.ratio(row["ours"]["peak_rss_gb"], row["trl"]["peak_rss_gb"])}
+                gpu = row["ours"].get("cuda_peak_gb"), row["trl"]["raw"].get("peak_mem_gb")
+                if None not in gpu:  # on a GPU the device's memory is the one that counts (max_memory_allocated)
+                    row["ratio"]["cuda_peak"] = C.ratio(*gpu)
+                    print(f"[{prec}] GPU peak memory allocated: rlhfkit {gpu[0]} GiB, TRL {gpu[1]} GiB, ratio "
+                          f"{C.fmt(row['ratio']['cuda_peak'])}", flush=True)
             rows[prec] = row
     table = []
     for prec, row in rows.items():

@@ -40,10 +40,15 @@ def test_ppo_trains_on_the_gpu(tmp_path, bf16):
 
 
 def test_packed_and_padded_updates_agree_on_the_gpu(tmp_path):
+    # On an H200 (2026-12-04) the first two minibatches agreed exactly and the two after the first optimizer step
+    # by 8.2e-5 / 3.2e-5 (ratio / loss) at most; the bound is still a judgement, not derived (benchmarks/README.md)
     rows = []
     for packing in ("on", "off"):
         trainer = PPOTrainer(make_config(tmp_path, packing=packing, iterations=1))
         rows.append(trainer.iteration(1).minibatch_stats)
+    diffs = [(abs(a["policy/ratio_mean"] - b["policy/ratio_mean"]), abs(a["loss/policy"] - b["loss/policy"]))
+             for a, b in zip(*rows)]
+    print(f"packed vs padded on {torch.cuda.get_device_name()}: |ratio_mean diff|, |loss diff| per minibatch {diffs}")
     for a, b in zip(*rows):
         assert a["policy/ratio_mean"] == pytest.approx(b["policy/ratio_mean"], abs=1e-4)
         assert a["loss/policy"] == pytest.approx(b["loss/policy"], abs=1e-4)
