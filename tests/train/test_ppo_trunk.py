@@ -165,8 +165,9 @@ def test_fast_path_rollout_numbers_are_the_plain_paths_bits_in_float32(tmp_path)
     """The trunks are computed over the first epoch's micro-batches, the very shapes of the plain path: the old
     and reference log-probs and the values are equal to the last bit (the later epochs' other groupings differ
     by rounding only, as the float64 tests show). Padded micro-batches: a packed one runs the trunk's padded
-    states in the packed layout, the same numbers up to rounding (the float64 tests and tests/train/test_ppo_packing.py)."""
-    fast, plain, a, b = _pair(tmp_path, torch.float32, packing="off")
+    states in the packed layout, the same numbers up to rounding (the float64 tests and tests/train/test_ppo_packing.py).
+    The trunk from its tokens: the sampler's states (``reuse_rollout_states``) are another computation of them."""
+    fast, plain, a, b = _pair(tmp_path, torch.float32, packing="off", reuse_rollout_states=False)
     for name in ("old_logprobs", "old_values", "advantages", "returns"):
         assert torch.equal(getattr(a.batch, name), getattr(b.batch, name)), name
     assert torch.equal(a.ref_logprobs, b.ref_logprobs)
@@ -197,6 +198,79 @@ def test_first_minibatch_has_ratio_exactly_one_on_the_fast_path(tmp_path, varian
     assert_within(exp.ref_logprobs, exp.batch.old_logprobs, torch.where(m, tol, 0.0), "reference vs old")
 
 
+# ------------------------------------------------------------------------------------------- the sampler's states
+def test_rollout_states_start_the_trunk_with_the_plain_numbers_float64(tmp_path):
+    """``reuse_rollout_states``: the sampler keeps the policy's states after the shared stage (2 blocks) of every
+    row, which equal one plain forward of ``[prompt; response]`` at every real token (float64: to 1e-12; zeros on
+    padding). The trainer starts the trunks from them (the policy's blocks 0-1 do not run in ``prepare``) and
+    gets the numbers of the trunk computed from the tokens, on the same rollout."""
+    from rlhfkit.rollout.forward import trunk_forward
+
+    on, off = (_trainer(tmp_path, reuse_rollout_states=flag) for flag in (True, False))
+    rollout, _ = on.rollout()
+    assert off.trunks.plan(off.policy, off.reference, off.critic).base_depth == 2
+    kept_rollout, states = on._rollout_states
+    assert kept_rollout is rollout and states.layers == 2
+    q, qm, r, rm = rollout.query_ids, rollout.query_mask.bool(), rollout.response_ids, rollout.response_mask.bool()
+    assert states.hidden.shape[:2] == (q.shape[0], q.shape[1] + r.shape[1])
+    assert 0 < int(rm.sum()) < rm.numel()  # rows of different lengths: padding in the response columns
+    with torch.no_grad():
+        plain = trunk_forward(on.policy, q, qm, r, rm, layers=2).hidden
+    real = torch.cat([qm, rm], dim=1)
+    torch.testing.assert_close(states.hidden[real], plain[real], rtol=0, atol=1e-12)
+    assert float(plain[real].abs().max()) > 0.01 and float(states.hidden[~real].abs().max()) == 0.0
+    counts, handles = _count_rows({"policy0": on.policy.model.layers[0], "policy1": on.policy.model.layers[1]})
+    raw = torch.linspace(-1, 1, q.shape[0])
+    try:
+        a = on.prepare(rollout, raw)
+    finally:
+        for h in handles:
+            h.remove()
+    assert counts == {"policy0": 0, "policy1": 0} and on._rollout_states is None  # used once, then dropped
+    b = off.prepare(rollout, raw)
+    assert a.batch.trunks is not None and b.batch.trunks is not None
+    for name in ("old_logprobs", "old_values", "advantages", "returns"):
+        torch.testing.assert_close(getattr(a.batch, name), getattr(b.batch, name), rtol=0, atol=1e-12)
+    torch.testing.assert_close(a.ref_logprobs, b.ref_logprobs, rtol=0, atol=1e-12)
+    # the trunks at real tokens (padding holds zeros from the sampler, the pad token's states from the plain path:
+    # attention never reads them, as the equal numbers above show)
+    real = torch.cat([a.batch.query_mask.bool(), a.batch.response_mask.bool()], dim=1)
+    for t0, t1 in ((a.batch.trunks.policy, b.batch.trunks.policy), (a.batch.trunks.critic, b.batch.trunks.critic)):
+        torch.testing.assert_close(t0.hidden[real], t1.hidden[real], rtol=0, atol=1e-12)
+
+
+def test_rollout_states_sample_the_same_tokens_float64(tmp_path):
+    """Keeping finished rows in the sampler's batch changes its shapes only: in float64 the same seed draws the
+    same tokens with and without the kept states."""
+    rollouts = [_trainer(tmp_path, reuse_rollout_states=flag).rollout()[0] for flag in (True, False)]
+    for name in ("response_ids", "response_mask", "stopped"):
+        assert torch.equal(getattr(rollouts[0], name), getattr(rollouts[1], name)), name
+    torch.testing.assert_close(rollouts[0].rollout_logprobs, rollouts[1].rollout_logprobs, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("overrides", [dict(reuse_rollout_states=False), dict(reuse_frozen_trunk=False),
+                                       dict(freeze_layers=0, critic_freeze_layers=0)])
+def test_no_states_are_kept_where_no_trunk_starts_from_the_tokens(tmp_path, overrides):
+    trainer = _trainer(tmp_path, torch.float32, **overrides)
+    trainer.rollout()
+    assert trainer._rollout_states is None
+
+
+def test_an_injected_rollout_runs_the_trunk_from_its_tokens(tmp_path):
+    """States are read only for the rollout they belong to: a rollout the trainer did not sample last (a test's,
+    or a copy with the same tokens) runs the shared stage itself."""
+    trainer = _trainer(tmp_path, torch.float32)
+    rollout, _ = trainer.rollout()
+    other = ppo_trainer.Rollout(*(t.clone() for t in rollout))
+    counts, handles = _count_rows({"policy0": trainer.policy.model.layers[0]})
+    try:
+        trainer.prepare(other, torch.zeros(rollout.query_ids.shape[0]))
+    finally:
+        for h in handles:
+            h.remove()
+    assert counts == {"policy0": 8} and trainer._rollout_states is None
+
+
 # ------------------------------------------------------------------------------------------- work skipped
 def _count_rows(modules: dict[str, torch.nn.Module]) -> tuple[dict[str, int], list]:
     counts = {name: 0 for name in modules}
@@ -213,10 +287,11 @@ def _blocks(trainer: PPOTrainer) -> dict[str, torch.nn.Module]:
             "critic0": critic[0], "critic2": critic[2], "critic3": critic[3]}
 
 
-@pytest.mark.parametrize("reuse", [True, False])
-def test_lower_blocks_run_once_per_row_per_rollout(tmp_path, reuse):
+@pytest.mark.parametrize("reuse,states", [(True, True), (True, False), (False, True)])
+def test_lower_blocks_run_once_per_row_per_rollout(tmp_path, reuse, states):
     # padded micro-batches, so that a block's input rows are the batch rows it runs
-    trainer = _trainer(tmp_path, torch.float32, reuse_frozen_trunk=reuse, ppo_epochs=3, packing="off")
+    trainer = _trainer(tmp_path, torch.float32, reuse_frozen_trunk=reuse, ppo_epochs=3, packing="off",
+                       reuse_rollout_states=states)
     rollout, _ = trainer.rollout()
     counts, handles = _count_rows(_blocks(trainer))
     try:
@@ -226,10 +301,10 @@ def test_lower_blocks_run_once_per_row_per_rollout(tmp_path, reuse):
             h.remove()
     B, E = 8, 3
     if reuse:
-        # the shared stage (policy blocks 0-1) once; the critic's block 2 (frozen, not shared) once; the reference
-        # runs only block 3, on the critic's 3-block trunk (the same SFT blocks); the upper blocks: once for the
-        # old log-probs / values, once per epoch
-        assert counts == {"policy0": B, "policy3": B + E * B, "reference0": 0, "reference2": 0, "reference3": B,
+        # the shared stage (policy blocks 0-1) once, or not at all after the sampler kept its states; the critic's
+        # block 2 (frozen, not shared) once; the reference runs only block 3, on the critic's 3-block trunk (the
+        # same SFT blocks); the upper blocks: once for the old log-probs / values, once per epoch
+        assert counts == {"policy0": 0 if states else B, "policy3": B + E * B, "reference0": 0, "reference2": 0, "reference3": B,
                           "critic0": 0, "critic2": B, "critic3": B + E * B}
     else:
         assert counts == {"policy0": B + E * B, "policy3": B + E * B, "reference0": B, "reference2": B,

@@ -225,6 +225,11 @@ class PPOConfig:
         "rollout and run only the blocks above them for the old and reference log-probs, the values and every "
         "epoch (the same numbers up to float rounding; Llama, Mistral and Qwen2/3 decoders without LoRA, other "
         "models take the plain path)"))
+    reuse_rollout_states: bool = field(default=True, metadata=_help(
+        "with --reuse_frozen_trunk: the built-in sampler (one process, no --fsdp) keeps the states after the "
+        "policy's lowest frozen blocks of every token it feeds, and the rollout's trunk starts from them instead "
+        "of running those blocks again (the same numbers up to float rounding; finished rows then stay in the "
+        "sampler's batch, which rounds the draws' logits differently)"))
     packing: str = field(default="auto", metadata=_help(
         "padding-free packing of the no-grad forwards and the update: each micro-batch runs as ONE sequence of its "
         "rows' real tokens (position ids restarting per row, attention within each row, the prompt of rows that "

@@ -63,9 +63,9 @@ from rlhfkit.models.adapters import adapters_disabled, apply_lora, freeze_lower_
 from rlhfkit.models.loading import ensure_pad_token, hf_folder
 from rlhfkit.models.reward import critic_problem, is_reward_model_folder, load_critic
 from rlhfkit.models.value_head import ValueHead
-from rlhfkit.models.trunk import BatchTrunks
+from rlhfkit.models.trunk import BatchTrunks, Trunk
 from rlhfkit.rollout.forward import packing_problem, trunk_decoder
-from rlhfkit.rollout.sampling import GenerationConfig, Rollout, sample
+from rlhfkit.rollout.sampling import GenerationConfig, HiddenCapture, Rollout, sample
 from rlhfkit.rollout.scoring import call_source, load_reward, needs_references
 from rlhfkit.train import ppo_state
 from rlhfkit.train.checkpoint import (check_format, checkpoint_step, read_training_checkpoint,
@@ -184,6 +184,7 @@ class PPOTrainer:
         self._build_policy_and_reference()
         self.critic = self._build_critic()
         self.trunks = TrunkSharing(cfg.reuse_frozen_trunk, cfg.freeze_layers, cfg.critic_freeze_layers)
+        self._rollout_states: tuple[Rollout, Trunk] | None = None  # the last rollout and its sampler states
         # 5. reward sources, monitors, the prompts' reference responses (for ranker sources)
         self._load_rewards(kept_rows)
         # 6. sampling and update settings; the rollout engine
@@ -384,14 +385,46 @@ class PPOTrainer:
         rank, n, k = self.dist.rank, self.local_prompts, self.cfg.samples_per_prompt
         local = [i for i in indices[rank * n:(rank + 1) * n] for _ in range(k)]
         query_ids, query_mask = left_pad([self.prompt_ids[i] for i in local], self.tokenizer.pad_token_id)
+        self._rollout_states = None
         if self.engine is not None:
             self.engine.sync_weights(self.policy)
             return self.engine.sample(query_ids, query_mask, self.generation, self.sampling_generator), local
+        capture = self._state_capture()
         with gathered(self.policy):  # --fsdp: the full weights once, for the sampler's many forwards
             rollout = sample(self.policy, query_ids.to(self.device), query_mask.to(self.device), self.generation,
                              generator=self.sampling_generator, tokenizer=self.tokenizer,
-                             autocast_dtype=self.autocast_dtype)
+                             autocast_dtype=self.autocast_dtype, capture=capture)
+        if capture is not None:  # [prompt; response] columns; the end token's column is not the update's
+            width = rollout.query_ids.shape[1] + rollout.response_ids.shape[1]
+            self._rollout_states = (rollout, Trunk(capture.hidden[:, :width], capture.layers))
         return rollout, local
+
+    def _state_capture(self) -> HiddenCapture | None:
+        """``reuse_rollout_states``: what the sampler keeps for this iteration's trunks (`ppo_trunk`), or None: no
+        trunk starts from the policy's tokens, the policy is sharded, or the sampler's decoder is not the one the
+        trunk runs (a wrapper)."""
+        if not self.cfg.reuse_rollout_states or is_sharded(self.policy):
+            return None
+        depth = self.trunks.plan(self.policy, self.reference, self.critic).base_depth
+        decoder = trunk_decoder(self.policy)
+        get_decoder = getattr(self.policy, "get_decoder", None)
+        if not depth or decoder is None or get_decoder is None or get_decoder() is not decoder:
+            return None
+        return HiddenCapture(depth, end_id=self.tokenizer.pad_token_id)
+
+    def _base_states(self, rollout: Rollout, query_ids: torch.Tensor, query_mask: torch.Tensor,
+                     response_width: int) -> Trunk | None:
+        """The sampler's states of ``rollout`` (`rollout`'s capture) in the update's layout (responses padded to
+        ``response_width``), if it was this trainer's last rollout, sampled from these very prompts, and the
+        plan still starts with as many blocks; else None (the trunk then runs them)."""
+        states, self._rollout_states = self._rollout_states, None
+        if states is None or states[0] is not rollout or not torch.equal(rollout.query_ids, query_ids) or \
+                not torch.equal(rollout.query_mask.bool(), query_mask.bool()):
+            return None
+        if states[1].layers != self.trunks.plan(self.policy, self.reference, self.critic).base_depth:
+            return None
+        P = query_ids.shape[1]
+        return Trunk(pad_columns(states[1].hidden, P + response_width, 0.0), states[1].layers)
 
     def greedy_scores(self, rollout: Rollout, indices: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``remax``: the raw scores and stop flags (B / k,) of one greedy (temperature 0) response to each prompt
@@ -477,10 +510,11 @@ class PPOTrainer:
         query_ids, query_mask = query_ids.to(self.device), query_mask.to(self.device)
         plan = draw_plan(query_ids.shape[0], cfg.ppo_epochs, cfg.num_minibatches, self.shuffle_generator)
         groups = [m for rows in plan[0] for m in micro_batches(rows, cfg.micro_batch_size)]
+        base = self._base_states(rollout, query_ids, query_mask, T)  # the sampler's lowest states (reuse_rollout_states)
         with gathered(self.policy, self.critic):  # --fsdp: gathered outside the passes' inference mode
             trunks = compute_trunks(self.trunks.plan(self.policy, self.reference, self.critic), self.policy,
                                     self.critic, query_ids, query_mask, response_ids, response_mask, groups,
-                                    self.autocast_dtype)
+                                    self.autocast_dtype, base=base)
         rows = Rollout(query_ids, query_mask, response_ids, response_mask, rollout_logprobs,
                        rollout.stopped.to(self.device))
         return RolloutBatch(rows, plan, groups, trunks, time.perf_counter() - start)

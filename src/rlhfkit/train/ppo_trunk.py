@@ -22,6 +22,12 @@ policy's (``torch.equal`` on every parameter, the same configuration and rotary 
 for that part. `TrunkSharing` re-plans only when one of those parameters changes (its storage, dtype, device,
 ``requires_grad`` or in-place version counter), so the equality check runs once per run in practice.
 
+With ``reuse_rollout_states`` the built-in sampler keeps the policy's states after the first ``plan.base_depth``
+blocks of every token it feeds (`rollout.sampling.HiddenCapture`): they are that part of the trunk already, so
+`compute_trunks` starts from them (``base``) and runs only the blocks above (none for the policy when the
+critic shares all of its frozen blocks, as in the quickstart). They equal the plain forward's states up to the
+float rounding of the sampler's other shapes (a KV cache, one token per step).
+
 The trunks are computed over the first epoch's micro-batches (trimmed as the update trims them, see
 `ppo_update`), so the first minibatch still has ratio 1 exactly, and stored in the (B, P + T, H) layout of the
 update batch (`TrunkStates`); a later epoch's micro-batch takes its rows and its trimmed columns from there.
@@ -54,17 +60,36 @@ class TrunkPlan:
     shared: int = 0
     reference_critic: bool = False
 
+    @property
+    def base_depth(self) -> int:
+        """Blocks of the policy that run first from the tokens (the shared stage, else the policy's trunk; 0:
+        none): the depth of a ``base`` from the sampler's states."""
+        return self.shared or self.policy
+
     def compute(self, policy: nn.Module, critic: nn.Module, query_ids: torch.Tensor, query_mask: torch.Tensor,
                 response_ids: torch.Tensor, response_mask: torch.Tensor,
-                autocast_dtype: torch.dtype | None = None) -> tuple[Trunk | None, Trunk | None]:
-        """The policy's and the critic's trunks of one (trimmed) micro-batch (None where not planned)."""
+                autocast_dtype: torch.dtype | None = None, base: Trunk | None = None
+                ) -> tuple[Trunk | None, Trunk | None]:
+        """The policy's and the critic's trunks of one (trimmed) micro-batch (None where not planned); ``base``:
+        the policy's states after its first `base_depth` blocks for this micro-batch, which then do not run."""
         args = (query_ids, query_mask, response_ids, response_mask)
-        shared = trunk_forward(policy, *args, layers=self.shared, autocast_dtype=autocast_dtype) if self.shared else None
+        if base is not None and (base.layers != self.base_depth or base.hidden.shape[:2] != (
+                query_ids.shape[0], query_ids.shape[1] + response_ids.shape[1])):
+            raise ValueError(f"a base of {base.layers} blocks and shape {tuple(base.hidden.shape)} for a plan "
+                             f"starting with {self.base_depth} blocks and a batch of "
+                             f"{tuple(query_ids.shape)} + {tuple(response_ids.shape)}")
+        if self.shared:
+            shared = base if base is not None else trunk_forward(policy, *args, layers=self.shared,
+                                                                  autocast_dtype=autocast_dtype)
+        else:
+            shared = base  # None, or the policy's own trunk
         policy_trunk = critic_trunk = None
         if self.policy:
-            policy_trunk = trunk_forward(policy, *args, layers=self.policy, base=shared, autocast_dtype=autocast_dtype)
+            policy_trunk = shared if shared is not None and shared.layers == self.policy else trunk_forward(
+                policy, *args, layers=self.policy, base=shared, autocast_dtype=autocast_dtype)
         if self.critic:
-            critic_trunk = trunk_forward(critic, *args, layers=self.critic, base=shared, autocast_dtype=autocast_dtype)
+            critic_trunk = trunk_forward(critic, *args, layers=self.critic, base=shared if self.shared else None,
+                                         autocast_dtype=autocast_dtype)
         return policy_trunk, critic_trunk
 
 
@@ -90,22 +115,27 @@ class TrunkStates(NamedTuple):
 
 def compute_trunks(plan: TrunkPlan, policy: nn.Module, critic: nn.Module | None, query_ids: torch.Tensor,
                    query_mask: torch.Tensor, response_ids: torch.Tensor, response_mask: torch.Tensor,
-                   groups: Sequence[Sequence[int]], autocast_dtype: torch.dtype | None = None) -> TrunkStates | None:
+                   groups: Sequence[Sequence[int]], autocast_dtype: torch.dtype | None = None,
+                   base: Trunk | None = None) -> TrunkStates | None:
     """The planned trunks of a rollout (query (B, P) left-padded, response (B, T) right-padded), computed without
     gradients over ``groups`` (the first epoch's micro-batches, each trimmed as the update trims it) and assembled
-    into `TrunkStates`; None when the plan computes none."""
+    into `TrunkStates`; None when the plan computes none. ``base``: the policy's states (B, P + T, H) after its
+    first ``plan.base_depth`` blocks (the sampler's, module docstring): those blocks then do not run."""
     if not (plan.policy or plan.critic):
         return None
+    B, P, T = query_ids.shape[0], query_ids.shape[1], response_ids.shape[1]
+    if base is not None and base.hidden.shape[:2] != (B, P + T):
+        raise ValueError(f"base states {tuple(base.hidden.shape)} for a batch of {B} rows of {P} + {T} tokens")
     parts = []
     with torch.inference_mode():
         for rows in groups:
             idx = torch.tensor(list(rows), dtype=torch.long, device=query_ids.device)
             tb = trim_batch(query_ids[idx], query_mask[idx], response_ids[idx], response_mask[idx])
+            part = None if base is None else Trunk(base.hidden[idx, tb.query_start:P + tb.response_end], base.layers)
             trunks = plan.compute(policy, critic, tb.query_ids, tb.query_mask, tb.response_ids, tb.response_mask,
-                                  autocast_dtype=autocast_dtype)
+                                  autocast_dtype=autocast_dtype, base=part)
             parts.append((list(rows), tb, *trunks))
     # outside inference mode: normal tensors, usable by the update's autograd-recording forwards
-    B, P, T = query_ids.shape[0], query_ids.shape[1], response_ids.shape[1]
     policy_states = assemble([(rows, tb, p) for rows, tb, p, _ in parts], B, P, T)
     critic_states = assemble([(rows, tb, c) for rows, tb, _, c in parts], B, P, T)
     reference = "critic" if plan.reference_critic else "policy" if plan.reference else None
