@@ -55,6 +55,7 @@ from transformers.cache_utils import DynamicLayer
 
 from rlhfkit.core.logprobs import logprobs_from_logits
 from rlhfkit.errors import RlhfkitError
+from rlhfkit.models.decode_attention import decode_attention
 from rlhfkit.models.packing import MIN_PREFIX_SAVING, shared_prefix
 from rlhfkit.rollout.prepack import PrepackedLinears
 
@@ -588,6 +589,7 @@ def sample(
     prepack_weights: bool = True,
     share_prefix: bool = True,
     capture: HiddenCapture | None = None,
+    grouped_attention: bool = True,
 ) -> Rollout:
     """Sample up to ``config.max_new_tokens`` response tokens for each left-padded prompt.
 
@@ -615,6 +617,9 @@ def sample(
             (:class:`HiddenCapture`; module docstring). The same computation as the call without it: finished
             rows then stay in the forward batch, whose other shapes round differently (in float32 that can
             change a draw where two tokens are nearly tied; in float64 the tests see the same tokens).
+        grouped_attention: a model running SDPA attends its one-token decode steps on the CPU by two batched
+            products per layer (:mod:`rlhfkit.models.decode_attention`; the same attention to float rounding,
+            faster than the fused kernel at that shape); False keeps the model's SDPA throughout.
 
     Returns:
         a :class:`Rollout`; all tensors on the model's device.
@@ -658,7 +663,8 @@ def sample(
         if captured is not None:
             hook = capture_layer.register_forward_hook(lambda module, args, output: captured.append(
                 output[0] if isinstance(output, tuple) else output))
-        with torch.inference_mode(), autocast, packer or contextlib.nullcontext():
+        with torch.inference_mode(), autocast, packer or contextlib.nullcontext(), \
+                decode_attention(model, grouped_attention):
             for step in range(max_new):
                 if step == 0:  # the prompts, each distinct prompt once
                     logits, attention_mask, prompt_states = _prefill(model, prompt_ids, attention_mask, position_ids,

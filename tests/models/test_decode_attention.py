@@ -1,0 +1,143 @@
+"""rlhfkit.models.decode_attention: one query token per row as two batched products equals SDPA (float64, to
+1e-12), every other call is transformers' SDPA bit for bit, the model's implementation is switched only inside the
+block, and the sampler draws the same tokens with the same log-probs with it as without it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+import rlhfkit.models.decode_attention as da
+from rlhfkit.rollout.sampling import GenerationConfig, sample
+
+
+def _qkv(batch: int, heads: int, kv_heads: int, keys: int, dim: int = 8, seed: int = 0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, 1, dim, generator=g, dtype=dtype)
+    k = torch.randn(batch, kv_heads, keys, dim, generator=g, dtype=dtype)
+    v = torch.randn(batch, kv_heads, keys, dim, generator=g, dtype=dtype)
+    return q, k, v
+
+
+def _reference(q, k, v, mask, scale):
+    """SDPA with every key head repeated for its query heads (h reads key head h // G)."""
+    groups = q.shape[1] // k.shape[1]
+    return F.scaled_dot_product_attention(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1),
+                                          attn_mask=mask, scale=scale)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2), (9, 3)])
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "bool_shared", "float"])
+def test_grouped_products_equal_sdpa_float64(heads, kv_heads, mask_kind):
+    B, L = 5, 7
+    q, k, v = _qkv(B, heads, kv_heads, L)
+    allowed = torch.rand(B, 1, 1, L, generator=torch.Generator().manual_seed(1)) > 0.4
+    allowed[..., -1] = True  # the step's own token
+    mask = {"none": None, "bool": allowed, "bool_shared": allowed[:1],
+            "float": torch.zeros(B, 1, 1, L, dtype=torch.float64).masked_fill(~allowed, float("-inf"))
+            + 0.25 * torch.randn(B, 1, 1, L, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+            .masked_fill(~allowed, 0.0)}[mask_kind]
+    got = da.grouped_decode_attention(q, k, v, mask, scale=0.3)
+    want = _reference(q, k, v, mask, 0.3)
+    assert got.shape == (B, heads, 1, 8)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    if mask_kind == "bool":  # a masked key changes nothing: the row reads only its allowed keys
+        v2 = v.clone()
+        v2[0, :, ~allowed[0, 0, 0]] = 1e6
+        torch.testing.assert_close(da.grouped_decode_attention(q, k, v2, mask, 0.3), got, rtol=0, atol=1e-12)
+
+
+def test_grouped_products_refuse_other_shapes():
+    q, k, v = _qkv(2, 4, 3, 5)
+    with pytest.raises(ValueError, match="multiple"):
+        da.grouped_decode_attention(q, k, v, None, 1.0)
+    q, k, v = _qkv(2, 4, 2, 5)
+    with pytest.raises(ValueError, match="one query token"):
+        da.grouped_decode_attention(torch.cat([q, q], dim=2), k, v, None, 1.0)
+
+
+def _module(groups: int, training: bool = False):
+    m = torch.nn.Module()
+    m.num_key_value_groups, m.is_causal = groups, True
+    m.train(training)
+    return m
+
+
+def test_the_registered_function_takes_one_token_steps_and_hands_the_rest_to_sdpa():
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    fn = ALL_ATTENTION_FUNCTIONS[da.DECODE_ATTENTION]
+    q, k, v = _qkv(3, 6, 2, 5, dtype=torch.float32)
+    mask = torch.ones(3, 1, 1, 5, dtype=torch.bool)
+    mask[0, ..., :2] = False
+    out, weights = fn(_module(3), q, k, v, mask, scaling=0.35)
+    assert weights is None and out.shape == (3, 1, 6, 8)
+    want = sdpa(_module(3), q.double(), k.double(), v.double(), mask, scaling=0.35)[0]
+    torch.testing.assert_close(out.double(), want, rtol=0, atol=4 * torch.finfo(torch.float32).eps)
+    # prefill (several query tokens), bf16, dropout in training, a per-head mask: transformers' SDPA, bit for bit
+    q4, k4, v4 = _qkv(3, 6, 2, 5, seed=3, dtype=torch.float32)
+    q4 = torch.cat([q4, q4 * 0.5], dim=2)
+    cases = [(_module(3), q4, k4, v4, None, {}),
+             (_module(3), q.bfloat16(), k.bfloat16(), v.bfloat16(), mask, {}),
+             (_module(3), q, k, v, mask.expand(3, 6, 1, 5), {})]
+    for module, *args, kw in cases:
+        assert torch.equal(fn(module, *args, scaling=0.35, **kw)[0], sdpa(module, *args, scaling=0.35, **kw)[0])
+    calls = []
+    real = da.grouped_decode_attention
+    try:
+        da.grouped_decode_attention = lambda *a, **kw: calls.append(1) or real(*a, **kw)
+        torch.manual_seed(0)
+        fn(_module(3, training=True), q, k, v, mask, dropout=0.5, scaling=0.35)
+        fn(_module(3), q, k, v, mask, scaling=0.35)
+    finally:
+        da.grouped_decode_attention = real
+    assert calls == [1]  # the training call with dropout went to SDPA, the eval call did not
+
+
+def _tiny(dtype=torch.float64, attn="sdpa") -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=36, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=6, num_key_value_heads=2, initializer_range=0.3, bos_token_id=1,
+                         eos_token_id=2, pad_token_id=0, attn_implementation=attn)
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def test_the_model_runs_it_inside_the_block_only_and_is_restored_after_an_error():
+    model = _tiny()
+    with da.decode_attention(model) as on:
+        assert on and model.config._attn_implementation == da.DECODE_ATTENTION
+    assert model.config._attn_implementation == "sdpa"
+    with pytest.raises(RuntimeError, match="boom"):
+        with da.decode_attention(model):
+            raise RuntimeError("boom")
+    assert model.config._attn_implementation == "sdpa"
+    with da.decode_attention(model, enabled=False) as on:
+        assert not on and model.config._attn_implementation == "sdpa"
+    eager = _tiny(attn="eager")
+    with da.decode_attention(eager) as on:  # eager attention is left alone
+        assert not on and eager.config._attn_implementation == "eager"
+
+
+def test_the_sampler_draws_the_same_tokens_with_the_same_logprobs_float64(monkeypatch):
+    """Rows of different prompt lengths (left padding), stops at EOS mid-way: the grouped path runs every decode
+    step of every layer and gives the plain SDPA sampler's tokens, log-probs to 1e-12."""
+    model = _tiny()
+    rows = [[5, 17, 33, 9], [40, 8, 12, 60, 21, 7, 30], [11, 3], [11, 3]]
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    mask = ids != 0
+    config = GenerationConfig(max_new_tokens=9, temperature=1.0, stop_token_ids=(2, 7), pad_token_id=0)
+    calls = []
+    real = da.grouped_decode_attention
+    monkeypatch.setattr(da, "grouped_decode_attention", lambda *a, **kw: calls.append(a[0].shape[0]) or real(*a, **kw))
+    out = [sample(model, ids, mask, config, torch.Generator().manual_seed(4), grouped_attention=flag)
+           for flag in (True, False)]
+    assert model.config._attn_implementation == "sdpa"
+    steps = out[0].response_ids.shape[1]
+    assert len(calls) == 2 * (steps - 1)  # every decode step (all but the first token) of both layers
+    assert bool(out[0].stopped.any()) and not bool(out[0].stopped.all())
+    for name in ("response_ids", "response_mask", "stopped"):
+        assert torch.equal(getattr(out[0], name), getattr(out[1], name)), name
+    torch.testing.assert_close(out[0].rollout_logprobs, out[1].rollout_logprobs, rtol=0, atol=1e-12)
