@@ -76,24 +76,31 @@ def test_the_registered_function_takes_one_token_steps_and_hands_the_rest_to_sdp
     assert weights is None and out.shape == (3, 1, 6, 8)
     want = sdpa(_module(3), q.double(), k.double(), v.double(), mask, scaling=0.35)[0]
     torch.testing.assert_close(out.double(), want, rtol=0, atol=4 * torch.finfo(torch.float32).eps)
-    # prefill (several query tokens), bf16, dropout in training, a per-head mask: transformers' SDPA, bit for bit
+    # prefill (several query tokens), bf16, float32 queries and keys with bf16 values (what a Llama layer gives
+    # under CPU autocast: its rotary promotes q and k; below), a per-head mask: transformers' SDPA, bit for bit
     q4, k4, v4 = _qkv(3, 6, 2, 5, seed=3, dtype=torch.float32)
     q4 = torch.cat([q4, q4 * 0.5], dim=2)
-    cases = [(_module(3), q4, k4, v4, None, {}),
-             (_module(3), q.bfloat16(), k.bfloat16(), v.bfloat16(), mask, {}),
-             (_module(3), q, k, v, mask.expand(3, 6, 1, 5), {})]
-    for module, *args, kw in cases:
-        assert torch.equal(fn(module, *args, scaling=0.35, **kw)[0], sdpa(module, *args, scaling=0.35, **kw)[0])
+    additive64 = torch.zeros(3, 1, 1, 5, dtype=torch.float64).masked_fill(~mask, float("-inf"))
+    cases = [(q4, k4, v4, None), (q.bfloat16(), k.bfloat16(), v.bfloat16(), mask),
+             (q, k, v, mask.expand(3, 6, 1, 5))]
+    for args in cases:
+        assert torch.equal(fn(_module(3), *args, scaling=0.35)[0], sdpa(_module(3), *args, scaling=0.35)[0])
+    with pytest.raises(RuntimeError, match="attn_mask dtype"):  # SDPA's own refusal, not a silent float64 promotion
+        fn(_module(3), q, k, v, additive64, scaling=0.35)
     calls = []
     real = da.grouped_decode_attention
     try:
         da.grouped_decode_attention = lambda *a, **kw: calls.append(1) or real(*a, **kw)
         torch.manual_seed(0)
-        fn(_module(3, training=True), q, k, v, mask, dropout=0.5, scaling=0.35)
+        fn(_module(3), q, k, v, mask, dropout=0.5, scaling=0.35)  # dropout asked for: SDPA applies it
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: SDPA, as it would run there
+            for values in (v, v.bfloat16()):
+                got = fn(_module(3), q, k, values, mask, scaling=0.35)[0]
+                assert torch.equal(got, sdpa(_module(3), q, k, values, mask, scaling=0.35)[0])
         fn(_module(3), q, k, v, mask, scaling=0.35)
     finally:
         da.grouped_decode_attention = real
-    assert calls == [1]  # the training call with dropout went to SDPA, the eval call did not
+    assert calls == [1]  # only the last call took the grouped path
 
 
 def _tiny(dtype=torch.float64, attn="sdpa") -> LlamaForCausalLM:
@@ -104,7 +111,7 @@ def _tiny(dtype=torch.float64, attn="sdpa") -> LlamaForCausalLM:
     return LlamaForCausalLM(config).to(dtype).eval()
 
 
-def test_the_model_runs_it_inside_the_block_only_and_is_restored_after_an_error():
+def test_the_model_runs_it_inside_the_block_only_and_is_restored_after_an_error(monkeypatch):
     model = _tiny()
     with da.decode_attention(model) as on:
         assert on and model.config._attn_implementation == da.DECODE_ATTENTION
@@ -118,6 +125,11 @@ def test_the_model_runs_it_inside_the_block_only_and_is_restored_after_an_error(
     eager = _tiny(attn="eager")
     with da.decode_attention(eager) as on:  # eager attention is left alone
         assert not on and eager.config._attn_implementation == "eager"
+    composite = _tiny()
+    # a composite config (sub-configs): transformers' setter would rewrite their implementations too
+    monkeypatch.setattr(type(composite.config), "sub_configs", {"text_config": LlamaConfig})
+    with da.decode_attention(composite) as on:
+        assert not on and composite.config._attn_implementation == "sdpa"
 
 
 def test_the_sampler_draws_the_same_tokens_with_the_same_logprobs_float64(monkeypatch):

@@ -239,6 +239,22 @@ def test_rollout_states_start_the_trunk_with_the_plain_numbers_float64(tmp_path)
         torch.testing.assert_close(t0.hidden[real], t1.hidden[real], rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("overrides,plan", [
+    # the policy runs block 2 from the base
+    (dict(freeze_layers=3, critic_freeze_layers=2), TrunkPlan(policy=3, reference=True, critic=2, shared=2)),
+    (dict(critic_freeze_layers=0), TrunkPlan(policy=2, reference=True))])  # the base is the policy's own trunk
+def test_rollout_states_in_the_other_plans_give_the_plain_numbers_float64(tmp_path, overrides, plan):
+    on, off = (_trainer(tmp_path, reuse_rollout_states=flag, **overrides) for flag in (True, False))
+    assert on.trunks.plan(on.policy, on.reference, on.critic) == plan
+    rollout, _ = on.rollout()
+    assert on._rollout_states is not None and on._rollout_states[1].layers == plan.base_depth
+    raw = torch.linspace(-1, 1, rollout.query_ids.shape[0])
+    a, b = on.prepare(rollout, raw), off.prepare(rollout, raw)
+    for name in ("old_logprobs", "old_values", "advantages", "returns"):
+        torch.testing.assert_close(getattr(a.batch, name), getattr(b.batch, name), rtol=0, atol=1e-12)
+    torch.testing.assert_close(a.ref_logprobs, b.ref_logprobs, rtol=0, atol=1e-12)
+
+
 def test_rollout_states_sample_the_same_tokens_float64(tmp_path):
     """Keeping finished rows in the sampler's batch changes its shapes only: in float64 the same seed draws the
     same tokens with and without the kept states."""
@@ -249,7 +265,8 @@ def test_rollout_states_sample_the_same_tokens_float64(tmp_path):
 
 
 @pytest.mark.parametrize("overrides", [dict(reuse_rollout_states=False), dict(reuse_frozen_trunk=False),
-                                       dict(freeze_layers=0, critic_freeze_layers=0)])
+                                       dict(freeze_layers=0, critic_freeze_layers=0),
+                                       dict(freeze_layers=1, critic_freeze_layers=1)])  # 1 of 4 blocks: under half
 def test_no_states_are_kept_where_no_trunk_starts_from_the_tokens(tmp_path, overrides):
     trainer = _trainer(tmp_path, torch.float32, **overrides)
     trainer.rollout()
@@ -304,7 +321,8 @@ def test_lower_blocks_run_once_per_row_per_rollout(tmp_path, reuse, states):
         # the shared stage (policy blocks 0-1) once, or not at all after the sampler kept its states; the critic's
         # block 2 (frozen, not shared) once; the reference runs only block 3, on the critic's 3-block trunk (the
         # same SFT blocks); the upper blocks: once for the old log-probs / values, once per epoch
-        assert counts == {"policy0": 0 if states else B, "policy3": B + E * B, "reference0": 0, "reference2": 0, "reference3": B,
+        assert counts == {"policy0": 0 if states else B, "policy3": B + E * B,
+                          "reference0": 0, "reference2": 0, "reference3": B,
                           "critic0": 0, "critic2": B, "critic3": B + E * B}
     else:
         assert counts == {"policy0": B + E * B, "policy3": B + E * B, "reference0": B, "reference2": B,

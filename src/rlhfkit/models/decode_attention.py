@@ -14,10 +14,12 @@ product (no copy of K or V per query head). It is the same attention up to float
 1e-12 against SDPA and against the sampler's plain path).
 
 :data:`DECODE_ATTENTION` is registered with transformers' ``AttentionInterface``: it takes that path for a single
-query token of float32/float64 tensors on the CPU without dropout and hands every other call (prefill, GPUs,
-autocast's bf16, dropout) to transformers' own SDPA function unchanged. :func:`decode_attention` switches a model
-to it for the duration of a ``with`` block (the sampler's call) when the model runs SDPA (also rlhfkit's
-variable-length attention, which is SDPA without a segment plan), and restores the previous implementation.
+query token whose query, keys and values are all float32 (or all float64) on the CPU, outside autocast, without
+dropout, with no mask or a bool / same-dtype mask of one row per batch row, and hands every other call (prefill,
+GPUs, autocast, dropout, other masks) to transformers' own SDPA function unchanged. :func:`decode_attention`
+switches a model to it for the duration of a ``with`` block (the sampler's call) when the model runs SDPA (also
+rlhfkit's variable-length attention, which is SDPA without a segment plan) and its config has no sub-configs
+(transformers' setter would rewrite theirs too), and restores the previous implementation.
 """
 
 from __future__ import annotations
@@ -63,12 +65,15 @@ def grouped_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torc
     return torch.matmul(weights, value).reshape(B, H, 1, value.shape[-1])
 
 
-def _mask_per_row(attention_mask: torch.Tensor | None, batch: int, keys: int) -> torch.Tensor | None:
-    """The SDPA mask of a one-token step as (B or 1, L), or None if it is not one mask per row (then SDPA runs)."""
+def _mask_per_row(attention_mask: torch.Tensor | None, batch: int, keys: int, dtype: torch.dtype
+                  ) -> torch.Tensor | None:
+    """The SDPA mask of a one-token step as (B or 1, L); raises `_Fallback` (then SDPA runs) unless it is one bool or
+    ``dtype`` mask per row."""
     if attention_mask is None:
         return None
     if attention_mask.dim() != 4 or attention_mask.shape[1] != 1 or attention_mask.shape[2] != 1 or \
-            attention_mask.shape[0] not in (1, batch) or attention_mask.shape[3] != keys:
+            attention_mask.shape[0] not in (1, batch) or attention_mask.shape[3] != keys or \
+            attention_mask.dtype not in (torch.bool, dtype):
         raise _Fallback
     return attention_mask[:, 0, 0, :]
 
@@ -84,11 +89,11 @@ def _decode_attention_forward(module: nn.Module, query: torch.Tensor, key: torch
     key / value (B, H_kv, L, D) -> (B, q, H, D), None)."""
     sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
     fits = (query.shape[2] == 1 and query.device.type == "cpu" and query.dtype in (torch.float32, torch.float64)
-            and key.dtype == query.dtype and not (dropout and module.training)
+            and key.dtype == value.dtype == query.dtype and not dropout and not torch.is_autocast_enabled("cpu")
             and not any(kwargs.get(k) is not None for k in _UNSUPPORTED))
     if fits:
         try:
-            mask = _mask_per_row(attention_mask, query.shape[0], key.shape[2])
+            mask = _mask_per_row(attention_mask, query.shape[0], key.shape[2], query.dtype)
         except _Fallback:
             fits = False
     if not fits:
@@ -104,12 +109,12 @@ ALL_MASK_ATTENTION_FUNCTIONS.register(DECODE_ATTENTION, ALL_MASK_ATTENTION_FUNCT
 
 @contextlib.contextmanager
 def decode_attention(model: nn.Module, enabled: bool = True) -> Iterator[bool]:
-    """Run ``model`` with :data:`DECODE_ATTENTION` inside the block (yields True) when ``enabled`` and its
-    attention implementation is SDPA; otherwise leave it as it is (yields False). The previous implementation is
-    restored on exit, exceptions included."""
+    """Run ``model`` with :data:`DECODE_ATTENTION` inside the block (yields True) when ``enabled``, its
+    attention implementation is SDPA and its config has no sub-configs; otherwise leave it as it is (yields
+    False). The previous implementation is restored on exit, exceptions included."""
     config = getattr(model, "config", None)
     before = getattr(config, "_attn_implementation", None)
-    if not enabled or before not in _SDPA_LIKE:
+    if not enabled or before not in _SDPA_LIKE or getattr(config, "sub_configs", None):
         yield False
         return
     config._attn_implementation = DECODE_ATTENTION

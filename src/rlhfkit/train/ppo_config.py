@@ -226,10 +226,11 @@ class PPOConfig:
         "epoch (the same numbers up to float rounding; Llama, Mistral and Qwen2/3 decoders without LoRA, other "
         "models take the plain path)"))
     reuse_rollout_states: bool = field(default=True, metadata=_help(
-        "with --reuse_frozen_trunk: the built-in sampler (one process, no --fsdp) keeps the states after the "
-        "policy's lowest frozen blocks of every token it feeds, and the rollout's trunk starts from them instead "
-        "of running those blocks again (the same numbers up to float rounding; finished rows then stay in the "
-        "sampler's batch, which rounds the draws' logits differently)"))
+        "with --reuse_frozen_trunk: the built-in sampler (not under --fsdp) keeps the states after the policy's "
+        "lowest frozen blocks of every token it feeds, and the rollout's trunk starts from them instead of running "
+        "those blocks again (the same numbers up to float rounding). Trade-off: finished rows then stay in the "
+        "sampler's batch to the end (rounding its draws' logits differently), so it applies only where those "
+        "blocks are at least half of the decoder's"))
     packing: str = field(default="auto", metadata=_help(
         "padding-free packing of the no-grad forwards and the update: each micro-batch runs as ONE sequence of its "
         "rows' real tokens (position ids restarting per row, attention within each row, the prompt of rows that "

@@ -63,7 +63,7 @@ from rlhfkit.models.adapters import adapters_disabled, apply_lora, freeze_lower_
 from rlhfkit.models.loading import ensure_pad_token, hf_folder
 from rlhfkit.models.reward import critic_problem, is_reward_model_folder, load_critic
 from rlhfkit.models.value_head import ValueHead
-from rlhfkit.models.trunk import BatchTrunks, Trunk
+from rlhfkit.models.trunk import BatchTrunks, Trunk, num_blocks
 from rlhfkit.rollout.forward import packing_problem, trunk_decoder
 from rlhfkit.rollout.sampling import GenerationConfig, HiddenCapture, Rollout, sample
 from rlhfkit.rollout.scoring import call_source, load_reward, needs_references
@@ -401,14 +401,17 @@ class PPOTrainer:
 
     def _state_capture(self) -> HiddenCapture | None:
         """``reuse_rollout_states``: what the sampler keeps for this iteration's trunks (`ppo_trunk`), or None: no
-        trunk starts from the policy's tokens, the policy is sharded, or the sampler's decoder is not the one the
-        trunk runs (a wrapper)."""
+        trunk starts from the policy's tokens, the policy is sharded, the sampler's decoder is not the one the
+        trunk runs (a wrapper), or the stage is under half the decoder's blocks (keeping the states keeps finished
+        rows in the sampler's batch, every block of them per remaining step; below half a forward per row the
+        saving may not pay for that)."""
         if not self.cfg.reuse_rollout_states or is_sharded(self.policy):
             return None
         depth = self.trunks.plan(self.policy, self.reference, self.critic).base_depth
         decoder = trunk_decoder(self.policy)
         get_decoder = getattr(self.policy, "get_decoder", None)
-        if not depth or decoder is None or get_decoder is None or get_decoder() is not decoder:
+        if not depth or decoder is None or get_decoder is None or get_decoder() is not decoder or \
+                2 * depth < num_blocks(decoder):
             return None
         return HiddenCapture(depth, end_id=self.tokenizer.pad_token_id)
 
@@ -510,7 +513,7 @@ class PPOTrainer:
         query_ids, query_mask = query_ids.to(self.device), query_mask.to(self.device)
         plan = draw_plan(query_ids.shape[0], cfg.ppo_epochs, cfg.num_minibatches, self.shuffle_generator)
         groups = [m for rows in plan[0] for m in micro_batches(rows, cfg.micro_batch_size)]
-        base = self._base_states(rollout, query_ids, query_mask, T)  # the sampler's lowest states (reuse_rollout_states)
+        base = self._base_states(rollout, query_ids, query_mask, T)  # the sampler's states (reuse_rollout_states)
         with gathered(self.policy, self.critic):  # --fsdp: gathered outside the passes' inference mode
             trunks = compute_trunks(self.trunks.plan(self.policy, self.reference, self.critic), self.policy,
                                     self.critic, query_ids, query_mask, response_ids, response_mask, groups,
