@@ -33,12 +33,14 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from rlhfkit.models.packing import VARLEN_ATTENTION
+
 __all__ = ["DECODE_ATTENTION", "decode_attention", "grouped_decode_attention"]
 
 DECODE_ATTENTION = "rlhfkit_decode"
 # keywords that change attention beyond scale + mask: such calls keep transformers' SDPA (which may refuse them)
 _UNSUPPORTED = ("softcap", "s_aux", "position_bias")
-_SDPA_LIKE = ("sdpa", "rlhfkit_varlen")  # models.packing.VARLEN_ATTENTION: SDPA on calls without segments
+_SDPA_LIKE = ("sdpa", VARLEN_ATTENTION)  # the variable-length attention is SDPA on calls without segments
 
 
 def grouped_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -65,21 +67,12 @@ def grouped_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torc
     return torch.matmul(weights, value).reshape(B, H, 1, value.shape[-1])
 
 
-def _mask_per_row(attention_mask: torch.Tensor | None, batch: int, keys: int, dtype: torch.dtype
-                  ) -> torch.Tensor | None:
-    """The SDPA mask of a one-token step as (B or 1, L); raises `_Fallback` (then SDPA runs) unless it is one bool or
-    ``dtype`` mask per row."""
-    if attention_mask is None:
-        return None
-    if attention_mask.dim() != 4 or attention_mask.shape[1] != 1 or attention_mask.shape[2] != 1 or \
-            attention_mask.shape[0] not in (1, batch) or attention_mask.shape[3] != keys or \
-            attention_mask.dtype not in (torch.bool, dtype):
-        raise _Fallback
-    return attention_mask[:, 0, 0, :]
-
-
-class _Fallback(Exception):
-    """A call the grouped path does not take."""
+def _one_mask_per_row(attention_mask: torch.Tensor | None, batch: int, keys: int, dtype: torch.dtype) -> bool:
+    """Whether the SDPA mask of a one-token step is none, or one bool or ``dtype`` mask (B or 1, 1, 1, L) per row."""
+    return attention_mask is None or (
+        attention_mask.dim() == 4 and attention_mask.shape[1] == attention_mask.shape[2] == 1
+        and attention_mask.shape[0] in (1, batch) and attention_mask.shape[3] == keys
+        and attention_mask.dtype in (torch.bool, dtype))
 
 
 def _decode_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -90,16 +83,12 @@ def _decode_attention_forward(module: nn.Module, query: torch.Tensor, key: torch
     sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
     fits = (query.shape[2] == 1 and query.device.type == "cpu" and query.dtype in (torch.float32, torch.float64)
             and key.dtype == value.dtype == query.dtype and not dropout and not torch.is_autocast_enabled("cpu")
-            and not any(kwargs.get(k) is not None for k in _UNSUPPORTED))
-    if fits:
-        try:
-            mask = _mask_per_row(attention_mask, query.shape[0], key.shape[2], query.dtype)
-        except _Fallback:
-            fits = False
+            and not any(kwargs.get(k) is not None for k in _UNSUPPORTED)
+            and _one_mask_per_row(attention_mask, query.shape[0], key.shape[2], query.dtype))
     if not fits:
         return sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    out = grouped_decode_attention(query, key, value, mask, scale)
+    out = grouped_decode_attention(query, key, value, attention_mask, scale)
     return out.transpose(1, 2).contiguous(), None
 
 

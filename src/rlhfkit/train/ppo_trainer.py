@@ -416,15 +416,13 @@ class PPOTrainer:
         return HiddenCapture(depth, end_id=self.tokenizer.pad_token_id)
 
     def _base_states(self, rollout: Rollout, query_ids: torch.Tensor, query_mask: torch.Tensor,
-                     response_width: int) -> Trunk | None:
+                     response_width: int, depth: int) -> Trunk | None:
         """The sampler's states of ``rollout`` (`rollout`'s capture) in the update's layout (responses padded to
         ``response_width``), if it was this trainer's last rollout, sampled from these very prompts, and the
-        plan still starts with as many blocks; else None (the trunk then runs them)."""
+        plan still starts with ``depth`` blocks, as many as they hold; else None (the trunk then runs them)."""
         states, self._rollout_states = self._rollout_states, None
         if states is None or states[0] is not rollout or not torch.equal(rollout.query_ids, query_ids) or \
-                not torch.equal(rollout.query_mask.bool(), query_mask.bool()):
-            return None
-        if states[1].layers != self.trunks.plan(self.policy, self.reference, self.critic).base_depth:
+                not torch.equal(rollout.query_mask.bool(), query_mask.bool()) or states[1].layers != depth:
             return None
         P = query_ids.shape[1]
         return Trunk(pad_columns(states[1].hidden, P + response_width, 0.0), states[1].layers)
@@ -513,11 +511,12 @@ class PPOTrainer:
         query_ids, query_mask = query_ids.to(self.device), query_mask.to(self.device)
         plan = draw_plan(query_ids.shape[0], cfg.ppo_epochs, cfg.num_minibatches, self.shuffle_generator)
         groups = [m for rows in plan[0] for m in micro_batches(rows, cfg.micro_batch_size)]
-        base = self._base_states(rollout, query_ids, query_mask, T)  # the sampler's states (reuse_rollout_states)
+        trunk_plan = self.trunks.plan(self.policy, self.reference, self.critic)
+        # the sampler's states (reuse_rollout_states)
+        base = self._base_states(rollout, query_ids, query_mask, T, trunk_plan.base_depth)
         with gathered(self.policy, self.critic):  # --fsdp: gathered outside the passes' inference mode
-            trunks = compute_trunks(self.trunks.plan(self.policy, self.reference, self.critic), self.policy,
-                                    self.critic, query_ids, query_mask, response_ids, response_mask, groups,
-                                    self.autocast_dtype, base=base)
+            trunks = compute_trunks(trunk_plan, self.policy, self.critic, query_ids, query_mask, response_ids,
+                                    response_mask, groups, self.autocast_dtype, base=base)
         rows = Rollout(query_ids, query_mask, response_ids, response_mask, rollout_logprobs,
                        rollout.stopped.to(self.device))
         return RolloutBatch(rows, plan, groups, trunks, time.perf_counter() - start)
