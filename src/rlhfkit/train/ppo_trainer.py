@@ -511,10 +511,12 @@ class PPOTrainer:
         query_ids, query_mask = query_ids.to(self.device), query_mask.to(self.device)
         plan = draw_plan(query_ids.shape[0], cfg.ppo_epochs, cfg.num_minibatches, self.shuffle_generator)
         groups = [m for rows in plan[0] for m in micro_batches(rows, cfg.micro_batch_size)]
-        trunk_plan = self.trunks.plan(self.policy, self.reference, self.critic)
-        # the sampler's states (reuse_rollout_states)
-        base = self._base_states(rollout, query_ids, query_mask, T, trunk_plan.base_depth)
         with gathered(self.policy, self.critic):  # --fsdp: gathered outside the passes' inference mode
+            # planned on the gathered models: under --fsdp their parameters are shards (DTensors) outside, which
+            # the plan cannot compare with the reference's
+            trunk_plan = self.trunks.plan(self.policy, self.reference, self.critic)
+            # the sampler's states (reuse_rollout_states)
+            base = self._base_states(rollout, query_ids, query_mask, T, trunk_plan.base_depth)
             trunks = compute_trunks(trunk_plan, self.policy, self.critic, query_ids, query_mask, response_ids,
                                     response_mask, groups, self.autocast_dtype, base=base)
         rows = Rollout(query_ids, query_mask, response_ids, response_mask, rollout_logprobs,
