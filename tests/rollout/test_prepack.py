@@ -80,20 +80,39 @@ def test_prepare_packs_only_for_few_rows_and_enough_steps():
 
 @needs_mkl
 def test_only_plain_float32_cpu_linears_without_replaced_forwards_are_patched():
-    class MyLinear(nn.Linear):
+    class Wrapped(nn.Linear):  # keeps nn.Linear's forward, as FSDP2's FSDPLinear does
         pass
+
+    class Quantised(nn.Linear):  # a product of its own
+        def forward(self, x):
+            return super().forward(x).round()
 
     hooked = nn.Linear(8, 8)
     hooked.forward = lambda x: x  # e.g. accelerate's hooks replace an instance's forward
-    model = nn.ModuleDict({"plain": nn.Linear(8, 8), "bf16": nn.Linear(8, 8).bfloat16(), "sub": MyLinear(8, 8),
-                           "hooked": hooked})
+    model = nn.ModuleDict({"plain": nn.Linear(8, 8), "bf16": nn.Linear(8, 8).bfloat16(), "sub": Wrapped(8, 8),
+                           "own": Quantised(8, 8), "hooked": hooked})
     packer = PrepackedLinears(model)
-    assert packer.modules == [model["plain"]]
+    assert packer.modules == [model["plain"], model["sub"]]
     assert prepack_available(model) and not prepack_available(model, autocast_dtype=torch.bfloat16)
     assert not prepack_available(nn.Sequential(nn.Linear(4, 4).bfloat16()))
     with packer:
         assert model["hooked"].forward(torch.ones(2, 8)).equal(torch.ones(2, 8))  # its own forward untouched
     assert "forward" in hooked.__dict__
+
+
+@needs_mkl
+def test_a_patched_linear_multiplies_by_the_weight_it_holds_at_the_call():
+    """FSDP2 swaps a wrapped module's parameters (shards <-> full tensors): the patched forward reads the module's
+    weight at each call, packs that one, and runs a weight that is not a plain tensor plainly."""
+    torch.manual_seed(0)
+    linear, x = nn.Linear(16, 8), torch.randn(4, 16)
+    replacement = nn.Parameter(torch.randn(8, 16))
+    with torch.inference_mode(), PrepackedLinears(linear) as packer:
+        packer.prepare(4, MIN_PREPACK_STEPS)
+        linear.weight = replacement  # after entering, before the first call
+        got = linear(x)
+        assert packer.packs == 1
+    assert_within(got, F.linear(x, replacement, linear.bias), _linear_bound(x, linear), "swapped weight")
 
 
 @needs_mkl

@@ -25,9 +25,11 @@ packed time: 1.38x at M = 16, 1.31x at 64, 1.44x at 192, 1.24x at 256, 1.16x at 
 an earlier limit was 96 rows.) The sampler at 32 prompts × 128 new tokens: 1.2-1.4x.
 
 Used only where it applies (:func:`prepack_available`): a CPU build of torch with MKL, float32 weights held as
-plain tensors on the CPU (not FSDP's DTensors, not quantised), plain ``torch.nn.Linear`` modules whose
-``forward`` nothing else has replaced (accelerate's hooks), no autocast and no autograd at the call. Any
-other call of a patched linear runs the plain ``F.linear``.
+plain tensors on the CPU (not FSDP's DTensors, not quantised), ``torch.nn.Linear`` modules whose
+``forward`` is the class's own (nn.Linear itself, or a subclass that keeps its forward, as FSDP2's wrapped
+``FSDPLinear`` gathered for sampling) and that nothing else has replaced (accelerate's hooks), no autocast and no
+autograd at the call. Any other call of a patched linear runs the plain ``F.linear``, as does a call whose weight
+is no longer a plain tensor.
 """
 
 from __future__ import annotations
@@ -50,7 +52,10 @@ def _mkl_ops() -> bool:
 
 
 def _eligible(module: nn.Module) -> bool:
-    if type(module) is not nn.Linear or "forward" in module.__dict__:
+    # a Linear whose product is nn.Linear's own: the class itself or a subclass that keeps its forward (FSDP2's
+    # FSDPLinear, gathered for sampling); subclasses with a forward of their own (quantised layers) are not
+    if not isinstance(module, nn.Linear) or type(module).forward is not nn.Linear.forward \
+            or "forward" in module.__dict__:
         return False
     weight, bias = module.weight, module.bias
     return (type(weight.data) is torch.Tensor and weight.dtype == torch.float32 and weight.device.type == "cpu"
@@ -89,12 +94,13 @@ class PrepackedLinears:
             self._packed.clear()
 
     def _forward(self, module: nn.Linear) -> Callable[[torch.Tensor], torch.Tensor]:
-        weight, bias, key = module.weight, module.bias, id(module)
+        key = id(module)
 
         def forward(x: torch.Tensor) -> torch.Tensor:
-            rows = self.rows
+            # read at every call: FSDP2 swaps a wrapped module's parameters between shards and full tensors
+            weight, bias, rows = module.weight, module.bias, self.rows
             if (rows is None or x.dtype != torch.float32 or x.device.type != "cpu" or x.numel() != rows *
-                    module.in_features or torch.is_autocast_enabled("cpu")
+                    module.in_features or torch.is_autocast_enabled("cpu") or type(weight.data) is not torch.Tensor
                     or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
                 return F.linear(x, weight, bias)
             entry = self._packed.get(key)
