@@ -12,11 +12,17 @@ from tolerances import assert_within, forward_factor, linear_terms, logprob_tole
 from torch import nn
 
 import rlhfkit.rollout.sampling as sampling
-from rlhfkit.rollout.prepack import MAX_PREPACK_ROWS, MIN_PREPACK_STEPS, PrepackedLinears, prepack_available
+import rlhfkit.rollout.prepack as prepack
+from rlhfkit.rollout.prepack import (BACKENDS, MAX_PREPACK_ROWS, MIN_PREPACK_STEPS, PrepackedLinears,
+                                     available_backends, default_backend, prepack_available)
 from rlhfkit.rollout.sampling import GenerationConfig, sample
 
 EPS32 = torch.finfo(torch.float32).eps
-needs_mkl = pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="this torch build has no MKL")
+HERE = available_backends()
+needs_mkl = pytest.mark.skipif(not HERE, reason="this torch build has neither oneDNN nor MKL")
+# every backend this build has (the fast path of each is checked against the plain product)
+per_backend = pytest.mark.parametrize("backend", HERE or [pytest.param(None, marks=pytest.mark.skip(
+    reason="this torch build has neither oneDNN nor MKL"))])
 
 
 def _linear_bound(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
@@ -25,14 +31,15 @@ def _linear_bound(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
     return 2 * math.log2(linear.in_features) * EPS32 * terms
 
 
-@needs_mkl
+@per_backend
 @pytest.mark.parametrize("bias", [True, False])
-def test_a_prepared_call_uses_the_packed_weight_and_equals_the_plain_product(bias):
+def test_a_prepared_call_uses_the_packed_weight_and_equals_the_plain_product(bias, backend):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(48, 80, bias=bias), nn.Linear(80, 16, bias=bias))
     x = torch.randn(6, 1, 48)  # a decode step's (rows, 1, hidden) input
     with torch.inference_mode():
-        with PrepackedLinears(model) as packer:
+        with PrepackedLinears(model, backend=backend) as packer:
+            assert packer.backend == backend and len(packer.modules) == 2
             packer.prepare(rows=6, steps_left=10)
             hidden = model[0](x)
             out = model[1](hidden)
@@ -64,6 +71,25 @@ def test_exit_restores_the_modules_and_frees_the_packs():
     assert packer._packed == {} and packer.rows is None
     x = torch.randn(3, 8)
     assert torch.equal(model(x), model[1](F.linear(x, model[0].weight, model[0].bias)))
+
+
+def test_the_default_backend_is_mkl_on_intel_cpus_and_onednn_elsewhere(monkeypatch):
+    for vendor, have, want in (("GenuineIntel", ["onednn", "mkl"], "mkl"), ("AuthenticAMD", ["onednn", "mkl"], "onednn"),
+                               ("", ["onednn", "mkl"], "onednn"), ("GenuineIntel", ["onednn"], "onednn"),
+                               ("AuthenticAMD", ["mkl"], "mkl"), ("AuthenticAMD", [], None)):
+        monkeypatch.setattr(prepack, "_cpu_vendor", lambda vendor=vendor: vendor)
+        monkeypatch.setattr(prepack, "available_backends", lambda have=have: have)
+        assert default_backend() == want, (vendor, have)
+        assert PrepackedLinears(nn.Linear(4, 4)).backend == want
+    assert BACKENDS == ("onednn", "mkl")
+
+
+def test_an_unknown_backend_is_an_error_and_a_missing_one_packs_nothing(monkeypatch):
+    with pytest.raises(ValueError, match="onednn, mkl"):
+        PrepackedLinears(nn.Linear(4, 4), backend="blas")
+    monkeypatch.setattr(prepack, "available_backends", lambda: ["mkl"])
+    assert PrepackedLinears(nn.Linear(4, 4), backend="onednn").modules == []
+    assert not prepack_available(nn.Linear(4, 4), backend="onednn")
 
 
 def test_prepare_packs_only_for_few_rows_and_enough_steps():
@@ -100,14 +126,14 @@ def test_only_plain_float32_cpu_linears_without_replaced_forwards_are_patched():
     assert "forward" in hooked.__dict__
 
 
-@needs_mkl
-def test_a_patched_linear_multiplies_by_the_weight_it_holds_at_the_call():
+@per_backend
+def test_a_patched_linear_multiplies_by_the_weight_it_holds_at_the_call(backend):
     """FSDP2 swaps a wrapped module's parameters (shards <-> full tensors): the patched forward reads the module's
     weight at each call, packs that one, and runs a weight that is not a plain tensor plainly."""
     torch.manual_seed(0)
     linear, x = nn.Linear(16, 8), torch.randn(4, 16)
     replacement = nn.Parameter(torch.randn(8, 16))
-    with torch.inference_mode(), PrepackedLinears(linear) as packer:
+    with torch.inference_mode(), PrepackedLinears(linear, backend=backend) as packer:
         packer.prepare(4, MIN_PREPACK_STEPS)
         linear.weight = replacement  # after entering, before the first call
         got = linear(x)
@@ -143,7 +169,8 @@ def _tiny_llama() -> nn.Module:
 
 
 @needs_mkl
-def test_the_sampler_with_prepacked_weights_samples_what_it_samples_without(monkeypatch):
+@per_backend
+def test_the_sampler_with_prepacked_weights_samples_what_it_samples_without(monkeypatch, backend):
     """float32 (the path applies to float32 only): the same tokens, masks and stops, and log-probs equal to the
     rounding of two float32 forwards; the packed path did run, for every row count the batch went through."""
     model = _tiny_llama()
@@ -160,9 +187,9 @@ def test_the_sampler_with_prepacked_weights_samples_what_it_samples_without(monk
             packers.append(self)
 
     monkeypatch.setattr(sampling, "PrepackedLinears", Recording)
-    packed = sample(model, ids, mask, config, torch.Generator().manual_seed(5))
+    packed = sample(model, ids, mask, config, torch.Generator().manual_seed(5), prepack_weights=backend)
     plain = sample(model, ids, mask, config, torch.Generator().manual_seed(5), prepack_weights=False)
-    assert len(packers) == 1
+    assert len(packers) == 1 and packers[0].backend == backend
     assert "forward" not in model.lm_head.__dict__
     assert 0 < int(packed.stopped.sum()) < len(prompts)  # rows left the batch: packed again for fewer rows
     assert packers[0].packs > len(packers[0].modules)

@@ -1,31 +1,40 @@
 """Prepacked weights for the sampler's decode steps on a CPU: the same matrix products, without repacking.
 
 A decode step multiplies one row per unfinished response by every weight matrix of the model: (M, K) @ (K, N)
-with M a few dozen rows and the weights fixed for the whole rollout. MKL's ``sgemm`` copies the weight operand
-into its internal blocked layout on *every* call; at small M that copy costs as much as the multiply (the weight
-is read once per call either way). MKL's packed-GEMM interface (``cblas_sgemm_pack`` / ``cblas_sgemm_compute``,
-which torch exposes as ``torch.ops.mkl._mkl_reorder_linear_weight`` / ``torch.ops.mkl._mkl_linear`` and
-inductor's freezing pass uses for float32 linears) makes that copy once. The arithmetic is the same products by
-the same kernels: the outputs were bit-equal to ``F.linear`` at nearly all shapes measured, and may differ in
-the last bit elsewhere (the packed path may block the reduction differently), which is float32 rounding of
-the same quantity; ``tests/rollout/test_prepack.py`` bounds it.
+with M a few dozen rows and the weights fixed for the whole rollout. A GEMM library copies the weight operand
+into its internal blocked layout on *every* plain call; at small M that copy costs as much as the multiply (the
+weight is read once per call either way). Both GEMM libraries of torch's CPU build can make that copy once:
 
-A packed weight serves one row count M only (``_mkl_linear`` falls back to the plain product for any other M),
-so the sampler tells :class:`PrepackedLinears` the forward batch's rows before each decode step
-(:meth:`PrepackedLinears.prepare`): a linear packs its weight at its first call with that many rows, and again
-after finished rows left the batch. Packing is worth it up to a few hundred rows (at larger M the copy is a small
-part of the product) and when enough steps remain to pay for it (about one millisecond per SmolLM2 matrix, ~0.2 s
-for the model, about one decode step).
+- ``onednn`` (oneDNN, torch's ``mkldnn``): ``torch.ops.mkldnn._reorder_linear_weight`` packs a weight for a batch
+  size, ``torch.ops.mkldnn._linear_pointwise`` multiplies by it (what inductor's freezing pass uses for bf16
+  linears). oneDNN picks its kernels by instruction set, whatever the CPU's vendor.
+- ``mkl`` (MKL's packed GEMM, ``cblas_sgemm_pack`` / ``cblas_sgemm_compute``): ``torch.ops.mkl.
+  _mkl_reorder_linear_weight`` / ``torch.ops.mkl._mkl_linear`` (inductor's float32 path).
 
-Measured (2-core Intel Xeon with AMX, torch 2.13.0+cpu, 2 threads, float32, 2026-12-03). In a decode step every
-weight is read once from memory (SmolLM2-135M's 540 MB do not fit in any cache), so the products were timed as
-the step runs them: 30 layers of distinct gate and down weights (576 × 1536, 1536 × 576) in a row; plain time ÷
-packed time: 1.38x at M = 16, 1.31x at 64, 1.44x at 192, 1.24x at 256, 1.16x at 384, 1.12x at 512, 0.96x at 1024.
-(Timed on one weight that stays in the cache, the gain above 64 rows looks smaller, about 1.0-1.3x, which is why
-an earlier limit was 96 rows.) The sampler at 32 prompts × 128 new tokens: 1.2-1.4x.
+Both compute the products of ``F.linear`` to float32 rounding (another blocking of the same sums: MKL's were
+bit-equal at nearly all shapes measured, oneDNN's differ in the last bits); ``tests/rollout/test_prepack.py``
+bounds the difference. :func:`default_backend` picks per CPU, from the measurements below.
 
-Used only where it applies (:func:`prepack_available`): a CPU build of torch with MKL, float32 weights held as
-plain tensors on the CPU (not FSDP's DTensors, not quantised), ``torch.nn.Linear`` modules whose
+A packed weight serves one row count M only (a call with another M runs the plain product), so the sampler tells
+:class:`PrepackedLinears` the forward batch's rows before each decode step (:meth:`PrepackedLinears.prepare`): a
+linear packs its weight at its first call with that many rows, and again after finished rows left the batch.
+Packing is worth it up to a few hundred rows (at larger M the copy is a small part of the product) and when
+enough steps remain to pay for it (about one millisecond per SmolLM2 matrix, ~0.2 s for the model, about one
+decode step).
+
+Measured, float32, 2 threads, torch 2.13.0+cpu; products timed as a decode step runs them (every weight read
+once from memory: tens of distinct weights in a row, SmolLM2-135M's 540 MB do not fit in any cache):
+
+- 2-core Intel Xeon with AMX (2026-12-03), MKL packed ÷ plain ``F.linear``: 1.38x at M = 16, 1.31x at 64, 1.44x at
+  192, 1.24x at 256, 1.16x at 384, 1.12x at 512, 0.96x at 1024 (576 × 1536 and 1536 × 576 weights); the sampler at
+  32 prompts × 128 new tokens 1.2-1.4x. oneDNN not measured there yet: MKL stays that CPU's default.
+- 2-core AMD EPYC Zen 4 (family 25 model 17, 2026-12-04), GFLOP/s of plain / MKL packed / oneDNN packed: 576 × 1536
+  weight at M = 8: 34 / 32 / 88; M = 32: 78 / 75 / 168; M = 128: 116 / 111 / 204; M = 441: 150 / 142 / 208; the tied
+  LM head (49,152 × 576) at M = 32: 69 / 78 / 183. MKL's packing gains nothing on this CPU; oneDNN's is 2.1-2.7x at
+  8-32 rows, so oneDNN is the default wherever the CPU is not an Intel one.
+
+Used only where it applies (:func:`prepack_available`): a CPU build of torch with the backend's ops, float32
+weights held as plain tensors on the CPU (not FSDP's DTensors, not quantised), ``torch.nn.Linear`` modules whose
 ``forward`` is the class's own (nn.Linear itself, or a subclass that keeps its forward, as FSDP2's wrapped
 ``FSDPLinear`` gathered for sampling) and that nothing else has replaced (accelerate's hooks), no autocast and no
 autograd at the call. Any other call of a patched linear runs the plain ``F.linear``, as does a call whose weight
@@ -40,7 +49,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MAX_PREPACK_ROWS", "MIN_PREPACK_STEPS", "PrepackedLinears", "prepack_available"]
+__all__ = ["BACKENDS", "MAX_PREPACK_ROWS", "MIN_PREPACK_STEPS", "PrepackedLinears", "available_backends",
+           "default_backend", "prepack_available"]
+
+BACKENDS = ("onednn", "mkl")
 
 MAX_PREPACK_ROWS = 512  # above this many rows the per-call weight copy is a small part of the product
 MIN_PREPACK_STEPS = 4  # fewer decode steps left than this: packing (~one step's time) would not pay for itself
@@ -49,6 +61,52 @@ MIN_PREPACK_STEPS = 4  # fewer decode steps left than this: packing (~one step's
 def _mkl_ops() -> bool:
     return (torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
             and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight"))
+
+
+def _onednn_ops() -> bool:
+    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+
+def available_backends() -> list[str]:
+    """The packing backends this torch build has, in `BACKENDS` order."""
+    return [b for b, ok in (("onednn", _onednn_ops()), ("mkl", _mkl_ops())) if ok]
+
+
+def _cpu_vendor() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def default_backend() -> str | None:
+    """The backend :class:`PrepackedLinears` uses unless told: MKL on an Intel CPU (measured faster than the plain
+    product there; oneDNN not yet measured there), oneDNN elsewhere (on an AMD EPYC MKL's packing gains nothing and
+    oneDNN's 2-2.7x at a few dozen rows: module docstring); None where this build has neither."""
+    have = available_backends()
+    if not have:
+        return None
+    if _cpu_vendor() == "GenuineIntel" and "mkl" in have:
+        return "mkl"
+    return have[0]
+
+
+def _pack(backend: str, weight: torch.Tensor, rows: int) -> torch.Tensor:
+    if backend == "onednn":
+        return torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+    return torch.ops.mkl._mkl_reorder_linear_weight(weight, rows)
+
+
+def _packed_linear(backend: str, x: torch.Tensor, packed: torch.Tensor, weight: torch.Tensor,
+                   bias: torch.Tensor | None, rows: int) -> torch.Tensor:
+    if backend == "onednn":
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    return torch.ops.mkl._mkl_linear(x, packed, weight, bias, rows)
 
 
 def _eligible(module: nn.Module) -> bool:
@@ -62,10 +120,12 @@ def _eligible(module: nn.Module) -> bool:
             and (bias is None or (bias.dtype == torch.float32 and bias.device.type == "cpu")))
 
 
-def prepack_available(model: nn.Module, autocast_dtype: torch.dtype | None = None) -> bool:
-    """Whether :class:`PrepackedLinears` would pack any of ``model``'s linears: MKL's packed GEMM in this torch
-    build, no autocast requested, and at least one eligible ``nn.Linear`` (float32, plain CPU tensor)."""
-    return autocast_dtype is None and bool(PrepackedLinears(model).modules)
+def prepack_available(model: nn.Module, autocast_dtype: torch.dtype | None = None,
+                      backend: str | None = None) -> bool:
+    """Whether :class:`PrepackedLinears` (with ``backend``; None: :func:`default_backend`) would pack any of
+    ``model``'s linears: the backend's ops in this torch build, no autocast requested, and at least one eligible
+    ``nn.Linear`` (float32, plain CPU tensor)."""
+    return autocast_dtype is None and bool(PrepackedLinears(model, backend=backend).modules)
 
 
 class PrepackedLinears:
@@ -74,12 +134,21 @@ class PrepackedLinears:
     exactly M rows (the leading dimensions of its input multiplied) uses the packed weight, any other call the
     plain ``F.linear``. Exiting restores the modules' own ``forward`` and frees the packed copies.
 
+    ``backend``: ``"onednn"`` or ``"mkl"`` (module docstring), None for :func:`default_backend`; a backend this
+    torch build lacks packs nothing (``modules`` is then empty), an unknown name is a ValueError.
+
     The weights must not change while it is entered (a packed copy would go stale): the sampler enters it for
     one call, in ``torch.inference_mode``. ``packs`` counts the packings done (for tests and benchmarks).
     """
 
-    def __init__(self, model: nn.Module, max_rows: int = MAX_PREPACK_ROWS, min_steps: int = MIN_PREPACK_STEPS):
-        self.modules = [m for m in model.modules() if _eligible(m)] if _mkl_ops() else []
+    def __init__(self, model: nn.Module, max_rows: int = MAX_PREPACK_ROWS, min_steps: int = MIN_PREPACK_STEPS,
+                 backend: str | None = None):
+        if backend is not None and backend not in BACKENDS:
+            raise ValueError(f"prepack backend must be one of {', '.join(BACKENDS)} (or None for the CPU's "
+                             f"default), got {backend!r}")
+        self.backend = default_backend() if backend is None else backend
+        usable = self.backend is not None and self.backend in available_backends()
+        self.modules = [m for m in model.modules() if _eligible(m)] if usable else []
         self.max_rows, self.min_steps = max_rows, min_steps
         self.rows: int | None = None
         self.packs = 0
@@ -94,7 +163,7 @@ class PrepackedLinears:
             self._packed.clear()
 
     def _forward(self, module: nn.Linear) -> Callable[[torch.Tensor], torch.Tensor]:
-        key = id(module)
+        key, backend = id(module), self.backend
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             # read at every call: FSDP2 swaps a wrapped module's parameters between shards and full tensors
@@ -105,10 +174,10 @@ class PrepackedLinears:
                 return F.linear(x, weight, bias)
             entry = self._packed.get(key)
             if entry is None or entry[0] != rows:
-                entry = (rows, torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), rows))
+                entry = (rows, _pack(backend, weight.detach(), rows))
                 self._packed[key] = entry
                 self.packs += 1
-            return torch.ops.mkl._mkl_linear(x, entry[1], weight, bias, rows)
+            return _packed_linear(backend, x, entry[1], weight, bias, rows)
 
         return forward
 

@@ -20,8 +20,9 @@ the sampling loop so that positions, stopping and the rollout log-probs are unde
 Finished rows leave the batch: once enough of the rows still in the forward batch have finished (see
 :func:`_should_compact`), the cache, attention mask and positions keep only the unfinished rows, so later
 steps compute nothing for them. On a CPU, a decode step's float32 matrix products use weights packed once for
-the forward batch's row count (:mod:`rlhfkit.rollout.prepack`, MKL's packed GEMM: the same products without
-copying every weight into the kernel's layout at every step; ``prepack_weights=False`` turns it off). Every
+the forward batch's row count (:mod:`rlhfkit.rollout.prepack`, oneDNN's or MKL's packed GEMM: the same products
+to float32 rounding, without copying every weight into the kernel's layout at every step;
+``prepack_weights=False`` turns it off). Every
 row's tokens and log-probs are unchanged by this (a row's computation never reads another row; only float
 rounding of the different matrix shapes can differ), and the random stream is too: every step draws one
 uniform for *every* row of the batch, finished or not, exactly as the full batch does, and each unfinished row
@@ -586,7 +587,7 @@ def sample(
     generator: torch.Generator | None = None,
     tokenizer: Any = None,
     autocast_dtype: torch.dtype | None = None,
-    prepack_weights: bool = True,
+    prepack_weights: bool | str = True,
     share_prefix: bool = True,
     capture: HiddenCapture | None = None,
     grouped_attention: bool = True,
@@ -607,9 +608,11 @@ def sample(
         tokenizer: needed only for ``config.stop_strings`` (and for ``pad_token_id`` when the config has none).
         autocast_dtype: if given (e.g. ``torch.bfloat16``), forward passes run under ``torch.autocast`` on the
             model's device type; log-probs are still computed in float32.
-        prepack_weights: on a CPU with MKL, run the decode steps' float32 linears with weights packed once per
-            forward-batch size (:mod:`rlhfkit.rollout.prepack`; the same products, faster at few rows); False
-            runs every product plainly. Ignored where it does not apply (GPU, autocast, no MKL).
+        prepack_weights: on a CPU, run the decode steps' float32 linears with weights packed once per
+            forward-batch size (:mod:`rlhfkit.rollout.prepack`; the same products to float32 rounding, faster at
+            few rows): True with the CPU's default backend (`prepack.default_backend`), ``"onednn"`` or
+            ``"mkl"`` with that one; False runs every product plainly. Ignored where it does not apply (GPU,
+            autocast, a torch build without the backend).
         share_prefix: run the leading tokens that all prompts share (a chat template's system prompt) once and
             copy their cache to every row (:func:`_prefill`; the same keys, values and logits to float
             rounding); False runs every prompt whole.
@@ -653,7 +656,8 @@ def sample(
     next_position = attention_mask.sum(-1, keepdim=True)  # (B,1): each row continues after its last position
     autocast = (torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype is not None
                 else contextlib.nullcontext())
-    packer = PrepackedLinears(model) if prepack_weights and autocast_dtype is None else None
+    packer = (PrepackedLinears(model, backend=None if prepack_weights is True else prepack_weights)
+              if prepack_weights and autocast_dtype is None else None)
     packer = packer if packer is not None and packer.modules else None  # nothing to pack: the plain loop
 
     was_training = model.training
