@@ -79,6 +79,7 @@ def _quiet_libraries() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _quiet_libraries()
+    succeeded = False
     try:
         command, rest = _split_command(argv)
         if command == "":
@@ -94,6 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         cfg = parse_config(module.CONFIG, rest, prog=f"rlhfkit {command}")
         module.run(cfg)
+        succeeded = True
         return 0
     except RlhfkitError as e:
         print(f"rlhfkit: error: {e}", file=sys.stderr)
@@ -104,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         from rlhfkit.train.engine.processes import close_process_group
 
-        close_process_group()
+        close_process_group(synchronize=succeeded)
 
 
 if __name__ == "__main__":

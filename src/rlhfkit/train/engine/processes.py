@@ -54,14 +54,19 @@ def make_accelerator(command: str) -> Any:
             f"it in a fresh process") from None
 
 
-def close_process_group() -> None:
+def close_process_group(synchronize: bool = False) -> None:
     """Destroy this process's default process group, if one was started (the CLI calls this when a command ends,
     whatever its outcome). A gloo group left to the interpreter's exit can abort the process while its worker
     threads are torn down ("terminate called without an active exception", seen once in a 2-process ``rm train``
-    test under load); torch asks for ``destroy_process_group`` before exit."""
+    test under load); torch asks for ``destroy_process_group`` before exit. ``synchronize`` (a command that
+    succeeded on every process): a barrier first, so that no process tears its group down while another still
+    talks to it (the same abort was seen on a 2-process ``ppo --fsdp`` run under load whose outputs were complete);
+    never after an error, which may have stopped one process only."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        if synchronize:
+            dist.barrier()
         dist.destroy_process_group()
 
 
