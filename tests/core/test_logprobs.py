@@ -204,3 +204,152 @@ def test_fused_blocks_cover_every_token_once_and_change_no_bit():
         outs.append((lp, h, logits.grad))
     for other in outs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(outs[0], other))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# head_logprobs_and_entropy: the LM head's product fused in, one (N, V) buffer reused between calls
+# ------------------------------------------------------------------------------------------------------------
+def _head_case(dtype, bias, seed=3, N=37, H=24, V=301):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, H, generator=g, dtype=dtype).requires_grad_(True)
+    weight = (0.5 * torch.randn(V, H, generator=g, dtype=dtype)).requires_grad_(True)
+    b = torch.randn(V, generator=g, dtype=dtype).requires_grad_(True) if bias else None
+    tokens = torch.randint(0, V, (N,), generator=g)
+    w_lp, w_h = torch.randn(N, generator=g, dtype=dtype), torch.randn(N, generator=g, dtype=dtype)
+    return hidden, weight, b, tokens, w_lp, w_h
+
+
+def _grads(loss, inputs):
+    return torch.autograd.grad(loss, [t for t in inputs if t is not None])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("bias", [False, True])
+def test_head_fused_equals_linear_then_logprobs_bit_for_bit(dtype, temperature, bias):
+    """The same products as F.linear's forward and backward and the same block passes on the same data: the same
+    bits, values and gradients of hidden, weight and bias, for every combination of used outputs."""
+    from rlhfkit.core.logprobs import head_logprobs_and_entropy
+
+    hidden, weight, b, tokens, w_lp, w_h = _head_case(dtype, bias)
+    # (log-probs weight, entropy weight) of the loss: log-probs only (the PPO loss), entropy only, both
+    for with_entropy, c_lp, c_h in ((False, 1, 0), (True, 1, 0), (True, 0, 1), (True, 1, 1)):
+        outs = []
+        for fused in (False, True):  # a fresh graph each: the fused backward overwrites its logits
+            if fused:
+                lp, h = head_logprobs_and_entropy(hidden, weight, b, tokens, temperature, with_entropy=with_entropy)
+            else:
+                lp, h = logprobs_and_entropy(torch.nn.functional.linear(hidden, weight, b)[:, None],
+                                             tokens[:, None], temperature, with_entropy=with_entropy)
+                lp, h = lp[:, 0], h[:, 0] if with_entropy else None
+            loss = c_lp * (w_lp * lp).sum() + (c_h * (w_h * h).sum() if with_entropy else 0)
+            outs.append((lp, h, *_grads(loss, (hidden, weight, b))))
+        plain, fused = outs
+        assert fused[1] is None if not with_entropy else torch.equal(fused[1], plain[1])
+        assert all(torch.equal(x, y) for x, y in zip(fused[:1] + fused[2:], plain[:1] + plain[2:]))
+
+
+def test_head_fused_second_backward_is_a_clear_error():
+    from rlhfkit.core.logprobs import head_logprobs_and_entropy
+
+    hidden, weight, _, tokens, w_lp, _ = _head_case(torch.float32, False)
+    lp, _ = head_logprobs_and_entropy(hidden, weight, None, tokens)
+    (w_lp * lp).sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward"):
+        (w_lp * lp).sum().backward()
+
+
+def test_head_fused_hand_values_and_frozen_weight():
+    """One token, H = 1, weight (log 1, log 2, log 3), hidden 1: the hand values of the tests above; with the weight
+    frozen only the hidden state gets a gradient, ∂ logp_2 / ∂ h = Σ_v (1[v = 2] - p_v) W_v."""
+    from rlhfkit.core.logprobs import head_logprobs_and_entropy
+
+    weight = torch.log(torch.tensor([[1.0], [2.0], [3.0]], dtype=torch.float64))
+    hidden = torch.ones(1, 1, dtype=torch.float64, requires_grad=True)
+    lp, h = head_logprobs_and_entropy(hidden, weight, None, torch.tensor([2]))
+    assert lp.item() == pytest.approx(math.log(0.5), abs=1e-15)
+    assert h.item() == pytest.approx(math.log(6) / 6 + math.log(3) / 3 + math.log(2) / 2, abs=1e-15)
+    (g,) = torch.autograd.grad(lp.sum(), hidden)
+    p = torch.tensor([1 / 6, 1 / 3, 1 / 2], dtype=torch.float64)
+    expected = ((torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64) - p) * weight[:, 0]).sum()
+    assert g.item() == pytest.approx(expected.item(), abs=1e-15)
+
+
+def test_head_fused_reuses_one_buffer_and_keeps_two_live_graphs_apart():
+    """A second call after a backward takes the first call's buffer (the same memory); two forwards before their
+    backwards take two buffers, so each backward still reads its own logits (equal to the plain gradients)."""
+    from rlhfkit.core.logprobs import LOGIT_BUFFERS, head_logprobs_and_entropy
+
+    LOGIT_BUFFERS.clear()
+    hidden, weight, _, tokens, w_lp, w_h = _head_case(torch.float32, False)
+    lp, h = head_logprobs_and_entropy(hidden, weight, None, tokens)
+    (w_lp * lp + w_h * h).sum().backward()
+    kept = [buf.data_ptr() for buf in LOGIT_BUFFERS._free[torch.float32]]
+    assert len(kept) == 1
+    a = head_logprobs_and_entropy(hidden, weight, None, tokens)
+    assert not LOGIT_BUFFERS._free[torch.float32]  # taken
+    other = _head_case(torch.float32, False, seed=4)
+    b = head_logprobs_and_entropy(other[0], other[1], None, other[3])
+    grads_b = _grads((other[4] * b[0] + other[5] * b[1]).sum(), (other[0], other[1]))
+    grads_a = _grads((w_lp * a[0] + w_h * a[1]).sum(), (hidden, weight))
+    for (x, wt, toks, wl, wh), got in (((hidden, weight, tokens, w_lp, w_h), grads_a),
+                                       ((other[0], other[1], other[3], other[4], other[5]), grads_b)):
+        plp, ph = logprobs_and_entropy(torch.nn.functional.linear(x, wt)[:, None], toks[:, None])
+        want = _grads((wl * plp[:, 0] + wh * ph[:, 0]).sum(), (x, wt))
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
+    assert kept[0] in [buf.data_ptr() for buf in LOGIT_BUFFERS._free[torch.float32]]
+
+
+def test_head_fused_without_grad_and_under_inference_mode_returns_the_buffer():
+    """No input needs a gradient: the buffer goes back at once; one first taken under inference mode is a normal
+    tensor that a later training call can write (an inference tensor could not be written outside the mode)."""
+    from rlhfkit.core.logprobs import LOGIT_BUFFERS, head_logprobs_and_entropy
+
+    LOGIT_BUFFERS.clear()
+    hidden, weight, _, tokens, w_lp, _ = _head_case(torch.float32, False)
+    with torch.inference_mode():
+        first, _ = head_logprobs_and_entropy(hidden.detach(), weight.detach(), None, tokens)
+    (buf,) = LOGIT_BUFFERS._free[torch.float32]
+    assert not buf.is_inference()
+    lp, _ = head_logprobs_and_entropy(hidden, weight, None, tokens)
+    (w_lp * lp).sum().backward()
+    with torch.no_grad():
+        again, _ = head_logprobs_and_entropy(hidden, weight, None, tokens)
+    assert torch.equal(first, lp) and torch.equal(again, lp)
+    assert len(LOGIT_BUFFERS._free[torch.float32]) == 1
+
+
+def test_logit_buffers_fit_grow_and_stay_within_their_budget():
+    from rlhfkit.core.logprobs import _LogitBuffers
+
+    pool = _LogitBuffers(max_bytes=4 * 1000)
+    cpu = torch.device("cpu")
+    small = pool.take(10, 10, torch.float32, cpu)
+    assert small.numel() == 100
+    pool.give(small)
+    assert pool.take(5, 10, torch.float32, cpu) is small  # a kept buffer that is large enough
+    pool.give(small)
+    big = pool.take(20, 10, torch.float32, cpu)  # too small: dropped, a larger one with headroom
+    assert big.numel() == 200 and not pool._free[torch.float32]
+    grown = pool.take(11, 11, torch.float32, cpu)
+    assert grown.numel() == 121
+    pool.give(big)
+    pool.give(grown)
+    pool.give(torch.empty(900))  # 4 * (900 + 200 + 121) bytes > 4000: the smallest go first
+    assert [b.numel() for b in pool._free[torch.float32]] == [900]
+
+
+def test_head_fused_bad_inputs():
+    from rlhfkit.core.logprobs import head_logprobs_and_entropy
+
+    hidden, weight, _, tokens, _, _ = _head_case(torch.float32, False)
+    with pytest.raises(ValueError, match="do not match"):
+        head_logprobs_and_entropy(hidden, weight[:, :3], None, tokens)
+    with pytest.raises(ValueError, match="do not match"):
+        head_logprobs_and_entropy(hidden, weight, None, tokens[:3])
+    with pytest.raises(ValueError, match="dtype"):
+        head_logprobs_and_entropy(hidden.bfloat16(), weight.bfloat16(), None, tokens)
+    with pytest.raises(ValueError, match="dtype"):
+        head_logprobs_and_entropy(hidden, weight.double(), None, tokens)
+    with pytest.raises(ValueError, match="temperature"):
+        head_logprobs_and_entropy(hidden, weight, None, tokens, 0.0)

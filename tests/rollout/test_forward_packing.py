@@ -220,3 +220,59 @@ def test_packed_gradients_in_float32_within_rounding():
     assert plain.keys() == packed.keys()
     for name in plain:
         assert_close_f32(packed[name], plain[name], terms[name], gradient_factor(2), name)
+
+
+# ------------------------------------------------------------------------------------------- fused LM head
+@pytest.mark.parametrize("path", ["padded", "packed", "trunk", "packed-trunk"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_fused_lm_head_equals_the_head_then_logprobs_bit_for_bit(path, dtype, monkeypatch):
+    """policy_forward applies a plain nn.Linear head through `core.logprobs.head_logprobs_and_entropy` (by
+    default; ``fused_head=False``: the head's call then `logprobs_and_entropy`): the same log-probs, entropies and
+    parameter gradients, bit for bit, on every path (the same products and block passes on the same data)."""
+    import rlhfkit.rollout.forward as fw
+
+    calls = []
+    fused_fn = fw.head_logprobs_and_entropy
+    monkeypatch.setattr(fw, "head_logprobs_and_entropy", lambda *a, **k: calls.append(1) or fused_fn(*a, **k))
+    model = deeper_llama().to(getattr(torch, dtype)).train()
+    b = batch(SHARED)
+    mask = b[3]
+    w_lp, w_h = _weights(mask.shape, 0).to(model.dtype), _weights(mask.shape, 1).to(model.dtype)
+    trunk = trunk_forward(model, *b, layers=2).hidden.detach() if "trunk" in path else None
+    results = []
+    for fused in (False, True):
+        kw = dict(temperature=TEMPERATURE, with_entropy=True, packing="packed" in path, fused_head=fused)
+        if trunk is not None:
+            from rlhfkit.models.trunk import Trunk
+            kw["trunk"] = Trunk(trunk, 2)
+        out = policy_forward(model, *b, **kw)
+        grads = _grads(model, (w_lp * out.logprobs + w_h * out.entropy).sum())
+        results.append((out, grads))
+    (plain, g_plain), (fused, g_fused) = results
+    assert len(calls) == 1  # the fused run only
+    assert torch.equal(fused.logprobs, plain.logprobs) and torch.equal(fused.entropy, plain.entropy)
+    assert fused.logits is None and g_fused.keys() == g_plain.keys() and "lm_head.weight" in g_plain
+    for name in g_plain:
+        assert torch.equal(g_fused[name], g_plain[name]), name
+    assert plain.logprobs[mask].abs().min() > 0
+
+
+def test_heads_that_are_not_fused():
+    """The fused head needs exactly an nn.Linear without hooks, plain float32/float64 weights of the hidden
+    states' dtype, and no autocast: a LoRA head, a hooked head, bf16 hidden states and autocast take the head's
+    own call (and `with_logits` needs the logits, so it never fuses)."""
+    from rlhfkit.rollout.forward import fusable_head
+
+    model = tiny_llama(torch.float32)
+    hidden = torch.zeros(2, 32)
+    assert fusable_head(model.lm_head, hidden) == (model.lm_head.weight, None)
+    assert fusable_head(model.lm_head, hidden.double()) is None  # another dtype than the weight's
+    assert fusable_head(model.lm_head, hidden.bfloat16()) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fusable_head(model.lm_head, hidden) is None
+    handle = model.lm_head.register_forward_pre_hook(lambda module, args: None)
+    assert fusable_head(model.lm_head, hidden) is None
+    handle.remove()
+    lora = get_peft_model(tiny_llama(torch.float32), LoraConfig(r=2, target_modules=["lm_head"]))
+    assert fusable_head(lora.get_base_model().get_output_embeddings(), hidden) is None
+    assert fusable_head(torch.nn.Embedding(4, 32), hidden) is None

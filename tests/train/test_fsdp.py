@@ -141,10 +141,14 @@ def test_a_lora_ppo_step_under_fsdp_equals_the_data_parallel_step(tmp_path):
                       load_file(str(tmp_path / "dp" / f"{name}.safetensors")))
     dp, fsdp = (json.loads((tmp_path / m / "stats.json").read_text()) for m in ("dp", "fsdp"))
     assert dp["update"]["loss/value"] > 0 and dp["update"]["policy/grad_norm"] > 0
-    for key, name in (("policy/grad_norm", "policy"), ("val/grad_norm", "critic")):  # summed shard by shard
-        n = sum(v.numel() for v in load_file(str(tmp_path / "dp" / f"{name}.safetensors")).values())
-        got, want = fsdp["update"].pop(key), dp["update"].pop(key)
-        assert_within(got, want, _norm_tolerance(n, want), key)
+    # the gradient norms, summed shard by shard, in the update's history and in the iteration's stats (their mean
+    # over the minibatches): to rounding; every other number bit for bit (on an AMD EPYC Zen 3 the two norms
+    # differed in the last bit)
+    for section in ("update", "rollout"):
+        for key, name in (("policy/grad_norm", "policy"), ("val/grad_norm", "critic")):
+            n = sum(v.numel() for v in load_file(str(tmp_path / "dp" / f"{name}.safetensors")).values())
+            got, want = fsdp[section].pop(key), dp[section].pop(key)
+            assert_within(got, want, _norm_tolerance(n, want), f"{section} {key}")
     assert fsdp == dp
     assert all("lora_" in k for k in load_file(str(tmp_path / "dp" / "policy.safetensors")))
 

@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from rlhfkit.core.logprobs import logprobs_and_entropy, upcast
+from rlhfkit.core.logprobs import head_logprobs_and_entropy, logprobs_and_entropy, upcast
 from rlhfkit.core.masks import position_ids_from_mask
 from rlhfkit.models.loading import forward_hidden
 from rlhfkit.models.packing import packed_hidden, varlen_layout, varlen_problem
@@ -200,22 +200,23 @@ def _head_path(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     return decoder, head
 
 
-def _response_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, T: int,
-                     trunk: Trunk | None = None) -> torch.Tensor:
-    """Next-token logits (B, T, V) at the response-predicting positions, nothing else through the LM head; with
-    a ``trunk`` only the decoder's blocks above it run."""
+def _response_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, T: int,
+                     trunk: Trunk | None = None) -> tuple[torch.Tensor, nn.Module | None]:
+    """``(hidden (B, T, H), lm_head)`` at the response-predicting positions when the LM head can be applied by
+    hand (`_head_path`; with a ``trunk`` only the decoder's blocks above it run), else ``(logits (B, T, V), None)``
+    from the model's own head, at exactly those positions."""
     P = input_ids.shape[1] - T
     positions = response_positions(P, T)
     if trunk is not None:
         _check_trunk(trunk, input_ids)
         decoder = _split_decoder(model)
         hidden = run_blocks(decoder, attention_mask, trunk.layers, hidden=trunk.hidden)
-        return model.get_output_embeddings()(hidden[:, positions])
+        return hidden[:, positions], model.get_output_embeddings()
     path = _head_path(model)
     if path is not None:
         decoder, head = path
         hidden = forward_hidden(decoder, input_ids, attention_mask)
-        return head(hidden[:, positions])
+        return hidden[:, positions], head
     # Fallback (models with a logit transform, DDP-wrapped models, models without a findable decoder/head): the
     # model applies its own head (and transform) at exactly these positions through ``logits_to_keep``.
     keep = torch.arange(positions.start, positions.stop, device=input_ids.device)
@@ -226,7 +227,30 @@ def _response_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: 
         use_cache=False,
         logits_to_keep=keep,
     )
-    return out.logits
+    return out.logits, None
+
+
+def fusable_head(head: nn.Module | None, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """``(weight, bias)`` of an LM head that `core.logprobs.head_logprobs_and_entropy` can apply to ``hidden``
+    in place of calling it, else None: exactly a ``torch.nn.Linear`` (not a LoRA layer, not FSDP2's
+    ``FSDPLinear``, whose all-gather runs in its hooks), without hooks, plain float32/float64 weights of
+    ``hidden``'s dtype, and no autocast on ``hidden``'s device (under autocast the head computes in another
+    dtype)."""
+    from torch.nn.modules import module as module_hooks
+
+    if type(head) is not nn.Linear or head._forward_hooks or head._forward_pre_hooks:
+        return None
+    if module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks:
+        return None
+    weight, bias = head.weight, head.bias
+    tensors = (weight,) if bias is None else (weight, bias)
+    if any(type(t) is not nn.Parameter and type(t) is not torch.Tensor for t in tensors):  # e.g. a DTensor
+        return None
+    if hidden.dtype not in (torch.float32, torch.float64) or any(t.dtype != hidden.dtype for t in tensors):
+        return None
+    if torch.is_autocast_enabled(hidden.device.type):
+        return None
+    return weight, bias
 
 
 def _packing_decoder(model: nn.Module, trunk: Trunk | None) -> tuple[nn.Module | None, str | None]:
@@ -253,11 +277,13 @@ def packing_problem(model: nn.Module, trunk: Trunk | None = None) -> str | None:
     return _packing_decoder(model, trunk)[1]
 
 
-def _packed_response_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                            response_mask: torch.Tensor, trunk: Trunk | None = None) -> torch.Tensor | None:
-    """Next-token logits (N, V) of the N real response tokens only (row-major order of ``response_mask`` (B, T)),
-    from ONE padding-free packed forward of the batch (`models.packing.varlen_layout`; rows that share their prompt
-    run it once); None when :func:`packing_problem` says no or the batch has no response token."""
+def _packed_response_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                            response_mask: torch.Tensor, trunk: Trunk | None = None
+                            ) -> tuple[torch.Tensor, nn.Module] | None:
+    """``(hidden (N, H), lm_head)`` of the N real response tokens' predicting positions only (row-major order of
+    ``response_mask`` (B, T)), from ONE padding-free packed forward of the batch (`models.packing.varlen_layout`;
+    rows that share their prompt run it once); None when :func:`packing_problem` says no or the batch has no
+    response token."""
     mask = response_mask.bool()
     decoder, _ = _packing_decoder(model, trunk)
     if decoder is None or not bool(mask.any()):
@@ -270,7 +296,25 @@ def _packed_response_logits(model: nn.Module, input_ids: torch.Tensor, attention
     sequence_response = torch.cat([torch.zeros_like(attention_mask[:, :P]), mask], dim=1)
     layout = varlen_layout(input_ids, attention_mask, sequence_response, share_prompts=True)
     hidden = packed_hidden(decoder, layout, trunk)  # (1, sum of real tokens, H)
-    return head(hidden[0, layout.gather_index[:, response_positions(P, T)][mask]])
+    return hidden[0, layout.gather_index[:, response_positions(P, T)][mask]], head
+
+
+def _head_logprobs(hidden: torch.Tensor, params: tuple[torch.Tensor, torch.Tensor | None] | None,
+                   logits: torch.Tensor | None, tokens: torch.Tensor, temperature: float, with_entropy: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs and entropy of ``tokens`` (...,): from the hidden states (..., H) and the weight and bias of a
+    `fusable_head` (``params``) by `core.logprobs.head_logprobs_and_entropy` (the same bits as the head then
+    `core.logprobs.logprobs_and_entropy`, one vocabulary-sized buffer instead of two), else from the
+    ``logits`` (..., V) by `core.logprobs.logprobs_and_entropy`, on (N, 1, V) rows (the fused call's blocks;
+    the block size changes no bit)."""
+    lead = tokens.shape
+    if params is not None:
+        logprobs, entropy = head_logprobs_and_entropy(hidden.reshape(-1, hidden.shape[-1]), *params,
+                                                      tokens.reshape(-1), temperature, with_entropy=with_entropy)
+    else:
+        logprobs, entropy = logprobs_and_entropy(logits.reshape(-1, 1, logits.shape[-1]), tokens.reshape(-1, 1),
+                                                 temperature, with_entropy=with_entropy)
+    return logprobs.reshape(lead), entropy.reshape(lead) if entropy is not None else None
 
 
 def _scatter(mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -292,6 +336,7 @@ def policy_forward(
     autocast_dtype: torch.dtype | None = None,
     trunk: Trunk | None = None,
     packing: bool = False,
+    fused_head: bool = True,
 ) -> PolicyForward:
     """Log-probs (and optionally entropy, logits) of the response tokens under a causal LM.
 
@@ -305,26 +350,30 @@ def policy_forward(
     same model's frozen lower blocks on the same batch. ``packing``: run the batch as one padding-free packed
     sequence of its real tokens (`models.packing.varlen_layout`, the prompt of rows that share it once) and apply
     the LM head to the real response tokens only; the same numbers up to float rounding (the padded path where
-    :func:`packing_problem` says no).
+    :func:`packing_problem` says no). ``fused_head`` (default): where the LM head is a `fusable_head` and the
+    logits are not asked for, `core.logprobs.head_logprobs_and_entropy` applies it (the same bits; one
+    vocabulary-sized buffer, reused between calls on the CPU, instead of the logits and their gradient);
+    False: the head's own call, then `core.logprobs.logprobs_and_entropy`.
     Shapes: query (B, P) left-padded, response (B, T) right-padded -> :class:`PolicyForward` of (B, T) tensors.
     """
     input_ids, attention_mask = _sequence(query_ids, query_mask, response_ids, response_mask)
     T = response_ids.shape[1]
     mask = response_mask.bool()
     with _autocast(input_ids.device, autocast_dtype):
-        packed = _packed_response_logits(model, input_ids, attention_mask, mask, trunk) if packing else None
-        logits = _response_logits(model, input_ids, attention_mask, T, trunk) if packed is None else None
+        packed = _packed_response_hidden(model, input_ids, attention_mask, mask, trunk) if packing else None
+        hidden, head = packed if packed is not None else _response_hidden(model, input_ids, attention_mask, T,
+                                                                          trunk)
+        params = fusable_head(head, hidden) if fused_head and head is not None and not with_logits else None
+        logits = None if params is not None else head(hidden) if head is not None else hidden
+    # one pass for both (`core.logprobs`); the log-probs are the same bits with or without the entropy, so the
+    # rollout-time and update-time passes agree exactly
+    tokens = response_ids[mask] if packed is not None else response_ids
+    logprobs, entropy = _head_logprobs(hidden, params, logits, tokens, temperature, with_entropy)
     if packed is not None:
-        # (N, 1, V) rows, in the padded path's blocks of tokens (the same bits whatever the blocks)
-        logprobs, entropy = logprobs_and_entropy(packed[:, None], response_ids[mask][:, None], temperature,
-                                                 with_entropy=with_entropy)
-        return PolicyForward(logprobs=_scatter(mask, logprobs[:, 0]),
-                             entropy=_scatter(mask, entropy[:, 0]) if entropy is not None else None,
-                             logits=_scatter(mask, packed) if with_logits else None)
-    zero = torch.zeros((), dtype=upcast(logits).dtype, device=logits.device)
-    # one pass for both (`core.logprobs.logprobs_and_entropy`); the log-probs are the same bits with or without
-    # the entropy, so the rollout-time and update-time passes agree exactly
-    logprobs, entropy = logprobs_and_entropy(logits, response_ids, temperature, with_entropy=with_entropy)
+        return PolicyForward(logprobs=_scatter(mask, logprobs),
+                             entropy=_scatter(mask, entropy) if entropy is not None else None,
+                             logits=_scatter(mask, logits) if with_logits else None)
+    zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
     logprobs = torch.where(mask, logprobs, zero)
     if entropy is not None:
         entropy = torch.where(mask, entropy, zero)
