@@ -688,7 +688,8 @@ def test_captured_hidden_states_equal_one_forward_over_prompt_response_and_end(m
     """`HiddenCapture(layers=1, end_id=2)`: for every row, the states after block 1 of `[prompt; response; end
     unless stopped]` equal one plain forward over that row alone (float64, RMSNorm without its float32 cast: to
     1e-12); the rollout itself is the one sampled without capturing. Prompts share a 12-token head (the prefix
-    prefill with share_prefix) and repeat (one prefill per distinct prompt); rows stop at different steps."""
+    prefill with share_prefix) and repeat (one prefill per distinct prompt); rows stop at different steps and
+    leave the forward batch (one step after they stop: their stop token is fed first)."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
     from tolerances import float64_rms_norm
 
@@ -701,9 +702,16 @@ def test_captured_hidden_states_equal_one_forward_over_prompt_response_and_end(m
     ids, mask = left_padded([head + t for t in [[11], [12, 13, 14], [6, 6], [11], [8, 9, 10, 11, 12]]])
     config = GenerationConfig(max_new_tokens=4, temperature=1.0, stop_token_ids=(3,), pad_token_id=PAD)
     capture = HiddenCapture(layers=1, end_id=2)
-    r, _, state = _prefill_batches(model, ids, mask, config, share_prefix=share_prefix, capture=capture)
-    plain, _, plain_state = _prefill_batches(model, ids, mask, config, share_prefix=share_prefix)
+    r, seen, state = _prefill_batches(model, ids, mask, config, share_prefix=share_prefix, capture=capture)
+    plain, plain_seen, plain_state = _prefill_batches(model, ids, mask, config, share_prefix=share_prefix)
     assert_same_rollouts(r, plain, state, plain_state)
+    # finished rows left the forward batch while capturing too, never before the sampler without capture let
+    # them go (one step later: their last token fed first); the last forward feeds [last, end] to those left
+    decode = [n for n, t in seen if t == 1]
+    plain_decode = [n for n, t in plain_seen if t == 1]
+    assert min(decode) < 5 and len(decode) == len(plain_decode)
+    assert all(n >= m for n, m in zip(decode, plain_decode))
+    assert seen[-1] == (decode[-1], 2)
     assert capture.hidden.shape == (5, ids.shape[1] + r.response_ids.shape[1] + 1, 32)
     assert not capture.hidden.requires_grad and not capture.hidden.is_inference()
     assert 0 < int(r.stopped.sum()) < 5  # rows that stopped and rows that ran to max_new_tokens

@@ -34,7 +34,8 @@ the model's first ``layers`` blocks at every token it fed (the prompts, every re
 one more forward of each row's last token and an end token after it, so that the states of ``[prompt; response;
 end]`` are all there (:class:`HiddenCapture`). A reward model whose lowest blocks are those blocks (the SFT model's,
 frozen) can then skip them (`models.trunk.TrunkCache`). The decode states differ from one forward over the whole
-row by float rounding only. Capturing keeps finished rows in the batch (their last token must still be fed).
+row by float rounding only. While capturing, a finished row leaves the forward batch one step later than it
+would otherwise (its last token must still be fed: the step after the one that drew it).
 
 ``rollout_logprobs`` are ``log_softmax(logits / temperature)`` of the sampled token over the *full* tempered
 distribution, before top-k/top-p filtering: every later forward pass (old, current and reference policy)
@@ -618,8 +619,8 @@ def sample(
             rounding); False runs every prompt whole.
         capture: fill ``capture.hidden`` with the states after the decoder's first ``capture.layers`` blocks
             (:class:`HiddenCapture`; module docstring). The same computation as the call without it: finished
-            rows then stay in the forward batch, whose other shapes round differently (in float32 that can
-            change a draw where two tokens are nearly tied; in float64 the tests see the same tokens).
+            rows then leave the forward batch one step later, whose other shapes round differently (in float32
+            that can change a draw where two tokens are nearly tied; in float64 the tests see the same tokens).
         grouped_attention: a model running SDPA attends its one-token decode steps on the CPU by two batched
             products per layer (:mod:`rlhfkit.models.decode_attention`; the same attention to float rounding,
             faster than the fused kernel at that shape); False keeps the model's SDPA throughout.
@@ -684,7 +685,7 @@ def sample(
                                 use_cache=True, logits_to_keep=1, **cache_kwargs)
                     logits = out.logits[:, -1, :].float()  # (rows,V), float32 whatever the model's dtype
                     if captured is not None:  # the state of the token fed: response token step - 1
-                        states[:, width + step - 1] = captured.pop()[:, -1]
+                        states[rows, width + step - 1] = captured.pop()[:, -1]
                 # one uniform for every row of the batch, as if no row had left it; the log-probs over the full
                 # tempered distribution, before top-k/top-p (see the module docstring)
                 drawn, drawn_logprobs = draw_tokens(logits, config, temperature, generator, rows, batch)
@@ -692,6 +693,7 @@ def sample(
                 new_logprobs = torch.zeros(batch, dtype=torch.float32, device=device).index_copy_(
                     0, rows, drawn_logprobs)
 
+                fed_last = finished.clone()  # rows whose last token this step's forward fed (or earlier)
                 alive[:, step] = ~finished
                 tokens[:, step] = torch.where(finished, torch.full_like(new, pad_id), new)
                 logprobs[:, step] = torch.where(finished, torch.zeros_like(new_logprobs), new_logprobs)
@@ -708,8 +710,9 @@ def sample(
                 if bool(finished.all()):
                     break
 
-                done = finished[rows]
-                if capture is None and _should_compact(int(done.sum()), rows.shape[0], max_new - steps):
+                # capturing: a finished row leaves once its last token has been fed (its state captured)
+                done = finished[rows] if capture is None else fed_last[rows]
+                if _should_compact(int(done.sum()), rows.shape[0], max_new - steps):
                     keep = (~done).nonzero().flatten()
                     cache.batch_select_indices(keep)
                     rows, attention_mask, next_position = rows[keep], attention_mask[keep], next_position[keep]
@@ -717,16 +720,16 @@ def sample(
                 attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=-1)
                 position_ids = next_position + step
             if captured is not None:  # every row's last token (never fed yet) and the end token after it
-                last = tokens[:, steps - 1:steps]
+                last = tokens[rows, steps - 1:steps]
                 input_ids = torch.cat([last, torch.full_like(last, capture.end_id)], dim=-1)
                 fed = attention_mask[:, :cached + steps - 1]  # the prompts and response tokens 0 .. steps - 2
                 attention_mask = torch.cat([fed, torch.ones_like(input_ids)], dim=-1)
                 position_ids = next_position + steps - 1 + torch.arange(2, device=device)
                 model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
                       logits_to_keep=1, **cache_kwargs)
-                final = captured.pop()  # (B, 2, H)
-                states[:, width + steps - 1] = final[:, 0]
-                states[:, width + steps] = final[:, 1]
+                final = captured.pop()  # (rows, 2, H)
+                states[rows, width + steps - 1] = final[:, 0]
+                states[rows, width + steps] = final[:, 1]
     finally:
         model.train(was_training)
         if hook is not None:

@@ -228,9 +228,10 @@ class PPOConfig:
     reuse_rollout_states: bool = field(default=True, metadata=_help(
         "with --reuse_frozen_trunk: the built-in sampler (not under --fsdp) keeps the states after the policy's "
         "lowest frozen blocks of every token it feeds, and the rollout's trunk starts from them instead of running "
-        "those blocks again (the same numbers up to float rounding). Trade-off: finished rows then stay in the "
-        "sampler's batch to the end (rounding its draws' logits differently), so it applies only where those "
-        "blocks are at least half of the decoder's"))
+        "those blocks again (the same numbers up to float rounding). Trade-off: a finished row then stays in the "
+        "sampler's batch one step longer (its last token is fed; other shapes round its draws' logits "
+        "differently) and the rows still there at the end run one more two-token forward, so it applies only "
+        "where those blocks are at least half of the decoder's"))
     packing: str = field(default="auto", metadata=_help(
         "padding-free packing of the no-grad forwards and the update: each micro-batch runs as ONE sequence of its "
         "rows' real tokens (position ids restarting per row, attention within each row, the prompt of rows that "

@@ -402,8 +402,8 @@ class PPOTrainer:
     def _state_capture(self) -> HiddenCapture | None:
         """``reuse_rollout_states``: what the sampler keeps for this iteration's trunks (`ppo_trunk`), or None: no
         trunk starts from the policy's tokens, the policy is sharded, the sampler's decoder is not the one the
-        trunk runs (a wrapper), or the stage is under half the decoder's blocks (keeping the states keeps finished
-        rows in the sampler's batch, every block of them per remaining step; below half a forward per row the
+        trunk runs (a wrapper), or the stage is under half the decoder's blocks (capturing keeps each finished row
+        in the sampler's batch one step longer and adds a last two-token forward; below half a forward per row the
         saving may not pay for that)."""
         if not self.cfg.reuse_rollout_states or is_sharded(self.policy):
             return None
