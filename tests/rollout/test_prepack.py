@@ -190,6 +190,8 @@ def test_the_sampler_with_prepacked_weights_samples_what_it_samples_without(monk
     packed = sample(model, ids, mask, config, torch.Generator().manual_seed(5), prepack_weights=backend)
     plain = sample(model, ids, mask, config, torch.Generator().manual_seed(5), prepack_weights=False)
     assert len(packers) == 1 and packers[0].backend == backend
+    # oneDNN: each block's q/k/v and gate/up ran as one stacked product (2 groups per block, 2 blocks)
+    assert len({id(g) for g in packers[0].groups.values()}) == (4 if backend == "onednn" else 0)
     assert "forward" not in model.lm_head.__dict__
     assert 0 < int(packed.stopped.sum()) < len(prompts)  # rows left the batch: packed again for fewer rows
     assert packers[0].packs > len(packers[0].modules)
@@ -204,3 +206,79 @@ def test_the_sampler_with_prepacked_weights_samples_what_it_samples_without(monk
     m = plain.response_mask
     bound = logprob_tolerance(head_terms, plain.rollout_logprobs, 1.0, forward_factor(2))
     assert_within(packed.rollout_logprobs[m], plain.rollout_logprobs[m], bound[m], "rollout log-probs")
+
+
+class _Block(nn.Module):
+    """The sibling projections of a transformer block (`prepack.FUSED_SIBLINGS`) and one more linear."""
+
+    def __init__(self, bias: bool):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(48, 80, bias), nn.Linear(48, 16, bias), nn.Linear(48, 16, bias)
+        self.gate_proj, self.up_proj = nn.Linear(48, 64, bias), nn.Linear(48, 64, bias)
+        self.o_proj = nn.Linear(80, 48, bias)
+
+
+needs_onednn = pytest.mark.skipif("onednn" not in HERE, reason="this torch build has no oneDNN")
+
+
+@needs_onednn
+@pytest.mark.parametrize("bias", [True, False])
+def test_sibling_projections_run_as_one_stacked_product(bias, monkeypatch):
+    """oneDNN: q/k/v (and gate/up) called on the same input run ONE product by the stacked weights, packed once
+    per row count; each member's output is its slice, within float32 rounding of its own plain product; the
+    other linears stay single."""
+    torch.manual_seed(0)
+    block = _Block(bias)
+    products = []
+    real = prepack._packed_linear
+    monkeypatch.setattr(prepack, "_packed_linear", lambda *a: products.append(a[2].shape) or real(*a))
+    x = torch.randn(6, 1, 48)
+    with torch.inference_mode(), PrepackedLinears(block, backend="onednn") as packer:
+        assert len(packer.groups) == 5 and packer.units == 3
+        packer.prepare(rows=6, steps_left=10)
+        q, k, v = block.q_proj(x), block.k_proj(x), block.v_proj(x)
+        gate, up = block.gate_proj(x), block.up_proj(x)
+        assert len(products) == 2 and packer.packs == 2  # the two stacked products, each packed once
+        o = block.o_proj(q)
+        assert len(products) == 3 and packer.packs == 3
+        again = block.k_proj(x), block.q_proj(x)  # k first this time: it runs the product, q takes its slice
+        assert len(products) == 4 and packer.packs == 3
+    for name, got in (("q", q), ("k", k), ("v", v), ("gate", gate), ("up", up), ("o", o)):
+        linear = getattr(block, f"{name}_proj")
+        inp = q if name == "o" else x
+        assert got.shape == (6, 1, linear.out_features) and got.is_contiguous()
+        with torch.inference_mode():
+            assert_within(got, F.linear(inp, linear.weight, linear.bias), _linear_bound(inp, linear), name)
+    assert torch.equal(again[0], k) and torch.equal(again[1], q)
+
+
+@needs_onednn
+def test_a_sibling_called_with_another_or_a_changed_input_runs_its_own_product():
+    """A kept slice serves only the very same input tensor, unchanged: another tensor (even of the same shape)
+    or the same one changed in place gets a product of its own, never a stale slice."""
+    torch.manual_seed(1)
+    block = _Block(True)
+    x1, x2 = torch.randn(4, 48), torch.randn(4, 48)
+    with torch.no_grad(), PrepackedLinears(block, backend="onednn") as packer:
+        packer.prepare(rows=4, steps_left=10)
+        block.q_proj(x1)
+        k2 = block.k_proj(x2)  # another input: computed for x2
+        block.gate_proj(x1)
+        x1.add_(1.0)  # changed in place (a normal tensor's version counter moves)
+        up = block.up_proj(x1)
+    with torch.no_grad():
+        assert_within(k2, F.linear(x2, block.k_proj.weight, block.k_proj.bias), _linear_bound(x2, block.k_proj), "k")
+        assert_within(up, F.linear(x1, block.up_proj.weight, block.up_proj.bias), _linear_bound(x1, block.up_proj),
+                      "up")
+
+
+@per_backend
+def test_siblings_stay_single_with_mkl_or_when_told(backend):
+    block = _Block(False)
+    assert PrepackedLinears(block, backend=backend, fuse_siblings=False).groups == {}
+    assert bool(PrepackedLinears(block, backend=backend).groups) == (backend == "onednn")
+    # a parent without all of a group's members, or with members of different input widths, forms no group
+    partial = nn.Module()
+    partial.q_proj, partial.k_proj = nn.Linear(8, 8), nn.Linear(8, 4)
+    partial.gate_proj, partial.up_proj = nn.Linear(8, 8), nn.Linear(6, 8)
+    assert PrepackedLinears(partial, backend=backend).groups == {}

@@ -49,11 +49,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["BACKENDS", "MAX_PREPACK_ROWS", "MIN_PREPACK_STEPS", "PrepackedLinears", "available_backends",
+__all__ = ["BACKENDS", "FUSED_SIBLINGS", "MAX_PREPACK_ROWS", "MIN_PREPACK_STEPS", "PrepackedLinears", "available_backends",
            "default_backend", "prepack_available"]
 
 BACKENDS = ("onednn", "mkl")
 
+# sibling linears that a transformer block calls on the same input tensor (attention's q/k/v projections, a gated
+# MLP's gate and up projections): with oneDNN they run as ONE product by their weights stacked (`_Group`)
+FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 MAX_PREPACK_ROWS = 512  # above this many rows the per-call weight copy is a small part of the product
 MIN_PREPACK_STEPS = 4  # fewer decode steps left than this: packing (~one step's time) would not pay for itself
 
@@ -128,6 +131,36 @@ def prepack_available(model: nn.Module, autocast_dtype: torch.dtype | None = Non
     return autocast_dtype is None and bool(PrepackedLinears(model, backend=backend).modules)
 
 
+class _Group:
+    """Sibling linears (`FUSED_SIBLINGS`) packed as one stacked weight: the first member called with an input runs
+    the product for all of them and keeps the others' slices for their calls with that same tensor."""
+
+    def __init__(self, modules: list[nn.Linear]):
+        self.modules = modules
+        self.sizes = [m.out_features for m in modules]
+        self.x: torch.Tensor | None = None  # the input of the kept slices
+        self.version: int | None = None  # its version counter (None: an inference tensor has none)
+        self.outs: dict[int, torch.Tensor] = {}  # id(member) -> its slice of the stacked product
+
+    def clear(self) -> None:
+        self.x, self.version, self.outs = None, None, {}
+
+
+def _groups(model: nn.Module, eligible: list[nn.Linear]) -> dict[int, _Group]:
+    """id(member) -> its `_Group`, for every parent module whose `FUSED_SIBLINGS` are all eligible linears of one
+    input width with biases alike."""
+    ids = {id(m) for m in eligible}
+    groups: dict[int, _Group] = {}
+    for parent in model.modules():
+        for names in FUSED_SIBLINGS:
+            members = [parent._modules.get(name) for name in names]
+            if all(m is not None and id(m) in ids for m in members) and len({m.in_features for m in members}) == 1 \
+                    and len({m.bias is None for m in members}) == 1:
+                group = _Group(members)
+                groups.update((id(m), group) for m in members)
+    return groups
+
+
 class PrepackedLinears:
     """While entered, every eligible ``nn.Linear`` of ``model`` runs its product with a weight packed once per
     row count: :meth:`prepare` sets the row count M of the coming forwards (None: pack nothing); a call with
@@ -137,22 +170,33 @@ class PrepackedLinears:
     ``backend``: ``"onednn"`` or ``"mkl"`` (module docstring), None for :func:`default_backend`; a backend this
     torch build lacks packs nothing (``modules`` is then empty), an unknown name is a ValueError.
 
+    ``fuse_siblings`` (oneDNN only): the `FUSED_SIBLINGS` of a block (q/k/v, gate/up) run as ONE product by their
+    stacked weights, packed once: the first member called computes all of them, and each other member called
+    next with the very same input tensor (unchanged) gets its slice (contiguous) instead of a product of its own.
+    Each output element is the same dot product over the same inputs (measured bit-equal to the separate packed
+    products on a 2-core AMD EPYC Zen 3; the tests bound it against the plain product to float32 rounding); on
+    that CPU at 8 / 32 rows the stacked q/k/v product ran 1.43x / 1.15x and gate+up 1.13x / 1.06x the separate
+    packed ones. ``units`` counts what is packed per row count (a group once).
+
     The weights must not change while it is entered (a packed copy would go stale): the sampler enters it for
     one call, in ``torch.inference_mode``. ``packs`` counts the packings done (for tests and benchmarks).
     """
 
     def __init__(self, model: nn.Module, max_rows: int = MAX_PREPACK_ROWS, min_steps: int = MIN_PREPACK_STEPS,
-                 backend: str | None = None):
+                 backend: str | None = None, fuse_siblings: bool = True):
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"prepack backend must be one of {', '.join(BACKENDS)} (or None for the CPU's "
                              f"default), got {backend!r}")
         self.backend = default_backend() if backend is None else backend
         usable = self.backend is not None and self.backend in available_backends()
         self.modules = [m for m in model.modules() if _eligible(m)] if usable else []
+        self.groups = _groups(model, self.modules) if fuse_siblings and self.backend == "onednn" else {}
+        self.units = len(self.modules) - len(self.groups) + len({id(g) for g in self.groups.values()})
         self.max_rows, self.min_steps = max_rows, min_steps
         self.rows: int | None = None
         self.packs = 0
-        self._packed: dict[int, tuple[int, torch.Tensor]] = {}  # id(module) -> (rows, packed weight)
+        # id(module or group) -> (rows, packed weight, the group's stacked bias)
+        self._packed: dict[int, tuple[int, torch.Tensor, torch.Tensor | None]] = {}
 
     def prepare(self, rows: int, steps_left: int) -> None:
         """The next forwards have ``rows`` rows and ``steps_left`` decode steps (this one included) remain: pack
@@ -161,6 +205,8 @@ class PrepackedLinears:
         if target != self.rows:
             self.rows = target
             self._packed.clear()
+        for group in self.groups.values():
+            group.clear()
 
     def _forward(self, module: nn.Linear) -> Callable[[torch.Tensor], torch.Tensor]:
         key, backend = id(module), self.backend
@@ -172,14 +218,42 @@ class PrepackedLinears:
                     module.in_features or torch.is_autocast_enabled("cpu") or type(weight.data) is not torch.Tensor
                     or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
                 return F.linear(x, weight, bias)
+            group = self.groups.get(key)
+            if group is not None:
+                return self._group_call(group, module, x, rows)
             entry = self._packed.get(key)
             if entry is None or entry[0] != rows:
-                entry = (rows, _pack(backend, weight.detach(), rows))
+                entry = (rows, _pack(backend, weight.detach(), rows), None)
                 self._packed[key] = entry
                 self.packs += 1
             return _packed_linear(backend, x, entry[1], weight, bias, rows)
 
         return forward
+
+    def _group_call(self, group: _Group, module: nn.Linear, x: torch.Tensor, rows: int) -> torch.Tensor:
+        """``module(x)`` for a member of ``group``: its kept slice when the group's last product had this very
+        input (unchanged since), else the stacked product for every member (the others' slices kept)."""
+        version = None if x.is_inference() else x._version
+        if group.x is x and group.version == version and id(module) in group.outs:
+            out = group.outs.pop(id(module))
+            if not group.outs:
+                group.clear()
+            return out
+        weights = [m.weight for m in group.modules]
+        if any(type(w.data) is not torch.Tensor for w in weights):
+            return F.linear(x, module.weight, module.bias)
+        entry = self._packed.get(id(group))
+        if entry is None or entry[0] != rows:
+            stacked = torch.cat([w.detach() for w in weights])
+            bias = torch.cat([m.bias.detach() for m in group.modules]) if module.bias is not None else None
+            entry = (rows, _pack(self.backend, stacked, rows), bias)
+            self._packed[id(group)] = entry
+            self.packs += 1
+        parts = [p.contiguous() for p in
+                 _packed_linear(self.backend, x, entry[1], None, entry[2], rows).split(group.sizes, dim=-1)]
+        group.x, group.version = x, version
+        group.outs = {id(m): p for m, p in zip(group.modules, parts) if m is not module}
+        return parts[group.modules.index(module)]
 
     def __enter__(self) -> "PrepackedLinears":
         for module in self.modules:
@@ -190,4 +264,6 @@ class PrepackedLinears:
         for module in self.modules:
             module.__dict__.pop("forward", None)
         self._packed.clear()
+        for group in self.groups.values():
+            group.clear()
         self.rows = None
