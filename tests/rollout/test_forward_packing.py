@@ -276,3 +276,46 @@ def test_heads_that_are_not_fused():
     lora = get_peft_model(tiny_llama(torch.float32), LoraConfig(r=2, target_modules=["lm_head"]))
     assert fusable_head(lora.get_base_model().get_output_embeddings(), hidden) is None
     assert fusable_head(torch.nn.Embedding(4, 32), hidden) is None
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_shared_critic_reads_the_fused_heads_input_bit_for_bit(packing, monkeypatch):
+    """`policy_value_forward` takes the LM head's input from `policy_forward` (no hook), so a plain linear head is
+    fused there too: the same log-probs, values and gradients, bit for bit, as with the head's own call
+    (``fused_head=False``), padded and packed; a model that calls its own head (a logit transform) is still read
+    by the hook."""
+    import rlhfkit.rollout.forward as fw
+
+    calls = []
+    fused_fn = fw.head_logprobs_and_entropy
+    monkeypatch.setattr(fw, "head_logprobs_and_entropy", lambda *a, **k: calls.append(1) or fused_fn(*a, **k))
+    model = tiny_llama(torch.float32).train()
+    head = ValueHead.for_model(model)
+    with torch.no_grad():  # the head starts at zero
+        head.summary.weight.normal_(generator=torch.Generator().manual_seed(3))
+    b = batch(SHARED)
+    w = _weights(b[3].shape, 4).float()
+    results = []
+    for fused in (False, True):
+        out, values = policy_value_forward(model, head, *b, temperature=TEMPERATURE, with_entropy=True,
+                                           packing=packing, fused_head=fused)
+        model.zero_grad()
+        head.zero_grad()
+        ((w * values).sum() + (w * out.logprobs).sum() + out.entropy.sum()).backward()
+        results.append((out.logprobs, out.entropy, values, {n: p.grad.clone() for n, p in
+                                                             [*model.named_parameters(), *head.named_parameters()]}))
+    assert len(calls) == 1 and "forward" not in model.lm_head.__dict__ and not model.lm_head._forward_pre_hooks
+    (lp0, h0, v0, g0), (lp1, h1, v1, g1) = results
+    assert torch.equal(lp1, lp0) and torch.equal(h1, h0) and torch.equal(v1, v0) and v0[b[3]].abs().min() > 0
+    for name in g0:
+        assert torch.equal(g1[name], g0[name]), name
+    # the fallback path: Gemma2's final logit softcapping makes the model call its own head, read by the hook
+    torch.manual_seed(0)
+    gemma = Gemma2ForCausalLM(Gemma2Config(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                           final_logit_softcapping=30.0, pad_token_id=0)).eval()
+    gemma_head = ValueHead.for_model(gemma)
+    with torch.no_grad():
+        gemma_head.summary.weight.normal_(generator=torch.Generator().manual_seed(3))
+    out, values = policy_value_forward(gemma, gemma_head, *b, packing=packing)
+    assert values.shape == b[3].shape and values[b[3]].abs().min() > 0 and not gemma.lm_head._forward_pre_hooks

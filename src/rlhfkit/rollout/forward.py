@@ -337,6 +337,7 @@ def policy_forward(
     trunk: Trunk | None = None,
     packing: bool = False,
     fused_head: bool = True,
+    head_inputs: list[torch.Tensor] | None = None,
 ) -> PolicyForward:
     """Log-probs (and optionally entropy, logits) of the response tokens under a causal LM.
 
@@ -353,7 +354,9 @@ def policy_forward(
     :func:`packing_problem` says no). ``fused_head`` (default): where the LM head is a `fusable_head` and the
     logits are not asked for, `core.logprobs.head_logprobs_and_entropy` applies it (the same bits; one
     vocabulary-sized buffer, reused between calls on the CPU, instead of the logits and their gradient);
-    False: the head's own call, then `core.logprobs.logprobs_and_entropy`.
+    False: the head's own call, then `core.logprobs.logprobs_and_entropy`. ``head_inputs``: a list that gets the
+    hidden states the LM head is applied to ((B, T, H), or (N, H) packed), where the head is applied by hand
+    (`policy_value_forward` reads them; on the fallback path, the model's own head call, it stays empty).
     Shapes: query (B, P) left-padded, response (B, T) right-padded -> :class:`PolicyForward` of (B, T) tensors.
     """
     input_ids, attention_mask = _sequence(query_ids, query_mask, response_ids, response_mask)
@@ -363,6 +366,8 @@ def policy_forward(
         packed = _packed_response_hidden(model, input_ids, attention_mask, mask, trunk) if packing else None
         hidden, head = packed if packed is not None else _response_hidden(model, input_ids, attention_mask, T,
                                                                           trunk)
+        if head_inputs is not None and head is not None:
+            head_inputs.append(hidden)
         params = fusable_head(head, hidden) if fused_head and head is not None and not with_logits else None
         logits = None if params is not None else head(hidden) if head is not None else hidden
     # one pass for both (`core.logprobs`); the log-probs are the same bits with or without the entropy, so the
@@ -404,12 +409,16 @@ def policy_value_forward(
     """
     head = _unwrap(model).get_output_embeddings()
     captured: list[torch.Tensor] = []
-    handle = head.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    # where policy_forward applies the head by hand (a head path or a trunk) it hands over the head's input, and a
+    # plain linear head stays fusable (`fusable_head`: no hook); where the model calls its own head, a hook reads it
+    by_hand = trunk is not None or _head_path(model) is not None
+    handle = None if by_hand else head.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
     try:
         out = policy_forward(model, query_ids, query_mask, response_ids, response_mask, autocast_dtype=autocast_dtype,
-                             trunk=trunk, **kwargs)
+                             trunk=trunk, head_inputs=captured if by_hand else None, **kwargs)
     finally:
-        handle.remove()
+        if handle is not None:
+            handle.remove()
     B, T = response_ids.shape
     mask = response_mask.bool()
     n = int(mask.sum())
