@@ -201,10 +201,12 @@ def _head_path(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
 
 
 def _response_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, T: int,
-                     trunk: Trunk | None = None) -> tuple[torch.Tensor, nn.Module | None]:
+                     trunk: Trunk | None = None, head_inputs: list[torch.Tensor] | None = None
+                     ) -> tuple[torch.Tensor, nn.Module | None]:
     """``(hidden (B, T, H), lm_head)`` at the response-predicting positions when the LM head can be applied by
     hand (`_head_path`; with a ``trunk`` only the decoder's blocks above it run), else ``(logits (B, T, V), None)``
-    from the model's own head, at exactly those positions."""
+    from the model's own head, at exactly those positions (``head_inputs`` then gets that head's input, read by a
+    pre-hook for the call)."""
     P = input_ids.shape[1] - T
     positions = response_positions(P, T)
     if trunk is not None:
@@ -220,13 +222,19 @@ def _response_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: 
     # Fallback (models with a logit transform, DDP-wrapped models, models without a findable decoder/head): the
     # model applies its own head (and transform) at exactly these positions through ``logits_to_keep``.
     keep = torch.arange(positions.start, positions.stop, device=input_ids.device)
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask.long(),
-        position_ids=position_ids_from_mask(attention_mask),
-        use_cache=False,
-        logits_to_keep=keep,
-    )
+    handle = None if head_inputs is None else _unwrap(model).get_output_embeddings().register_forward_pre_hook(
+        lambda module, args: head_inputs.append(args[0]))
+    try:
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask.long(),
+            position_ids=position_ids_from_mask(attention_mask),
+            use_cache=False,
+            logits_to_keep=keep,
+        )
+    finally:
+        if handle is not None:
+            handle.remove()
     return out.logits, None
 
 
@@ -355,8 +363,9 @@ def policy_forward(
     logits are not asked for, `core.logprobs.head_logprobs_and_entropy` applies it (the same bits; one
     vocabulary-sized buffer, reused between calls on the CPU, instead of the logits and their gradient);
     False: the head's own call, then `core.logprobs.logprobs_and_entropy`. ``head_inputs``: a list that gets the
-    hidden states the LM head is applied to ((B, T, H), or (N, H) packed), where the head is applied by hand
-    (`policy_value_forward` reads them; on the fallback path, the model's own head call, it stays empty).
+    hidden states the LM head is applied to ((B, T, H), or (N, H) packed; `policy_value_forward` reads them): handed
+    over where the head is applied by hand (so it stays fusable), read by a pre-hook where the model calls its own
+    head.
     Shapes: query (B, P) left-padded, response (B, T) right-padded -> :class:`PolicyForward` of (B, T) tensors.
     """
     input_ids, attention_mask = _sequence(query_ids, query_mask, response_ids, response_mask)
@@ -365,7 +374,7 @@ def policy_forward(
     with _autocast(input_ids.device, autocast_dtype):
         packed = _packed_response_hidden(model, input_ids, attention_mask, mask, trunk) if packing else None
         hidden, head = packed if packed is not None else _response_hidden(model, input_ids, attention_mask, T,
-                                                                          trunk)
+                                                                          trunk, head_inputs)
         if head_inputs is not None and head is not None:
             head_inputs.append(hidden)
         params = fusable_head(head, hidden) if fused_head and head is not None and not with_logits else None
@@ -407,18 +416,9 @@ def policy_value_forward(
     Values are float32 (float64 for a float64 model), 0 on padding; gradients flow into the head and the trunk
     iff grad is enabled. ``kwargs`` go to `policy_forward` (temperature, with_entropy, with_logits, packing).
     """
-    head = _unwrap(model).get_output_embeddings()
-    captured: list[torch.Tensor] = []
-    # where policy_forward applies the head by hand (a head path or a trunk) it hands over the head's input, and a
-    # plain linear head stays fusable (`fusable_head`: no hook); where the model calls its own head, a hook reads it
-    by_hand = trunk is not None or _head_path(model) is not None
-    handle = None if by_hand else head.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
-    try:
-        out = policy_forward(model, query_ids, query_mask, response_ids, response_mask, autocast_dtype=autocast_dtype,
-                             trunk=trunk, head_inputs=captured if by_hand else None, **kwargs)
-    finally:
-        if handle is not None:
-            handle.remove()
+    captured: list[torch.Tensor] = []  # the LM head's input, whichever path policy_forward takes
+    out = policy_forward(model, query_ids, query_mask, response_ids, response_mask, autocast_dtype=autocast_dtype,
+                         trunk=trunk, head_inputs=captured, **kwargs)
     B, T = response_ids.shape
     mask = response_mask.bool()
     n = int(mask.sum())

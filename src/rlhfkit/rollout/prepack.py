@@ -205,8 +205,6 @@ class PrepackedLinears:
         if target != self.rows:
             self.rows = target
             self._packed.clear()
-        for group in self.groups.values():
-            group.clear()
 
     def _forward(self, module: nn.Linear) -> Callable[[torch.Tensor], torch.Tensor]:
         key, backend = id(module), self.backend
@@ -264,6 +262,6 @@ class PrepackedLinears:
         for module in self.modules:
             module.__dict__.pop("forward", None)
         self._packed.clear()
-        for group in self.groups.values():
+        for group in set(self.groups.values()):
             group.clear()
         self.rows = None

@@ -693,7 +693,8 @@ def sample(
                 new_logprobs = torch.zeros(batch, dtype=torch.float32, device=device).index_copy_(
                     0, rows, drawn_logprobs)
 
-                fed_last = finished.clone()  # rows whose last token this step's forward fed (or earlier)
+                # capturing: the rows whose last token this step's forward fed (or an earlier one)
+                fed_last = finished.clone() if capture is not None else None
                 alive[:, step] = ~finished
                 tokens[:, step] = torch.where(finished, torch.full_like(new, pad_id), new)
                 logprobs[:, step] = torch.where(finished, torch.zeros_like(new_logprobs), new_logprobs)
@@ -711,7 +712,7 @@ def sample(
                     break
 
                 # capturing: a finished row leaves once its last token has been fed (its state captured)
-                done = finished[rows] if capture is None else fed_last[rows]
+                done = (finished if fed_last is None else fed_last)[rows]
                 if _should_compact(int(done.sum()), rows.shape[0], max_new - steps):
                     keep = (~done).nonzero().flatten()
                     cache.batch_select_indices(keep)
