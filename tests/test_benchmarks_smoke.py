@@ -576,3 +576,48 @@ def test_quickstart_algorithms_table_tiny(tmp_path):
     assert out["runs"]["ppo"]["summary"]["rm_accuracy"] == out["runs"]["rloo"]["summary"]["rm_accuracy"]
     assert "reused_from" in out["runs"]["rloo"]["summary"] and "reused_from" not in out["runs"]["ppo"]["summary"]
     assert "| rloo" in out["table"] and len(list(tmp_path.glob("quickstart-algorithms-tiny-*.json"))) == 1
+
+
+def test_quickstart_recipes_parse_and_refuse():
+    import quickstart_recipes as R
+
+    assert R.parse_recipe("preset") == ("preset", {})
+    assert R.parse_recipe("lr:learning_rate=8e-5,adaptive_kl=true,kl_estimator=k3") == (
+        "lr", {"learning_rate": 8e-5, "adaptive_kl": True, "kl_estimator": "k3"})
+    for bad, words in [(":learning_rate=1", "no name"), ("x:learning_rate", "not field=value"),
+                       ("x:no_such_field=1", "no field 'no_such_field'"), ("x:seed=3", "fixed by the run"),
+                       ("x:output=/tmp", "fixed by the run")]:
+        with pytest.raises(SystemExit, match=words):
+            R.parse_recipe(bad)
+
+
+def test_quickstart_recipes_summary_hand_computed():
+    import quickstart_recipes as R
+
+    row = lambda name, win, kl, gold, t: {"recipe": name, "win_rate": win, "mean_kl": kl,  # noqa: E731
+                                          "gold_after_mean": gold, "time_rl_s": t}
+    rows = [row("b", 0.5, 4.0, 0.25, 10.0), row("a", 0.75, 6.0, 0.5, 20.0), row("b", 0.75, 8.0, 0.75, 30.0),
+            row("b", 1.0, 6.0, 0.5, 20.0)]
+    (b, a) = R.summarise(rows)  # first-seen order
+    assert b[:3] == ("b", 3, 0.75) and b[3] == pytest.approx(0.25, abs=1e-15)  # sd of (0.5, 0.75, 1.0)
+    assert b[4:6] == (0.5, 6.0) and b[6] == pytest.approx(2.0, abs=1e-15) and b[7] == 20.0
+    assert a == ("a", 1, 0.75, None, 0.5, 6.0, None, 20.0)
+
+
+@pytest.mark.slow
+@needs_shared
+def test_quickstart_recipes_tiny(tmp_path):
+    """Two recipes × two RL seeds on one tiny quickstart run: a row each, the seed (not the recipe's kl_coef, which
+    one iteration of the tiny preset barely feels) is what changes the trained policy, and the results file."""
+    pytest.importorskip("vaderSentiment")
+    import quickstart_recipes as R
+
+    out = R.main(["--scale", "tiny", "--seeds", "0", "1", "--recipe", "preset", "--recipe", "kl:kl_coef=0.1",
+                  "--out", str(tmp_path)])
+    assert [(r["recipe"], r["seed"]) for r in out["rows"]] == [("preset", 0), ("preset", 1), ("kl", 0), ("kl", 1)]
+    assert out["rows"][2]["over"] == {"kl_coef": 0.1}
+    for r in out["rows"]:
+        assert 0 <= r["win_rate"] <= 1 and r["time_rl_s"] > 0 and len(r["gold_by_iteration"]) == 1
+    assert out["rows"][0]["gold_by_iteration"] != out["rows"][1]["gold_by_iteration"]  # the RL seed decides
+    assert out["rows"][0]["gold_by_iteration"] == out["rows"][2]["gold_by_iteration"]  # same rollouts, seed 0
+    assert "| kl " in out["means_table"] and len(list(tmp_path.glob("quickstart-recipes-tiny-*.json"))) == 1
