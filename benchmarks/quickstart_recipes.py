@@ -159,9 +159,12 @@ def main(argv: list[str] | None = None) -> dict:
             m = C.run_measured([C.python(), "-m", "rlhfkit.cli", "quickstart", "--scale", a.scale, "--precision",
                                 "fp32", "--output", str(run_dir)], timeout=a.timeout)
             C.require_ok(m, "quickstart")
-        if not (run_dir / "eval/before.jsonl").is_file() or not (run_dir / "config.yaml").is_file():
-            raise SystemExit(f"--from_run {run_dir}: not a finished quickstart run folder (eval/before.jsonl, "
-                             f"config.yaml)")
+        from rlhfkit.quickstart.pipeline import FROM_RUN_FILES
+
+        missing = [rel for rel in (*FROM_RUN_FILES, "eval/before.jsonl") if not (run_dir / rel).exists()]
+        if missing:
+            raise SystemExit(f"--from_run {run_dir}: not a finished quickstart run folder ({', '.join(missing)} "
+                             f"missing)")
         run_summary = json.loads((run_dir / "summary.json").read_text())
         for name, over in recipes:
             recipe_config(run_dir, Path(work) / "check", over, a.seeds[0])  # PPOConfig's checks, before any run

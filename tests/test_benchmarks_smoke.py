@@ -621,3 +621,11 @@ def test_quickstart_recipes_tiny(tmp_path):
     assert out["rows"][0]["gold_by_iteration"] != out["rows"][1]["gold_by_iteration"]  # the RL seed decides
     assert out["rows"][0]["gold_by_iteration"] == out["rows"][2]["gold_by_iteration"]  # same rollouts, seed 0
     assert "| kl " in out["means_table"] and len(list(tmp_path.glob("quickstart-recipes-tiny-*.json"))) == 1
+
+
+def test_quickstart_recipes_refuses_an_unfinished_run(tmp_path):
+    import quickstart_recipes as R
+
+    (tmp_path / "config.yaml").write_text("scale: tiny\n")
+    with pytest.raises(SystemExit, match=r"not a finished quickstart run folder \(summary.json, .*eval/before"):
+        R.main(["--from_run", str(tmp_path), "--out", str(tmp_path / "res")])
