@@ -99,21 +99,18 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
     run_dir, out = Path(spec["run"]), Path(spec["out"])
     cfg, sft, ppo_cfg = recipe_config(run_dir, out, spec["over"], spec["seed"])
-    preset = P.PRESETS[cfg.scale]
     set_seed(spec["seed"])
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     t0 = time.perf_counter()
     ppo_trainer.run(ppo_cfg)
     t_rl = time.perf_counter() - t0
     device = P.default_device()
     autocast = torch.bfloat16 if ppo_cfg.bf16 else None
     tokenizer = ensure_pad_token(load_tokenizer(sft))
-    heldout = load_builtin_prompts()[1][:preset.heldout_prompts]
+    heldout = load_builtin_prompts()[1][:P.PRESETS[cfg.scale].heldout_prompts]
     policy0 = load_causal_lm(sft).eval().to(device)
     policy1 = load_causal_lm(str(out / "policy")).eval().to(device)
     proxy = RMReward(str(run_dir / "models/reward_model"), tokenizer, device=device)
-    after = P.evaluate_policy(policy1, tokenizer, heldout, proxy, preset.max_new_tokens, 1.0, cfg.seed + 2,
-                              reference=policy0, autocast_dtype=autocast)
+    after = P.evaluate_heldout(policy1, tokenizer, heldout, proxy, cfg, reference=policy0, autocast_dtype=autocast)
     metrics = read_jsonl(out / "metrics.jsonl")
     return {**eval_headline(read_jsonl(run_dir / "eval/before.jsonl"), after), "time_rl_s": round(t_rl, 1),
             "gold_by_iteration": [r.get("monitor/gold_reward") for r in metrics],
@@ -123,10 +120,12 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 def summarise(rows: list[dict[str, Any]]) -> list[tuple]:
     """Per recipe, in first-seen order: seeds, mean and sample sd (None for one seed) of the win rate and KL,
     mean gold after and RL-step time."""
+    def sd(xs: list[float]) -> float | None:
+        return statistics.stdev(xs) if len(xs) > 1 else None
+
     out = []
     for name in dict.fromkeys(r["recipe"] for r in rows):
         mine = [r for r in rows if r["recipe"] == name]
-        sd = (lambda xs: statistics.stdev(xs) if len(xs) > 1 else None)  # noqa: E731
         win, kl = [r["win_rate"] for r in mine], [r["mean_kl"] for r in mine]
         out.append((name, len(mine), statistics.fmean(win), sd(win),
                     statistics.fmean(r["gold_after_mean"] for r in mine), statistics.fmean(kl), sd(kl),
@@ -182,9 +181,8 @@ def main(argv: list[str] | None = None) -> dict:
                                               r["proxy_after_mean"], r["mean_kl"], r["time_rl_s"]) for r in rows])
     means_table = C.format_table(MEAN_HEADER, summarise(rows))
     payload = {"from_run": a.from_run, "commit": C.src_commit(None), "scale": run_summary.get("scale"),
-               "run_summary": run_summary,
-               "seeds": a.seeds, "machine": machine, "rows": rows, "runs_table": runs_table,
-               "means_table": means_table}
+               "run_summary": run_summary, "seeds": a.seeds, "machine": machine, "rows": rows,
+               "runs_table": runs_table, "means_table": means_table}
     path = C.write_results(f"quickstart-recipes-{payload['scale']}", payload, a.out)
     print(runs_table + "\n\n" + means_table)
     print(f"results: {path}")

@@ -620,6 +620,9 @@ def test_quickstart_recipes_tiny(tmp_path):
         assert 0 <= r["win_rate"] <= 1 and r["time_rl_s"] > 0 and len(r["gold_by_iteration"]) == 1
     assert out["rows"][0]["gold_by_iteration"] != out["rows"][1]["gold_by_iteration"]  # the RL seed decides
     assert out["rows"][0]["gold_by_iteration"] == out["rows"][2]["gold_by_iteration"]  # same rollouts, seed 0
+    # the preset at the run's own seed is the quickstart's own RL step and evaluation, number for number
+    for key in ("win_rate", "mean_kl", "gold_after_mean", "proxy_after_mean", "gold_before_mean"):
+        assert out["rows"][0][key] == out["run_summary"][key], key
     assert "| kl " in out["means_table"] and len(list(tmp_path.glob("quickstart-recipes-tiny-*.json"))) == 1
 
 

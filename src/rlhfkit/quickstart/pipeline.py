@@ -409,6 +409,14 @@ def evaluate_policy(policy, tokenizer, prompts: list[str], rm_reward, max_new_to
     return rows
 
 
+def evaluate_heldout(policy, tokenizer, prompts: list[str], rm_reward, cfg: QuickstartConfig, reference=None,
+                     desc: str = "evaluating", autocast_dtype: torch.dtype | None = None) -> list[dict]:
+    """Step 4's `evaluate_policy` call: the preset's response length, temperature 1 and the sampling seed
+    ``cfg.seed + 2``, the same for the SFT policy and every trained one, so that their rows pair up by prompt."""
+    return evaluate_policy(policy, tokenizer, prompts, rm_reward, PRESETS[cfg.scale].max_new_tokens, 1.0,
+                           cfg.seed + 2, reference=reference, desc=desc, autocast_dtype=autocast_dtype)
+
+
 def ppo_metrics_for_report(ppo_metrics: Path) -> list[dict]:
     """The PPO metrics rows with the keys the report reads (`iteration`, `gold/mean`, ...)."""
     out = []
@@ -524,10 +532,10 @@ def run(cfg: QuickstartConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     policy1 = load_causal_lm(str(ppo_dir / "policy")).eval().to(device)
     proxy = RMReward(str(rm_dir), tokenizer, device=device)
-    before = evaluate_policy(policy0, tokenizer, heldout_prompts, proxy, preset.max_new_tokens, 1.0, cfg.seed + 2,
-                             desc="4/5 evaluating SFT policy", autocast_dtype=autocast)
-    after = evaluate_policy(policy1, tokenizer, heldout_prompts, proxy, preset.max_new_tokens, 1.0, cfg.seed + 2,
-                            reference=policy0, desc="4/5 evaluating trained policy", autocast_dtype=autocast)
+    before = evaluate_heldout(policy0, tokenizer, heldout_prompts, proxy, cfg, desc="4/5 evaluating SFT policy",
+                              autocast_dtype=autocast)
+    after = evaluate_heldout(policy1, tokenizer, heldout_prompts, proxy, cfg, reference=policy0,
+                             desc="4/5 evaluating trained policy", autocast_dtype=autocast)
     for row in before:
         row["kl"] = 0.0
     write_jsonl(out / "eval/before.jsonl", before)
