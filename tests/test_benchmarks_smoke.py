@@ -632,3 +632,27 @@ def test_quickstart_recipes_refuses_an_unfinished_run(tmp_path):
     (tmp_path / "config.yaml").write_text("scale: tiny\n")
     with pytest.raises(SystemExit, match=r"not a finished quickstart run folder \(summary.json, .*eval/before"):
         R.main(["--from_run", str(tmp_path), "--out", str(tmp_path / "res")])
+
+
+def test_quickstart_recipes_config_is_the_runs_rl_step_with_the_recipe(tmp_path):
+    """A recipe replaces exactly its fields of the run's own RL-step config (and the seed); PPOConfig's own checks
+    refuse a bad value before any row runs."""
+    import dataclasses
+
+    import quickstart_recipes as R
+    from rlhfkit.errors import RlhfkitError
+    from rlhfkit.quickstart import pipeline as P
+
+    sft = tmp_path / "sft"
+    sft.mkdir()
+    (sft / "config.json").write_text("{}")
+    (tmp_path / "config.yaml").write_text(f"scale: tiny\nseed: 3\nmodel: {sft}\nprecision: fp32\n")
+    cfg, path, got = R.recipe_config(tmp_path, tmp_path / "out", {"learning_rate": 8e-5, "kl_coef": 0.5}, seed=7)
+    assert (cfg.scale, cfg.seed, path) == ("tiny", 3, str(sft))
+    want = P.rl_step_config(cfg, str(sft), str(tmp_path / "models/reward_model"),
+                            str(tmp_path / "data/ppo_prompts.jsonl"), str(tmp_path / "out"), False)
+    diff = {f.name for f in dataclasses.fields(got) if getattr(got, f.name) != getattr(want, f.name)}
+    assert diff == {"learning_rate", "kl_coef", "seed", "overwrite"}
+    assert (got.learning_rate, got.kl_coef, got.seed, got.overwrite) == (8e-5, 0.5, 7, True)
+    with pytest.raises(RlhfkitError, match="learning_rate"):
+        R.recipe_config(tmp_path, tmp_path / "out", {"learning_rate": -1.0}, seed=0)
