@@ -45,10 +45,14 @@ def _assert_same_weights(a: Path, b: Path) -> None:
         assert torch.equal(wa[k], wb[k]), k
 
 
-@pytest.mark.parametrize("lora,critic", [(0, "separate"), (4, "separate"), (0, "shared"), (4, "shared")])
+@pytest.mark.parametrize("lora,critic", [(0, "separate"), (4, "separate"), (0, "shared"), (4, "shared"),
+                                         (0, "warmup")])
 def test_resume_after_a_crash_reproduces_the_uninterrupted_run(tmp_path, monkeypatch, lora, critic):
-    # critic=shared: one optimizer (two param groups) and one schedule, the value head in the checkpoint
-    shared = dict(critic="shared", critic_init="auto") if critic == "shared" else {}
+    # critic=shared: one optimizer (two param groups) and one schedule, the value head in the checkpoint;
+    # warmup: a separate critic trained alone in iterations 1-4 (the checkpoint at 4 holds a policy optimizer
+    # without state and a policy schedule not yet started; iteration 5 is the policy's schedule warm-up, 6 trains)
+    shared = {"shared": dict(critic="shared", critic_init="auto"),
+              "warmup": dict(critic_warmup_iterations=4)}.get(critic, {})
     full = make_config(tmp_path, output=str(tmp_path / "full"), lora_r=lora, **shared, **STATEFUL)
     PPOTrainer(full).train()
 

@@ -194,6 +194,10 @@ class PPOConfig:
     lr_scheduler: str = field(default="constant", metadata=_help(
         "learning-rate schedule over the iterations", choices=list(LR_SCHEDULERS)))
     warmup_iterations: int = field(default=0, metadata=_help("linear warm-up iterations of the schedule"))
+    critic_warmup_iterations: int = field(default=0, metadata=_help(
+        "the first N iterations train only the critic (the policy is not updated and its learning-rate schedule, "
+        "warm-up included, starts after them), so that the first policy steps use advantages from a critic fitted "
+        "to this policy's returns; needs a separate critic (advantage_estimator gae, critic separate)"))
     max_grad_norm: Optional[float] = field(default=1.0, metadata=_help(
         "clip each model's gradient norm to this (--critic shared: the one norm over policy and value head; "
         "None = off)"))
@@ -346,6 +350,7 @@ class PPOConfig:
         check_range("weight_decay", self.weight_decay, lo=0)
         check_choice("lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
         check_range("warmup_iterations", self.warmup_iterations, lo=0)
+        check_critic_warmup(self)
         check_range("max_grad_norm", self.max_grad_norm, lo=0, lo_open=True, allow_none=True)
         check_range("target_kl", self.target_kl, lo=0, lo_open=True, allow_none=True)
         check_choice("old_logprobs", self.old_logprobs, OLD_LOGPROBS)
@@ -407,10 +412,25 @@ def check_estimator(cfg: PPOConfig) -> None:
                            "differ; use score_norm none or reference")
     if est in CRITIC_FREE_ESTIMATORS:
         for name, default in (("critic", "separate"), ("critic_init", "auto"), ("critic_freeze_layers", 0),
-                              ("critic_learning_rate", None)):
+                              ("critic_learning_rate", None), ("critic_warmup_iterations", 0)):
             if getattr(cfg, name) != default:
                 raise RlhfkitError(f"{name}={getattr(cfg, name)!r} needs advantage_estimator='gae': "
                                    f"advantage_estimator={est!r} uses no critic; leave {name} at its default")
+
+
+def check_critic_warmup(cfg: PPOConfig) -> None:
+    """``critic_warmup_iterations``: at least 0, fewer than the run's iterations (else the policy never trains),
+    and a separate critic (``critic=shared``: the value loss would also train the policy's trunk; a critic-free
+    estimator is refused by `check_estimator`)."""
+    n = cfg.critic_warmup_iterations
+    check_range("critic_warmup_iterations", n, lo=0)
+    if n and n >= cfg.num_iterations:
+        raise RlhfkitError(f"critic_warmup_iterations={n}: the run has {cfg.num_iterations} iterations, so the policy "
+                           f"would never be updated; give fewer warm-up iterations than iterations")
+    if n and cfg.critic == "shared":
+        raise RlhfkitError(f"critic_warmup_iterations={n} needs critic=separate: with critic=shared the value head "
+                           "sits on the policy's trunk and its loss trains that trunk, so the policy would not "
+                           "wait; use critic=separate or critic_warmup_iterations=0")
 
 
 def check_shared_critic(cfg: PPOConfig) -> None:

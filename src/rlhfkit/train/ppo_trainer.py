@@ -13,7 +13,8 @@ One iteration (`PPOTrainer.iteration`), as numbered steps (each a call into ``ro
    blocks once for all of them and the update (`ppo_trunk`); per-token rewards by `core.rewards.shape_rewards`;
 4. advantages (and returns) by ``advantage_estimator`` (`ppo_advantages.estimate_advantages`: GAE with the critic,
    or a critic-free estimator of `core.advantages`);
-5. update: ppo_epochs × minibatches × micro-batches (`ppo_update.ppo_update`), then the LR schedules step;
+5. update: ppo_epochs × minibatches × micro-batches (`ppo_update.ppo_update`), then the LR schedules step (in
+   the first ``critic_warmup_iterations`` the critic alone trains and only its schedule steps, `trains_policy`);
 6. statistics (namespaced metrics, see ``docs/``) to ``metrics.jsonl`` + TensorBoard, a sample table every
    ``sample_table_every`` iterations, and the KL controller update;
 7. a checkpoint every ``save_every`` iterations and after the last one (none with ``save_every=0``; weights,
@@ -324,8 +325,10 @@ class PPOTrainer:
         else:
             self.policy_optimizer = build_optimizer([policy_group], cfg.weight_decay)
             self.critic_optimizer = build_optimizer([critic_group], cfg.weight_decay)
-            self.critic_scheduler = self._scheduler(self.critic_optimizer)
-        self.policy_scheduler = self._scheduler(self.policy_optimizer)
+            self.critic_scheduler = self._scheduler(self.critic_optimizer, self.num_iterations)
+        # the policy's schedule (warm-up included) runs over the iterations after the critic warm-up
+        self.policy_scheduler = self._scheduler(self.policy_optimizer,
+                                                self.num_iterations - cfg.critic_warmup_iterations)
 
     def _init_run_state(self) -> None:
         """The state a checkpoint restores besides weights and optimizers: the KL controller, the running score
@@ -373,8 +376,13 @@ class PPOTrainer:
                           max_num_seqs=self.local_batch_size, seed=cfg.seed,
                           dtype="bfloat16" if cfg.bf16 else "float32", device=self.device, tokenizer=self.tokenizer)
 
-    def _scheduler(self, optimizer: torch.optim.Optimizer) -> Any:
-        return build_scheduler(self.cfg.lr_scheduler, optimizer, self.cfg.warmup_iterations, self.num_iterations)
+    def _scheduler(self, optimizer: torch.optim.Optimizer, iterations: int) -> Any:
+        return build_scheduler(self.cfg.lr_scheduler, optimizer, self.cfg.warmup_iterations, iterations)
+
+    def trains_policy(self, step: int) -> bool:
+        """Whether iteration ``step`` (1-based) updates the policy: not in the first ``critic_warmup_iterations``,
+        which train the critic alone."""
+        return step > self.cfg.critic_warmup_iterations
 
     # -- step 1: rollout -------------------------------------------------------------------------------
     def rollout(self) -> tuple[Rollout, list[int]]:
@@ -584,15 +592,17 @@ class PPOTrainer:
                           kl_coef, b.time_trunks + time.perf_counter() - start)
 
     # -- step 5 ----------------------------------------------------------------------------------------
-    def update(self, exp: Experience) -> list[dict[str, float]]:
+    def update(self, exp: Experience, train_policy: bool = True) -> list[dict[str, float]]:
         """The PPO update on a prepared batch (``kl_in=loss``: with the rollout's ``kl_coef`` on the KL loss), then
-        one step of the learning-rate schedules."""
-        settings = self.update_settings
+        one step of the learning-rate schedules. ``train_policy`` False (a critic warm-up iteration,
+        `trains_policy`): the critic alone trains (`ppo_update`) and only its schedule steps."""
+        settings = replace(self.update_settings, train_policy=train_policy)
         if self.cfg.kl_in == "loss":
             settings = replace(settings, kl_loss_coef=exp.kl_coef)
         history = ppo_update(self.policy, self.critic, self.policy_optimizer, self.critic_optimizer, exp.batch,
                              exp.plan, settings, self.dist)
-        self.policy_scheduler.step()
+        if train_policy:
+            self.policy_scheduler.step()
         if self.critic_scheduler is not None:
             self.critic_scheduler.step()
         return history
@@ -612,19 +622,21 @@ class PPOTrainer:
         stats.update(lrs)
         return stats
 
-    def learning_rates(self) -> dict[str, float]:
-        lrs = {"train/lr": module_lr(self.policy_scheduler, self.policy)}
+    def learning_rates(self, train_policy: bool = True) -> dict[str, float]:
+        """The learning rates the coming update applies: ``train/lr`` the policy's (0 in a critic warm-up
+        iteration, ``train_policy`` False), ``train/critic_lr`` the critic's (none without a critic)."""
+        lrs = {"train/lr": module_lr(self.policy_scheduler, self.policy) if train_policy else 0.0}
         if self.critic is not None:  # critic=shared: the value head's param group
             lrs["train/critic_lr"] = module_lr(self.critic_scheduler or self.policy_scheduler, self.critic)
         return lrs
 
-    def learn(self, rollout: Rollout, raw_scores: torch.Tensor,
-              greedy: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[dict[str, float], list[dict[str, float]]]:
+    def learn(self, rollout: Rollout, raw_scores: torch.Tensor, greedy: tuple[torch.Tensor, torch.Tensor] | None = None,
+              train_policy: bool = True) -> tuple[dict[str, float], list[dict[str, float]]]:
         """Steps 2-6 of `iteration` on a given rollout and its raw scores (how a test injects a fixed rollout);
-        returns (stats, per-minibatch stats). ``greedy``: `prepare`'s (``remax``)."""
+        returns (stats, per-minibatch stats). ``greedy``: `prepare`'s (``remax``); ``train_policy``: `update`'s."""
         exp = self.prepare(rollout, raw_scores, greedy)
-        lrs = self.learning_rates()
-        history = self.update(exp)
+        lrs = self.learning_rates(train_policy)
+        history = self.update(exp, train_policy)
         return self.statistics(exp, history, lrs), history
 
     # -- one iteration ---------------------------------------------------------------------------------
@@ -645,10 +657,11 @@ class PPOTrainer:
         t_score = time.perf_counter() - t0
         # 2-4. score processing, the no-grad forward passes and shaped rewards, advantages
         exp = self.prepare(rollout, raw_scores, greedy, batch)
-        # 5. the update, then the learning-rate schedules' step
-        lrs = self.learning_rates()
+        # 5. the update (the critic alone in a critic warm-up iteration), then the learning-rate schedules' step
+        train_policy = self.trains_policy(step)
+        lrs = self.learning_rates(train_policy)
         t0 = time.perf_counter()
-        history = self.update(exp)
+        history = self.update(exp, train_policy)
         t_update = time.perf_counter() - t0
         # 6. statistics and the KL controller update; a sample table every sample_table_every iterations
         stats = self.statistics(exp, history, lrs)

@@ -225,6 +225,7 @@ class UpdateSettings:
     max_length: int | None = None  # seq_mean_token_sum_norm's constant (max_new_tokens)
     kl_loss_coef: float | None = None  # the KL in the loss (k3 against ``UpdateBatch.ref_logprobs``); None: off
     packing: bool = False  # micro-batches padding-free packed where the models allow it (`policy_forward`)
+    train_policy: bool = True  # False: a critic warm-up update (the value loss alone; no policy pass or step)
 
     def normalisers(self, num_tokens: torch.Tensor, num_sequences: torch.Tensor) -> dict[str, Any]:
         """The keyword normalisers of `core.masks.aggregate_token_losses` for ``loss_aggregation``, given the
@@ -274,8 +275,10 @@ def _micro_batch_loss(policy: nn.Module, critic: nn.Module | None, batch: Update
     n_local = int(mask.sum().item())
     if n_local == 0:
         return None
-    with_entropy = settings.entropy_coef > 0
     policy_trunk, critic_trunk = batch.trunks.rows(idx, tb) if batch.trunks is not None else (None, None)
+    if not settings.train_policy:
+        return _critic_loss(critic, batch, idx, args, t, mask, critic_trunk, n_local, num_tokens, settings)
+    with_entropy = settings.entropy_coef > 0
     # the entropy always (for the statistics; from the same pass over the logits as the log-probs)
     out, values = policy_and_values(policy, critic, args, policy_trunk, critic_trunk,
                                     temperature=settings.temperature, with_entropy=True,
@@ -300,31 +303,51 @@ def _micro_batch_loss(policy: nn.Module, critic: nn.Module | None, batch: Update
         return loss, micro_batch_stats(n_local, p_stats, v_stats, losses)
 
 
+def _critic_loss(critic: nn.Module, batch: UpdateBatch, idx: torch.Tensor, args: tuple[torch.Tensor, ...], t: int,
+                 mask: torch.Tensor, critic_trunk: Trunk | None, n_local: int, num_tokens: torch.Tensor,
+                 settings: UpdateSettings) -> tuple[torch.Tensor, NamedSums]:
+    """`_micro_batch_loss` of a critic warm-up update (``settings.train_policy`` False): the critic's pass alone
+    and ``vf_coef`` × its value loss (`core.losses.ppo_total_loss` without policy and entropy terms); the
+    statistics are the value ones and ``loss/value`` / ``loss/total`` (no ``policy/*``: no policy ran)."""
+    _, values = policy_and_values(None, critic, args, critic_trunk=critic_trunk, policy_pass=False,
+                                  autocast_dtype=settings.autocast_dtype, packing=settings.packing)
+    v_loss, v_stats = ppo_value_loss(values, batch.old_values[idx, :t], batch.returns[idx, :t], mask,
+                                     settings.clip_range_value, num_tokens)
+    zero = torch.zeros((), dtype=v_loss.dtype, device=v_loss.device)
+    loss = ppo_total_loss(zero, v_loss, zero, settings.vf_coef, 0.0)
+    with torch.no_grad():
+        return loss, micro_batch_stats(n_local, None, v_stats, UpdateLosses(None, None, v_loss, None, loss, None))
+
+
 class UpdateLosses(NamedTuple):
     """A micro-batch's loss terms (0-dim), each already divided by the minibatch's global normaliser, so that their
     sums over micro-batches and processes are the minibatch's: the entropy bonus term, the policy loss, the value
-    loss (None without a critic), ``-entropy_coef`` × the entropy, the total loss, the KL loss (None: off)."""
+    loss (None without a critic), ``-entropy_coef`` × the entropy, the total loss, the KL loss (None: off); a critic
+    warm-up update has no entropy, policy loss nor entropy term (None)."""
 
-    entropy: torch.Tensor
-    policy: torch.Tensor
+    entropy: torch.Tensor | None
+    policy: torch.Tensor | None
     value: torch.Tensor | None
-    entropy_term: torch.Tensor
+    entropy_term: torch.Tensor | None
     total: torch.Tensor
     kl: torch.Tensor | None
 
 
-def micro_batch_stats(n_local: int, policy: PolicyStats, value: ValueStats | None,
+def micro_batch_stats(n_local: int, policy: PolicyStats | None, value: ValueStats | None,
                       losses: UpdateLosses) -> NamedSums:
     """The named statistics of one micro-batch of ``n_local`` response tokens: the per-token statistics as
     token-weighted means (total = statistic × ``n_local``, weight ``n_local``: their minibatch value is the
     token-weighted mean; ``ratio_var`` that of the micro-batch variances), the losses as sums (``loss/kl`` 0 unless
-    the KL is in the loss). Without a critic (``value`` None) no ``val/*`` nor ``loss/value``."""
+    the KL is in the loss). Without a critic (``value`` None) no ``val/*`` nor ``loss/value``; without a policy pass
+    (``policy`` None: a critic warm-up update) no ``policy/*``, ``loss/policy`` nor ``loss/entropy``."""
     sums = NamedSums()
-    weighted = {"policy/approx_kl": policy.approx_kl, "policy/clipfrac": policy.clipfrac,
-                "policy/ratio_mean": policy.ratio_mean, "policy/ratio_var": policy.ratio_var}
+    weighted = {} if policy is None else {
+        "policy/approx_kl": policy.approx_kl, "policy/clipfrac": policy.clipfrac,
+        "policy/ratio_mean": policy.ratio_mean, "policy/ratio_var": policy.ratio_var}
     if value is not None:
         weighted.update({"val/clipfrac": value.clipfrac, "val/error": value.error, "val/value_mean": value.value_mean})
-    weighted["policy/dual_clipfrac"] = policy.dual_clipfrac
+    if policy is not None:
+        weighted["policy/dual_clipfrac"] = policy.dual_clipfrac
     for name, stat in weighted.items():
         sums.add(name, stat.double() * n_local, n_local)
     summed = {"policy/entropy": losses.entropy, "loss/policy": losses.policy, "loss/value": losses.value,
@@ -364,8 +387,15 @@ def ppo_update(
     off) so that the update's forward passes match the rollout-time ones. Statistics are token-weighted means over
     the minibatch (``ratio_var`` is the token-weighted mean of the micro-batch variances); each dict also holds
     ``epoch``, ``minibatch``, ``num_tokens`` and ``applied``.
+    ``settings.train_policy`` False (a critic warm-up iteration, ``critic_warmup_iterations``): each micro-batch
+    runs the critic alone and back-propagates ``vf_coef`` × the value loss; only the critic's norm is clipped and
+    only its optimizer steps (the policy's parameters, gradients and optimizer state are untouched); no
+    ``policy/*`` statistics and no ``target_kl`` check (the policy does not move).
     """
-    policy_params, critic_params = _trainable(policy), (_trainable(critic) if critic is not None else [])
+    if not settings.train_policy and (critic is None or critic_optimizer is None):
+        raise RlhfkitError("a critic warm-up update (train_policy=False) needs a separate critic and its optimizer")
+    policy_params = _trainable(policy) if settings.train_policy else []
+    critic_params = _trainable(critic) if critic is not None else []
     history: list[dict[str, float]] = []
     device = batch.response_ids.device
     for epoch, minibatches in enumerate(plan):
@@ -399,14 +429,15 @@ def ppo_update(
                     f"before the optimizer step; check the reward scores (try score_norm/score_clip), lower the "
                     f"learning rate, or disable bf16")
             if not sums:  # no response token of this minibatch on this process: zero sums, the same names
-                sums = _no_token_stats(critic is not None)
+                sums = _no_token_stats(critic is not None, settings.train_policy)
             stats = sums.reduce(dist).values()
             stats.update({"epoch": epoch, "minibatch": mb_index, "num_tokens": n_global})
             dist.sum_grads(policy_params)
             dist.sum_grads(critic_params)
             max_norm = settings.max_grad_norm if settings.max_grad_norm is not None else math.inf
             p_norm, v_norm = _clip_grads(policy_params, critic_params, max_norm, joint=critic_optimizer is None)
-            stats["policy/grad_norm"] = p_norm
+            if settings.train_policy:
+                stats["policy/grad_norm"] = p_norm
             if critic is not None:
                 stats["val/grad_norm"] = v_norm
             if not (math.isfinite(p_norm) and math.isfinite(v_norm)):
@@ -416,24 +447,29 @@ def ppo_update(
                     f"{mb_index + 1}: the update was stopped before the optimizer step; lower the learning rate or "
                     f"disable bf16")
             history.append(stats)
-            if settings.target_kl is not None and stats["policy/approx_kl"] > settings.target_kl:
+            if settings.train_policy and settings.target_kl is not None and \
+                    stats["policy/approx_kl"] > settings.target_kl:
                 stats["applied"] = 0.0
                 _zero(policy_optimizer, critic_optimizer)
                 return history
             stats["applied"] = 1.0
-            policy_optimizer.step()
+            if settings.train_policy:
+                policy_optimizer.step()
             if critic_optimizer is not None:
                 critic_optimizer.step()
             _zero(policy_optimizer, critic_optimizer)
     return history
 
 
-def _no_token_stats(with_critic: bool) -> NamedSums:
-    """`micro_batch_stats` of a process without any response token in the minibatch: every statistic 0."""
+def _no_token_stats(with_critic: bool, with_policy: bool = True) -> NamedSums:
+    """`micro_batch_stats` of a process without any response token in the minibatch: every statistic 0 (the same
+    names as the other processes': ``with_policy`` False, a critic warm-up update's)."""
     zero = torch.zeros((), dtype=torch.float64)
     value = ValueStats(*[zero] * len(ValueStats._fields)) if with_critic else None
-    return micro_batch_stats(0, PolicyStats(*[zero] * len(PolicyStats._fields)), value,
-                             UpdateLosses(zero, zero, zero if with_critic else None, zero, zero, None))
+    policy = PolicyStats(*[zero] * len(PolicyStats._fields)) if with_policy else None
+    term = zero if with_policy else None
+    return micro_batch_stats(0, policy, value, UpdateLosses(term, term, zero if with_critic else None, term, zero,
+                                                            None))
 
 
 _BOOKKEEPING = ("epoch", "minibatch", "num_tokens", "applied")
