@@ -87,10 +87,10 @@ def test_two_processes_give_the_same_update_as_one(tmp_path, monkeypatch, critic
     terms = {}
     real_update = PPOTrainer.update
 
-    def update_recording_terms(self, exp):  # the one-process update, with its gradients' Σ|terms|
+    def update_recording_terms(self, exp, train_policy=True):  # the one-process update, with its gradients' Σ|terms|
         history = []
         terms["critic"] = gradient_terms(self.critic, lambda: terms.__setitem__("policy", gradient_terms(
-            self.policy, lambda: history.append(real_update(self, exp)))))
+            self.policy, lambda: history.append(real_update(self, exp, train_policy)))))
         return history[0]
 
     real_prepare = PPOTrainer.prepare
@@ -171,10 +171,10 @@ def test_two_processes_give_the_same_critic_free_update_as_one(tmp_path, monkeyp
     terms = {}
     real_update = PPOTrainer.update
 
-    def update_recording_terms(self, exp):
+    def update_recording_terms(self, exp, train_policy=True):
         assert self.critic is None
         history = []
-        terms["policy"] = gradient_terms(self.policy, lambda: history.append(real_update(self, exp)))
+        terms["policy"] = gradient_terms(self.policy, lambda: history.append(real_update(self, exp, train_policy)))
         return history[0]
 
     monkeypatch.setattr(PPOTrainer, "update", update_recording_terms)
