@@ -144,7 +144,7 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     "default": Preset(train_prompts=585, heldout_prompts=165, responses_per_prompt=3, heldout_responses=3,
-                      max_new_tokens=32, rm_epochs=1, rm_freeze_layers=26, rm_lr=3e-4, rm_batch=30,
+                      max_new_tokens=32, rm_epochs=2, rm_freeze_layers=22, rm_lr=3e-4, rm_batch=30,
                       rm_micro_batch=30, ppo_iterations=9, ppo_batch=32, ppo_epochs=2, ppo_minibatches=2,
                       ppo_micro_batch=8, policy_freeze_layers=16, critic_freeze_layers=26, policy_lr=6e-5,
                       critic_lr=1e-4, kl_coef=0.02),
