@@ -13,8 +13,9 @@ from tolerances import (EPS32, assert_close_f32, assert_within, forward_factor, 
 from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig, MistralModel
 
 from rlhfkit.models.loading import forward_hidden
-from rlhfkit.models.packing import (MIN_PREFIX_SAVING, VARLEN_ATTENTION, Segment, _segment_attention, packed_hidden,
-                                    shared_prefix, shared_prompt_layout, varlen_layout, varlen_problem)
+from rlhfkit.models.packing import (GROUP_PADDING_SLACK, MIN_PREFIX_SAVING, VARLEN_ATTENTION, Segment, _segment_attention,
+                                    attention_groups, packed_hidden, shared_prefix, shared_prompt_layout, varlen_layout,
+                                    varlen_problem)
 from rlhfkit.models.reward import RewardModel
 
 PAD = 9
@@ -167,13 +168,26 @@ def test_eager_attention_is_not_packed(sft_dir):
 T, F = True, False
 
 
+def allowed_keys(layout) -> dict[int, list[int]]:
+    """For each packed query position, the packed key positions its attention group lets it see."""
+    seen = {}
+    for g in attention_groups(layout.segments, torch.device("cpu")):
+        s, n, m = g.mask.shape[0], g.mask.shape[2], g.mask.shape[3]
+        keys = g.key_index.view(s, m)
+        for slot in g.real.tolist():
+            seg, i = divmod(slot, n)
+            seen[int(g.query_index[slot])] = sorted(int(k) for k in keys[seg][g.mask[seg, 0, i]])
+    return dict(sorted(seen.items()))
+
+
 def test_varlen_layout_by_hand():
     # rows 0 and 2 share prompt [5, 6]; row 1 has its own prompt [5, 7, 8]
     ids, att, resp = rows([([5, 6], [11, 12, 13]), ([5, 7, 8], [14]), ([5, 6], [15, 16])])
     lay = varlen_layout(ids, att, resp)  # unrelated rows: each row one causal segment, no padding
     assert lay.input_ids.tolist() == [[5, 6, 11, 12, 13, 5, 7, 8, 14, 5, 6, 15, 16]]
     assert lay.position_ids.tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3, 0, 1, 2, 3]]
-    assert lay.segments == (Segment(0, 5), Segment(5, 9), Segment(9, 13)) and lay.masks == (None, None, None)
+    assert lay.segments == (Segment(0, 5), Segment(5, 9), Segment(9, 13))
+    assert allowed_keys(lay) == {q: list(range(s, q + 1)) for s, e in ((0, 5), (5, 9), (9, 13)) for q in range(s, e)}
     assert lay.attention_mask is None and (lay.tokens, lay.packed_tokens) == (13, 13)
     # padding positions point at packed index 0 (the forward masks them with the original attention_mask)
     assert lay.gather_index.tolist() == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 0], [9, 10, 11, 12, 0]]
@@ -184,13 +198,78 @@ def test_varlen_layout_by_hand():
     assert shared.input_ids.tolist() == [[5, 6, 11, 12, 13, 15, 16, 5, 7, 8, 14]]
     assert shared.position_ids.tolist() == [[0, 1, 2, 3, 4, 2, 3, 0, 1, 2, 3]]  # responses continue the prompt
     assert shared.segments == (Segment(0, 2), Segment(2, 5, ((0, 2),)), Segment(5, 7, ((0, 2),)), Segment(7, 11))
-    prompt_mask, first, second, own = shared.masks
-    assert prompt_mask is None and own is None
-    # over [prompt keys | own keys]: the prompt, then causally its own tokens (k <= P + q)
-    assert first[0, 0].tolist() == [[T, T, T, F, F], [T, T, T, T, F], [T, T, T, T, T]]
-    assert second[0, 0].tolist() == [[T, T, T, F], [T, T, T, T]]
+    # each response sees the prompt, then causally its own tokens; the prompt and row 1 see causally their own
+    assert allowed_keys(shared) == {0: [0], 1: [0, 1], 2: [0, 1, 2], 3: [0, 1, 2, 3], 4: [0, 1, 2, 3, 4],
+                                    5: [0, 1, 5], 6: [0, 1, 5, 6], 7: [7], 8: [7, 8], 9: [7, 8, 9], 10: [7, 8, 9, 10]}
+    # the attention's groups by hand: by key count (5, 4 with 4 queries, 4 with 2, 2), all four in one padded group
+    # (4 · 4 queries · 5 keys = 80 scores <= 2 × the 43 exact ones)
+    (group,) = attention_groups(shared.segments, torch.device("cpu"))
+    assert group.query_index.tolist() == [2, 3, 4, 2, 7, 8, 9, 10, 5, 6, 5, 5, 0, 1, 0, 0]
+    assert group.key_index.tolist() == [0, 1, 2, 3, 4, 7, 8, 9, 10, 7, 0, 1, 5, 6, 5, 0, 1, 0, 0, 0]
+    assert group.real.tolist() == [0, 1, 2, 4, 5, 6, 7, 8, 9, 12, 13]
+    pad = [T, F, F, F, F]  # a padding query sees one real key (no empty softmax row); its output is dropped
+    assert group.mask[:, 0].tolist() == [
+        [[T, T, T, F, F], [T, T, T, T, F], [T, T, T, T, T], pad],
+        [[T, F, F, F, F], [T, T, F, F, F], [T, T, T, F, F], [T, T, T, T, F]],
+        [[T, T, T, F, F], [T, T, T, T, F], pad, pad],
+        [[T, F, F, F, F], [T, T, F, F, F], pad, pad]]
     assert shared.gather_index.tolist() == [[0, 1, 2, 3, 4], [7, 8, 9, 10, 0], [0, 1, 5, 6, 0]]
     assert (shared.tokens, shared.packed_tokens) == (13, 11)
+
+
+def test_segment_groups_cover_every_segment_within_the_padding_slack():
+    """Segments of very different sizes: every segment in exactly one group, each group's padded scores within
+    GROUP_PADDING_SLACK of its exact ones, and a long segment does not pad the short ones (several groups)."""
+    segs = (Segment(0, 100), Segment(100, 102), Segment(102, 104, ((0, 2),)), Segment(104, 140),
+            Segment(140, 141, ((104, 140),)), Segment(141, 150))
+    groups = attention_groups(segs, torch.device("cpu"))
+    assert len(groups) >= 3
+    covered = []
+    for g in groups:
+        s, n, m = g.mask.shape[0], g.mask.shape[2], g.mask.shape[3]
+        starts = g.query_index.view(s, n)[:, 0].tolist()
+        members = [seg for seg in segs if seg.start in starts]
+        covered += members
+        assert s * n * m <= GROUP_PADDING_SLACK * sum((e.end - e.start) * (e.context_length + e.end - e.start)
+                                                      for e in members)
+    assert sorted(covered, key=lambda e: e.start) == list(segs)
+
+
+def test_grouped_segment_attention_equals_per_segment_attention_with_gradients():
+    """`_segment_attention` (segments in padded groups, grouped-query heads) against attention written out per
+    segment from its definition (softmax over its context keys and its own keys up to the query), float64,
+    outputs and the gradients of query, key and value."""
+    ids, att, resp = rows([([1, 2, 5, 6], [11, 12, 13, 14, 15]), ([1, 2, 7], [13]), ([1, 2, 5, 6], [15]),
+                           ([3] * 30, [4] * 9), ([8], [9])])
+    lay = varlen_layout(ids, att, resp, share_prompts=True, min_prefix_saving=2)
+    assert len(lay.attention_plan(torch.device("cpu"))[0]) >= 2 and lay.attention_plan(torch.device("cpu"))[1] is not None
+    t, heads, kv_heads, d = lay.packed_tokens, 4, 2, 8
+    g = torch.Generator().manual_seed(0)
+    q0, k0, v0 = (torch.randn(1, h, t, d, generator=g, dtype=torch.float64) for h in (heads, kv_heads, kv_heads))
+    module = torch.nn.Module()
+    module.num_key_value_groups = heads // kv_heads
+
+    def grads(fn):
+        q, k, v = (x.clone().requires_grad_() for x in (q0, k0, v0))
+        out = fn(q, k, v)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        return out.detach(), q.grad, k.grad, v.grad
+
+    def reference(q, k, v):  # (1, T, H, D)
+        k, v = k.repeat_interleave(heads // kv_heads, dim=1), v.repeat_interleave(heads // kv_heads, dim=1)
+        out = []
+        for seg in lay.segments:
+            keys = torch.cat([torch.arange(a, b) for a, b in seg.contexts] + [torch.arange(seg.start, seg.end)])
+            n, c = seg.end - seg.start, seg.context_length
+            scores = q[0][:, seg.start:seg.end] @ k[0][:, keys].transpose(-1, -2) / d ** 0.5
+            scores = scores.masked_fill(~torch.ones(n, c + n, dtype=torch.bool).tril(c), float("-inf"))
+            out.append((scores.softmax(-1) @ v[0][:, keys]).transpose(0, 1))
+        return torch.cat(out)[None]
+
+    got = grads(lambda q, k, v: _segment_attention(module, q, k, v, None, rlhfkit_segments=lay)[0])
+    want = grads(reference)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_varlen_layout_takes_any_padding_and_skips_empty_rows():
@@ -223,13 +302,9 @@ def test_varlen_layout_runs_the_rows_common_prefix_once_by_hand():
     assert lay.position_ids.tolist() == [[0, 1, 2, 3, 4, 5, 4, 2, 3]]
     assert lay.segments == (Segment(0, 2), Segment(2, 4, ((0, 2),)), Segment(4, 6, ((0, 2), (2, 4))),
                             Segment(6, 7, ((0, 2), (2, 4))), Segment(7, 9, ((0, 2),)))
-    prefix_mask, rest, first, second, own = lay.masks
-    assert prefix_mask is None
-    # over [prefix keys | prompt keys | own keys]: all of the context, then causally its own tokens
-    assert rest[0, 0].tolist() == [[T, T, T, F], [T, T, T, T]]
-    assert first[0, 0].tolist() == [[T, T, T, T, T, F], [T, T, T, T, T, T]]
-    assert second[0, 0].tolist() == [[T, T, T, T, T]]
-    assert own[0, 0].tolist() == [[T, T, T, F], [T, T, T, T]]
+    # [prefix keys | prompt keys | own keys]: all of the context, then causally its own tokens
+    assert allowed_keys(lay) == {0: [0], 1: [0, 1], 2: [0, 1, 2], 3: [0, 1, 2, 3], 4: [0, 1, 2, 3, 4],
+                                 5: [0, 1, 2, 3, 4, 5], 6: [0, 1, 2, 3, 6], 7: [0, 1, 7], 8: [0, 1, 7, 8]}
     assert lay.gather_index.tolist() == [[0, 1, 2, 3, 4, 5], [0, 1, 7, 8, 0, 0], [0, 1, 2, 3, 6, 0]]
     assert (lay.tokens, lay.packed_tokens) == (15, 9)
     assert varlen_layout(ids, att, resp, min_prefix_saving=2).packed_tokens == 15  # share_prompts off: no prefix

@@ -8,9 +8,10 @@ Two layouts, both gathered back to the original (N, L) per-token layout by :meth
    at 0 per segment, the positions :func:`rlhfkit.core.masks.position_ids_from_mask` gives them in the padded batch,
    left, right or middle padding alike). Attention is restricted to each segment (block-diagonal causal): the
    attention implementation :data:`VARLEN_ATTENTION` (registered with transformers' ``AttentionInterface``) runs
-   ``scaled_dot_product_attention(is_causal=True)`` per segment (``cu_seqlens`` style), so the linear layers see
-   only real tokens (``T`` of them instead of ``N · max n_i``) and attention costs ``Σ n_i²``, not ``T²`` as a dense
-   4-D block mask would. With ``share_prompts``, rows that share their prompt (the real tokens before the first
+   ``scaled_dot_product_attention`` per segment (``cu_seqlens`` style; segments of similar size batched into one
+   call, each padded with a bool mask, :func:`attention_groups`), so the linear layers see only real tokens (``T``
+   of them instead of ``N · max n_i``) and attention costs about ``Σ n_i²`` (at most :data:`GROUP_PADDING_SLACK`
+   times it), not ``T²`` as a dense 4-D block mask would. With ``share_prompts``, rows that share their prompt (the real tokens before the first
    ``response_mask`` token) are laid out as ``[prompt | suffix_1 | ... | suffix_k]``: the prompt is a segment of its
    own and every suffix segment attends to the prompt's keys and then causally to its own
    (``allowed[q, k] = k <= P + q`` over ``[prompt keys | own keys]``), so each prompt runs once. Also with
@@ -44,7 +45,7 @@ prompt as one batch element); the masking is the standard block-causal packing m
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -56,7 +57,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from rlhfkit.models.loading import forward_hidden
 from rlhfkit.models.trunk import Trunk, run_blocks
 
-__all__ = ["MIN_PREFIX_SAVING", "VARLEN_ATTENTION", "PackedLayout", "Segment", "packed_hidden", "shared_prefix",
+__all__ = ["GROUP_PADDING_SLACK", "MIN_PREFIX_SAVING", "VARLEN_ATTENTION", "AttentionGroup", "PackedLayout", "Segment",
+           "attention_groups", "packed_hidden", "shared_prefix",
            "shared_prompt_layout", "varlen_layout", "varlen_problem"]
 
 VARLEN_ATTENTION = "rlhfkit_varlen"  # the registered attention implementation (module docstring)
@@ -83,14 +85,35 @@ class Segment:
         return sum(end - start for start, end in self.contexts)
 
 
+@dataclass(frozen=True)
+class AttentionGroup:
+    """Segments of a variable-length layout that one SDPA call runs (:func:`attention_groups`): S segments, each
+    padded to ``n`` query slots and ``m`` key slots (its context keys in order, then its own).
+
+    ``query_index`` (S·n,) and ``key_index`` (S·m,) long: the packed position of each slot (padding slots point at a
+    real position, masked out); ``mask`` (S, 1, n, m) bool: True where a query may attend (a context key always, an
+    own key at or before the query; a padding query sees its segment's first key only, so that no softmax row is
+    empty; its output is dropped); ``real`` (R,) long: the query slots ``s·n + i`` that hold real tokens."""
+
+    query_index: torch.Tensor
+    key_index: torch.Tensor
+    mask: torch.Tensor
+    real: torch.Tensor
+
+
+# a group of segments padded to its largest query and key counts may compute at most this many times the
+# attention scores of its segments computed one by one (attention is a small part of a block's FLOPs; the calls
+# and the copies of per-segment slices were the cost: 41 segments per micro-batch in the quickstart's reward model)
+GROUP_PADDING_SLACK = 2.0
+
+
 @dataclass
 class PackedLayout:
     """A packed batch and the way back.
 
     input_ids, position_ids: (G, Lp) long. Dense layout: ``attention_mask`` (G, 1, Lp, Lp) bool (True = may attend),
     ``segments`` None. Variable-length layout: G = 1, no padding, ``segments`` the ordered segments covering the
-    packed row, ``masks`` for each segment its bool (1, 1, n, C + n) mask over [context | own] keys (None for a
-    segment without context: causal), ``attention_mask`` None, ``source`` (T,) long the flat index ``r * L + j`` in
+    packed row (attention runs them in the groups of :meth:`attention_plan`), ``attention_mask`` None, ``source`` (T,) long the flat index ``r * L + j`` in
     the original batch of each packed token (the inverse of ``gather_index`` on real tokens). gather_index: (N, L)
     long, for each original row and position the flat index ``g * Lp + j`` of its token in the packed batch (padding
     positions point at index 0 of the row's group; mask them with the original ``attention_mask``). ``tokens`` /
@@ -104,8 +127,19 @@ class PackedLayout:
     tokens: int
     packed_tokens: int
     segments: tuple[Segment, ...] | None = None
-    masks: tuple[torch.Tensor | None, ...] | None = None
     source: torch.Tensor | None = None
+    _groups: Any = field(default=None, repr=False, compare=False)  # (groups, inverse), built at first use
+
+    def attention_plan(self, device: torch.device) -> tuple[tuple[AttentionGroup, ...], torch.Tensor | None]:
+        """:func:`attention_groups` of this layout on ``device``, built once and reused by every layer (and the
+        backward pass), with the permutation that puts the groups' real query slots, concatenated, back in packed
+        order (None when they already are)."""
+        if self._groups is None or self._groups[0][0].mask.device != device:
+            groups = attention_groups(self.segments, device)
+            order = torch.cat([g.query_index[g.real] for g in groups])
+            identity = bool((order == torch.arange(len(order), device=device)).all())
+            self._groups = (groups, None if identity else torch.argsort(order))
+        return self._groups
 
     def unpack(self, packed: torch.Tensor) -> torch.Tensor:
         """Per-token outputs (G, Lp, ...) of the packed batch → (N, L, ...) in the original layout."""
@@ -212,10 +246,6 @@ def varlen_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor, respons
     if length == 0:
         return None
     source = torch.cat(sources).to(device)
-    masks = tuple(None if not s.contexts else
-                  torch.ones((s.end - s.start, s.context_length + s.end - s.start), dtype=torch.bool,
-                             device=device).tril(s.context_length)[None, None]
-                  for s in segments)
     return PackedLayout(
         input_ids=input_ids.reshape(-1)[source][None],
         position_ids=torch.cat(positions)[None].to(device),
@@ -224,15 +254,64 @@ def varlen_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor, respons
         tokens=int(att.sum()),
         packed_tokens=length,
         segments=tuple(segments),
-        masks=masks,
         source=source,
     )
 
 
+def attention_groups(segments: Sequence[Segment], device: torch.device) -> tuple[AttentionGroup, ...]:
+    """The segments of a variable-length layout in a few :class:`AttentionGroup` s, each run by one SDPA call.
+
+    Segments are taken in decreasing order of key count (ties: query count, then packed order); a segment joins the
+    current group while the group's padded scores ``S · n_max · m_max`` stay within :data:`GROUP_PADDING_SLACK`
+    times the exact ones ``Σ n_s · m_s``, else it starts the next group. Each segment's queries see exactly its
+    context keys and, causally, its own (the rule of :class:`Segment`), so the attention of every real query is the
+    per-segment one up to float rounding (masked keys add exact zeros to the softmax sums)."""
+    order = sorted(range(len(segments)), key=lambda i: (-(segments[i].context_length + segments[i].end
+                                                          - segments[i].start), -(segments[i].end - segments[i].start),
+                                                        i))
+    buckets: list[list[int]] = []
+    n_max = m_max = exact = 0
+    for i in order:
+        seg = segments[i]
+        n, m = seg.end - seg.start, seg.context_length + seg.end - seg.start
+        if buckets:
+            nn_, mm_ = max(n_max, n), max(m_max, m)
+            if (len(buckets[-1]) + 1) * nn_ * mm_ <= GROUP_PADDING_SLACK * (exact + n * m):
+                buckets[-1].append(i)
+                n_max, m_max, exact = nn_, mm_, exact + n * m
+                continue
+        buckets.append([i])
+        n_max, m_max, exact = n, m, n * m
+    groups = []
+    for members in buckets:
+        segs = [segments[i] for i in members]
+        n_max = max(s.end - s.start for s in segs)
+        m_max = max(s.context_length + s.end - s.start for s in segs)
+        query_index = torch.zeros((len(segs), n_max), dtype=torch.long)
+        key_index = torch.zeros((len(segs), m_max), dtype=torch.long)
+        mask = torch.zeros((len(segs), 1, n_max, m_max), dtype=torch.bool)
+        real = []
+        for s, seg in enumerate(segs):
+            n, c = seg.end - seg.start, seg.context_length
+            keys = [torch.arange(a, b) for a, b in seg.contexts] + [torch.arange(seg.start, seg.end)]
+            key_index[s, :c + n] = torch.cat(keys)
+            key_index[s, c + n:] = seg.start
+            query_index[s, :n] = torch.arange(seg.start, seg.end)
+            query_index[s, n:] = seg.start
+            mask[s, 0, :n, :c + n] = torch.ones((n, c + n), dtype=torch.bool).tril(c)
+            mask[s, 0, n:, 0] = True  # padding queries: one real key, output dropped
+            real.append(torch.arange(s * n_max, s * n_max + n))
+        groups.append(AttentionGroup(query_index.flatten().to(device), key_index.flatten().to(device),
+                                     mask.to(device), torch.cat(real).to(device)))
+    return tuple(groups)
+
+
 def _segment_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                        attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """The :data:`VARLEN_ATTENTION` implementation: transformers' SDPA function, per segment when the forward
-    carries a segment plan (``query`` (1, H, T, D), ``key``/``value`` (1, H_kv, T, D) -> (1, T, H, D)), else as is."""
+    """The :data:`VARLEN_ATTENTION` implementation: transformers' SDPA function, per group of segments
+    (:meth:`PackedLayout.attention_plan`: the segments padded, with a bool mask, one call per group) when the
+    forward carries a segment plan (``query`` (1, H, T, D), ``key``/``value`` (1, H_kv, T, D) -> (1, T, H, D)), else
+    as is."""
     layout: PackedLayout | None = kwargs.pop(SEGMENTS_KWARG, None)
     sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
     if layout is None:
@@ -243,16 +322,18 @@ def _segment_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor
         raise RuntimeError(f"variable-length attention got {what} it cannot apply ({type(module).__name__}); this "
                            f"model must not be packed")
     kwargs.pop("is_causal", None)
+    groups, inverse = layout.attention_plan(query.device)
+    q_tokens, k_tokens, v_tokens = query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1)
     outputs = []
-    for seg, mask in zip(layout.segments, layout.masks):
-        own = slice(seg.start, seg.end)
-        k, v = key[:, :, own], value[:, :, own]
-        if mask is not None:
-            k = torch.cat([key[:, :, start:end] for start, end in seg.contexts] + [k], dim=2)
-            v = torch.cat([value[:, :, start:end] for start, end in seg.contexts] + [v], dim=2)
-        out, _ = sdpa(module, query[:, :, own], k, v, mask, is_causal=mask is None, **kwargs)
-        outputs.append(out)
-    return torch.cat(outputs, dim=1), None
+    for g in groups:
+        s, n, m = g.mask.shape[0], g.mask.shape[2], g.mask.shape[3]
+        q = q_tokens.index_select(0, g.query_index).unflatten(0, (s, n)).transpose(1, 2)  # (S, H, n, D)
+        k = k_tokens.index_select(0, g.key_index).unflatten(0, (s, m)).transpose(1, 2)    # (S, H_kv, m, D)
+        v = v_tokens.index_select(0, g.key_index).unflatten(0, (s, m)).transpose(1, 2)
+        out, _ = sdpa(module, q, k, v, g.mask, is_causal=False, **kwargs)                 # (S, n, H, D)
+        outputs.append(out.reshape(s * n, *out.shape[2:]).index_select(0, g.real))
+    out = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+    return (out if inverse is None else out.index_select(0, inverse))[None], None
 
 
 AttentionInterface.register(VARLEN_ATTENTION, _segment_attention)
