@@ -11,14 +11,14 @@ Two layouts, both gathered back to the original (N, L) per-token layout by :meth
    ``scaled_dot_product_attention`` per segment (``cu_seqlens`` style; segments of similar size batched into one
    call, each padded with a bool mask, :func:`attention_groups`), so the linear layers see only real tokens (``T``
    of them instead of ``N · max n_i``) and attention costs about ``Σ n_i²`` (at most :data:`GROUP_PADDING_SLACK`
-   times it), not ``T²`` as a dense 4-D block mask would. With ``share_prompts``, rows that share their prompt (the real tokens before the first
-   ``response_mask`` token) are laid out as ``[prompt | suffix_1 | ... | suffix_k]``: the prompt is a segment of its
-   own and every suffix segment attends to the prompt's keys and then causally to its own
-   (``allowed[q, k] = k <= P + q`` over ``[prompt keys | own keys]``), so each prompt runs once. Also with
-   ``share_prompts``, the leading tokens that every row has in common (a chat template's system prompt and role
-   header, :func:`shared_prefix`) form one first segment, and every other segment attends to its keys first
-   (``[prefix keys | prompt keys | own keys]``), so they run once per batch instead of once per prompt; done when
-   that saves at least :data:`MIN_PREFIX_SAVING` tokens.
+   times it), not ``T²`` as a dense 4-D block mask would. With ``share_prompts``, rows that share their prompt
+   (the real tokens before the first ``response_mask`` token) are laid out as ``[prompt | suffix_1 | ... |
+   suffix_k]``: the prompt is a segment of its own and every suffix segment attends to the prompt's keys and then
+   causally to its own (``allowed[q, k] = k <= P + q`` over ``[prompt keys | own keys]``), so each prompt runs
+   once. Also with ``share_prompts``, the leading tokens that every row has in common (a chat template's system
+   prompt and role header, :func:`shared_prefix`) form one first segment, and every other segment attends to its
+   keys first (``[prefix keys | prompt keys | own keys]``), so they run once per batch instead of once per prompt;
+   done when that saves at least :data:`MIN_PREFIX_SAVING` tokens.
 2. **Shared-prompt packing with a dense mask**, :func:`shared_prompt_layout` (``packing`` off): rows that share
    their prompt become one padded packed row each group, with a 4-D bool mask
    ``allowed[q, k] = k <= q and (segment[k] = prompt or segment[k] = segment[q])``, run by plain SDPA.
@@ -57,9 +57,9 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from rlhfkit.models.loading import forward_hidden
 from rlhfkit.models.trunk import Trunk, run_blocks
 
-__all__ = ["GROUP_PADDING_SLACK", "MIN_PREFIX_SAVING", "VARLEN_ATTENTION", "AttentionGroup", "PackedLayout", "Segment",
-           "attention_groups", "packed_hidden", "shared_prefix",
-           "shared_prompt_layout", "varlen_layout", "varlen_problem"]
+__all__ = ["GROUP_PADDING_SLACK", "MIN_PREFIX_SAVING", "VARLEN_ATTENTION", "AttentionGroup", "PackedLayout",
+           "Segment", "attention_groups", "packed_hidden", "shared_prefix", "shared_prompt_layout", "varlen_layout",
+           "varlen_problem"]
 
 VARLEN_ATTENTION = "rlhfkit_varlen"  # the registered attention implementation (module docstring)
 SEGMENTS_KWARG = "rlhfkit_segments"  # the keyword under which a forward hands the segment plan to it
@@ -83,6 +83,16 @@ class Segment:
     @property
     def context_length(self) -> int:
         return sum(end - start for start, end in self.contexts)
+
+    @property
+    def length(self) -> int:
+        """Its own tokens: the queries it runs."""
+        return self.end - self.start
+
+    @property
+    def key_count(self) -> int:
+        """The keys its queries attend to: its contexts', then its own."""
+        return self.context_length + self.length
 
 
 @dataclass(frozen=True)
@@ -113,11 +123,11 @@ class PackedLayout:
 
     input_ids, position_ids: (G, Lp) long. Dense layout: ``attention_mask`` (G, 1, Lp, Lp) bool (True = may attend),
     ``segments`` None. Variable-length layout: G = 1, no padding, ``segments`` the ordered segments covering the
-    packed row (attention runs them in the groups of :meth:`attention_plan`), ``attention_mask`` None, ``source`` (T,) long the flat index ``r * L + j`` in
-    the original batch of each packed token (the inverse of ``gather_index`` on real tokens). gather_index: (N, L)
-    long, for each original row and position the flat index ``g * Lp + j`` of its token in the packed batch (padding
-    positions point at index 0 of the row's group; mask them with the original ``attention_mask``). ``tokens`` /
-    ``packed_tokens``: real tokens before / after packing.
+    packed row (attention runs them in the groups of :meth:`attention_plan`), ``attention_mask`` None, ``source``
+    (T,) long the flat index ``r * L + j`` in the original batch of each packed token (the inverse of
+    ``gather_index`` on real tokens). gather_index: (N, L) long, for each original row and position the flat index
+    ``g * Lp + j`` of its token in the packed batch (padding positions point at index 0 of the row's group; mask
+    them with the original ``attention_mask``). ``tokens`` / ``packed_tokens``: real tokens before / after packing.
     """
 
     input_ids: torch.Tensor
@@ -266,14 +276,11 @@ def attention_groups(segments: Sequence[Segment], device: torch.device) -> tuple
     times the exact ones ``Σ n_s · m_s``, else it starts the next group. Each segment's queries see exactly its
     context keys and, causally, its own (the rule of :class:`Segment`), so the attention of every real query is the
     per-segment one up to float rounding (masked keys add exact zeros to the softmax sums)."""
-    order = sorted(range(len(segments)), key=lambda i: (-(segments[i].context_length + segments[i].end
-                                                          - segments[i].start), -(segments[i].end - segments[i].start),
-                                                        i))
+    order = sorted(range(len(segments)), key=lambda i: (-segments[i].key_count, -segments[i].length, i))
     buckets: list[list[int]] = []
     n_max = m_max = exact = 0
     for i in order:
-        seg = segments[i]
-        n, m = seg.end - seg.start, seg.context_length + seg.end - seg.start
+        n, m = segments[i].length, segments[i].key_count
         if buckets:
             nn_, mm_ = max(n_max, n), max(m_max, m)
             if (len(buckets[-1]) + 1) * nn_ * mm_ <= GROUP_PADDING_SLACK * (exact + n * m):
@@ -285,14 +292,14 @@ def attention_groups(segments: Sequence[Segment], device: torch.device) -> tuple
     groups = []
     for members in buckets:
         segs = [segments[i] for i in members]
-        n_max = max(s.end - s.start for s in segs)
-        m_max = max(s.context_length + s.end - s.start for s in segs)
+        n_max = max(seg.length for seg in segs)
+        m_max = max(seg.key_count for seg in segs)
         query_index = torch.zeros((len(segs), n_max), dtype=torch.long)
         key_index = torch.zeros((len(segs), m_max), dtype=torch.long)
         mask = torch.zeros((len(segs), 1, n_max, m_max), dtype=torch.bool)
         real = []
         for s, seg in enumerate(segs):
-            n, c = seg.end - seg.start, seg.context_length
+            n, c = seg.length, seg.context_length
             keys = [torch.arange(a, b) for a, b in seg.contexts] + [torch.arange(seg.start, seg.end)]
             key_index[s, :c + n] = torch.cat(keys)
             key_index[s, c + n:] = seg.start
