@@ -128,6 +128,17 @@ def last_json(text: str, prefix: str = "") -> dict[str, Any]:
     raise ValueError(f"no JSON line{' starting with ' + repr(prefix) if prefix else ''} in the output")
 
 
+def as_the_cli_runs() -> bool:
+    """An rlhfkit child's process set up as the ``rlhfkit`` command sets up its own: the C allocator tuned by
+    ``rlhfkit.utils.reuse_freed_memory`` (large tensors reuse freed memory); True when it did. A checkout from
+    before that function (``--compare-src``) runs as its command did, untuned. TRL's side is left as TRL runs.
+    ``RLHFKIT_MALLOC=default`` in the benchmark's environment turns it off for a comparison."""
+    import rlhfkit.utils
+
+    tune = getattr(rlhfkit.utils, "reuse_freed_memory", None)
+    return bool(tune()) if tune is not None else False
+
+
 def emit(result: dict[str, Any]) -> None:
     """A child's result line for the parent (:func:`last_json` with :data:`RESULT_PREFIX`)."""
     print(RESULT_PREFIX + json.dumps(result), flush=True)

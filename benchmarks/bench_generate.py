@@ -103,6 +103,8 @@ def child_ours(job: dict) -> dict:
     from rlhfkit.models.loading import load_causal_lm
     from rlhfkit.rollout.sampling import GenerationConfig, sample
 
+    tuned = C.as_the_cli_runs()
+
     model = load_causal_lm(job["model"]).eval().to(job["device"])
     q, qm = left_pad(job["prompt_ids"], job["pad"])
     q, qm = q.to(job["device"]), qm.to(job["device"])
@@ -114,7 +116,7 @@ def child_ours(job: dict) -> dict:
         return r.response_mask.sum(-1).tolist()
 
     return {**timed_calls(generate, job), "rlhfkit_file": rlhfkit.__file__,
-            "attn_implementation": model.config._attn_implementation}
+            "attn_implementation": model.config._attn_implementation, "allocator_tuned": tuned}
 
 
 def child_hf(job: dict) -> dict:

@@ -215,6 +215,7 @@ def child_ours(a: argparse.Namespace) -> None:
     from rlhfkit.train.ppo_config import PPOConfig
     from rlhfkit.train.ppo_trainer import PPOTrainer
 
+    tuned = C.as_the_cli_runs()
     work = Path(a.workdir)
     settings = json.loads((work / "settings.json").read_text())
     ppo = {**settings["ppo"], **(SHARED_CRITIC if a.critic == "shared" else {})}
@@ -246,6 +247,7 @@ def child_ours(a: argparse.Namespace) -> None:
     out.update({"response_length_mean": round(statistics.mean(s["response/length_mean"] for s in stats), 2),
                 "stop_rate_mean": round(statistics.mean(s["response/stop_rate"] for s in stats), 4),
                 "iterations": len(stats), "rlhfkit_file": rlhfkit.__file__, "lengths": recorded,
+                "allocator_tuned": tuned,
                 "shape": F.DecoderShape.from_config(trainer.policy.config).to_dict(),
                 "ppo_epochs": cfg.ppo_epochs, "freeze_layers": cfg.freeze_layers,
                 "critic_freeze_layers": cfg.critic_freeze_layers,

@@ -84,6 +84,7 @@ def child_ours(a: argparse.Namespace) -> None:
     from rlhfkit.data.tokenize import TokenizedPair, TokenizeReport
     from rlhfkit.train.rm_config import RMTrainConfig
 
+    tuned = C.as_the_cli_runs()
     work = Path(a.workdir)
     vocab = C.load_bench_config(a.config_dir, a.tiny).vocab_size
     n = a.iters * a.batch
@@ -115,7 +116,7 @@ def child_ours(a: argparse.Namespace) -> None:
     cuda_peak = round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available() else None
     C.emit({"pairs": n, "tokens": tokens, "train_s": round(train_s, 3), "run_s": round(run_s, 3),
             "tokens_per_s": round(tokens / train_s, 2), "step_s": [round(t, 3) for t in step_times],
-            "final_loss": rows[-1].get("rm/loss"), "cuda_peak_gb": cuda_peak})
+            "final_loss": rows[-1].get("rm/loss"), "cuda_peak_gb": cuda_peak, "allocator_tuned": tuned})
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -146,3 +146,62 @@ def test_bf16_default_is_on_only_for_a_gpu_with_fast_bf16(monkeypatch):
         assert parse_config(cls, required).bf16 is None, cls.__name__
         assert parse_config(cls, required + ["--bf16"]).bf16 is True, cls.__name__
         assert parse_config(cls, required + ["--bf16", "false"]).bf16 is False, cls.__name__
+
+
+# the second 64 MiB tensor of a process, after the first was freed: its minor page faults, and whether
+# reuse_freed_memory changed the allocator (a fresh interpreter: the allocator's state is per process)
+_SECOND_ALLOCATION = """
+import resource, sys, torch
+from rlhfkit.utils import reuse_freed_memory
+changed = reuse_freed_memory()
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+x = torch.empty(16 << 20); x.fill_(1.0); del x
+before = faults()
+y = torch.empty(16 << 20); y.fill_(2.0)
+print(changed, faults() - before, float(y.sum()))
+"""
+
+
+def _second_allocation(env_value: str | None) -> tuple[bool, int, float]:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "RLHFKIT_MALLOC"}
+    if env_value is not None:
+        env["RLHFKIT_MALLOC"] = env_value
+    out = subprocess.run([sys.executable, "-c", _SECOND_ALLOCATION], env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    return out[0] == "True", int(out[1]), float(out[2])
+
+
+def _glibc() -> bool:
+    import platform
+
+    return platform.libc_ver()[0] == "glibc"
+
+
+@pytest.mark.skipif(not _glibc(), reason="reuse_freed_memory tunes glibc's allocator only")
+def test_reuse_freed_memory_serves_a_freed_large_block_again_without_page_faults():
+    from pathlib import Path
+
+    changed, faults, total = _second_allocation(None)
+    assert changed and total == 2.0 * (16 << 20)  # the values are what was written
+    pages = (64 << 20) // 4096
+    assert faults < pages // 16  # reused: no new pages (a few for the interpreter's own work)
+    off, faults_off, total_off = _second_allocation("default")
+    assert not off and total_off == total
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not (thp.exists() and "[always]" in thp.read_text()):  # 4 KiB pages: the fresh block faults each one
+        assert faults_off >= pages // 2
+
+
+def test_the_command_line_tunes_the_allocator_once_at_start(monkeypatch, capsys):
+    import rlhfkit.utils
+    from rlhfkit.cli import main
+
+    calls = []
+    monkeypatch.setattr(rlhfkit.utils, "reuse_freed_memory", lambda: calls.append(1) or True)
+    assert main([]) == 2 and calls == [1]
+    capsys.readouterr()

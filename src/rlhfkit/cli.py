@@ -79,6 +79,9 @@ def _quiet_libraries() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _quiet_libraries()
+    from rlhfkit.utils import reuse_freed_memory
+
+    reuse_freed_memory()  # large tensors reuse freed memory (its docstring: RLHFKIT_MALLOC=default turns it off)
     succeeded = False
     try:
         command, rest = _split_command(argv)
