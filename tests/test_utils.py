@@ -148,8 +148,11 @@ def test_bf16_default_is_on_only_for_a_gpu_with_fast_bf16(monkeypatch):
         assert parse_config(cls, required + ["--bf16", "false"]).bf16 is False, cls.__name__
 
 
-# the second 64 MiB tensor of a process, after the first was freed: its minor page faults, and whether
-# reuse_freed_memory changed the allocator (a fresh interpreter: the allocator's state is per process)
+# a 48 MiB tensor made after a 64 MiB one was freed: its minor page faults, and whether reuse_freed_memory changed
+# the allocator (a fresh interpreter: the allocator's state is per process). Smaller than the freed block, so that
+# it fits there however the heap lies around it (torch asks for 64-byte aligned blocks, a little more than their
+# size: a block of the same size may not fit in the freed one); above glibc's largest default mmap threshold
+# (32 MiB), so that untuned it is always a fresh mapping
 _SECOND_ALLOCATION = """
 import resource, sys, torch
 from rlhfkit.utils import reuse_freed_memory
@@ -158,7 +161,7 @@ def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 x = torch.empty(16 << 20); x.fill_(1.0); del x
 before = faults()
-y = torch.empty(16 << 20); y.fill_(2.0)
+y = torch.empty(12 << 20); y.fill_(2.0)
 print(changed, faults() - before, float(y.sum()))
 """
 
@@ -187,8 +190,8 @@ def test_reuse_freed_memory_serves_a_freed_large_block_again_without_page_faults
     from pathlib import Path
 
     changed, faults, total = _second_allocation(None)
-    assert changed and total == 2.0 * (16 << 20)  # the values are what was written
-    pages = (64 << 20) // 4096
+    assert changed and total == 2.0 * (12 << 20)  # the values are what was written
+    pages = (48 << 20) // 4096
     assert faults < pages // 16  # reused: no new pages (a few for the interpreter's own work)
     off, faults_off, total_off = _second_allocation("default")
     assert not off and total_off == total
