@@ -15,6 +15,9 @@ fine-tuning; float32, and bfloat16 autocast as a second row; ``iters + 1`` itera
   trainer's own tokenisation). Iterations run through the trainer's ``iteration`` + ``log`` (its ``train`` loop
   minus checkpoints and the final save, as the anchor saves nothing). The EOS token always ends an rlhfkit
   response; the mean response length is reported (random weights almost never sample it).
+- rlhfkit's parts: `PhaseParts` wraps rlhfkit's own functions the same way (the policy's forwards in the
+  rollout, the token draws, the weight packing; the update's policy and critic forwards and its backward) and
+  records each part's time and minor page faults per iteration (``parts_mean_s`` / ``parts_mean_faults``).
 - Both: the median wall time between consecutive iteration logs (the anchor's definition, the warm-up excluded),
   the mean time split over the same iterations, and the peak RSS of each process (``os.wait4``).
 - The limit: each phase's model FLOPs (``flops.py``, from the real token counts of the run: rlhfkit's rollouts
@@ -208,6 +211,119 @@ def record_rollout_lengths(trainer: Any) -> list[dict[str, list[int]]]:
     return lengths
 
 
+def minor_faults() -> int:
+    """This process's minor page faults so far (fresh memory's first touches; `getrusage`)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+class PhaseParts:
+    """Time and minor page faults of the parts of rlhfkit's phases, per iteration, by wrapping the functions that
+    run them (unchanged otherwise, as ``child_trl`` times TRL's): a finer split than ``time/*`` without a
+    profiler, whose own allocations move a CPU run's page faults and inflate some operations several-fold
+    (benchmarks/README, 2026-12-07 night and 2026-12-08).
+
+    Per iteration (``iterations[k]``, a dict of seconds, and ``faults[k]``, minor faults):
+
+    - ``rollout``, ``score``, ``forward`` (the trainer's ``prepare``: the no-grad forward passes, shaped rewards,
+      advantages), ``update``: the phases of ``time/*`` (their faults too);
+    - ``rollout/model_forwards``: the policy's forward calls inside the rollout (prefill and decode steps, the
+      products included), ``rollout/draws``: the sampler's token draws (`rollout.sampling.draw_tokens`),
+      ``rollout/weight_packing``: the decode products' weight packing (`rollout.prepack`), a part of the forwards;
+    - ``update/policy_forward``, ``update/critic_forward`` (`train.ppo_update`'s calls of them), ``update/backward``
+      (every ``Tensor.backward`` inside the update); the update's rest is the optimizer steps, clipping and
+      statistics.
+
+    A part this rlhfkit lacks (an older ``--compare-src`` checkout) is not recorded. The wrappers cost a few
+    microseconds per call: about a hundred forward calls and draws per rollout, a few hundred packings."""
+
+    PHASES = {"rollout": "rollout", "raw_scores": "score", "prepare": "forward", "update": "update"}
+
+    def __init__(self, trainer: Any):
+        import torch
+
+        self.iterations: list[dict[str, float]] = []
+        self.faults: list[dict[str, int]] = []
+        self.phase: str | None = None
+        for method, name in self.PHASES.items():
+            setattr(trainer, method, self._timed(name, getattr(trainer, method), phase=name))
+        iteration = trainer.iteration
+
+        def new_iteration(*args: Any, **kwargs: Any) -> Any:
+            self.iterations.append({})
+            self.faults.append({})
+            return iteration(*args, **kwargs)
+
+        trainer.iteration = new_iteration
+        try:
+            from rlhfkit.rollout import prepack, sampling
+        except ImportError:  # pragma: no cover - an rlhfkit without these modules
+            prepack = sampling = None
+        if sampling is not None and hasattr(sampling, "draw_tokens"):
+            sampling.draw_tokens = self._timed("rollout/draws", sampling.draw_tokens, within="rollout")
+        if prepack is not None and hasattr(prepack, "_pack"):
+            prepack._pack = self._timed("rollout/weight_packing", prepack._pack, within="rollout")
+        from rlhfkit.train import ppo_update
+
+        for name in ("policy_forward", "critic_forward"):
+            if hasattr(ppo_update, name):
+                setattr(ppo_update, name, self._timed(f"update/{name}", getattr(ppo_update, name), within="update"))
+        torch.Tensor.backward = self._timed("update/backward", torch.Tensor.backward, within="update")
+        starts: list[tuple[float, int]] = []
+
+        def pre(*_: Any) -> None:
+            starts.append((time.perf_counter(), minor_faults()))
+
+        def post(*_: Any) -> None:
+            start, faults = starts.pop()
+            if self.phase == "rollout":
+                self._add("rollout/model_forwards", time.perf_counter() - start, minor_faults() - faults)
+
+        trainer.policy.register_forward_pre_hook(pre)
+        trainer.policy.register_forward_hook(post)
+
+    def _add(self, key: str, seconds: float, faults: int) -> None:
+        if self.iterations:
+            self.iterations[-1][key] = self.iterations[-1].get(key, 0.0) + seconds
+            self.faults[-1][key] = self.faults[-1].get(key, 0) + faults
+
+    def _timed(self, key: str, fn: Any, phase: str | None = None, within: str | None = None) -> Any:
+        """``fn`` timed into ``key`` (only while the phase ``within`` runs, if given); ``phase``: ``fn`` runs that
+        phase."""
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if within is not None and self.phase != within:
+                return fn(*args, **kwargs)
+            outer = self.phase
+            if phase is not None:
+                self.phase = phase
+            start, faults = time.perf_counter(), minor_faults()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._add(key, time.perf_counter() - start, minor_faults() - faults)
+                self.phase = outer
+        return wrapper
+
+    def steady(self) -> dict[str, Any]:
+        """Means over the iterations after the first (warm-up) one, as `steady_split`: ``parts_mean_s`` and
+        ``parts_mean_faults``, each with the update's ``update/rest`` and the rollout's ``rollout/rest``."""
+        def mean(rows: list[dict], key: str) -> float:
+            return statistics.mean(r.get(key, 0) for r in rows)
+
+        out: dict[str, Any] = {}
+        for name, rows in (("parts_mean_s", self.iterations), ("parts_mean_faults", self.faults)):
+            steady = rows[1:] or rows
+            keys = sorted({k for r in steady for k in r})
+            values = {k: mean(steady, k) for k in keys}
+            for phase, parts in (("rollout", ("rollout/model_forwards", "rollout/draws")),
+                                 ("update", ("update/policy_forward", "update/critic_forward", "update/backward"))):
+                if phase in values:
+                    values[f"{phase}/rest"] = values[phase] - sum(values.get(p, 0) for p in parts)
+            out[name] = {k: round(v, 3) if name == "parts_mean_s" else round(v) for k, v in values.items()}
+        return out
+
+
 def child_ours(a: argparse.Namespace) -> None:
     """rlhfkit's PPO trainer (from whatever rlhfkit the child imports) for iters + 1 iterations; prints the result
     line, with the rollouts' token counts and the model shape for the FLOP count."""
@@ -226,6 +342,7 @@ def child_ours(a: argparse.Namespace) -> None:
     if expect is not None and lengths != [expect]:
         raise RuntimeError(f"prompts tokenise to {lengths} tokens, expected exactly {expect}")
     recorded = record_rollout_lengths(trainer)
+    parts = PhaseParts(trainer)
     first = trainer.open_output()
     marks, stats = [time.perf_counter()], []
     try:
@@ -252,6 +369,7 @@ def child_ours(a: argparse.Namespace) -> None:
                 "ppo_epochs": cfg.ppo_epochs, "freeze_layers": cfg.freeze_layers,
                 "critic_freeze_layers": cfg.critic_freeze_layers,
                 "critic": getattr(cfg, "critic", "separate")})  # an older checkout (--compare-src) may lack it
+    out.update(parts.steady())
     C.emit(out)
 
 
@@ -458,7 +576,7 @@ SIDE_NAMES = {"trl": "TRL", "ours": "rlhfkit", "compare": "rlhfkit (compare)", "
 
 
 def print_tables(rows: dict[str, dict], peaks: dict, ceilings: dict[str, dict] | None = None) -> None:
-    table, compare, shared, split_rows, util_rows = [], [], [], [], []
+    table, compare, shared, split_rows, util_rows, part_rows = [], [], [], [], [], []
     for prec, row in rows.items():
         t, o, r = row.get("trl", {}), row.get("ours", {}), row.get("ratio", {})
         table.append([prec, t.get("median_iter_s"), o.get("median_iter_s"), r.get("speedup"),
@@ -475,6 +593,8 @@ def print_tables(rows: dict[str, dict], peaks: dict, ceilings: dict[str, dict] |
         for side, name in SIDE_NAMES.items():
             if "split_grouped_s" in row.get(side, {}):
                 split_rows.append([prec, name, *row[side]["split_grouped_s"].values()])
+            parts, faults = row.get(side, {}).get("parts_mean_s", {}), row.get(side, {}).get("parts_mean_faults", {})
+            part_rows += [[prec, name, part, seconds, faults.get(part)] for part, seconds in parts.items()]
             for phase, u in row.get(side, {}).get("utilisation", {}).items():
                 ceiling = (ceilings or {}).get(prec, {}).get(CEILING_PHASES["trl" if side == "trl" else "ours"]
                                                              .get(phase, ""), {}).get("gflops")
@@ -494,6 +614,9 @@ def print_tables(rows: dict[str, dict], peaks: dict, ceilings: dict[str, dict] |
     if split_rows:
         print("mean seconds per steady iteration (details: split_mean_s in the JSON)")
         print(C.format_table(["precision", "side", *GROUPS["ours"]], split_rows))
+    if part_rows:
+        print("rlhfkit's phases and their parts (PhaseParts), mean per steady iteration: seconds, minor page faults")
+        print(C.format_table(["precision", "side", "part", "seconds", "minor faults"], part_rows))
     if util_rows:
         print("per phase and steady iteration: model GFLOP over time, against the GEMM peak of the precision")
         print("(shape ceiling: the same run's GEMM rate at the model's own matmul shapes, `shape_ceiling` in the JSON)")

@@ -143,6 +143,13 @@ def test_bench_ppo_ours_side_tiny(tmp_path):
     assert set(ours["utilisation"]) == {"rollout", "score", "forward", "update", "iteration"}
     assert all(u["gflop"] > 0 and u["utilisation"] > 0 for u in ours["utilisation"].values())
     assert result["machine"]["gemm_peak"]["float32"]["peak_gflops"] > 0
+    # PhaseParts: the phases as time/* has them, each part within its phase
+    parts = ours["parts_mean_s"]
+    assert {"rollout/model_forwards", "rollout/draws", "update/policy_forward", "update/critic_forward",
+            "update/backward"} <= set(parts) and set(ours["parts_mean_faults"]) == set(parts)
+    assert 0 < parts["rollout/model_forwards"] + parts["rollout/draws"] <= parts["rollout"]
+    assert 0 < parts["update/policy_forward"] + parts["update/backward"] <= parts["update"]
+    assert parts["rollout/rest"] >= 0 and parts["update/rest"] >= 0
 
 
 @pytest.mark.slow
@@ -402,6 +409,85 @@ def test_shape_ceiling_shares():
     assert "of_shape_ceiling" not in util["rollout"] and "of_shape_ceiling" not in util["score"]
     a = bench_ppo.parse_args([])
     assert bench_ppo.micro_batch_tokens(a, bench_ppo.ppo_settings(a)) == (4 * 128, 4 * 64)  # the anchor's, exactly
+
+
+def test_phase_parts_split_the_phases_by_the_functions_that_run_them(monkeypatch):
+    # A fake clock and fault counter that the fake phases advance by known amounts: every part must land in its own
+    # key, only while its phase runs (a draw or backward outside it is not counted), per iteration, and the steady
+    # means drop the first iteration. Every function PhaseParts wraps is registered with monkeypatch first, so the
+    # originals are back after the test.
+    import torch
+
+    from rlhfkit.rollout import prepack, sampling
+    from rlhfkit.train import ppo_update
+
+    class Clock:
+        t, faults = 0.0, 0
+
+        def perf_counter(self) -> float:
+            return self.t
+
+        def spend(self, seconds: float, faults: int = 0) -> None:
+            self.t += seconds
+            self.faults += faults
+
+    clock = Clock()
+    monkeypatch.setattr(bench_ppo, "time", clock)
+    monkeypatch.setattr(bench_ppo, "minor_faults", lambda: clock.faults)
+    monkeypatch.setattr(sampling, "draw_tokens", lambda: clock.spend(0.5, 3))
+    monkeypatch.setattr(prepack, "_pack", lambda: clock.spend(0.25, 100))
+    monkeypatch.setattr(ppo_update, "policy_forward", lambda: clock.spend(2.0))
+    monkeypatch.setattr(ppo_update, "critic_forward", lambda: clock.spend(1.0))
+    monkeypatch.setattr(torch.Tensor, "backward", lambda self: clock.spend(4.0, 7))
+
+    class Policy(torch.nn.Module):
+        def forward(self) -> None:
+            clock.spend(1.5, 10)
+            prepack._pack()  # inside a forward, as the sampler's decode products pack
+
+    class Trainer:
+        def __init__(self) -> None:
+            self.policy = Policy()
+
+        def rollout(self) -> None:
+            self.policy()
+            sampling.draw_tokens()
+            clock.spend(0.125)
+
+        def raw_scores(self) -> None:
+            clock.spend(0.75, 2)
+
+        def prepare(self) -> None:
+            sampling.draw_tokens()  # outside the rollout: not a rollout draw
+            ppo_update.policy_forward()  # the no-grad phase's passes: not the update's
+
+        def update(self) -> None:
+            self.policy()  # the update's forward: not a rollout forward
+            ppo_update.policy_forward()
+            ppo_update.critic_forward()
+            torch.zeros(()).backward()
+            clock.spend(0.5)
+
+        def iteration(self, step: int) -> None:
+            for phase in (self.rollout, self.raw_scores, self.prepare, self.update):
+                phase()
+            clock.spend(0.25 * step)  # outside every phase
+            torch.zeros(()).backward()  # outside the update
+
+    trainer = Trainer()
+    parts = bench_ppo.PhaseParts(trainer)
+    for step in (1, 2, 3):
+        trainer.iteration(step)
+    expected = {"rollout": 2.375, "rollout/model_forwards": 1.75, "rollout/weight_packing": 0.25,
+                "rollout/draws": 0.5, "score": 0.75, "forward": 2.5, "update": 9.25, "update/policy_forward": 2.0,
+                "update/critic_forward": 1.0, "update/backward": 4.0}
+    assert parts.iterations == [expected] * 3
+    assert parts.faults[0] == {"rollout": 113, "rollout/model_forwards": 110, "rollout/weight_packing": 100,
+                               "rollout/draws": 3, "score": 2, "forward": 3, "update": 117, "update/policy_forward": 0,
+                               "update/critic_forward": 0, "update/backward": 7}
+    steady = parts.steady()
+    assert steady["parts_mean_s"] == {**expected, "rollout/rest": 0.125, "update/rest": 2.25}
+    assert steady["parts_mean_faults"]["update/rest"] == 110 and steady["parts_mean_faults"]["rollout/rest"] == 0
 
 
 # ----------------------------------------------------------------------------------------------------------
