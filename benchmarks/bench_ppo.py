@@ -247,7 +247,8 @@ class PhaseParts:
         self.faults: list[dict[str, int]] = []
         self.phase: str | None = None
         for method, name in self.PHASES.items():
-            setattr(trainer, method, self._timed(name, getattr(trainer, method), phase=name))
+            if hasattr(trainer, method):
+                setattr(trainer, method, self._timed(name, getattr(trainer, method), phase=name))
         iteration = trainer.iteration
 
         def new_iteration(*args: Any, **kwargs: Any) -> Any:
@@ -256,19 +257,20 @@ class PhaseParts:
             return iteration(*args, **kwargs)
 
         trainer.iteration = new_iteration
-        try:
-            from rlhfkit.rollout import prepack, sampling
-        except ImportError:  # pragma: no cover - an rlhfkit without these modules
-            prepack = sampling = None
-        if sampling is not None and hasattr(sampling, "draw_tokens"):
-            sampling.draw_tokens = self._timed("rollout/draws", sampling.draw_tokens, within="rollout")
-        if prepack is not None and hasattr(prepack, "_pack"):
-            prepack._pack = self._timed("rollout/weight_packing", prepack._pack, within="rollout")
-        from rlhfkit.train import ppo_update
+        import importlib
 
-        for name in ("policy_forward", "critic_forward"):
-            if hasattr(ppo_update, name):
-                setattr(ppo_update, name, self._timed(f"update/{name}", getattr(ppo_update, name), within="update"))
+        for module, name, key, phase in (("rlhfkit.rollout.sampling", "draw_tokens", "rollout/draws", "rollout"),
+                                         ("rlhfkit.rollout.prepack", "_pack", "rollout/weight_packing", "rollout"),
+                                         ("rlhfkit.train.ppo_update", "policy_forward", "update/policy_forward",
+                                          "update"),
+                                         ("rlhfkit.train.ppo_update", "critic_forward", "update/critic_forward",
+                                          "update")):
+            try:
+                owner = importlib.import_module(module)
+            except ImportError:  # an older checkout without the module (71b1bee has no prepack)
+                continue
+            if hasattr(owner, name):
+                setattr(owner, name, self._timed(key, getattr(owner, name), within=phase))
         torch.Tensor.backward = self._timed("update/backward", torch.Tensor.backward, within="update")
         starts: list[tuple[float, int]] = []
 

@@ -13,8 +13,8 @@ from torch import nn
 
 import rlhfkit.rollout.sampling as sampling
 import rlhfkit.rollout.prepack as prepack
-from rlhfkit.rollout.prepack import (BACKENDS, MAX_PREPACK_ROWS, MIN_PREPACK_STEPS, PrepackedLinears,
-                                     available_backends, default_backend, prepack_available)
+from rlhfkit.rollout.prepack import (BACKENDS, MAX_PREPACK_ROWS, MIN_PREPACK_ROWS, MIN_PREPACK_STEPS,
+                                     PrepackedLinears, available_backends, default_backend, prepack_available)
 from rlhfkit.rollout.sampling import GenerationConfig, sample
 
 EPS32 = torch.finfo(torch.float32).eps
@@ -64,12 +64,12 @@ def test_exit_restores_the_modules_and_frees_the_packs():
     model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
     with torch.inference_mode(), PrepackedLinears(model) as packer:
         assert all("forward" in m.__dict__ for m in model)
-        packer.prepare(3, 10)
-        model(torch.randn(3, 8))
+        packer.prepare(4, 10)
+        model(torch.randn(4, 8))
         assert len(packer._packed) == 2
     assert all("forward" not in m.__dict__ for m in model)
     assert packer._packed == {} and packer.rows is None
-    x = torch.randn(3, 8)
+    x = torch.randn(4, 8)
     assert torch.equal(model(x), model[1](F.linear(x, model[0].weight, model[0].bias)))
 
 
@@ -92,8 +92,11 @@ def test_an_unknown_backend_is_an_error_and_a_missing_one_packs_nothing(monkeypa
     assert not prepack_available(nn.Linear(4, 4), backend="onednn")
 
 
-def test_prepare_packs_only_for_few_rows_and_enough_steps():
-    packer = PrepackedLinears(nn.Linear(4, 4))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_prepare_packs_only_for_few_rows_and_enough_steps(backend):
+    packer = PrepackedLinears(nn.Linear(4, 4), backend=backend)
+    low = MIN_PREPACK_ROWS[backend]
+    assert packer.min_rows == low
     packer.prepare(MAX_PREPACK_ROWS, MIN_PREPACK_STEPS)
     assert packer.rows == MAX_PREPACK_ROWS
     packer.prepare(MAX_PREPACK_ROWS + 1, 100)
@@ -102,6 +105,28 @@ def test_prepare_packs_only_for_few_rows_and_enough_steps():
     assert packer.rows is None                           # too few steps left to pay for packing
     packer.prepare(8, 50)
     assert packer.rows == 8
+    packer.prepare(8, 1)
+    assert packer.rows == 8                              # packed for these rows already: kept to the last step
+    packer.prepare(low, MIN_PREPACK_STEPS)
+    assert packer.rows == low
+    if low > 1:
+        packer.prepare(low - 1, 100)
+        assert packer.rows is None                       # fewer rows: the plain product reads at memory speed
+    assert PrepackedLinears(nn.Linear(4, 4), backend=backend, min_rows=2).min_rows == 2
+
+
+@per_backend
+def test_packs_kept_for_the_last_steps_are_used_and_not_repacked(backend):
+    torch.manual_seed(0)
+    model = nn.Linear(16, 8)
+    x = torch.randn(6, 1, 16)
+    with torch.inference_mode(), PrepackedLinears(model, backend=backend) as packer:
+        packer.prepare(6, 10)
+        first = model(x)
+        packer.prepare(6, 1)                             # the last step, same rows: the same packed weight
+        last = model(x)
+        assert packer.packs == 1 and len(packer._packed) == 1
+    assert torch.equal(first, last)
 
 
 @needs_mkl

@@ -18,9 +18,10 @@ bounds the difference. :func:`default_backend` picks per CPU, from the measureme
 A packed weight serves one row count M only (a call with another M runs the plain product), so the sampler tells
 :class:`PrepackedLinears` the forward batch's rows before each decode step (:meth:`PrepackedLinears.prepare`): a
 linear packs its weight at its first call with that many rows, and again after finished rows left the batch.
-Packing is worth it up to a few hundred rows (at larger M the copy is a small part of the product) and when
-enough steps remain to pay for it (about one millisecond per SmolLM2 matrix, ~0.2 s for the model, about one
-decode step).
+Packing is worth it from a few rows (`MIN_PREPACK_ROWS`: below that the plain product is a matrix-vector-like
+one at about memory speed) up to a few hundred (at larger M the copy is a small part of the product) and when
+enough steps remain to pay for it (about half a millisecond per SmolLM2 matrix, 0.1-0.2 s for the model, about
+one decode step); weights packed for the batch's row count serve it to the last step.
 
 Measured, float32, 2 threads, torch 2.13.0+cpu; products timed as a decode step runs them (every weight read
 once from memory: tens of distinct weights in a row, SmolLM2-135M's 540 MB do not fit in any cache):
@@ -49,8 +50,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["BACKENDS", "FUSED_SIBLINGS", "MAX_PREPACK_ROWS", "MIN_PREPACK_STEPS", "PrepackedLinears", "available_backends",
-           "default_backend", "prepack_available"]
+__all__ = ["BACKENDS", "FUSED_SIBLINGS", "MAX_PREPACK_ROWS", "MIN_PREPACK_ROWS", "MIN_PREPACK_STEPS", "PrepackedLinears",
+           "available_backends", "default_backend", "prepack_available"]
 
 BACKENDS = ("onednn", "mkl")
 
@@ -59,6 +60,12 @@ BACKENDS = ("onednn", "mkl")
 FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 MAX_PREPACK_ROWS = 512  # above this many rows the per-call weight copy is a small part of the product
 MIN_PREPACK_STEPS = 4  # fewer decode steps left than this: packing (~one step's time) would not pay for itself
+# Fewer rows than this: the plain product, a matrix-vector-like one that already reads each weight at about memory
+# speed. Measured on a 2-core Xeon with AMX (2026-12-08), the whole SmolLM2-135M's products of one decode step,
+# plain / MKL packed / oneDNN packed: 1 row 31-35 / 36-41 / 57-59 ms, 2 rows 36-39 / 35 / 50-56, 3 rows 38-42 /
+# 43 / 49-58, 4 rows 59-68 / 43 / 54-55 (plain jumps at 4 rows). oneDNN, the AMD CPUs' default, was measured
+# there from 8 rows up only, so it keeps packing at any row count until measured.
+MIN_PREPACK_ROWS = {"mkl": 4, "onednn": 1}
 
 
 def _mkl_ops() -> bool:
@@ -165,7 +172,8 @@ class PrepackedLinears:
     """While entered, every eligible ``nn.Linear`` of ``model`` runs its product with a weight packed once per
     row count: :meth:`prepare` sets the row count M of the coming forwards (None: pack nothing); a call with
     exactly M rows (the leading dimensions of its input multiplied) uses the packed weight, any other call the
-    plain ``F.linear``. Exiting restores the modules' own ``forward`` and frees the packed copies.
+    plain ``F.linear``. Exiting restores the modules' own ``forward`` and frees the packed copies. ``max_rows``,
+    ``min_steps`` and ``min_rows`` (None: the backend's `MIN_PREPACK_ROWS`) bound where :meth:`prepare` packs.
 
     ``backend``: ``"onednn"`` or ``"mkl"`` (module docstring), None for :func:`default_backend`; a backend this
     torch build lacks packs nothing (``modules`` is then empty), an unknown name is a ValueError.
@@ -183,7 +191,7 @@ class PrepackedLinears:
     """
 
     def __init__(self, model: nn.Module, max_rows: int = MAX_PREPACK_ROWS, min_steps: int = MIN_PREPACK_STEPS,
-                 backend: str | None = None, fuse_siblings: bool = True):
+                 backend: str | None = None, fuse_siblings: bool = True, min_rows: int | None = None):
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"prepack backend must be one of {', '.join(BACKENDS)} (or None for the CPU's "
                              f"default), got {backend!r}")
@@ -193,15 +201,20 @@ class PrepackedLinears:
         self.groups = _groups(model, self.modules) if fuse_siblings and self.backend == "onednn" else {}
         self.units = len(self.modules) - len(self.groups) + len({id(g) for g in self.groups.values()})
         self.max_rows, self.min_steps = max_rows, min_steps
+        self.min_rows = MIN_PREPACK_ROWS.get(self.backend, 1) if min_rows is None else min_rows
         self.rows: int | None = None
         self.packs = 0
         # id(module or group) -> (rows, packed weight, the group's stacked bias)
         self._packed: dict[int, tuple[int, torch.Tensor, torch.Tensor | None]] = {}
 
     def prepare(self, rows: int, steps_left: int) -> None:
-        """The next forwards have ``rows`` rows and ``steps_left`` decode steps (this one included) remain: pack
-        for them if rows ≤ ``max_rows`` and steps_left ≥ ``min_steps``, else run plainly (and free the packs)."""
-        target = rows if rows <= self.max_rows and steps_left >= self.min_steps else None
+        """The next forwards have ``rows`` rows and ``steps_left`` decode steps (this one included) remain: with
+        weights already packed for exactly that many rows, keep them (however few steps remain: the packing is what
+        costs); else pack for them if ``min_rows`` ≤ rows ≤ ``max_rows`` and steps_left ≥ ``min_steps``, or run
+        plainly (and free the packs)."""
+        if rows == self.rows:
+            return
+        target = rows if self.min_rows <= rows <= self.max_rows and steps_left >= self.min_steps else None
         if target != self.rows:
             self.rows = target
             self._packed.clear()
