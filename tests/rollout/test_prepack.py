@@ -14,7 +14,8 @@ from torch import nn
 import rlhfkit.rollout.sampling as sampling
 import rlhfkit.rollout.prepack as prepack
 from rlhfkit.rollout.prepack import (BACKENDS, MAX_PREPACK_ROWS, MIN_PREPACK_ROWS, MIN_PREPACK_STEPS,
-                                     PrepackedLinears, available_backends, default_backend, prepack_available)
+                                     REPACK_ROW_STEPS, PrepackedLinears, available_backends, default_backend,
+                                     prepack_available)
 from rlhfkit.rollout.sampling import GenerationConfig, sample
 
 EPS32 = torch.finfo(torch.float32).eps
@@ -49,14 +50,21 @@ def test_a_prepared_call_uses_the_packed_weight_and_equals_the_plain_product(bia
             x5 = torch.randn(5, 1, 48)
             other = model(x5)                            # another row count: the plain product, nothing packed
             assert packer.packs == 2
-            packer.prepare(rows=5, steps_left=10)        # finished rows left the batch: packed again for 5
-            five = model[0](x5)
-            assert packer.packs == 3
+            # finished rows left the batch, few steps remain: (6 - 5) x 10 row-steps, not worth a repack: padded
+            packer.prepare(rows=5, steps_left=10)
+            padded = model[0](x5)
+            assert (packer.packs, packer.padded_calls, packer.rows) == (2, 1, 6)
+            x4 = torch.randn(4, 1, 48)
+            packer.prepare(rows=4, steps_left=REPACK_ROW_STEPS // 2)  # (6 - 4) x 64: packed again for 4
+            four = model[0](x4)
+            assert (packer.packs, packer.padded_calls, packer.rows) == (3, 1, 4)
         assert hidden.shape == (6, 1, 80) and out.shape == (6, 1, 16) and other.shape == (5, 1, 16)
+        assert padded.shape == (5, 1, 80) and padded.is_contiguous() and four.shape == (4, 1, 80)
         assert torch.equal(other, model(x5))
         assert_within(hidden, model[0](x), _linear_bound(x, model[0]), "first linear")
         assert_within(out, model[1](hidden), _linear_bound(hidden, model[1]), "second linear")
-        assert_within(five, model[0](x5), _linear_bound(x5, model[0]), "first linear, 5 rows")
+        assert_within(padded, model[0](x5), _linear_bound(x5, model[0]), "first linear, 5 rows padded to 6")
+        assert_within(four, model[0](x4), _linear_bound(x4, model[0]), "first linear, 4 rows")
 
 
 @needs_mkl
@@ -107,11 +115,13 @@ def test_prepare_packs_only_for_few_rows_and_enough_steps(backend):
     assert packer.rows == 8
     packer.prepare(8, 1)
     assert packer.rows == 8                              # packed for these rows already: kept to the last step
-    packer.prepare(low, MIN_PREPACK_STEPS)
-    assert packer.rows == low
+    packer.prepare(7, 2)
+    assert (packer.rows, packer.live) == (8, 7)          # one row left, 2 steps: padded up to 8, not repacked
+    packer.prepare(low, REPACK_ROW_STEPS)
+    assert (packer.rows, packer.live) == (low, low)      # (8 - low) x 128 row-steps: repacked
     if low > 1:
-        packer.prepare(low - 1, 100)
-        assert packer.rows is None                       # fewer rows: the plain product reads at memory speed
+        packer.prepare(low - 1, 1)
+        assert packer.rows is packer.live is None        # fewer rows: the plain product reads at memory speed
     assert PrepackedLinears(nn.Linear(4, 4), backend=backend, min_rows=2).min_rows == 2
 
 
@@ -195,9 +205,13 @@ def _tiny_llama() -> nn.Module:
 
 @needs_mkl
 @per_backend
-def test_the_sampler_with_prepacked_weights_samples_what_it_samples_without(monkeypatch, backend):
+@pytest.mark.parametrize("repack", ["padded", "repacked"])
+def test_the_sampler_with_prepacked_weights_samples_what_it_samples_without(monkeypatch, backend, repack):
     """float32 (the path applies to float32 only): the same tokens, masks and stops, and log-probs equal to the
-    rounding of two float32 forwards; the packed path did run, for every row count the batch went through."""
+    rounding of two float32 forwards; the packed path did run after rows left the batch: padded up to the first
+    row count (the default, few steps) or packed again for each (``REPACK_ROW_STEPS`` 0)."""
+    if repack == "repacked":
+        monkeypatch.setattr(prepack, "REPACK_ROW_STEPS", 0)
     model = _tiny_llama()
     prompts = [[5, 17, 33, 9], [40, 8, 12, 60, 21, 7, 30], [11, 3], [7, 7, 7], [21], [30, 31, 32, 33, 34]]
     width = max(map(len, prompts))
@@ -218,8 +232,11 @@ def test_the_sampler_with_prepacked_weights_samples_what_it_samples_without(monk
     # oneDNN: each block's q/k/v and gate/up ran as one stacked product (2 groups per block, 2 blocks)
     assert len({id(g) for g in packers[0].groups.values()}) == (4 if backend == "onednn" else 0)
     assert "forward" not in model.lm_head.__dict__
-    assert 0 < int(packed.stopped.sum()) < len(prompts)  # rows left the batch: packed again for fewer rows
-    assert packers[0].packs > len(packers[0].modules)
+    assert 0 < int(packed.stopped.sum()) < len(prompts)  # rows left the batch: padded or packed again for fewer
+    if repack == "padded":
+        assert packers[0].packs == packers[0].units and packers[0].padded_calls > 0
+    else:
+        assert packers[0].packs > packers[0].units and packers[0].padded_calls == 0
     assert torch.equal(packed.response_ids, plain.response_ids)
     assert torch.equal(packed.response_mask, plain.response_mask)
     assert torch.equal(packed.stopped, plain.stopped)

@@ -17,7 +17,8 @@ bounds the difference. :func:`default_backend` picks per CPU, from the measureme
 
 A packed weight serves one row count M only (a call with another M runs the plain product), so the sampler tells
 :class:`PrepackedLinears` the forward batch's rows before each decode step (:meth:`PrepackedLinears.prepare`): a
-linear packs its weight at its first call with that many rows, and again after finished rows left the batch.
+linear packs its weight at its first call with that many rows, and again after finished rows left the batch if
+that saves enough (`REPACK_ROW_STEPS`; until then the fewer rows are padded up to the packed count).
 Packing is worth it from a few rows (`MIN_PREPACK_ROWS`: below that the plain product is a matrix-vector-like
 one at about memory speed) up to a few hundred (at larger M the copy is a small part of the product) and when
 enough steps remain to pay for it (about half a millisecond per SmolLM2 matrix, 0.1-0.2 s for the model, about
@@ -51,7 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["BACKENDS", "FUSED_SIBLINGS", "MAX_PREPACK_ROWS", "MIN_PREPACK_ROWS", "MIN_PREPACK_STEPS", "PrepackedLinears",
-           "available_backends", "default_backend", "prepack_available"]
+           "REPACK_ROW_STEPS", "available_backends", "default_backend", "prepack_available"]
 
 BACKENDS = ("onednn", "mkl")
 
@@ -66,6 +67,11 @@ MIN_PREPACK_STEPS = 4  # fewer decode steps left than this: packing (~one step's
 # 43 / 49-58, 4 rows 59-68 / 43 / 54-55 (plain jumps at 4 rows). oneDNN, the AMD CPUs' default, was measured
 # there from 8 rows up only, so it keeps packing at any row count until measured.
 MIN_PREPACK_ROWS = {"mkl": 4, "onednn": 1}
+# When rows leave the batch, weights packed for R rows serve r < R rows padded up to R (each output row reads
+# only its own input row) unless (R - r) × steps left reaches this: a repack (0.1-0.2 s for SmolLM2-135M) against
+# the padded rows' work (about 1-1.6 ms per row and decode step for that model on the 2-core CPUs measured: Xeon
+# with AMX, AMD EPYC Zen 4), so it pays from ~100-150 row-steps on.
+REPACK_ROW_STEPS = 128
 
 
 def _mkl_ops() -> bool:
@@ -202,22 +208,45 @@ class PrepackedLinears:
         self.units = len(self.modules) - len(self.groups) + len({id(g) for g in self.groups.values()})
         self.max_rows, self.min_steps = max_rows, min_steps
         self.min_rows = MIN_PREPACK_ROWS.get(self.backend, 1) if min_rows is None else min_rows
-        self.rows: int | None = None
+        self.rows: int | None = None  # the row count the weights are packed for (None: run plainly)
+        self.live: int | None = None  # the rows of the coming calls: rows, or fewer padded up to rows
         self.packs = 0
+        self.padded_calls = 0
         # id(module or group) -> (rows, packed weight, the group's stacked bias)
         self._packed: dict[int, tuple[int, torch.Tensor, torch.Tensor | None]] = {}
 
     def prepare(self, rows: int, steps_left: int) -> None:
-        """The next forwards have ``rows`` rows and ``steps_left`` decode steps (this one included) remain: with
-        weights already packed for exactly that many rows, keep them (however few steps remain: the packing is what
-        costs); else pack for them if ``min_rows`` ≤ rows ≤ ``max_rows`` and steps_left ≥ ``min_steps``, or run
-        plainly (and free the packs)."""
-        if rows == self.rows:
+        """The next forwards have ``rows`` rows and ``steps_left`` decode steps (this one included) remain. Weights
+        already packed for that many rows are kept (however few steps remain: the packing is what costs); weights
+        packed for R > rows rows are kept too, the calls' rows padded up to R, while (R - rows) × steps_left <
+        `REPACK_ROW_STEPS` and rows ≥ ``min_rows``; else the weights are packed for ``rows`` if ``min_rows`` ≤
+        rows ≤ ``max_rows`` and steps_left ≥ ``min_steps``, or the calls run plainly (and the packs are freed)."""
+        if rows == self.live:
+            return
+        if self.rows is not None and self.min_rows <= rows < self.rows and \
+                (self.rows - rows) * steps_left < REPACK_ROW_STEPS:
+            self.live = rows  # fewer rows than packed for, not enough saved to repack: pad them up
             return
         target = rows if self.min_rows <= rows <= self.max_rows and steps_left >= self.min_steps else None
+        self.live = target
         if target != self.rows:
             self.rows = target
             self._packed.clear()
+
+    def _product(self, x: torch.Tensor, packed: torch.Tensor, weight: torch.Tensor | None,
+                 bias: torch.Tensor | None) -> torch.Tensor:
+        """``x`` (live rows, ..., K) times a weight packed for `rows` rows: x itself when it has that many, else
+        padded with zero rows up to them and the product's first rows taken (each output row is its own input row's
+        dot products: the padding changes no other row)."""
+        rows, live = self.rows, self.live
+        if live == rows:
+            return _packed_linear(self.backend, x, packed, weight, bias, rows)
+        self.padded_calls += 1
+        flat = x.reshape(live, x.shape[-1])
+        padded = flat.new_zeros((rows, flat.shape[1]))
+        padded[:live] = flat
+        out = _packed_linear(self.backend, padded, packed, weight, bias, rows)[:live]
+        return out.view(*x.shape[:-1], out.shape[-1])
 
     def _forward(self, module: nn.Linear) -> Callable[[torch.Tensor], torch.Tensor]:
         key, backend = id(module), self.backend
@@ -225,7 +254,7 @@ class PrepackedLinears:
         def forward(x: torch.Tensor) -> torch.Tensor:
             # read at every call: FSDP2 swaps a wrapped module's parameters between shards and full tensors
             weight, bias, rows = module.weight, module.bias, self.rows
-            if (rows is None or x.dtype != torch.float32 or x.device.type != "cpu" or x.numel() != rows *
+            if (rows is None or x.dtype != torch.float32 or x.device.type != "cpu" or x.numel() != self.live *
                     module.in_features or torch.is_autocast_enabled("cpu") or type(weight.data) is not torch.Tensor
                     or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
                 return F.linear(x, weight, bias)
@@ -237,7 +266,7 @@ class PrepackedLinears:
                 entry = (rows, _pack(backend, weight.detach(), rows), None)
                 self._packed[key] = entry
                 self.packs += 1
-            return _packed_linear(backend, x, entry[1], weight, bias, rows)
+            return self._product(x, entry[1], weight, bias)
 
         return forward
 
@@ -260,8 +289,7 @@ class PrepackedLinears:
             entry = (rows, _pack(self.backend, stacked, rows), bias)
             self._packed[id(group)] = entry
             self.packs += 1
-        parts = [p.contiguous() for p in
-                 _packed_linear(self.backend, x, entry[1], None, entry[2], rows).split(group.sizes, dim=-1)]
+        parts = [p.contiguous() for p in self._product(x, entry[1], None, entry[2]).split(group.sizes, dim=-1)]
         group.x, group.version = x, version
         group.outs = {id(m): p for m, p in zip(group.modules, parts) if m is not module}
         return parts[group.modules.index(module)]
@@ -277,4 +305,4 @@ class PrepackedLinears:
         self._packed.clear()
         for group in set(self.groups.values()):
             group.clear()
-        self.rows = None
+        self.rows = self.live = None
