@@ -44,6 +44,7 @@ separate (TRL is always compared with the separate row, its own algorithm).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import statistics
 import sys
@@ -257,8 +258,6 @@ class PhaseParts:
             return iteration(*args, **kwargs)
 
         trainer.iteration = new_iteration
-        import importlib
-
         for module, name, key, phase in (("rlhfkit.rollout.sampling", "draw_tokens", "rollout/draws", "rollout"),
                                          ("rlhfkit.rollout.prepack", "_pack", "rollout/weight_packing", "rollout"),
                                          ("rlhfkit.train.ppo_update", "policy_forward", "update/policy_forward",

@@ -176,9 +176,9 @@ def _groups(model: nn.Module, eligible: list[nn.Linear]) -> dict[int, _Group]:
 
 class PrepackedLinears:
     """While entered, every eligible ``nn.Linear`` of ``model`` runs its product with a weight packed once per
-    row count: :meth:`prepare` sets the row count M of the coming forwards (None: pack nothing); a call with
-    exactly M rows (the leading dimensions of its input multiplied) uses the packed weight, any other call the
-    plain ``F.linear``. Exiting restores the modules' own ``forward`` and frees the packed copies. ``max_rows``,
+    row count: :meth:`prepare` sets the row count of the coming forwards (None: pack nothing); a call with exactly
+    that many rows (the leading dimensions of its input multiplied) uses the weight packed for them, or for more
+    rows with its input padded up to those (`REPACK_ROW_STEPS`), any other call the plain ``F.linear``. Exiting restores the modules' own ``forward`` and frees the packed copies. ``max_rows``,
     ``min_steps`` and ``min_rows`` (None: the backend's `MIN_PREPACK_ROWS`) bound where :meth:`prepare` packs.
 
     ``backend``: ``"onednn"`` or ``"mkl"`` (module docstring), None for :func:`default_backend`; a backend this
