@@ -16,10 +16,6 @@ def pytest_sessionstart(session) -> None:
     """Stop at once, naming the folder, when the team's shared folder (``../shared``: the SmolLM2 config and
     tokenizer, the preference data) is not beside the repository: without it about 80 tests would each fail with
     transformers reading the missing path as a Hub repository id."""
-    import pytest
+    from paths import require_shared
 
-    from paths import SHARED, TOKENIZER_DIR
-
-    if not TOKENIZER_DIR.is_dir():
-        raise pytest.UsageError(f"the tests need the team's shared folder beside the repository: {TOKENIZER_DIR} "
-                                f"is missing (clone the repository next to {SHARED.name}/, as in CI)")
+    require_shared()
